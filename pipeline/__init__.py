@@ -1,0 +1,21 @@
+"""explainer's detection core: models, explanations, NLM denoising, entropy, calibration, decisions, attacks.
+
+It imports neither Redis nor Ray; the streaming worker reaches it only through the names exported here.
+"""
+
+from pipeline.calibration import Calibration
+from pipeline.data import Digits, load_sample_digits, load_test_digits
+from pipeline.denoise import NLMParams, denoise_batch
+from pipeline.detector import DetectionResult, Detector, DetectorConfig
+from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
+from pipeline.errors import InputError
+from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image
+from pipeline.inputs import decode_image, read_image_file, to_float_batch
+from pipeline.models import MODEL_NAMES, TargetModel, load_model
+
+__all__ = [
+    "ENTROPY_VARIANTS", "METHODS", "MODEL_NAMES", "Calibration", "DetectionResult", "Detector", "DetectorConfig",
+    "Digits", "ExplainParams", "InputError", "NLMParams", "TargetModel", "decode_image", "denoise_batch",
+    "explain", "load_model", "load_sample_digits", "load_test_digits", "map_entropy", "passes_per_image",
+    "read_image_file", "to_float_batch",
+]

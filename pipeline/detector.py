@@ -1,0 +1,211 @@
+"""The EXPLAINER detector: denoise, explain original and denoised together, compare, decide.
+
+One :meth:`Detector.detect` call handles a whole batch with one NLM pass over a thread pool, one forward pass
+for the predictions and one Captum call for the 2N explanation maps (originals and denoised copies together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.calibration import Calibration, fit_calibration
+from pipeline.denoise import NLMParams, denoise_batch
+from pipeline.entropy import map_entropy
+from pipeline.errors import InputError
+from pipeline.explain import ExplainParams, explain
+from pipeline.inputs import to_float_batch
+from pipeline.models import TargetModel, load_model
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+RULES = ("calibrated", "sign")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How to explain, denoise and measure. The shipped calibration records the config it was made with."""
+
+    method: str = "ig"
+    explain: ExplainParams = field(default_factory=ExplainParams)
+    entropy: str = "spatial"
+    nlm: NLMParams = field(default_factory=NLMParams)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DetectorConfig:
+        return cls(
+            method=data.get("method", "ig"),
+            explain=ExplainParams(**data.get("explain", {})),
+            entropy=data.get("entropy", "spatial"),
+            nlm=NLMParams(**data.get("nlm", {})),
+        )
+
+
+@dataclass
+class DetectionResult:
+    """Per-image arrays over the batch, plus the threshold and rule that produced ``is_adversarial``."""
+
+    predicted_class: np.ndarray
+    confidence: np.ndarray
+    denoised_class: np.ndarray
+    entropy_original: np.ndarray
+    entropy_denoised: np.ndarray
+    prediction_shift: np.ndarray
+    score: np.ndarray
+    is_adversarial: np.ndarray
+    threshold: float
+    rule: str
+    maps: np.ndarray | None = None  # attribution maps of the originals (N, H, W), when asked for
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @property
+    def entropy_change(self) -> np.ndarray:
+        return self.entropy_denoised - self.entropy_original
+
+    def signals(self) -> dict[str, np.ndarray]:
+        return {
+            "entropy_original": self.entropy_original,
+            "entropy_denoised": self.entropy_denoised,
+            "entropy_change": self.entropy_change,
+            "prediction_shift": self.prediction_shift,
+        }
+
+    def rows(self) -> list[dict]:
+        """One plain-Python dict per image (for JSON and the wire)."""
+        names = [f.name for f in fields(self) if f.name not in ("threshold", "rule", "maps")]
+        cols = {n: getattr(self, n).tolist() for n in names}
+        return [
+            {**{n: cols[n][i] for n in names}, "threshold": self.threshold, "rule": self.rule}
+            for i in range(len(self))
+        ]
+
+
+class Detector:
+    """Adversarial-image detector around one target model."""
+
+    def __init__(
+        self, model: TargetModel, config: DetectorConfig = DetectorConfig(), calibration: Calibration | None = None
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.calibration = calibration
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str = "mnist", weights: str | Path | None = None, calibration: str | Path | None = None,
+        random_init: bool = False, device: str | None = None,
+    ) -> Detector:
+        """The model ``name`` with its calibration: ``calibration`` if given, else the shipped one
+        (``pipeline/assets/<name>_calibration.json``) if it exists. Its config is the calibration's config."""
+        model = load_model(name, weights, random_init=random_init)
+        if device:
+            model.to(device)
+        path = Path(calibration) if calibration is not None else ASSETS / f"{name}_calibration.json"
+        if calibration is not None and not path.exists():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+        cal = Calibration.load(path) if path.exists() else None
+        config = DetectorConfig.from_dict(cal.config) if cal else DetectorConfig()
+        return cls(model, config, cal)
+
+    # -- the shared computation ------------------------------------------------------------------------------
+
+    def _to_model_input(self, images: object) -> torch.Tensor:
+        if self.model.resize_to is not None:
+            # photos of any size: validate each, resize/centre-crop to the model's input, keep uint8 pixels
+            singles = images if isinstance(images, (list, tuple)) else [images]
+            if not singles:
+                raise InputError("empty batch: no images given")
+            parts = [to_float_batch(im, self.model.channels) for im in singles]
+            batch = np.concatenate(
+                [self.model.prepare(np.round(b * 255).astype(np.uint8)) for b in parts]
+            ).astype(np.float32) / 255.0
+            return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+        batch = to_float_batch(images, self.model.channels)
+        if batch.shape[1:3] != (self.model.size, self.model.size):
+            raise InputError(
+                f"wrong image size: {self.model.name} takes {self.model.size}×{self.model.size}, "
+                f"got {batch.shape[1]}×{batch.shape[2]}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).contiguous()
+
+    def analyse(self, images: object, return_maps: bool = False) -> dict[str, np.ndarray]:
+        """Signals for a batch: predictions, entropies before/after NLM, prediction shift (and maps)."""
+        cfg = self.config
+        x = self._to_model_input(images).to(self.model.device)
+        n = len(x)
+        u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        xd = torch.from_numpy(denoise_batch(u8, cfg.nlm)).to(x.device).permute(0, 3, 1, 2).float().div_(255)
+        both = torch.cat([x, xd])
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(both).float(), dim=1)
+        pred = probs[:n].argmax(1)
+        attr = explain(self.model.net, both, torch.cat([pred, pred]), cfg.method, cfg.explain,
+                       self.model.gradcam_layer)
+        ent = map_entropy(attr, cfg.entropy).cpu().numpy().astype(np.float64)
+        out = {
+            "predicted_class": pred.cpu().numpy(),
+            "confidence": probs[:n].max(1).values.cpu().numpy().astype(np.float64),
+            "denoised_class": probs[n:].argmax(1).cpu().numpy(),
+            "entropy_original": ent[:n],
+            "entropy_denoised": ent[n:],
+            "prediction_shift": (probs[:n] - probs[n:]).abs().sum(1).cpu().numpy().astype(np.float64),
+        }
+        if return_maps:
+            out["maps"] = attr[:n].sum(1).cpu().numpy()
+        return out
+
+    # -- decisions -------------------------------------------------------------------------------------------
+
+    def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
+        """Verdicts for a batch. ``rule``: "calibrated" (default when a calibration exists) or "sign" (the
+        paper's: adversarial when entropy did not decrease after denoising)."""
+        rule = rule or ("calibrated" if self.calibration else "sign")
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        s = self.analyse(images, return_maps=return_maps)
+        change = s["entropy_denoised"] - s["entropy_original"]
+        if rule == "sign":
+            score, threshold = change, 0.0
+            flagged = change >= 0
+        else:
+            if self.calibration is None:
+                raise ValueError("the calibrated rule needs a calibration: run calibrate() or load one")
+            score = self.calibration.score({**s, "entropy_change": change})
+            threshold = self.calibration.threshold
+            flagged = score > threshold
+        return DetectionResult(
+            predicted_class=s["predicted_class"], confidence=s["confidence"], denoised_class=s["denoised_class"],
+            entropy_original=s["entropy_original"], entropy_denoised=s["entropy_denoised"],
+            prediction_shift=s["prediction_shift"], score=np.asarray(score, dtype=np.float64),
+            is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
+            maps=s.get("maps"),
+        )
+
+    def analyse_many(self, images: np.ndarray, batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
+        """:meth:`analyse` over a large array in batches; ``progress(n_done)`` is called after each batch."""
+        parts = []
+        for start in range(0, len(images), batch_size):
+            parts.append(self.analyse(images[start : start + batch_size]))
+            if progress:
+                progress(min(start + batch_size, len(images)))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def calibrate(
+        self, clean_images: np.ndarray, target_fpr: float = 0.05, images: str = "", batch_size: int = 256,
+        progress=None,
+    ) -> Calibration:
+        """Fit the calibrated rule on clean images only; sets and returns the calibration."""
+        s = self.analyse_many(clean_images, batch_size, progress)
+        s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
+        self.calibration = fit_calibration(
+            s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
+            images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
+        )
+        return self.calibration

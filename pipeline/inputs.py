@@ -1,0 +1,110 @@
+"""Turn what users hand us into one uint8 batch (N, H, W, C), or raise an :class:`InputError` that says why.
+
+Accepted: uint8 arrays H×W, H×W×C, N×H×W, N×H×W×C; float arrays or tensors in [0, 1] of the same shapes or
+N×C×H×W (torch layout); encoded PNG/JPEG bytes or files. Floats are kept exact (not rounded) by
+:func:`to_float_batch` so that small adversarial perturbations survive into the first explanation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import InputError
+
+MAX_PIXELS = 4096 * 4096
+
+
+def decode_image(data: bytes, source: str = "image") -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 H×W or H×W×3 (RGB); a clear error for corrupt or non-image data."""
+    import cv2
+
+    if not data:
+        raise InputError(f"{source}: empty file")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(f"{source}: not a decodable PNG/JPEG image (corrupt, truncated or another format)")
+    if img.dtype != np.uint8:
+        img = (img / 257).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        img = np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
+    return img
+
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """Read one PNG/JPEG file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    return decode_image(path.read_bytes(), str(path))
+
+
+def _to_numpy(images: object) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        return images.detach().cpu().numpy()
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise InputError("empty batch: no images given")
+        arrays = [_to_numpy(im) for im in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise InputError(f"images in one batch must share a shape, got {sorted(shapes)}")
+        return np.stack(arrays)
+    if isinstance(images, np.ndarray):
+        return images
+    raise InputError(f"expected a numpy array, torch tensor or list of them, got {type(images).__name__}")
+
+
+def _as_nhwc(arr: np.ndarray, channels: int) -> np.ndarray:
+    """Reshape to (N, H, W, C) given the model's channel count; accepts N×C×H×W too."""
+    if arr.ndim == 2:
+        arr = arr[None, :, :, None]
+    elif arr.ndim == 3:
+        if arr.shape[-1] in (1, 3, 4) and channels != 1 and arr.shape[-1] != arr.shape[0]:
+            arr = arr[None]  # H×W×C
+        elif channels == 1:
+            arr = arr[..., None]  # N×H×W
+        else:
+            arr = arr[None]
+    elif arr.ndim == 4:
+        if arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
+            arr = arr.transpose(0, 2, 3, 1)  # N×C×H×W -> N×H×W×C
+    else:
+        raise InputError(f"image array must have 2 to 4 dimensions (H×W[×C] or N×H×W[×C]), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise InputError("empty batch: no images given")
+    if arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise InputError(f"zero-size image: shape {arr.shape[1:3]}")
+    if arr.shape[1] * arr.shape[2] > MAX_PIXELS:
+        raise InputError(f"image too large: {arr.shape[1]}×{arr.shape[2]} exceeds {MAX_PIXELS} pixels")
+    c = arr.shape[-1]
+    if c == 4:
+        arr, c = arr[..., :3], 3
+    if c == channels:
+        return arr
+    if channels == 3 and c == 1:
+        return np.repeat(arr, 3, axis=-1)  # greyscale photo for an RGB model
+    raise InputError(f"wrong channel count: the model takes {channels}-channel images, got {c} channels")
+
+
+def to_float_batch(images: object, channels: int) -> np.ndarray:
+    """Validate and convert to float32 (N, H, W, C) in [0, 1]; uint8 is divided by 255, floats kept exact."""
+    arr = _to_numpy(images)
+    if arr.dtype == np.uint8:
+        return _as_nhwc(arr, channels).astype(np.float32) / 255.0
+    if arr.dtype.kind == "f":
+        arr = _as_nhwc(arr.astype(np.float32, copy=False), channels)
+        if not np.isfinite(arr).all():
+            raise InputError("image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InputError(f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        return arr
+    if arr.dtype.kind in "iub":
+        raise InputError(f"integer images must be uint8, got {arr.dtype}")
+    raise InputError(f"unsupported image dtype {arr.dtype}")

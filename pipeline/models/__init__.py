@@ -1,0 +1,92 @@
+"""Target models, each with its own preprocessing, behind one loader.
+
+A :class:`TargetModel` takes float images in [0, 1] (N, C, H, W) at the model's resolution and returns logits;
+normalisation lives inside it, so attributions and attacks are in pixel space. ``prepare`` maps uint8 images of
+any size to the model's resolution (resize 256 / centre-crop 224 for ImageNet), still uint8, so that denoising
+sees the pixels the model sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.models.imagenet import GRADCAM_LAYERS, load_imagenet_net
+from pipeline.models.mnist import MnistNet, load_mnist_net
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODEL_NAMES = ("mnist", "resnet18", "mobilenet_v2")
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std, as the first layer of the model."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class TargetModel:
+    """A classifier on [0,1] pixels plus what the pipeline needs to know about it."""
+
+    name: str
+    net: nn.Module
+    channels: int
+    size: int
+    gradcam_layer: nn.Module
+    resize_to: int | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) at any size -> uint8 (N, size, size, C) as the model expects."""
+        if self.resize_to is None:
+            return images
+        import cv2
+
+        out = np.empty((len(images), self.size, self.size, self.channels), dtype=np.uint8)
+        for i, img in enumerate(images):
+            h, w = img.shape[:2]
+            scale = self.resize_to / min(h, w)
+            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+            resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+            top, left = (nh - self.size) // 2, (nw - self.size) // 2
+            out[i] = resized[top : top + self.size, left : left + self.size].reshape(self.size, self.size, -1)
+        return out
+
+    def to(self, device: str | torch.device) -> TargetModel:
+        self.net.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def load_model(
+    name: str = "mnist", weights: str | Path | None = None, random_init: bool = False
+) -> TargetModel:
+    """Load a target model by name: ``mnist`` (shipped weights), ``resnet18`` or ``mobilenet_v2``."""
+    if name == "mnist":
+        net = load_mnist_net(weights)
+        return TargetModel("mnist", net, channels=1, size=28, gradcam_layer=net.gradcam_layer)
+    if name in ("resnet18", "mobilenet_v2"):
+        backbone = load_imagenet_net(name, weights, random_init=random_init)
+        net = nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), backbone).eval()
+        layer = backbone.get_submodule(GRADCAM_LAYERS[name])
+        return TargetModel(name, net, channels=3, size=224, gradcam_layer=layer, resize_to=256)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+__all__ = ["MODEL_NAMES", "MnistNet", "Normalize", "TargetModel", "load_model", "load_mnist_net"]

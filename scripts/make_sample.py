@@ -1,0 +1,13 @@
+"""Write pipeline/assets/mnist_sample.npz: the real MNIST test digits 0..1999 (1,000 even, 1,000 odd indices).
+
+Run: python scripts/make_sample.py   (reads ../shared/data/mnist)
+"""
+
+import numpy as np
+
+from pipeline.data import SAMPLE_DIGITS, load_mnist
+
+images, labels = load_mnist("test")
+idx = np.arange(2000)
+np.savez_compressed(SAMPLE_DIGITS, images=images[idx], labels=labels[idx].astype(np.uint8), indices=idx.astype(np.int16))
+print(f"wrote {SAMPLE_DIGITS} ({SAMPLE_DIGITS.stat().st_size} bytes)")
