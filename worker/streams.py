@@ -1,0 +1,451 @@
+"""Redis Streams plumbing: a consumer-group reader with crash recovery, an idempotent verdict publisher,
+dead letters, and a small synchronous worker loop.
+
+Delivery is at-least-once end to end:
+
+* images are read with ``XREADGROUP`` into the group's pending list (PEL) and stay there until acked;
+* entries left pending by a consumer that died are reclaimed with ``XAUTOCLAIM`` once idle for
+  ``claim_idle_ms``; an entry delivered more than ``max_deliveries`` times is moved to the dead-letter stream;
+* verdicts are written, alerts published and the image acked in ONE atomic Lua script per batch, guarded by a
+  ``SET <done_prefix><stream id> NX EX done_ttl_s`` key per entry, so a redelivered entry that already has a
+  verdict is only acked, never published twice (and a verdict is never lost between write and ack).
+
+The Lua script touches several keys, so on Redis Cluster give all the names one hash tag (e.g.
+``{explainer}:images``, ``{explainer}:verdicts``, ``{explainer}:done:``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker import wire
+
+log = logging.getLogger("explainer.streams")
+
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError)
+
+
+@dataclass
+class StreamNames:
+    """Keys and channels; every stream entry has one field, ``data`` (msgpack, see :mod:`worker.wire`)."""
+
+    images: str = "explainer:images"
+    group: str = "explainer"
+    verdicts: str = "explainer:verdicts"
+    dead: str = "explainer:dead"
+    alerts: str = "explainer:alerts"  # pub/sub channel for adversarial verdicts
+    all_verdicts_channel: str | None = None  # pub/sub channel for every verdict, when set
+    done_prefix: str = "explainer:done:"  # idempotency keys: <done_prefix><image stream id>
+
+    @classmethod
+    def with_prefix(cls, prefix: str, **kw: Any) -> StreamNames:
+        """All names under one prefix, e.g. ``with_prefix("{explainer}")`` for Redis Cluster."""
+        return cls(
+            images=f"{prefix}:images",
+            group=kw.pop("group", "explainer"),
+            verdicts=f"{prefix}:verdicts",
+            dead=f"{prefix}:dead",
+            alerts=f"{prefix}:alerts",
+            done_prefix=f"{prefix}:done:",
+            **kw,
+        )
+
+
+def connect(
+    url: str = "redis://127.0.0.1:6379/0",
+    *,
+    retries: int = 8,
+    backoff_base: float = 0.05,
+    backoff_cap: float = 5.0,
+    health_check_interval: int = 15,
+    socket_timeout: float = 30.0,
+    socket_connect_timeout: float = 5.0,
+    **kwargs: Any,
+) -> redis.Redis:
+    """A client for ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS; pass ``ssl_ca_certs=...``,
+    ``ssl_certfile``/``ssl_keyfile`` for mutual TLS). Commands are retried on connection errors and timeouts
+    with exponential backoff (``retries`` times, ``backoff_base`` doubling up to ``backoff_cap`` seconds);
+    idle connections are health-checked every ``health_check_interval`` seconds. Responses stay bytes."""
+    retry = Retry(
+        ExponentialBackoff(cap=backoff_cap, base=backoff_base),
+        retries,
+        supported_errors=(redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError),
+    )
+    kwargs.setdefault("client_name", "explainer")
+    return redis.Redis.from_url(
+        url,
+        retry=retry,
+        health_check_interval=health_check_interval,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        socket_keepalive=True,
+        decode_responses=False,
+        **kwargs,
+    )
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+# KEYS: verdicts, images, done_1..done_n. ARGV: group, maxlen, ttl, alerts, all_channel, then per result
+# (stream id, verdict bytes, "1" if adversarial else "0"). Returns 1 per written verdict, 0 per duplicate.
+_PUBLISH_LUA = """
+local verdicts, images = KEYS[1], KEYS[2]
+local group, maxlen, ttl, alerts, allch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local out = {}
+for i = 1, #KEYS - 2 do
+  local sid, data, adv = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i]
+  if redis.call('SET', KEYS[2 + i], sid, 'NX', 'EX', ttl) then
+    redis.call('XADD', verdicts, 'MAXLEN', '~', maxlen, '*', 'data', data)
+    if adv == '1' and alerts ~= '' then redis.call('PUBLISH', alerts, data) end
+    if allch ~= '' then redis.call('PUBLISH', allch, data) end
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+  redis.call('XACK', images, group, sid)
+end
+return out
+"""
+
+
+class StreamConsumer:
+    """One consumer of the image stream's consumer group, plus the verdict/dead-letter writers."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        names: StreamNames | None = None,
+        consumer: str = "worker-1",
+        count: int = 64,
+        block_ms: int = 1000,
+        max_deliveries: int = 5,
+        claim_idle_ms: int = 30_000,
+        verdict_maxlen: int = 100_000,
+        dead_maxlen: int = 100_000,
+        done_ttl_s: int = 24 * 3600,
+    ) -> None:
+        if count < 1 or max_deliveries < 1 or claim_idle_ms < 0 or block_ms < 0:
+            raise ValueError("count and max_deliveries must be ≥ 1, claim_idle_ms and block_ms ≥ 0")
+        sock_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        if sock_timeout is not None and block_ms / 1000 >= sock_timeout:
+            raise ValueError(
+                f"block_ms={block_ms} must be shorter than the client's socket_timeout={sock_timeout}s"
+            )
+        self.client = client
+        self.names = names or StreamNames()
+        self.consumer = consumer
+        self.count = count
+        self.block_ms = block_ms
+        self.max_deliveries = max_deliveries
+        self.claim_idle_ms = claim_idle_ms
+        self.verdict_maxlen = verdict_maxlen
+        self.dead_maxlen = dead_maxlen
+        self.done_ttl_s = done_ttl_s
+        self._claim_cursor = "0-0"
+        self._publish_script = client.register_script(_PUBLISH_LUA)
+        self.stats = {"read": 0, "reclaimed": 0, "published": 0, "duplicates": 0, "dead": 0}
+
+    # -- setup ----------------------------------------------------------------------------------------------
+
+    def ensure_group(self, start_id: str = "0") -> bool:
+        """Create the group (and the stream) if missing; True when created. ``start_id`` "0" also serves
+        entries added before the group existed; "$" only new ones."""
+        try:
+            self.client.xgroup_create(self.names.images, self.names.group, id=start_id, mkstream=True)
+            return True
+        except redis.ResponseError as e:
+            if "BUSYGROUP" in str(e):
+                return False
+            raise
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def reclaim(self) -> list[tuple[str, bytes | None]]:
+        """Take over entries idle in the PEL for ``claim_idle_ms`` (their consumer died or hung); entries
+        delivered more than ``max_deliveries`` times are dead-lettered instead of returned."""
+        n = self.names
+        resp = self.client.xautoclaim(
+            n.images,
+            n.group,
+            self.consumer,
+            self.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.count,
+        )
+        self._claim_cursor = _s(resp[0]) if resp and resp[0] else "0-0"
+        entries = list(resp[1]) if resp else []
+        claimed = [(_s(sid), fields) for sid, fields in entries if sid is not None and fields is not None]
+        if len(claimed) < len(entries):
+            self._ack_deleted({sid for sid, _ in claimed})
+        if not claimed:
+            return []
+        with self.client.pipeline(transaction=False) as p:
+            for sid, _ in claimed:
+                p.xpending_range(n.images, n.group, min=sid, max=sid, count=1)
+            pend = p.execute()
+        out = []
+        for (sid, fields), info in zip(claimed, pend, strict=True):
+            deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries + 1
+            raw = fields.get(b"data", fields.get("data"))
+            if deliveries > self.max_deliveries:
+                self.dead_letter(
+                    sid,
+                    raw,
+                    f"delivered {deliveries} times, over max_deliveries={self.max_deliveries}"
+                    " (the worker kept failing or dying on it)",
+                    deliveries=deliveries,
+                )
+            else:
+                out.append((sid, raw))
+        self.stats["reclaimed"] += len(out)
+        if out:
+            log.warning("%s reclaimed %d stale entries", self.consumer, len(out))
+        return out
+
+    def _ack_deleted(self, keep: set[str]) -> None:
+        """Ack entries pending with this consumer whose stream entry no longer exists (trimmed or XDEL'd while
+        pending). Redis 7 drops them from the PEL itself; Redis 6.2's XAUTOCLAIM returns them as bare nils."""
+        n = self.names
+        pend = self.client.xpending_range(
+            n.images, n.group, min="-", max="+", count=max(1000, 4 * self.count), consumername=self.consumer
+        )
+        cands = [_s(p["message_id"]) for p in pend if _s(p["message_id"]) not in keep]
+        if not cands:
+            return
+        with self.client.pipeline(transaction=False) as p:
+            for sid in cands:
+                p.xrange(n.images, min=sid, max=sid, count=1)
+            exists = p.execute()
+        gone = [sid for sid, e in zip(cands, exists, strict=True) if not e]
+        if gone:
+            self.client.xack(n.images, n.group, *gone)
+            log.warning("acked %d pending entries that were deleted from %s", len(gone), n.images)
+
+    def read(self, block_ms: int | None = None) -> list[tuple[str, bytes | None]]:
+        """Up to ``count`` entries as (stream id, data bytes or None when the entry has no ``data`` field):
+        stale pending entries first (see :meth:`reclaim`), then new ones (blocking up to ``block_ms`` only
+        when nothing was reclaimed)."""
+        out = self.reclaim()
+        want = self.count - len(out)
+        if want > 0:
+            block = (self.block_ms if block_ms is None else block_ms) if not out else None
+            resp = self.client.xreadgroup(
+                self.names.group, self.consumer, {self.names.images: ">"}, count=want, block=block or None
+            )
+            items = resp.items() if isinstance(resp, dict) else (resp or [])
+            for _stream, entries in items:
+                for sid, fields in entries:
+                    if sid is None:
+                        continue
+                    fields = fields or {}
+                    out.append((_s(sid), fields.get(b"data", fields.get("data"))))
+        self.stats["read"] += len(out)
+        return out
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    def publish(self, results: Sequence[tuple[str, dict]]) -> list[bool]:
+        """Write one verdict per (image stream id, verdict dict), publish alerts, and ack the images, all in
+        one atomic script. Returns, per result, True if written now, False if that entry already had a verdict
+        (redelivery: only acked)."""
+        if not results:
+            return []
+        n = self.names
+        keys = [n.verdicts, n.images]
+        args: list[Any] = [
+            n.group,
+            self.verdict_maxlen,
+            self.done_ttl_s,
+            n.alerts or "",
+            n.all_verdicts_channel or "",
+        ]
+        for sid, verdict in results:
+            keys.append(f"{n.done_prefix}{sid}")
+            args += [sid, wire.encode_verdict(verdict), "1" if verdict.get("is_adversarial") else "0"]
+        written = [bool(x) for x in self._publish_script(keys=keys, args=args)]
+        self.stats["published"] += sum(written)
+        self.stats["duplicates"] += len(written) - sum(written)
+        return written
+
+    def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, **extra: Any) -> str:
+        """Move one entry to the dead-letter stream (reason + payload truncated to a limit) and ack it."""
+        n = self.names
+        data = wire.encode_dead_letter(
+            stream_id, raw, reason, consumer=self.consumer, images=n.images, at=time.time(), **extra
+        )
+        with self.client.pipeline(transaction=True) as p:
+            p.xadd(n.dead, {"data": data}, maxlen=self.dead_maxlen, approximate=True)
+            p.xack(n.images, n.group, stream_id)
+            dead_id, _ = p.execute()
+        self.stats["dead"] += 1
+        log.warning("dead-lettered %s: %s", stream_id, reason)
+        return _s(dead_id)
+
+    # -- inspection -----------------------------------------------------------------------------------------
+
+    def pending_count(self) -> int:
+        """Entries delivered to the group but not yet acked."""
+        info = self.client.xpending(self.names.images, self.names.group)
+        return int(info["pending"]) if isinstance(info, dict) else int(info[0])
+
+
+DetectFn = Callable[[list[wire.Request]], list[dict]]
+
+
+class StreamWorker:
+    """read → decode (bad entries to the dead letters) → ``detect_fn`` (one call per batch) → publish."""
+
+    def __init__(self, consumer: StreamConsumer, detect_fn: DetectFn, *, max_backoff_s: float = 10.0) -> None:
+        self.consumer = consumer
+        self.detect_fn = detect_fn
+        self.max_backoff_s = max_backoff_s
+        self._unpublished: list[tuple[str, dict]] = []  # a batch whose publish failed; retried first
+
+    def run_once(self, block_ms: int | None = None) -> int:
+        """Process one batch; returns the number of entries handled (verdicts + dead letters). Exceptions
+        from ``detect_fn`` propagate and leave the batch pending, to be reclaimed and retried later."""
+        handled = 0
+        if self._unpublished:
+            self.consumer.publish(self._unpublished)
+            handled, self._unpublished = len(self._unpublished), []
+        entries = self.consumer.read(block_ms)
+        if not entries:
+            return handled
+        t_read = time.time()
+        reqs: list[wire.Request] = []
+        sids: list[str] = []
+        for sid, raw in entries:
+            if raw is None:
+                self.consumer.dead_letter(sid, None, "stream entry has no 'data' field")
+                handled += 1
+                continue
+            try:
+                reqs.append(wire.decode_request(raw))
+                sids.append(sid)
+            except wire.WireError as e:
+                self.consumer.dead_letter(sid, raw, f"undecodable request: {e.reason}")
+                handled += 1
+        if not reqs:
+            return handled
+        sids, reqs, verdicts = self._detect(sids, reqs)
+        now = time.time()
+        results = []
+        for sid, req, v in zip(sids, reqs, verdicts, strict=True):
+            v = dict(v)
+            v.setdefault("v", wire.VERSION)
+            v.setdefault("id", req.id)
+            v.setdefault("model", req.model)
+            v["stream_id"] = sid
+            start = req.enqueued_at if req.enqueued_at is not None and req.enqueued_at <= now else t_read
+            v["latency_ms"] = round((now - start) * 1000.0, 3)
+            results.append((sid, v))
+        try:
+            self.consumer.publish(results)
+        except CONNECTION_ERRORS:
+            self._unpublished = results  # verdicts are computed: publish them once Redis is back
+            raise
+        return handled + len(results)
+
+    def _call(self, reqs: list[wire.Request]) -> list[dict]:
+        verdicts = self.detect_fn(reqs)
+        if len(verdicts) != len(reqs):
+            raise RuntimeError(f"detect_fn returned {len(verdicts)} verdicts for {len(reqs)} requests")
+        return verdicts
+
+    def _detect(self, sids: list[str], reqs: list[wire.Request]):
+        """``detect_fn`` on the whole batch; if it raises, one request at a time so that only the requests
+        that fail stay pending (to be retried, then dead-lettered after ``max_deliveries``)."""
+        try:
+            return sids, reqs, self._call(reqs)
+        except Exception:
+            if len(reqs) == 1:
+                raise
+            log.exception("detect_fn failed on a batch of %d; retrying one by one", len(reqs))
+        ok: tuple[list, list, list] = ([], [], [])
+        last: Exception | None = None
+        for sid, req in zip(sids, reqs, strict=True):
+            try:
+                v = self._call([req])[0]
+            except Exception as e:  # left pending: reclaimed and retried later
+                log.warning("detect_fn failed on %s (%s): left pending", sid, e)
+                last = e
+                continue
+            for lst, x in zip(ok, (sid, req, v), strict=True):
+                lst.append(x)
+        if not ok[0] and last is not None:
+            raise last
+        return ok
+
+    def run(self, stop_event: threading.Event, on_batch: Callable[[int], None] | None = None) -> None:
+        """Loop until ``stop_event`` is set; the batch in flight is finished (and published) first. Connection
+        loss is retried with exponential backoff; a lost consumer group (Redis restarted without its data) is
+        recreated; other errors are logged and retried after a backoff (their entries stay pending)."""
+        backoff = 0.1
+        group_ready = False
+        while not stop_event.is_set() or self._unpublished:
+            try:
+                if not group_ready:
+                    self.consumer.ensure_group()
+                    group_ready = True
+                n = self.run_once()
+                backoff = 0.1
+                if on_batch and n:
+                    on_batch(n)
+            except CONNECTION_ERRORS as e:
+                log.warning("redis unavailable (%s); retrying in %.1fs", e, backoff)
+                if stop_event.is_set() and self._unpublished:
+                    # keep trying to land computed verdicts, but give up after the backoff cap is reached
+                    if backoff >= self.max_backoff_s:
+                        log.error(
+                            "stopping with %d unpublished verdicts (they stay pending in redis)",
+                            len(self._unpublished),
+                        )
+                        return
+                time.sleep(backoff) if stop_event.is_set() else stop_event.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except redis.ResponseError as e:
+                if "NOGROUP" in str(e):
+                    group_ready = False
+                    continue
+                log.exception("redis error; retrying in %.1fs", backoff)
+                stop_event.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except Exception:
+                log.exception("batch failed; its entries stay pending and will be retried")
+                stop_event.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+
+def drain(worker: StreamWorker, expected: int, timeout_s: float = 60.0, block_ms: int = 100) -> int:
+    """Run ``worker`` until ``expected`` entries are handled or ``timeout_s`` passes (tests, scripts)."""
+    done, deadline = 0, time.monotonic() + timeout_s
+    while done < expected and time.monotonic() < deadline:
+        done += worker.run_once(block_ms=block_ms)
+    return done
+
+
+def iter_stream(
+    client: redis.Redis, stream: str, start: str = "-", count: int = 1000
+) -> Iterable[tuple[str, bytes]]:
+    """(id, data) of every entry of a stream, oldest first (inspection helper)."""
+    last = start
+    while True:
+        entries = client.xrange(stream, min=last, max="+", count=count)
+        if last != start:
+            entries = entries[1:]
+        if not entries:
+            return
+        for sid, fields in entries:
+            yield _s(sid), fields.get(b"data")
+        last = _s(entries[-1][0])
