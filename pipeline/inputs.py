@@ -62,17 +62,13 @@ def _to_numpy(images: object) -> np.ndarray:
 
 def _as_nhwc(arr: np.ndarray, channels: int) -> np.ndarray:
     """Reshape to (N, H, W, C) given the model's channel count; accepts N×C×H×W too."""
+    # a trailing dimension of at most 4 is a channel axis (no real image is 4 pixels wide)
     if arr.ndim == 2:
         arr = arr[None, :, :, None]
     elif arr.ndim == 3:
-        if arr.shape[-1] in (1, 3, 4) and channels != 1 and arr.shape[-1] != arr.shape[0]:
-            arr = arr[None]  # H×W×C
-        elif channels == 1:
-            arr = arr[..., None]  # N×H×W
-        else:
-            arr = arr[None]
+        arr = arr[None] if arr.shape[-1] <= 4 else arr[..., None]  # H×W×C or N×H×W
     elif arr.ndim == 4:
-        if arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
+        if arr.shape[-1] > 4 and arr.shape[1] <= 4:
             arr = arr.transpose(0, 2, 3, 1)  # N×C×H×W -> N×H×W×C
     else:
         raise InputError(f"image array must have 2 to 4 dimensions (H×W[×C] or N×H×W[×C]), got shape {arr.shape}")

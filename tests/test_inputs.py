@@ -1,0 +1,74 @@
+"""Every kind of bad input gets a clear InputError naming the problem; good layouts are all accepted."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline import InputError, decode_image, read_image_file, to_float_batch
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((0, 28, 28), np.uint8), "empty batch"),
+        ([], "empty batch"),
+        (np.zeros((28, 0), np.uint8), "zero-size"),
+        (np.zeros((2, 28, 28, 3), np.uint8), "wrong channel count"),
+        (np.zeros((28, 28, 2), np.uint8), "wrong channel count"),
+        (np.zeros((1, 1, 1, 28, 28), np.uint8), "2 to 4 dimensions"),
+        (np.full((28, 28), np.nan, np.float32), "NaN or infinite"),
+        (np.full((28, 28), np.inf, np.float32), "NaN or infinite"),
+        (np.full((28, 28), 1.5, np.float32), r"\[0, 1\]"),
+        (np.full((28, 28), -0.1, np.float32), r"\[0, 1\]"),
+        (np.zeros((28, 28), np.int32), "must be uint8"),
+        (np.zeros((28, 28), np.complex64), "unsupported image dtype"),
+        ("not an image", "expected a numpy array"),
+        ([np.zeros((28, 28), np.uint8), np.zeros((14, 14), np.uint8)], "share a shape"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(images, message):
+    with pytest.raises(InputError, match=message):
+        to_float_batch(images, channels=1)
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (28, 28, 1), (5, 28, 28), (5, 28, 28, 1), (5, 1, 28, 28)])
+def test_accepted_layouts(shape):
+    out = to_float_batch(np.zeros(shape, np.uint8), channels=1)
+    assert out.shape[1:] == (28, 28, 1) and out.dtype == np.float32
+
+
+def test_float_tensors_are_kept_exact():
+    x = torch.rand(3, 1, 28, 28)
+    out = to_float_batch(x, channels=1)
+    assert np.array_equal(out, x.permute(0, 2, 3, 1).numpy())
+
+
+def test_detector_rejects_bad_images_with_clear_errors(detector, digits):
+    with pytest.raises(InputError, match="wrong image size"):
+        detector.detect(np.zeros((2, 32, 32), np.uint8))
+    with pytest.raises(InputError, match="NaN"):
+        detector.detect(np.full((1, 28, 28), np.nan, np.float32))
+    with pytest.raises(InputError, match="empty batch"):
+        detector.detect(np.zeros((0, 28, 28), np.uint8))
+
+
+def test_corrupt_and_non_image_files(tmp_path, digits):
+    ok, png = cv2.imencode(".png", digits.images[0])
+    good = tmp_path / "digit.png"
+    good.write_bytes(png.tobytes())
+    assert np.array_equal(read_image_file(good), digits.images[0])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png.tobytes()[:40])
+    text = tmp_path / "notes.png"
+    text.write_text("hello, not a picture")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for path, message in [(truncated, "not a decodable"), (text, "not a decodable"), (empty, "empty file"),
+                          (tmp_path / "missing.png", "no such file")]:
+        with pytest.raises(InputError, match=message):
+            read_image_file(path)
+    with pytest.raises(InputError, match="not a decodable"):
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
