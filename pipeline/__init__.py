@@ -4,9 +4,9 @@ It imports neither Redis nor Ray; the streaming worker reaches it only through t
 """
 
 from pipeline.calibration import Calibration
-from pipeline.data import Digits, load_sample_digits, load_test_digits
+from pipeline.data import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits, load_test_digits
 from pipeline.denoise import NLMParams, denoise_batch
-from pipeline.detector import DetectionResult, Detector, DetectorConfig
+from pipeline.detector import DetectionResult, Detector, DetectorConfig, Explained
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image
@@ -15,7 +15,7 @@ from pipeline.models import MODEL_NAMES, TargetModel, load_model
 
 __all__ = [
     "ENTROPY_VARIANTS", "METHODS", "MODEL_NAMES", "Calibration", "DetectionResult", "Detector", "DetectorConfig",
-    "Digits", "ExplainParams", "InputError", "NLMParams", "TargetModel", "decode_image", "denoise_batch",
+    "AdversarialDigits", "Digits", "ExplainParams", "Explained", "load_adversarial_digits", "InputError", "NLMParams", "TargetModel", "decode_image", "denoise_batch",
     "explain", "load_model", "load_sample_digits", "load_test_digits", "map_entropy", "passes_per_image",
     "read_image_file", "to_float_batch",
 ]

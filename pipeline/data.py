@@ -105,3 +105,29 @@ def load_imagenet_sample(root: str | Path | None = None) -> list[tuple[Path, int
     with open(labels_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
     return [(folder / "images" / row["filename"], int(row["class_index"])) for row in rows]
+
+
+ADVERSARIAL_DIGITS = ASSETS / "mnist_adversarial.npz"
+
+
+@dataclass(frozen=True)
+class AdversarialDigits:
+    """Successful adversarial digits (uint8, as a camera would send them) with their source test index,
+    true label and the attack that made them."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    attacks: np.ndarray
+
+    def head(self, n: int) -> AdversarialDigits:
+        """The first ``n`` (the file interleaves the attacks, so any head mixes all of them)."""
+        return AdversarialDigits(self.images[:n], self.labels[:n], self.indices[:n], self.attacks[:n])
+
+
+def load_adversarial_digits() -> AdversarialDigits:
+    """Adversarial digits shipped with the package (made by scripts/make_adversarial.py from odd-indexed
+    test digits, attacks interleaved)."""
+    with np.load(ADVERSARIAL_DIGITS) as npz:
+        return AdversarialDigits(npz["images"], npz["labels"].astype(np.int64), npz["indices"].astype(np.int64),
+                                 npz["attacks"].astype(str))

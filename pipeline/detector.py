@@ -47,6 +47,14 @@ class DetectorConfig:
 
 
 @dataclass
+class Explained:
+    """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first."""
+
+    probs: np.ndarray
+    maps: np.ndarray
+
+
+@dataclass
 class DetectionResult:
     """Per-image arrays over the batch, plus the threshold and rule that produced ``is_adversarial``."""
 
@@ -114,9 +122,10 @@ class Detector:
         config = DetectorConfig.from_dict(cal.config) if cal else DetectorConfig()
         return cls(model, config, cal)
 
-    # -- the shared computation ------------------------------------------------------------------------------
+    # -- the stages, usable one by one (the Ray Serve deployments run them on different workers) ---------------
 
-    def _to_model_input(self, images: object) -> torch.Tensor:
+    def prepare(self, images: object) -> np.ndarray:
+        """Validate and convert user images to float32 (N, C, H, W) in [0, 1] at the model's resolution."""
         if self.model.resize_to is not None:
             # photos of any size: validate each, resize/centre-crop to the model's input, keep uint8 pixels
             singles = images if isinstance(images, (list, tuple)) else [images]
@@ -126,50 +135,53 @@ class Detector:
             batch = np.concatenate(
                 [self.model.prepare(np.round(b * 255).astype(np.uint8)) for b in parts]
             ).astype(np.float32) / 255.0
-            return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
-        batch = to_float_batch(images, self.model.channels)
-        if batch.shape[1:3] != (self.model.size, self.model.size):
-            raise InputError(
-                f"wrong image size: {self.model.name} takes {self.model.size}×{self.model.size}, "
-                f"got {batch.shape[1]}×{batch.shape[2]}"
-            )
-        return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).contiguous()
+        else:
+            batch = to_float_batch(images, self.model.channels)
+            if batch.shape[1:3] != (self.model.size, self.model.size):
+                raise InputError(
+                    f"wrong image size: {self.model.name} takes {self.model.size}×{self.model.size}, "
+                    f"got {batch.shape[1]}×{batch.shape[2]}"
+                )
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
-    def analyse(self, images: object, return_maps: bool = False) -> dict[str, np.ndarray]:
-        """Signals for a batch: predictions, entropies before/after NLM, prediction shift (and maps)."""
-        cfg = self.config
-        x = self._to_model_input(images).to(self.model.device)
+    def denoise(self, x: np.ndarray) -> np.ndarray:
+        """NLM-denoised copy of a prepared batch (CPU, OpenCV thread pool), float32 (N, C, H, W)."""
+        u8 = np.ascontiguousarray(np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+        return np.ascontiguousarray(denoise_batch(u8, self.config.nlm).transpose(0, 3, 1, 2), np.float32) / 255.0
+
+    def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
+        """Predictions and explanation maps for originals and denoised copies: one forward pass and one Captum
+        call over the 2N images, all explaining the class predicted on the original (the model-bound stage)."""
         n = len(x)
-        u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        xd = torch.from_numpy(denoise_batch(u8, cfg.nlm)).to(x.device).permute(0, 3, 1, 2).float().div_(255)
-        both = torch.cat([x, xd])
+        device = self.model.device
+        both = torch.from_numpy(np.concatenate([x, xd])).to(device)
         with torch.inference_mode():
             probs = torch.softmax(self.model(both).float(), dim=1)
         pred = probs[:n].argmax(1)
-        attr = explain(self.model.net, both, torch.cat([pred, pred]), cfg.method, cfg.explain,
+        attr = explain(self.model.net, both, torch.cat([pred, pred]), self.config.method, self.config.explain,
                        self.model.gradcam_layer)
-        ent = map_entropy(attr, cfg.entropy).cpu().numpy().astype(np.float64)
-        out = {
-            "predicted_class": pred.cpu().numpy(),
-            "confidence": probs[:n].max(1).values.cpu().numpy().astype(np.float64),
-            "denoised_class": probs[n:].argmax(1).cpu().numpy(),
+        return Explained(probs=probs.cpu().numpy(), maps=attr.float().cpu().numpy())
+
+    def measure(self, explained: Explained) -> dict[str, np.ndarray]:
+        """Per-image signals from the maps and predictions: entropies before/after, prediction shift."""
+        probs, n = explained.probs, len(explained.probs) // 2
+        ent = map_entropy(torch.from_numpy(explained.maps), self.config.entropy).numpy().astype(np.float64)
+        return {
+            "predicted_class": probs[:n].argmax(1),
+            "confidence": probs[:n].max(1).astype(np.float64),
+            "denoised_class": probs[n:].argmax(1),
             "entropy_original": ent[:n],
             "entropy_denoised": ent[n:],
-            "prediction_shift": (probs[:n] - probs[n:]).abs().sum(1).cpu().numpy().astype(np.float64),
+            "prediction_shift": np.abs(probs[:n] - probs[n:]).sum(1).astype(np.float64),
         }
-        if return_maps:
-            out["maps"] = attr[:n].sum(1).cpu().numpy()
-        return out
 
-    # -- decisions -------------------------------------------------------------------------------------------
-
-    def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
-        """Verdicts for a batch. ``rule``: "calibrated" (default when a calibration exists) or "sign" (the
-        paper's: adversarial when entropy did not decrease after denoising)."""
+    def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
+        """Entropy and decision (the CPU stage after explanation). ``rule``: "calibrated" (default when a
+        calibration exists) or "sign" (the paper's: adversarial when entropy did not decrease)."""
         rule = rule or ("calibrated" if self.calibration else "sign")
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-        s = self.analyse(images, return_maps=return_maps)
+        s = self.measure(explained)
         change = s["entropy_denoised"] - s["entropy_original"]
         if rule == "sign":
             score, threshold = change, 0.0
@@ -180,13 +192,26 @@ class Detector:
             score = self.calibration.score({**s, "entropy_change": change})
             threshold = self.calibration.threshold
             flagged = score > threshold
+        n = len(score)
         return DetectionResult(
             predicted_class=s["predicted_class"], confidence=s["confidence"], denoised_class=s["denoised_class"],
             entropy_original=s["entropy_original"], entropy_denoised=s["entropy_denoised"],
             prediction_shift=s["prediction_shift"], score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
-            maps=s.get("maps"),
+            maps=explained.maps[:n].sum(1) if return_maps else None,
         )
+
+    # -- whole batches in-process ------------------------------------------------------------------------------
+
+    def analyse(self, images: object) -> dict[str, np.ndarray]:
+        """Signals for a batch without a decision (calibration and evaluation use this)."""
+        x = self.prepare(images)
+        return self.measure(self.explain_pair(x, self.denoise(x)))
+
+    def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
+        """Verdicts for a batch: prepare, denoise, explain originals and denoised together, decide."""
+        x = self.prepare(images)
+        return self.decide(self.explain_pair(x, self.denoise(x)), rule, return_maps)
 
     def analyse_many(self, images: np.ndarray, batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
         """:meth:`analyse` over a large array in batches; ``progress(n_done)`` is called after each batch."""

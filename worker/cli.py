@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -107,6 +105,128 @@ def calibrate(
     cal.save(out)
     console.print(f"threshold {cal.threshold:.4f} at target FPR {target_fpr} "
                   f"(held-out FPR {cal.threshold_fpr:.4f}, {cal.n_reference}+{cal.n_threshold} images) -> {out}")
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
+
+
+@app.command()
+def serve(
+    redis_url: str | None = typer.Option(None, help="Redis to consume (default: start a local redis-server)"),
+    config: Path = typer.Option(DEFAULT_CONFIG, help="Ray Serve config file"),
+    http_port: int = typer.Option(8000),
+    data_dir: Path = typer.Option(Path(".explainer"), help="where the local redis-server keeps its AOF"),
+) -> None:
+    """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
+    import signal
+    import threading
+
+    from worker.embedded import embedded_stack
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port) as stack:
+        console.print(f"serving: redis {stack.redis_url}  http {stack.http_url}  (Ctrl-C to stop)")
+        stop.wait()
+        console.print("stopping: finishing batches in flight…")
+    console.print("stopped cleanly")
+
+
+@app.command()
+def feed(
+    redis_url: str = typer.Option("redis://127.0.0.1:6379/0"),
+    n: int = typer.Option(100, help="how many images"),
+    source: str = typer.Option("mnist", help="mnist (held-out test digits) | adversarial (shipped) | a folder"),
+    attack: str | None = typer.Option(None, help="make adversarials on the fly with this attack (pgd, bim, ...)"),
+    encoding: str = typer.Option("raw", help="raw | png | jpeg"),
+) -> None:
+    """Push images into the image stream."""
+    from pipeline import load_adversarial_digits, load_sample_digits
+    from worker.feed import push_images
+    from worker.streams import StreamNames, connect
+
+    if source == "mnist":
+        digits = load_sample_digits().parity("odd").head(n)
+        images, ids = digits.images, [f"mnist-{i}" for i in digits.indices]
+        if attack:
+            images = _attack_digits(attack, digits.images, digits.labels)
+            ids = [f"{attack}-{i}" for i in digits.indices]
+    elif source == "adversarial":
+        adv = load_adversarial_digits().head(n)
+        images, ids = adv.images, [f"adv-{a}-{i}" for a, i in zip(adv.attacks, adv.indices, strict=True)]
+    else:
+        from pipeline import read_image_file
+
+        files = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:n]
+        images, ids = [read_image_file(p) for p in files], [p.name for p in files]
+    stream_ids = push_images(connect(redis_url), StreamNames(), images, ids=ids, encoding=encoding)
+    console.print(f"pushed {len(stream_ids)} images to explainer:images")
+
+
+def _attack_digits(attack: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    import torch
+
+    from pipeline import load_model
+    from pipeline.attacks import ATTACKS
+
+    if attack not in ATTACKS:
+        fail(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+    model = load_model("mnist")
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    x_adv = ATTACKS[attack]()(model.net, x, torch.from_numpy(labels))
+    return (x_adv * 255).round().to(torch.uint8).squeeze(1).numpy()
+
+
+@app.command()
+def watch(
+    redis_url: str = typer.Option("redis://127.0.0.1:6379/0"),
+    all_verdicts: bool = typer.Option(False, "--all", help="follow every verdict (the verdict stream), not only alerts"),
+) -> None:
+    """Print verdicts live: adversarial alerts from the pub/sub channel, or every verdict from the stream."""
+    from worker import wire
+    from worker.streams import StreamNames, connect
+
+    client, names = connect(redis_url), StreamNames()
+
+    def show(v: dict) -> None:
+        mark = "[red]ADVERSARIAL[/red]" if v.get("is_adversarial") else "[green]clean[/green]"
+        if v.get("error"):
+            mark = f"[yellow]error: {v['error']}[/yellow]"
+        console.print(f"{v.get('id')}  class {v.get('predicted_class')}  score {v.get('score')}  {mark}  "
+                      f"{v.get('latency_ms')} ms")
+
+    try:
+        if all_verdicts:
+            cursor = "$"
+            while True:
+                for _s, entries in client.xread({names.verdicts: cursor}, block=1000, count=100) or []:
+                    for sid, fields in entries:
+                        cursor = sid
+                        show(wire.decode_verdict(fields[b"data"]))
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(names.alerts)
+        console.print(f"watching {names.alerts} (Ctrl-C to stop)")
+        for message in pubsub.listen():
+            show(wire.decode_verdict(message["data"]))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def demo(
+    n: int = typer.Option(200, help="clean digits, and as many adversarial ones"),
+    redis_url: str | None = typer.Option(None, help="use this Redis instead of starting one"),
+    config: Path = typer.Option(DEFAULT_CONFIG),
+    http_port: int = typer.Option(8000),
+    data_dir: Path = typer.Option(Path(".explainer")),
+) -> None:
+    """The whole product end to end on embedded defaults: Redis stream → Ray Serve → verdicts and alerts."""
+    from worker.demo import run_demo
+
+    report = run_demo(n, redis_url, config, http_port, data_dir, console)
+    if report.received != report.sent or report.pending:
+        fail(f"{report.sent - report.received} verdicts missing, {report.pending} entries left pending")
 
 
 def main() -> None:

@@ -1,0 +1,95 @@
+"""Run the whole stack on one machine with no setup: a local redis-server (AOF on), a local Ray, the Serve app.
+
+``explainer serve`` and ``explainer demo`` use :func:`embedded_stack`; with a ``redis_url`` it uses that Redis
+instead of starting one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from worker.local_redis import LocalRedis
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
+APP_NAME = "explainer"
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
+    """The explainer application entry of a Serve config file."""
+    data = yaml.safe_load(Path(path).read_text())
+    apps = [a for a in data.get("applications", []) if a.get("name") == APP_NAME] or data.get("applications", [])
+    if not apps:
+        raise ValueError(f"{path}: no applications in this Serve config")
+    return apps[0]
+
+
+def app_from_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, local: bool = True):
+    """Build the application as ``serve run`` would from ``path``, with ``args`` overridden.
+
+    ``local=True`` caps every stage at one replica and sizes actors for a small machine (autoscaling stays
+    configured, bounded by what fits): a 2-core laptop cannot host the cluster's replica counts.
+    """
+    from worker.serve_app import build_app
+
+    app = load_config(path)
+    args = {**app.get("args", {}), **(overrides or {})}
+    options = {}
+    for dep in app.get("deployments", []):
+        opts = {k: v for k, v in dep.items() if k != "name"}
+        if local and "autoscaling_config" in opts:
+            auto = dict(opts["autoscaling_config"])
+            auto["max_replicas"] = min(auto.get("max_replicas", 1), 2)
+            opts["autoscaling_config"] = auto
+        options[dep["name"]] = opts
+    return build_app(args, options)
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    http_url: str
+    redis: LocalRedis | None
+
+
+@contextmanager
+def embedded_stack(
+    redis_url: str | None = None, config: str | Path = DEFAULT_CONFIG, data_dir: str | Path = ".explainer",
+    http_port: int = 8000, overrides: dict | None = None, num_cpus: int | None = None,
+) -> Iterator[Stack]:
+    """Start (local redis) + Ray + the Serve app; tear all of it down on exit, gracefully."""
+    import ray
+    from ray import serve
+
+    local = None
+    if redis_url is None:
+        local = LocalRedis(Path(data_dir) / "redis").start()
+        redis_url = local.url
+    started_ray = not ray.is_initialized()
+    try:
+        if started_ray:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False, configure_logging=True)
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(app_from_config(config, {**(overrides or {}), "redis_url": redis_url}), name=APP_NAME,
+                  route_prefix="/")
+        yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local)
+    finally:
+        try:
+            serve.delete(APP_NAME)
+            deadline = time.monotonic() + 30
+            while APP_NAME in serve.status().applications and time.monotonic() < deadline:
+                time.sleep(0.2)
+            serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+            if local is not None:
+                local.stop()

@@ -1,0 +1,229 @@
+"""The Ray Serve application: CPU ``Denoiser`` → GPU-able ``Explainer`` (``@serve.batch``) → CPU ``Scorer``,
+composed with deployment handles behind an ``Ingress`` that consumes the Redis image stream and serves HTTP.
+
+Each stage runs the detection core's own stage functions (``Detector.denoise``, ``explain_pair``, ``decide``),
+so the verdicts equal the in-process ``Detector.detect`` on the same images. Batches travel as numpy arrays
+through Ray's object store; the Explainer merges concurrent batches (up to ``max_batch_size`` images) into one
+Captum call.
+
+(No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type.)
+"""
+
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pipeline import DetectionResult, Detector, Explained, InputError, decode_image
+from worker import wire
+from worker.detect import detect_requests
+from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
+
+log = logging.getLogger("explainer.serve")
+MAX_HTTP_BODY = 8 * 1024 * 1024
+
+
+def _detector(model: str, weights: str | None, calibration: str | None, device: str | None = None) -> Detector:
+    return Detector.from_pretrained(model, weights=weights, calibration=calibration, device=device)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
+class Denoiser:
+    """OpenCV non-local means over a whole prepared batch (CPU; OpenCV's threads release the GIL)."""
+
+    def __init__(self, model: str = "mnist", weights: str | None = None, calibration: str | None = None) -> None:
+        self.detector = _detector(model, weights, calibration)
+
+    async def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.detector.denoise(x)
+
+
+def _images_in(items: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    return sum(len(x) for x, _ in items)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1, "num_gpus": 0}, max_ongoing_requests=16)
+class Explainer:
+    """Predictions + Captum maps for originals and denoised copies. Concurrent batches are merged by
+    ``@serve.batch`` into one Captum call of up to ``max_batch_size`` images (counted in images, not calls)."""
+
+    def __init__(
+        self, model: str = "mnist", weights: str | None = None, calibration: str | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        device = "cuda" if torch.cuda.is_available() else None
+        self.detector = _detector(model, weights, calibration, device)
+
+    def reconfigure(self, config: dict) -> None:
+        """``user_config``: max_batch_size (images) and batch_wait_timeout_s of the merged Captum call."""
+        if "max_batch_size" in config:
+            self.explain.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self.explain.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def explain(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[Explained]:
+        sizes = [len(x) for x, _ in items]
+        x = np.concatenate([x for x, _ in items])
+        xd = np.concatenate([xd for _, xd in items])
+        out = self.detector.explain_pair(x, xd)
+        n, bounds = len(x), np.cumsum([0, *sizes])
+        parts = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            rows = np.r_[a:b, n + a : n + b]  # this batch's originals, then its denoised copies
+            parts.append(Explained(probs=out.probs[rows], maps=out.maps[rows]))
+        return parts
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
+class Scorer:
+    """Entropy of every map, the calibrated score and the decision (CPU)."""
+
+    def __init__(self, model: str = "mnist", weights: str | None = None, calibration: str | None = None) -> None:
+        self.detector = _detector(model, weights, calibration)
+
+    async def __call__(self, explained: Explained, rule: str | None = None, return_maps: bool = False):
+        return self.detector.decide(explained, rule, return_maps)
+
+
+@dataclass
+class RemoteDetector:
+    """What :func:`worker.detect.detect_requests` needs of a detector, backed by the three deployments.
+
+    ``detect`` blocks on the handles, so it runs on the consumer threads, never on the replica's event loop.
+    """
+
+    local: Detector
+    denoiser: DeploymentHandle
+    explainer: DeploymentHandle
+    scorer: DeploymentHandle
+
+    @property
+    def config(self):
+        return self.local.config
+
+    @property
+    def model(self):
+        return self.local.model
+
+    def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
+        x = self.local.prepare(images)  # validation here: a bad image fails before it costs a stage call
+        xd = self.denoiser.remote(x).result()
+        explained = self.explainer.explain.remote((x, xd)).result()
+        return self.scorer.remote(explained, rule, return_maps).result()
+
+    async def detect_async(self, images: object, rule: str | None = None, return_maps: bool = False):
+        x = self.local.prepare(images)
+        xd = await self.denoiser.remote(x)
+        explained = await self.explainer.explain.remote((x, xd))
+        return await self.scorer.remote(explained, rule, return_maps)
+
+
+http = FastAPI(title="explainer", description="Adversarial-image detection (EXPLAINER)")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, graceful_shutdown_timeout_s=60)
+@serve.ingress(http)
+class Ingress:
+    """Consumes the Redis image stream with ``consumers`` threads (one consumer-group member each, so batches
+    overlap across stages) and answers HTTP: ``POST /detect`` (a PNG/JPEG body) and ``GET /healthz``."""
+
+    def __init__(
+        self, denoiser: DeploymentHandle, explainer: DeploymentHandle, scorer: DeploymentHandle,
+        model: str = "mnist", weights: str | None = None, calibration: str | None = None,
+        redis_url: str | None = None, streams: dict | None = None, consumers: int = 2, batch: int = 64,
+        block_ms: int = 200, claim_idle_ms: int = 30_000, max_deliveries: int = 5, verdict_maxlen: int = 100_000,
+        max_body_bytes: int = MAX_HTTP_BODY,
+    ) -> None:
+        self.remote = RemoteDetector(_detector(model, weights, calibration), denoiser, explainer, scorer)
+        self.model_name = model
+        self.max_body_bytes = max_body_bytes
+        self.stop = threading.Event()
+        self.workers: list[StreamWorker] = []
+        self.threads: list[threading.Thread] = []
+        if redis_url:
+            names = StreamNames(**(streams or {}))
+            tag = f"{socket.gethostname()}-{os.getpid()}"
+            for i in range(consumers):
+                consumer = StreamConsumer(
+                    connect(redis_url), names, consumer=f"{tag}-{i}", count=batch, block_ms=block_ms,
+                    max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms, verdict_maxlen=verdict_maxlen,
+                )
+                consumer.ensure_group()
+                worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remote, reqs))
+                thread = threading.Thread(target=worker.run, args=(self.stop,), name=f"consumer-{i}", daemon=True)
+                self.workers.append(worker)
+                self.threads.append(thread)
+                thread.start()
+
+    def __del__(self) -> None:
+        """Graceful shutdown: stop reading, finish and ack the batches in flight."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=50)
+
+    @http.get("/healthz")
+    async def healthz(self) -> dict:
+        alive = sum(t.is_alive() for t in self.threads)
+        stats = [w.consumer.stats for w in self.workers]
+        return {"status": "ok", "model": self.model_name, "consumers_alive": alive, "consumers": stats}
+
+    @http.post("/detect")
+    async def detect(self, request: Request, heatmap: bool = False, rule: str | None = None) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise HTTPException(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
+        if rule not in (None, "calibrated", "sign"):
+            raise HTTPException(422, f"unknown rule {rule!r}; use calibrated or sign")
+        try:
+            image = decode_image(bytes(body), "request body")
+            res = await self.remote.detect_async(image, rule, heatmap)
+        except InputError as exc:
+            raise HTTPException(415 if "decodable" in str(exc) or "empty" in str(exc) else 422, str(exc)) from exc
+        row = res.rows()[0]
+        out = {"v": wire.VERSION, "model": self.model_name, "method": self.remote.config.method, **row}
+        if heatmap and res.maps is not None:
+            out["heatmap"] = {"shape": list(res.maps[0].shape), "values": np.round(res.maps[0], 6).tolist()}
+        return out
+
+
+STAGES = {"Denoiser": Denoiser, "Explainer": Explainer, "Scorer": Scorer, "Ingress": Ingress}
+
+
+def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
+    """Serve application builder (``import_path: worker.serve_app:build_app`` with ``args`` in YAML).
+
+    args: model, weights, calibration, redis_url, streams (dict of StreamNames fields), consumers, batch,
+    block_ms, claim_idle_ms, max_deliveries, verdict_maxlen, torch_threads, max_body_bytes.
+    ``deployment_options``: per-deployment ``.options()`` (what a config file's ``deployments:`` list sets
+    when run by ``serve run``; :func:`worker.embedded.app_from_config` passes it in-process).
+    """
+    args = dict(args or {})
+    opts = deployment_options or {}
+    stage = {name: (d.options(**opts[name]) if name in opts else d) for name, d in STAGES.items()}
+    common = {k: args.get(k) for k in ("model", "weights", "calibration")}
+    common["model"] = common["model"] or "mnist"
+    ingress_keys = ("redis_url", "streams", "consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
+                    "verdict_maxlen", "max_body_bytes")
+    return stage["Ingress"].bind(
+        stage["Denoiser"].bind(**common),
+        stage["Explainer"].bind(**common, torch_threads=args.get("torch_threads")),
+        stage["Scorer"].bind(**common),
+        **common,
+        **{k: args[k] for k in ingress_keys if k in args},
+    )
