@@ -152,6 +152,7 @@ class Ingress:
         self.workers: list[StreamWorker] = []
         self.threads: list[threading.Thread] = []
         if redis_url:
+            redis_url = os.path.expandvars(redis_url)  # e.g. ${REDIS_PASSWORD} from a Kubernetes Secret
             names = StreamNames(**(streams or {}))
             tag = f"{socket.gethostname()}-{os.getpid()}"
             for i in range(consumers):

@@ -1,0 +1,129 @@
+"""The streaming product end to end: a real redis-server, a real Ray Serve application, real digits.
+
+One Ray + Serve start-up is shared by the whole module (it takes most of a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline import Detector, load_adversarial_digits
+from worker import wire
+from worker.collect import collect_verdicts, last_id
+from worker.embedded import embedded_stack
+from worker.feed import push_images
+from worker.local_redis import free_port
+from worker.streams import StreamConsumer, StreamNames, connect, iter_stream
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    overrides = {"claim_idle_ms": 1500, "block_ms": 100}
+    with embedded_stack(data_dir=tmp_path_factory.mktemp("stack"), http_port=free_port(),
+                        overrides=overrides) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return connect(stack.redis_url)
+
+
+NAMES = StreamNames()
+
+
+def test_200_messages_give_200_verdicts_equal_to_in_process(stack, client, digits):
+    clean = digits.parity("odd").head(150)
+    adv = load_adversarial_digits().head(50)
+    images = np.concatenate([clean.images, adv.images])
+    ids = [f"e2e-{i}" for i in range(len(images))]
+    after = last_id(client, NAMES.verdicts)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(NAMES.alerts)
+    push_images(client, NAMES, images, ids=ids)
+    got = collect_verdicts(client, NAMES, ids, after, timeout_s=180)
+    assert len(got) == 200
+    assert int(client.xpending(NAMES.images, NAMES.group)["pending"]) == 0
+
+    expected = Detector.from_pretrained("mnist").detect(images)
+    streamed = [got[i] for i in ids]
+    assert [v["predicted_class"] for v in streamed] == expected.predicted_class.tolist()
+    assert [v["is_adversarial"] for v in streamed] == expected.is_adversarial.tolist()
+    assert np.allclose([v["score"] for v in streamed], expected.score, rtol=1e-4, atol=1e-4)
+    assert all(v["latency_ms"] >= 0 and v["method"] == "ig" for v in streamed)
+
+    alerts = []
+    while (message := pubsub.get_message(timeout=1.0)) is not None:
+        alerts.append(wire.decode_verdict(message["data"]))
+    pubsub.close()
+    flagged = {i for i in ids if got[i]["is_adversarial"]}
+    assert flagged, "some adversarial digits must be flagged"
+    assert {a["id"] for a in alerts if a["id"].startswith("e2e-")} == flagged
+
+
+def test_poison_messages_go_to_the_dead_letters_and_others_get_verdicts(stack, client, digits):
+    dead_before = client.xlen(NAMES.dead)
+    after = last_id(client, NAMES.verdicts)
+    good_ids = [f"poison-ok-{i}" for i in range(10)]
+    client.xadd(NAMES.images, {"data": b"\x93not msgpack at all"})
+    push_images(client, NAMES, digits.images[:10], ids=good_ids)
+    client.xadd(NAMES.images, {"data": wire.encode_request("poison-v2", digits.images[0])[:-5]})
+    got = collect_verdicts(client, NAMES, good_ids, after, timeout_s=60)
+    assert len(got) == 10
+    dead = [wire.decode_dead_letter(d) for _, d in iter_stream(client, NAMES.dead)][dead_before:]
+    assert len(dead) == 2 and all(d["reason"] for d in dead)
+    assert int(client.xpending(NAMES.images, NAMES.group)["pending"]) == 0
+
+
+def test_entries_of_a_consumer_that_died_mid_batch_are_reclaimed(stack, client, digits):
+    """A consumer reads a batch and dies before acking: the Serve consumers reclaim it (XAUTOCLAIM)."""
+    ids = [f"orphan-{i}" for i in range(20)]
+    after = last_id(client, NAMES.verdicts)
+    client.xgroup_createconsumer(NAMES.images, NAMES.group, "doomed")
+    # park the entries in the doomed consumer's pending list in one atomic step
+    pipe = client.pipeline(transaction=True)
+    for i, image in zip(ids, digits.images[20:40], strict=True):
+        pipe.xadd(NAMES.images, {"data": wire.encode_request(i, image)})
+    pipe.xreadgroup(NAMES.group, "doomed", {NAMES.images: ">"}, count=1000)
+    taken = pipe.execute()[-1]
+    doomed_ids = {wire.decode_request(f[b"data"]).id for _, entries in taken for _, f in entries}
+    assert set(ids) <= doomed_ids
+    got = collect_verdicts(client, NAMES, ids, after, timeout_s=60)
+    assert len(got) == 20
+    pending = client.xpending_range(NAMES.images, NAMES.group, "-", "+", 100, consumername="doomed")
+    assert pending == []
+    assert StreamConsumer(client, NAMES).pending_count() == 0
+
+
+def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_route_answers(stack, digits):
+    ok, png = cv2.imencode(".png", digits.images[3])
+    status, verdict = _post(stack.http_url + "/detect", png.tobytes())
+    assert status == 200
+    expected = Detector.from_pretrained("mnist").detect(digits.images[3])
+    assert verdict["predicted_class"] == int(expected.predicted_class[0])
+    assert verdict["is_adversarial"] == bool(expected.is_adversarial[0])
+
+    status, body = _post(stack.http_url + "/detect", b"this is not an image", "text/plain")
+    assert status == 415 and "decodable" in body["detail"]
+    status, body = _post(stack.http_url + "/detect", cv2.imencode(".png", np.zeros((32, 32), np.uint8))[1].tobytes())
+    assert status == 422 and "wrong image size" in body["detail"]
+    status, body = _post(stack.http_url + "/detect", b"\0" * (9 * 1024 * 1024))
+    assert status == 413
+    with urllib.request.urlopen(stack.http_url + "/healthz", timeout=30) as r:
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["consumers_alive"] == 2
