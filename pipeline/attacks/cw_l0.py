@@ -43,33 +43,39 @@ class CWL0(Attack):
     step in tanh space; ``const_factor`` / ``max_const``: escalation of ``c`` after a failed round.
     """
 
-    max_pixels: int = 40
+    max_pixels: int = 60
     kappa: float = 0.0
-    c: float = 1.0
-    steps: int = 50
+    c: float = 10.0
+    steps: int = 30
+    first_steps: int = 100
     rounds: int = 30
     shrink: float = 0.8
     lr: float = 0.1
     const_factor: float = 10.0
-    max_const: float = 1e3
+    max_const: float = 100.0
     name = "cw-l0"
 
     def _forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n, _, h, wd = x.shape
         dev = x.device
         free = torch.ones(n, h * wd, dtype=torch.bool, device=dev)
+        last_ok_free = free.clone()
+        last_ok_score = torch.zeros(n, h * wd, device=dev)
+        shrink = torch.full((n,), float(self.shrink), device=dev)
         active = torch.ones(n, dtype=torch.bool, device=dev)
+        ever_ok = torch.zeros(n, dtype=torch.bool, device=dev)
         const = torch.full((n,), float(self.c), device=dev)
         best_adv = x.clone()
         w_all = to_tanh_space(x)
-        for _ in range(self.rounds):
+        for r in range(self.rounds):
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            found, ok, w_end = self._round(model, x[idx], y[idx], w_all[idx], free[idx], const[idx])
+            xs, ys, fr, cs = x[idx], y[idx], free[idx], const[idx]
+            steps = self.steps if r else self.first_steps
+            found, ok, w_end = self._round(model, xs, ys, w_all[idx], fr, cs, steps)
             w_all[idx] = w_end
-            # Successful images: keep the result, score the free pixels at it, shrink the free set.
-            xs, ys, fr = x[idx], y[idx], free[idx]
+            # CW's score of each free pixel at the solution: |grad of the loss| x |change|, summed over channels.
             delta = (found - xs).abs().sum(1).flatten(1)
             probe = found.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -77,14 +83,26 @@ class CWL0(Attack):
                 (g,) = torch.autograd.grad(f, [probe])
             score = g.abs().sum(1).flatten(1) * delta
             used = fr & (delta > 1e-3)
-            count = fr.sum(1)
-            target = torch.minimum((count.float() * self.shrink).floor().long(), count - 1).clamp(min=0)
-            shrunk = keep_top(score, used, torch.minimum(target, used.sum(1)))
+            # Success: keep the result, fix the unused pixels and the lowest-scoring share of the used ones.
+            ok_free = torch.where(ok[:, None], used, last_ok_free[idx])
+            ok_score = torch.where(ok[:, None], score, last_ok_score[idx])
+            # Failure at the largest constant: go back to the last successful set and fix fewer pixels.
+            give_up = ~ok & (cs * self.const_factor > self.max_const)
+            sh = torch.where(give_up, 1 - (1 - shrink[idx]) / 2, shrink[idx])
+            count = ok_free.sum(1)
+            target = (count.float() * sh).floor().long()
+            stuck = give_up & (target >= count)  # cannot fix even one pixel fewer: this image is finished
+            target = torch.minimum(target, count - 1).clamp(min=0)
+            shrunk = keep_top(ok_score, ok_free, target)
+            retry = ~ok & ~give_up
             best_adv[idx] = torch.where(ok.view(-1, 1, 1, 1), found, best_adv[idx])
-            free[idx] = torch.where(ok[:, None], shrunk, fr)
-            # Failed images: raise the constant; give up past max_const.
-            const[idx] = torch.where(ok, const[idx], const[idx] * self.const_factor)
-            active[idx] = (const[idx] <= self.max_const) & (free[idx].sum(1) > 0)
+            last_ok_free[idx], last_ok_score[idx] = ok_free, ok_score
+            free[idx] = torch.where(retry[:, None], fr, shrunk)
+            shrink[idx] = sh
+            const[idx] = torch.where(retry, cs * self.const_factor, torch.where(give_up, float(self.c), cs))
+            ever_ok[idx] |= ok
+            # Images never fooled with every pixel free are hopeless; finished images stop.
+            active[idx] = ~stuck & (ever_ok[idx] | retry) & (free[idx].sum(1) > 0)
         # Enforce the bound: keep only the max_pixels locations of largest change.
         change = (best_adv - x).abs().sum(1).flatten(1)
         limit = torch.full((n,), self.max_pixels, dtype=torch.long, device=dev)
@@ -99,6 +117,7 @@ class CWL0(Attack):
         w0: torch.Tensor,
         free: torch.Tensor,
         const: torch.Tensor,
+        steps: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One CW-L2 run on the free pixels: (smallest-L2 success or x, success flags, final variables)."""
         mask = free.view(x.shape[0], 1, x.shape[2], x.shape[3])
@@ -106,7 +125,7 @@ class CWL0(Attack):
         opt = torch.optim.Adam([w], lr=self.lr)
         best_l2 = torch.full((x.shape[0],), float("inf"), device=x.device)
         found = x.clone()
-        for it in range(self.steps + 1):
+        for it in range(steps + 1):
             with torch.enable_grad():
                 adv = torch.where(mask, from_tanh_space(w), x)
                 logits = model(adv)
@@ -116,7 +135,7 @@ class CWL0(Attack):
                 better = (margin(logits, y) < -self.kappa) & (l2 < best_l2)
                 best_l2 = torch.where(better, l2, best_l2)
                 found = torch.where(better.view(-1, 1, 1, 1), adv, found)
-            if it == self.steps:
+            if it == steps:
                 break
             (w.grad,) = torch.autograd.grad(loss, [w])
             opt.step()
