@@ -1,0 +1,85 @@
+"""The detector end to end on real digits: calibrated FPR holds on held-out digits, PGD digits are caught."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import Detector, DetectorConfig, ExplainParams, load_model
+from pipeline.attacks import PGD
+
+
+@pytest.fixture(scope="module")
+def odd_clean(detector, digits):
+    return detector.detect(digits.parity("odd").images)
+
+
+@pytest.fixture(scope="module")
+def pgd_digits(digits):
+    """PGD-L∞ (ε=0.3) on 200 odd-indexed digits, quantised to uint8 as a camera would deliver them."""
+    odd = digits.parity("odd").head(200)
+    model = load_model("mnist")
+    x = torch.from_numpy(odd.images).float().div(255).unsqueeze(1)
+    torch.manual_seed(0)
+    x_adv = PGD(eps=0.3, alpha=0.01, steps=40)(model.net, x, torch.from_numpy(odd.labels))
+    adv = (x_adv * 255).round().to(torch.uint8).squeeze(1).numpy()
+    with torch.inference_mode():
+        fooled = model(torch.from_numpy(adv).float().div(255).unsqueeze(1)).argmax(1).numpy() != odd.labels
+    return adv[fooled]
+
+
+def test_result_has_one_entry_per_image(odd_clean, digits):
+    n = len(digits.parity("odd").images)
+    for name in ("predicted_class", "confidence", "entropy_original", "entropy_denoised", "score",
+                 "is_adversarial", "prediction_shift"):
+        assert getattr(odd_clean, name).shape == (n,)
+    assert odd_clean.rule == "calibrated"
+    assert np.isfinite(odd_clean.threshold)
+    assert (odd_clean.predicted_class == digits.parity("odd").labels).mean() > 0.98
+
+
+def test_false_positive_rate_on_held_out_clean_digits_is_near_calibration(detector, odd_clean):
+    target = detector.calibration.target_fpr
+    fpr = odd_clean.is_adversarial.mean()
+    # 1,000 held-out digits: the binomial standard error at 5% is 0.7 points (measured: 7.1%)
+    assert abs(fpr - target) < 0.035, fpr
+
+
+def test_pgd_digits_are_detected_far_more_often_than_clean(detector, odd_clean, pgd_digits):
+    assert len(pgd_digits) >= 150
+    detection_rate = detector.detect(pgd_digits).is_adversarial.mean()
+    # measured: 0.66 at the shipped 5%-FPR threshold (reports/mnist has the full evaluation)
+    assert detection_rate > 0.5
+    assert detection_rate > 5 * odd_clean.is_adversarial.mean()
+
+
+def test_sign_rule_is_the_papers(detector, digits):
+    res = detector.detect(digits.images[:50], rule="sign")
+    assert res.rule == "sign" and res.threshold == 0.0
+    assert np.array_equal(res.is_adversarial, res.entropy_denoised >= res.entropy_original)
+
+
+def test_batch_equals_one_by_one(detector, digits):
+    batch = detector.detect(digits.images[:6])
+    for i in range(6):
+        single = detector.detect(digits.images[i])
+        assert single.predicted_class[0] == batch.predicted_class[i]
+        assert single.score[0] == pytest.approx(batch.score[i], rel=1e-3, abs=1e-3)
+
+
+def test_calibrate_on_clean_digits_only(digits):
+    det = Detector(load_model("mnist"), DetectorConfig(explain=ExplainParams(steps=4)))
+    cal = det.calibrate(digits.parity("even").images[:300], target_fpr=0.1)
+    assert cal.n_reference == 150 and cal.n_threshold == 150
+    assert 0.0 < cal.threshold_fpr <= 0.1 + 1e-9
+    assert det.detect(digits.images[:4]).rule == "calibrated"
+
+
+def test_missing_weights_and_calibration_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resnet18 weights not found"):
+        Detector.from_pretrained("resnet18")
+    with pytest.raises(FileNotFoundError, match="calibration file not found"):
+        Detector.from_pretrained("mnist", calibration=tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="unknown model"):
+        Detector.from_pretrained("vgg")
