@@ -18,9 +18,7 @@ def load_photos(paths: list[Path]) -> list[np.ndarray]:
     return [read_image_file(p) for p in paths]
 
 
-def clean_calibration_images(
-    model: str, images_dir: Path | None = None, n: int | None = None
-) -> tuple[object, str]:
+def clean_calibration_images(model: str, images_dir: Path | None = None, n: int | None = None) -> tuple[object, str]:
     """(images, description) of the clean calibration set for ``model``; a user's folder if given."""
     if images_dir is not None:
         files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -31,10 +29,15 @@ def clean_calibration_images(
     if model == "mnist":
         digits = load_test_digits().parity("even")
         digits = digits.head(n) if n else digits
-        return digits.images, f"MNIST test digits with even index ({len(digits.images)} images, {digits.indices[0]}..{digits.indices[-1]})"
+        return (
+            digits.images,
+            f"MNIST test digits with even index ({len(digits.images)} images, {digits.indices[0]}..{digits.indices[-1]})",
+        )
     rows = load_imagenet_sample()[0::2]
     rows = rows[:n] if n else rows
-    return [read_image_file(p) for p, _ in rows], f"ImageNet sample photos at even positions in labels.csv ({len(rows)})"
+    return [
+        read_image_file(p) for p, _ in rows
+    ], f"ImageNet sample photos at even positions in labels.csv ({len(rows)})"
 
 
 def _stack(images: list[np.ndarray]) -> object:

@@ -58,7 +58,9 @@ def denoise_batch(images: np.ndarray, params: NLMParams = NLMParams(), workers: 
         return out
     bounds = np.linspace(0, len(images), n_workers + 1).astype(int)
     futures = [
-        _pool().submit(_denoise_chunk, images[a:b], out[a:b], params) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a
+        _pool().submit(_denoise_chunk, images[a:b], out[a:b], params)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        if b > a
     ]
     for f in futures:
         f.result()

@@ -9,5 +9,7 @@ from pipeline.data import SAMPLE_DIGITS, load_mnist
 
 images, labels = load_mnist("test")
 idx = np.arange(2000)
-np.savez_compressed(SAMPLE_DIGITS, images=images[idx], labels=labels[idx].astype(np.uint8), indices=idx.astype(np.int16))
+np.savez_compressed(
+    SAMPLE_DIGITS, images=images[idx], labels=labels[idx].astype(np.uint8), indices=idx.astype(np.int16)
+)
 print(f"wrote {SAMPLE_DIGITS} ({SAMPLE_DIGITS.stat().st_size} bytes)")

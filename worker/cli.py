@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -65,9 +66,15 @@ def detect(
             print(json.dumps({"file": str(path), **row}))
         else:
             verdict = "[red]ADVERSARIAL[/red]" if row["is_adversarial"] else "[green]clean[/green]"
-            table.add_row(str(path), str(row["predicted_class"]), f"{row['confidence']:.3f}",
-                          f"{row['entropy_original']:.3f}", f"{row['entropy_denoised']:.3f}",
-                          f"{row['score']:.3f} / {row['threshold']:.3f}", verdict)
+            table.add_row(
+                str(path),
+                str(row["predicted_class"]),
+                f"{row['confidence']:.3f}",
+                f"{row['entropy_original']:.3f}",
+                f"{row['entropy_denoised']:.3f}",
+                f"{row['score']:.3f} / {row['threshold']:.3f}",
+                verdict,
+            )
     if not as_json:
         console.print(table)
     raise typer.Exit(status)
@@ -83,16 +90,23 @@ def calibrate(
     steps: int = typer.Option(8, help="IG steps"),
     samples: int = typer.Option(8, help="samples for SHAP / SmoothGrad"),
     entropy: str = typer.Option("spatial", help="spatial | histogram | paper"),
-    nlm_h: float = typer.Option(15.0, help="NLM filter strength"),
+    nlm_h: float = typer.Option(30.0, help="NLM filter strength"),
     n: int | None = typer.Option(None, help="use only the first N calibration images"),
-    images_dir: Path | None = typer.Option(None, help="a folder of clean PNG/JPEG images (else the even MNIST test digits or even-indexed ImageNet sample photos)"),
+    images_dir: Path | None = typer.Option(
+        None,
+        help="folder of clean PNG/JPEG images (default: even MNIST test digits / even-position ImageNet photos)",
+    ),
 ) -> None:
     """Calibrate the decision threshold at a target false-positive rate on clean images only."""
     from pipeline import Detector, DetectorConfig, ExplainParams, NLMParams, load_model
     from pipeline.calibration_data import clean_calibration_images
 
-    cfg = DetectorConfig(method=method, explain=ExplainParams(steps=steps, samples=samples), entropy=entropy,
-                         nlm=NLMParams(h=nlm_h, h_color=nlm_h))
+    cfg = DetectorConfig(
+        method=method,
+        explain=ExplainParams(steps=steps, samples=samples),
+        entropy=entropy,
+        nlm=NLMParams(h=nlm_h, h_color=nlm_h),
+    )
     try:
         det = Detector(load_model(model, weights), cfg)
         images, desc = clean_calibration_images(model, images_dir, n)
@@ -100,11 +114,18 @@ def calibrate(
         fail(str(exc))
     with progress_bar() as bar:
         task = bar.add_task("calibrating", total=len(images))
-        cal = det.calibrate(images, target_fpr, images=desc, batch_size=128 if model == "mnist" else 8,
-                            progress=lambda k: bar.update(task, completed=k))
+        cal = det.calibrate(
+            images,
+            target_fpr,
+            images=desc,
+            batch_size=128 if model == "mnist" else 8,
+            progress=lambda k: bar.update(task, completed=k),
+        )
     cal.save(out)
-    console.print(f"threshold {cal.threshold:.4f} at target FPR {target_fpr} "
-                  f"(held-out FPR {cal.threshold_fpr:.4f}, {cal.n_reference}+{cal.n_threshold} images) -> {out}")
+    console.print(
+        f"threshold {cal.threshold:.4f} at target FPR {target_fpr} "
+        f"(held-out FPR {cal.threshold_fpr:.4f}, {cal.n_reference}+{cal.n_threshold} images) -> {out}"
+    )
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
@@ -181,7 +202,9 @@ def _attack_digits(attack: str, images: np.ndarray, labels: np.ndarray) -> np.nd
 @app.command()
 def watch(
     redis_url: str = typer.Option("redis://127.0.0.1:6379/0"),
-    all_verdicts: bool = typer.Option(False, "--all", help="follow every verdict (the verdict stream), not only alerts"),
+    all_verdicts: bool = typer.Option(
+        False, "--all", help="follow every verdict (the verdict stream), not only alerts"
+    ),
 ) -> None:
     """Print verdicts live: adversarial alerts from the pub/sub channel, or every verdict from the stream."""
     from worker import wire
@@ -193,8 +216,9 @@ def watch(
         mark = "[red]ADVERSARIAL[/red]" if v.get("is_adversarial") else "[green]clean[/green]"
         if v.get("error"):
             mark = f"[yellow]error: {v['error']}[/yellow]"
-        console.print(f"{v.get('id')}  class {v.get('predicted_class')}  score {v.get('score')}  {mark}  "
-                      f"{v.get('latency_ms')} ms")
+        console.print(
+            f"{v.get('id')}  class {v.get('predicted_class')}  score {v.get('score')}  {mark}  {v.get('latency_ms')} ms"
+        )
 
     try:
         if all_verdicts:

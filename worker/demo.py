@@ -8,7 +8,6 @@ and the in-process ``Detector`` throughput on the same images in the same run.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
