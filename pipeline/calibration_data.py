@@ -29,10 +29,8 @@ def clean_calibration_images(model: str, images_dir: Path | None = None, n: int 
     if model == "mnist":
         digits = load_test_digits().parity("even")
         digits = digits.head(n) if n else digits
-        return (
-            digits.images,
-            f"MNIST test digits with even index ({len(digits.images)} images, {digits.indices[0]}..{digits.indices[-1]})",
-        )
+        first, last = digits.indices[0], digits.indices[-1]
+        return digits.images, f"MNIST test digits with even index ({len(digits.images)} images, {first}..{last})"
     rows = load_imagenet_sample()[0::2]
     rows = rows[:n] if n else rows
     return [
