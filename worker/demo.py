@@ -124,6 +124,7 @@ class _AlertCounter:
     def stop(self) -> None:
         time.sleep(0.3)
         self.thread.stop()
+        self.thread.join(timeout=5)  # the reader thread must be gone before its connection closes
         self.pubsub.close()
 
 
