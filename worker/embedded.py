@@ -59,6 +59,21 @@ class Stack:
     redis: LocalRedis | None
 
 
+def _start_serve(http_port: int, attempts: int = 2) -> None:
+    """``serve.start``, retried once: under load the first proxy can miss its readiness check."""
+    from ray import serve
+
+    for attempt in range(attempts):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+            return
+        except Exception:  # noqa: BLE001 - Ray raises several types here; the last attempt re-raises
+            if attempt == attempts - 1:
+                raise
+            logging.getLogger("explainer").warning("Serve did not start; retrying once")
+            serve.shutdown()
+
+
 @contextmanager
 def embedded_stack(
     redis_url: str | None = None, config: str | Path = DEFAULT_CONFIG, data_dir: str | Path = ".explainer",
@@ -72,12 +87,16 @@ def embedded_stack(
     if redis_url is None:
         local = LocalRedis(Path(data_dir) / "redis").start()
         redis_url = local.url
+    # a loaded 2-core machine starts processes slowly: give Serve's proxy time to come up rather than kill it
+    for var, seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
+                         ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")):
+        os.environ.setdefault(var, seconds)
     started_ray = not ray.is_initialized()
     try:
         if started_ray:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=True)
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        _start_serve(http_port)
         serve.run(app_from_config(config, {**(overrides or {}), "redis_url": redis_url}), name=APP_NAME,
                   route_prefix="/")
         yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local)

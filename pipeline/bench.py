@@ -1,0 +1,69 @@
+"""In-process performance measurements: the floor, the detector's throughput, its stages, batch sizes.
+
+The floor is the raw work the configured explanation needs, timed with plain torch in the same run: for IG with
+k steps, 2k forward+backward passes per image (original and denoised copy), in one batch. Every figure is a
+ratio against that floor or against a peer measured in the same process, never an absolute promise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipeline.detector import Detector
+from pipeline.explain import passes_per_image
+
+
+def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Fastest wall time of ``repeat`` calls after one warm-up call (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def floor_throughput(det: Detector, batch: int, repeat: int = 3) -> dict:
+    """Images/s of the bare forward+backward passes the explanation needs (2 x passes per map per image)."""
+    passes = passes_per_image(det.config.method, det.config.explain)
+    rows = 2 * batch * passes
+    c, s = det.model.channels, det.model.size
+    x = torch.rand(rows, c, s, s, device=det.model.device, requires_grad=True)
+    net = det.model.net
+
+    def step() -> None:
+        out = net(x)
+        torch.autograd.grad(out[:, 0].sum(), x)
+
+    seconds = best_of(step, repeat)
+    return {"passes_per_image": 2 * passes, "batch": batch, "images_per_s": batch / seconds}
+
+
+def stage_times(det: Detector, images: np.ndarray, repeat: int = 3) -> dict[str, float]:
+    """Milliseconds per image of each stage on one batch: prepare, denoise, explain (forward + Captum),
+    entropy + decision."""
+    n = len(images)
+    x = det.prepare(images)
+    xd = det.denoise(x)
+    explained = det.explain_pair(x, xd)
+    return {
+        "prepare": 1000 * best_of(lambda: det.prepare(images), repeat) / n,
+        "denoise": 1000 * best_of(lambda: det.denoise(x), repeat) / n,
+        "explain": 1000 * best_of(lambda: det.explain_pair(x, xd), repeat) / n,
+        "entropy_and_decision": 1000 * best_of(lambda: det.decide(explained), repeat) / n,
+    }
+
+
+def detector_throughput(det: Detector, images: np.ndarray, batch: int, repeat: int = 3) -> float:
+    """Images/s of ``det.detect`` over ``images`` in batches of ``batch``."""
+
+    def run() -> None:
+        for i in range(0, len(images), batch):
+            det.detect(images[i : i + batch])
+
+    return len(images) / best_of(run, repeat)
