@@ -14,7 +14,7 @@ import torch
 
 from pipeline.calibration import Calibration, fit_calibration
 from pipeline.denoise import NLMParams, denoise_batch
-from pipeline.entropy import map_entropy
+from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
 from pipeline.explain import ExplainParams, explain
 from pipeline.inputs import to_float_batch
@@ -64,6 +64,7 @@ class DetectionResult:
     entropy_original: np.ndarray
     entropy_denoised: np.ndarray
     prediction_shift: np.ndarray
+    map_shift: np.ndarray
     score: np.ndarray
     is_adversarial: np.ndarray
     threshold: float
@@ -83,6 +84,7 @@ class DetectionResult:
             "entropy_denoised": self.entropy_denoised,
             "entropy_change": self.entropy_change,
             "prediction_shift": self.prediction_shift,
+            "map_shift": self.map_shift,
         }
 
     def rows(self) -> list[dict]:
@@ -165,7 +167,8 @@ class Detector:
     def measure(self, explained: Explained) -> dict[str, np.ndarray]:
         """Per-image signals from the maps and predictions: entropies before/after, prediction shift."""
         probs, n = explained.probs, len(explained.probs) // 2
-        ent = map_entropy(torch.from_numpy(explained.maps), self.config.entropy).numpy().astype(np.float64)
+        maps = torch.from_numpy(explained.maps)
+        ent = map_entropy(maps, self.config.entropy).numpy().astype(np.float64)
         return {
             "predicted_class": probs[:n].argmax(1),
             "confidence": probs[:n].max(1).astype(np.float64),
@@ -173,6 +176,7 @@ class Detector:
             "entropy_original": ent[:n],
             "entropy_denoised": ent[n:],
             "prediction_shift": np.abs(probs[:n] - probs[n:]).sum(1).astype(np.float64),
+            "map_shift": map_shift(maps[:n], maps[n:]).numpy().astype(np.float64),
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
@@ -196,7 +200,7 @@ class Detector:
         return DetectionResult(
             predicted_class=s["predicted_class"], confidence=s["confidence"], denoised_class=s["denoised_class"],
             entropy_original=s["entropy_original"], entropy_denoised=s["entropy_denoised"],
-            prediction_shift=s["prediction_shift"], score=np.asarray(score, dtype=np.float64),
+            prediction_shift=s["prediction_shift"], map_shift=s["map_shift"], score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
             maps=explained.maps[:n].sum(1) if return_maps else None,
         )

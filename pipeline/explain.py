@@ -28,7 +28,7 @@ class ExplainParams:
     """Knobs shared by the methods: IG ``steps``, ``samples`` for SHAP/SmoothGrad, noise ``stdev`` (pixel
     units), and ``internal_batch_size`` (rows per forward pass; None = the whole expanded batch at once)."""
 
-    steps: int = 8
+    steps: int = 4
     samples: int = 8
     stdev: float = 0.1
     internal_batch_size: int | None = None

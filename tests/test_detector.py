@@ -49,8 +49,8 @@ def test_false_positive_rate_on_held_out_clean_digits_is_near_calibration(detect
 def test_pgd_digits_are_detected_far_more_often_than_clean(detector, odd_clean, pgd_digits):
     assert len(pgd_digits) >= 150
     detection_rate = detector.detect(pgd_digits).is_adversarial.mean()
-    # measured: 0.66 at the shipped 5%-FPR threshold (reports/mnist has the full evaluation)
-    assert detection_rate > 0.5
+    # measured: ~0.9 at the shipped 5%-FPR threshold (reports/mnist has the full evaluation)
+    assert detection_rate > 0.75
     assert detection_rate > 5 * odd_clean.is_adversarial.mean()
 
 

@@ -87,10 +87,10 @@ def calibrate(
     out: Path = typer.Option(..., help="where to write the calibration JSON"),
     target_fpr: float = typer.Option(0.05),
     method: str = typer.Option("ig"),
-    steps: int = typer.Option(8, help="IG steps"),
+    steps: int = typer.Option(4, help="IG steps"),
     samples: int = typer.Option(8, help="samples for SHAP / SmoothGrad"),
     entropy: str = typer.Option("spatial", help="spatial | histogram | paper"),
-    nlm_h: float = typer.Option(30.0, help="NLM filter strength"),
+    nlm_h: float = typer.Option(50.0, help="NLM filter strength"),
     n: int | None = typer.Option(None, help="use only the first N calibration images"),
     images_dir: Path | None = typer.Option(
         None,

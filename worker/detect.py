@@ -20,6 +20,7 @@ VERDICT_FIELDS = (
     "predicted_class",
     "confidence",
     "prediction_shift",
+    "map_shift",
     "rule",
 )
 
@@ -60,6 +61,7 @@ def _verdicts(detector: Any, reqs: Sequence[wire.Request], images: np.ndarray, w
             "predicted_class": int(res.predicted_class[i]),
             "confidence": float(res.confidence[i]),
             "prediction_shift": float(res.prediction_shift[i]),
+            "map_shift": float(res.map_shift[i]),
         }
         if req.heatmap and res.maps is not None:
             v["heatmap"] = wire.heatmap_field(res.maps[i])
