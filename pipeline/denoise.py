@@ -15,9 +15,9 @@ class NLMParams:
     """Parameters of ``cv2.fastNlMeansDenoising[Colored]``: filter strength ``h`` (``h_color`` for chroma),
     patch size ``template`` and search window ``search`` (both odd).
 
-    Defaults are the shipped MNIST configuration, chosen on a validation split: h=50 removes L∞ perturbations
-    of up to ~76 grey levels (ε=0.3) while clean, near-binary digits pass almost unchanged; a 5×5 patch and 11×11 window cost a third of
-    OpenCV's 7/21 defaults on 28×28 digits with no loss on the validation split."""
+    Defaults are the shipped MNIST configuration, chosen on a validation split: h=50 removes much of an L∞
+    perturbation of up to ~76 grey levels (ε=0.3) while clean, near-binary digits pass almost unchanged; a 5×5
+    patch and 11×11 window cost a third of OpenCV's 7/21 defaults on 28×28 digits."""
 
     h: float = 50.0
     h_color: float = 50.0
