@@ -166,6 +166,21 @@ def evaluate(
     console.print(f"wrote {out}/metrics.json, {out}/report.md and plots")
 
 
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("reports/bench")),
+    n: int = typer.Option(1000, help="MNIST images per throughput run"),
+    streaming: bool = typer.Option(True, help="also measure the Redis + Ray Serve path"),
+    imagenet: bool = typer.Option(True, help="also time ResNet-18 (random weights) and MobileNetV2"),
+) -> None:
+    """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes results.json + report."""
+    from worker.bench import run_bench
+
+    r = run_bench(out, n, streaming, imagenet, log=lambda m: console.print(m))
+    console.print(f"in-process {r['in_process']['throughput']:.0f}/s = {r['in_process']['ratio_to_floor']:.0%} of "
+                  f"the floor; wrote {out}/results.json and {out}/report.md")
+
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
 
 

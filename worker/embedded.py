@@ -31,7 +31,10 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
     return apps[0]
 
 
-def app_from_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, local: bool = True):
+def app_from_config(
+    path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, local: bool = True,
+    deployment_overrides: dict[str, dict] | None = None,
+):
     """Build the application as ``serve run`` would from ``path``, with ``args`` overridden.
 
     ``local=True`` caps every stage at one replica and sizes actors for a small machine (autoscaling stays
@@ -49,6 +52,9 @@ def app_from_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = 
             auto["max_replicas"] = min(auto.get("max_replicas", 1), 2)
             opts["autoscaling_config"] = auto
         options[dep["name"]] = opts
+    for name, extra in (deployment_overrides or {}).items():
+        merged = {**options.get(name, {}), **extra}
+        options[name] = {k: v for k, v in merged.items() if v is not None}  # None removes an option
     return build_app(args, options)
 
 
@@ -78,6 +84,7 @@ def _start_serve(http_port: int, attempts: int = 2) -> None:
 def embedded_stack(
     redis_url: str | None = None, config: str | Path = DEFAULT_CONFIG, data_dir: str | Path = ".explainer",
     http_port: int = 8000, overrides: dict | None = None, num_cpus: int | None = None,
+    deployment_overrides: dict[str, dict] | None = None,
 ) -> Iterator[Stack]:
     """Start (local redis) + Ray + the Serve app; tear all of it down on exit, gracefully."""
     import ray
@@ -97,8 +104,9 @@ def embedded_stack(
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=True)
         _start_serve(http_port)
-        serve.run(app_from_config(config, {**(overrides or {}), "redis_url": redis_url}), name=APP_NAME,
-                  route_prefix="/")
+        app = app_from_config(config, {**(overrides or {}), "redis_url": redis_url},
+                              deployment_overrides=deployment_overrides)
+        serve.run(app, name=APP_NAME, route_prefix="/")
         yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local)
     finally:
         try:

@@ -1,0 +1,197 @@
+"""``explainer bench``: the floor, in-process throughput, stages, batch sizes, the wire, Redis, and the
+streaming path (throughput, latency at a steady load below saturation, 1 vs 2 replicas of the CPU stages), all
+in one run on one machine, written to results.json and a Markdown report with a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import Detector, load_adversarial_digits, load_sample_digits
+from pipeline.bench import best_of, detector_throughput, floor_throughput, stage_times
+from worker import wire
+from worker.collect import collect_verdicts, last_id
+from worker.embedded import embedded_stack
+from worker.feed import push_images
+from worker.local_redis import LocalRedis, free_port
+from worker.streams import StreamConsumer, StreamNames, connect
+
+
+def mnist_images(n: int) -> np.ndarray:
+    clean = load_sample_digits().parity("odd").images
+    adv = load_adversarial_digits().images
+    both = np.concatenate([clean, adv])
+    return both[np.random.default_rng(0).permutation(len(both))[:n]]
+
+
+def wire_and_redis(images: np.ndarray, data_dir: Path) -> dict:
+    """ms per image to encode+decode a request, and for Redis I/O (XADD, XREADGROUP, XADD verdict + XACK)."""
+    payloads = [wire.encode_request(f"b{i}", im) for i, im in enumerate(images)]
+    decode_ms = 1000 * best_of(lambda: [wire.decode_request(p) for p in payloads]) / len(images)
+    encode_ms = 1000 * best_of(lambda: [wire.encode_request("x", im) for im in images]) / len(images)
+    with LocalRedis(data_dir / "bench-redis") as r:
+        client = connect(r.url)
+        names = StreamNames.with_prefix(f"bench{time.time_ns()}")
+        consumer = StreamConsumer(client, names, count=len(images), block_ms=100)
+        consumer.ensure_group()
+        t = time.perf_counter()
+        push_images(client, names, images)
+        entries = consumer.read()
+        consumer.publish([(sid, {"v": 1, "id": str(i), "is_adversarial": False}) for i, (sid, _) in
+                          enumerate(entries)])
+        redis_ms = 1000 * (time.perf_counter() - t) / len(images)
+    return {"wire_encode_ms": encode_ms, "wire_decode_ms": decode_ms, "redis_io_ms": redis_ms}
+
+
+def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction: float = 0.6) -> dict:
+    """Burst throughput, then latency at ``steady_fraction`` of it, through Redis and the Serve application."""
+    cpu_stage = {"num_replicas": replicas, "autoscaling_config": None}
+    overrides = {"consumers": 2}
+    with embedded_stack(data_dir=data_dir / f"stream{replicas}", http_port=free_port(), overrides=overrides,
+                        deployment_overrides={"Denoiser": cpu_stage, "Scorer": cpu_stage}) as st:
+        client, names = connect(st.redis_url), StreamNames()
+        after = last_id(client, names.verdicts)
+        push_images(client, names, images[:64], ids=[f"warm{i}" for i in range(64)])
+        collect_verdicts(client, names, [f"warm{i}" for i in range(64)], after, timeout_s=120)
+        after = last_id(client, names.verdicts)
+        ids = [f"burst{replicas}-{i}" for i in range(len(images))]
+        t = time.perf_counter()
+        push_images(client, names, images, ids=ids)
+        got = collect_verdicts(client, names, ids, after, timeout_s=600)
+        burst = len(got) / (time.perf_counter() - t)
+        burst_latency = np.array([v["latency_ms"] for v in got.values()])
+        # steady load: a producer at a fixed rate below saturation, in small bursts every 50 ms
+        rate = steady_fraction * burst
+        n_steady = min(len(images), int(rate * 20))
+        after = last_id(client, names.verdicts)
+        ids = [f"steady{replicas}-{i}" for i in range(n_steady)]
+        chunk = max(1, int(rate * 0.05))
+        start = time.perf_counter()
+        for k in range(0, n_steady, chunk):
+            time.sleep(max(0.0, start + k / rate - time.perf_counter()))
+            push_images(client, names, images[k : k + chunk], ids=ids[k : k + chunk])
+        got_steady = collect_verdicts(client, names, ids, after, timeout_s=300)
+        steady_latency = np.array([v["latency_ms"] for v in got_steady.values()])
+        pending = int(client.xpending(names.images, names.group)["pending"])
+    return {
+        "replicas_cpu_stages": replicas, "burst_images": len(images), "burst_received": len(got),
+        "throughput": burst, "burst_p50_ms": float(np.percentile(burst_latency, 50)),
+        "burst_p99_ms": float(np.percentile(burst_latency, 99)), "steady_rate": rate,
+        "steady_received": len(got_steady), "steady_sent": n_steady,
+        "steady_p50_ms": float(np.percentile(steady_latency, 50)),
+        "steady_p99_ms": float(np.percentile(steady_latency, 99)), "pending_after": pending,
+    }
+
+
+def imagenet_timing(name: str, weights: str | None, random_init: bool, n: int = 4) -> dict:
+    """Seconds per detection of an ImageNet-size model on 224×224 photos, beside its floor."""
+    from pipeline.data import load_imagenet_sample
+    from pipeline.inputs import read_image_file
+
+    det = Detector.from_pretrained(name, weights=weights, random_init=random_init)
+    photos = [read_image_file(p) for p, _ in load_imagenet_sample()[:n]]
+    seconds = best_of(lambda: det.detect(photos), repeat=2) / n
+    floor = floor_throughput(det, batch=n, repeat=2)
+    return {"model": name, "weights": "random (timing only)" if random_init else str(weights or "shared"),
+            "seconds_per_detection": seconds, "floor_seconds_per_image": 1 / floor["images_per_s"],
+            "ratio_to_floor": (1 / floor["images_per_s"]) / seconds, "passes_per_image": floor["passes_per_image"]}
+
+
+def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: bool = True, log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(".explainer") / "bench"
+    det = Detector.from_pretrained("mnist")
+    images = mnist_images(n)
+    log("floor and in-process throughput…")
+    results: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+        "config": det.config.to_dict(),
+    }
+    results["floor"] = floor_throughput(det, batch=64)
+    results["in_process"] = {"batch": 64, "throughput": detector_throughput(det, images, 64)}
+    results["in_process"]["ratio_to_floor"] = results["in_process"]["throughput"] / results["floor"]["images_per_s"]
+    results["stages_ms_per_image"] = stage_times(det, images[:64])
+    results["stages_ms_per_image"].update(wire_and_redis(images[:512], data_dir))
+    results["batch_sweep"] = {b: detector_throughput(det, images[:512], b, repeat=2) for b in (1, 8, 32, 64, 128, 256)}
+    if streaming_runs:
+        for replicas in (1, 2):
+            log(f"streaming, {replicas} replica(s) of the CPU stages…")
+            results[f"streaming_{replicas}"] = streaming(images, data_dir, replicas)
+            results[f"streaming_{replicas}"]["ratio_to_in_process"] = (
+                results[f"streaming_{replicas}"]["throughput"] / results["in_process"]["throughput"])
+        # in-process again after the streaming runs, so a drift of the machine shows
+        results["in_process"]["throughput_after"] = detector_throughput(det, images, 64)
+    if imagenet:
+        log("ImageNet-size models…")
+        results["imagenet"] = [imagenet_timing("resnet18", None, True)]
+        try:
+            results["imagenet"].append(imagenet_timing("mobilenet_v2", None, False))
+        except FileNotFoundError as exc:
+            results["imagenet"].append({"model": "mobilenet_v2", "error": str(exc)})
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(out, results)
+    return results
+
+
+def write_report(out: Path, r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = r["batch_sweep"]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(list(map(int, sweep)), list(sweep.values()), "o-")
+    ax[0].axhline(r["floor"]["images_per_s"], color="k", ls=":", label="floor (batch 64)")
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_xlabel("batch size")
+    ax[0].set_ylabel("detections / s")
+    ax[0].legend()
+    stages = {k: v for k, v in r["stages_ms_per_image"].items()}
+    ax[1].barh(list(stages), list(stages.values()))
+    ax[1].set_xlabel("ms per image")
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=90)
+    plt.close(fig)
+    m = r["machine"]
+    lines = ["# Benchmark", "", f"Command: `explainer bench --out {out}` on {m['platform']}, {m['cpus']} CPUs, "
+             f"torch {m['torch']} ({m['torch_threads']} threads). Config: {r['config']['method']}, "
+             f"{r['config']['explain']['steps']} steps, NLM h={r['config']['nlm']['h']}.", "",
+             "## MNIST, in-process", "",
+             f"- floor (plain torch, {r['floor']['passes_per_image']} forward+backward passes per image, batch "
+             f"{r['floor']['batch']}): **{r['floor']['images_per_s']:.0f} images/s**",
+             f"- `Detector.detect`, batch 64: **{r['in_process']['throughput']:.0f} detections/s** = "
+             f"**{r['in_process']['ratio_to_floor']:.0%} of the floor** (goal ≥ 100/s and ≥ 85%)", "",
+             "| stage | ms per image |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["stages_ms_per_image"].items()]
+    lines += ["", "| batch size | detections/s |", "|---|---|"] + [f"| {b} | {v:.0f} |" for b, v in sweep.items()]
+    for replicas in (1, 2):
+        s = r.get(f"streaming_{replicas}")
+        if s:
+            lines += ["", f"## Streaming (Redis → Ray Serve → verdict stream), {replicas} replica(s) of Denoiser and "
+                      "Scorer", "",
+                      f"- burst of {s['burst_images']}: {s['burst_received']} verdicts, **{s['throughput']:.0f} "
+                      f"images/s = {s['ratio_to_in_process']:.0%} of in-process** (goal ≥ 80%); latency under the "
+                      f"burst p50 {s['burst_p50_ms']:.0f} ms, p99 {s['burst_p99_ms']:.0f} ms",
+                      f"- steady load at {s['steady_rate']:.0f} images/s (60% of the burst rate), "
+                      f"{s['steady_received']}/{s['steady_sent']} verdicts: **p50 {s['steady_p50_ms']:.0f} ms, "
+                      f"p99 {s['steady_p99_ms']:.0f} ms**; pending after: {s['pending_after']}"]
+    if "throughput_after" in r["in_process"]:
+        lines += ["", f"In-process again after the streaming runs: {r['in_process']['throughput_after']:.0f} "
+                  "detections/s (machine drift check)."]
+    for item in r.get("imagenet", []):
+        if "error" in item:
+            lines += ["", f"- {item['model']}: {item['error']}"]
+        else:
+            lines += ["", f"- {item['model']} ({item['weights']}), 224×224: **{item['seconds_per_detection']:.2f} s "
+                      f"per detection**; floor {item['floor_seconds_per_image']:.2f} s "
+                      f"({item['passes_per_image']} passes) = {item['ratio_to_floor']:.0%} of the floor"]
+    lines += ["", "![bench](bench.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
