@@ -78,6 +78,14 @@ class Digits:
     def head(self, n: int) -> Digits:
         return Digits(self.images[:n], self.labels[:n], self.indices[:n])
 
+    def spread(self, n: int) -> Digits:
+        """``n`` digits evenly spaced over the whole set: both halves of the MNIST test set (different writer
+        pools, different difficulty) in proportion, unlike ``head``."""
+        if n >= len(self.images):
+            return self
+        keep = np.linspace(0, len(self.images) - 1, n).round().astype(int)
+        return Digits(self.images[keep], self.labels[keep], self.indices[keep])
+
 
 def load_sample_digits() -> Digits:
     """The real test digits shipped inside the package (test indices 0..1999), made by scripts/make_sample.py."""

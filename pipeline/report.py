@@ -37,7 +37,8 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         f"- Detector: {m['method']} explanations, `{m['entropy']}` entropy, NLM h={m['config']['nlm']['h']}; "
         f"score calibrated on clean images only ({m['calibration_images']}) at a target FPR of "
         f"{m['target_fpr']:.0%}; threshold {m['threshold']:.4f}.",
-        f"- Evaluation: {m['n_clean_eval']} odd-indexed MNIST test digits (never used for calibration) and "
+        f"- Evaluation: {m['n_clean_eval']} odd-indexed MNIST test digits, evenly spread over the whole test set "
+        "(both writer pools), never used for calibration, and "
         "adversarials made from the correctly classified ones; adversarials are quantised to uint8 and only "
         "those still misclassified count (success rate below).",
         "- Baselines: Feature Squeezing (1-bit depth + 2×2 median) and MagNet (two autoencoders, reconstruction "
