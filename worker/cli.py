@@ -198,11 +198,13 @@ def serve(
     from worker.embedded import embedded_stack
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port) as stack:
+        # installed after Ray starts: ray.init replaces SIGTERM's handler with one that aborts the process
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         console.print(f"serving: redis {stack.redis_url}  http {stack.http_url}  (Ctrl-C to stop)")
-        stop.wait()
+        while not stop.wait(0.5):
+            pass
         console.print("stopping: finishing batches in flight…")
     console.print("stopped cleanly")
 

@@ -110,6 +110,12 @@ def embedded_stack(
         yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local)
     finally:
         try:
+            try:  # finish the batches in flight while every stage is still up, then delete the app
+                left = serve.get_app_handle(APP_NAME).drain.remote().result(timeout_s=60)
+                if left:
+                    logging.getLogger("explainer").warning("%d consumer threads did not stop in time", left)
+            except Exception as exc:  # noqa: BLE001 - the app may have failed to start; deletion still runs
+                logging.getLogger("explainer").warning("could not drain the consumers: %s", exc)
             serve.delete(APP_NAME)
             deadline = time.monotonic() + 30
             while APP_NAME in serve.status().applications and time.monotonic() < deadline:

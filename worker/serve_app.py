@@ -167,11 +167,23 @@ class Ingress:
                 self.threads.append(thread)
                 thread.start()
 
-    def __del__(self) -> None:
-        """Graceful shutdown: stop reading, finish and ack the batches in flight."""
+    def _drain(self, timeout_s: float = 50.0) -> int:
         self.stop.set()
         for thread in self.threads:
-            thread.join(timeout=50)
+            thread.join(timeout=timeout_s)
+        return sum(t.is_alive() for t in self.threads)
+
+    async def drain(self) -> int:
+        """Stop reading the stream and finish (publish and ack) the batches in flight, while the downstream
+        stages are still up; returns how many consumer threads are still running (0 when drained).
+        ``embedded_stack`` calls this before deleting the application."""
+        import asyncio
+
+        return await asyncio.to_thread(self._drain)
+
+    def __del__(self) -> None:
+        """Last resort when the app is deleted without :meth:`drain`: stop reading."""
+        self._drain(timeout_s=10.0)
 
     @http.get("/healthz")
     async def healthz(self) -> dict:
