@@ -27,10 +27,6 @@ from pipeline.evaluation import (
     to_tensor,
 )
 
-PAPER_TABLE1 = {  # EXPLAINER / MagNet / Feature Squeezing detection rates, MNIST (the paper's rows, in order)
-    "cw-l0": (99.8, 86, 91), "cw-l2": (99.9, 86, 100), "cw-linf": (80, 96, 100), "bim": (80, 100, 98),
-    "mim": (80, 100, 98),
-}
 METHODS_COMPARED = ("ig", "deeplift", "saliency", "gradient_shap", "smoothgrad_ig", "guided_gradcam")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.detector import Detector, DetectorConfig
+from pipeline.detector import Detector
 from pipeline.models import TargetModel
 
 Progress = Callable[[str], None]
@@ -137,7 +137,6 @@ def method_detector(det: Detector, method: str, calibration_images: np.ndarray, 
     """A detector like ``det`` but explaining with ``method``, calibrated on the same clean images."""
     from dataclasses import replace
 
-    other = Detector(det.model, replace(det.config, method=method) if isinstance(det.config, DetectorConfig)
-                     else det.config)
+    other = Detector(det.model, replace(det.config, method=method))
     other.calibrate(calibration_images, target_fpr, images=f"{len(calibration_images)} calibration images")
     return other
