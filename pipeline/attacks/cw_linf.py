@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.attacks.base import Attack, cw_loss, input_grad, project_linf, random_linf_start
+from pipeline.attacks.base import cw_loss
+from pipeline.attacks.pgd import PGD
 
 
 @dataclass
-class CWLinf(Attack):
+class CWLinf(PGD):
     """PGD on the CW margin loss: ``eps`` ball radius, ``alpha`` step, ``steps`` iterations, ``kappa``
     confidence at which the loss stops pushing, optional uniform ``random_start`` in the ball."""
 
@@ -29,9 +30,6 @@ class CWLinf(Attack):
     random_start: bool = True
     name = "cw-linf"
 
-    def _forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = random_linf_start(x, self.eps) if self.random_start else x.clone()
-        for _ in range(self.steps):
-            grad = input_grad(lambda v: cw_loss(model(v), y, self.kappa).sum(), x_adv)
-            x_adv = project_linf(x_adv - self.alpha * grad.sign(), x, self.eps)
-        return x_adv
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Ascend the negated CW margin (PGD's loop minimises the margin this way)."""
+        return -cw_loss(model(x), y, self.kappa).sum()

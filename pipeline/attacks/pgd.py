@@ -22,9 +22,13 @@ class PGD(Attack):
     random_start: bool = True
     name = "pgd"
 
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss each step ascends (cross-entropy; subclasses change it)."""
+        return ce_loss(model, x, y)
+
     def _forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = random_linf_start(x, self.eps) if self.random_start else x.clone()
         for _ in range(self.steps):
-            grad = input_grad(lambda v: ce_loss(model, v, y), x_adv)
+            grad = input_grad(lambda v: self.loss(model, v, y), x_adv)
             x_adv = project_linf(x_adv + self.alpha * grad.sign(), x, self.eps)
         return x_adv

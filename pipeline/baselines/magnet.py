@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.mnist import load_weights
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 AE1_WEIGHTS = ASSETS / "magnet_ae1.pt"
 AE2_WEIGHTS = ASSETS / "magnet_ae2.pt"
@@ -103,12 +105,7 @@ def load_autoencoder(kind: str, weights: str | Path | None = None) -> MagNetAE:
     if kind not in builders:
         raise ValueError(f"unknown autoencoder {kind!r}; choose 'I' or 'II'")
     build, default = builders[kind]
-    path = Path(weights) if weights is not None else default
-    if not path.exists():
-        raise FileNotFoundError(f"MagNet weights not found: {path} (train them with scripts/train_magnet.py)")
-    ae = build()
-    ae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    return ae.eval()
+    return load_weights(build(), weights or default, "MagNet", "scripts/train_magnet.py")
 
 
 def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -36,11 +36,16 @@ class MnistNet(nn.Module):
         return self.features[6]
 
 
+def load_weights(module: nn.Module, path: str | Path, what: str, script: str) -> nn.Module:
+    """Load a state_dict into ``module`` strictly, with ``weights_only=True``; eval mode. A missing file is an
+    error naming it and the script that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} weights not found: {path} (train them with {script})")
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return module.eval()
+
+
 def load_mnist_net(weights: str | Path | None = None) -> MnistNet:
     """The shipped MNIST CNN (or ``weights``), loaded strictly with ``weights_only=True``, in eval mode."""
-    path = Path(weights) if weights is not None else MNIST_WEIGHTS
-    if not path.exists():
-        raise FileNotFoundError(f"MNIST weights not found: {path} (train them with scripts/train_mnist.py)")
-    net = MnistNet()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    return net.eval()
+    return load_weights(MnistNet(), weights or MNIST_WEIGHTS, "MNIST", "scripts/train_mnist.py")
