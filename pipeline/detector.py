@@ -28,7 +28,7 @@ RULES = ("calibrated", "sign")
 class DetectorConfig:
     """How to explain, denoise and measure. The shipped calibration records the config it was made with."""
 
-    method: str = "ig"
+    method: str = "saliency"
     explain: ExplainParams = field(default_factory=ExplainParams)
     entropy: str = "spatial"
     nlm: NLMParams = field(default_factory=NLMParams)
@@ -39,7 +39,7 @@ class DetectorConfig:
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
         return cls(
-            method=data.get("method", "ig"),
+            method=data.get("method", cls.method),
             explain=ExplainParams(**data.get("explain", {})),
             entropy=data.get("entropy", "spatial"),
             nlm=NLMParams(**data.get("nlm", {})),

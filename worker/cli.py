@@ -86,8 +86,8 @@ def calibrate(
     weights: Path | None = typer.Option(None),
     out: Path = typer.Option(..., help="where to write the calibration JSON"),
     target_fpr: float = typer.Option(0.05),
-    method: str = typer.Option("ig"),
-    steps: int = typer.Option(4, help="IG steps"),
+    method: str = typer.Option("saliency", help="explanation method (see pipeline.explain)"),
+    steps: int = typer.Option(4, help="integration steps (IG, SmoothGrad-IG; ignored by saliency)"),
     samples: int = typer.Option(8, help="samples for SHAP / SmoothGrad"),
     entropy: str = typer.Option("spatial", help="spatial | histogram | paper"),
     nlm_h: float = typer.Option(50.0, help="NLM filter strength"),
@@ -131,9 +131,10 @@ def calibrate(
 @app.command()
 def evaluate(
     model: str = typer.Option("mnist", help="mnist | mobilenet_v2 | resnet18"),
-    attacks: str = typer.Option("bim,mim,cw-l0,cw-l2,cw-linf", help="comma-separated attack names"),
-    n: int = typer.Option(1000, help="clean evaluation images (odd-indexed)"),
-    out: Path = typer.Option(Path("reports/mnist")),
+    attacks: str | None = typer.Option(
+        None, help="comma-separated attack names (default bim,mim,cw-l0,cw-l2,cw-linf; ImageNet: patch,bim,pgd)"),
+    n: int | None = typer.Option(None, help="clean evaluation images, odd-indexed (default 1000 digits, 150 photos)"),
+    out: Path | None = typer.Option(None, help="report folder (default reports/mnist or reports/imagenet)"),
     weights: Path | None = typer.Option(None, help="model weights (ImageNet models)"),
     methods: str = typer.Option("ig,deeplift,saliency,gradient_shap,smoothgrad_ig,guided_gradcam",
                                 help="explanation methods to compare ('' to skip)"),
@@ -142,16 +143,19 @@ def evaluate(
     """Detection rate, FPR and ROC-AUC on real data, beside the paper's Table 1 and the re-run baselines."""
     import sys
 
+    if attacks is None:
+        attacks = "bim,mim,cw-l0,cw-l2,cw-linf" if model == "mnist" else "patch,bim,pgd"
     names = [a.strip() for a in attacks.split(",") if a.strip()]
+    if model != "mnist":
+        evaluate_photos(model, weights, names, n or 150, out or Path("reports/imagenet"))
+        return
     from pipeline.attacks import ATTACKS
+    from pipeline.evaluate_mnist import evaluate_mnist
 
     unknown = [a for a in names if a not in ATTACKS]
     if unknown:
         fail(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
-    if model != "mnist":
-        fail("ImageNet-size evaluation is not implemented yet; use --model mnist")
-    from pipeline.evaluate_mnist import evaluate_mnist
-
+    n, out = n or 1000, out or Path("reports/mnist")
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     metrics = evaluate_mnist(names, n, out, n_methods=n_methods, methods=method_list,
                              log=lambda msg: console.print(msg), command="explainer " + " ".join(sys.argv[1:]))
@@ -162,6 +166,29 @@ def evaluate(
                       f"{a['roc_auc']:.3f}",
                       f"{metrics['baselines']['magnet']['attacks'][name]['detection_rate']:.1%}",
                       f"{metrics['baselines']['feature_squeezing']['attacks'][name]['detection_rate']:.1%}")
+    console.print(table)
+    console.print(f"wrote {out}/metrics.json, {out}/report.md and plots")
+
+
+def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, out: Path) -> None:
+    """The ImageNet-size half of ``evaluate``: patch / BIM / PGD on the shared sample photos."""
+    import sys
+
+    from pipeline.evaluate_imagenet import IMAGENET_ATTACKS, evaluate_imagenet
+
+    unknown = [a for a in names if a not in IMAGENET_ATTACKS]
+    if unknown:
+        fail(f"unknown attack(s) {unknown} for ImageNet models; choose from {', '.join(IMAGENET_ATTACKS)}")
+    try:
+        metrics = evaluate_imagenet(model, weights, names, n, out, log=lambda msg: console.print(msg),
+                                    command="explainer " + " ".join(sys.argv[1:]))
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    table = Table("attack", "success", "n adv", "detection", "ROC-AUC",
+                  title=f"{model}: clean FPR {metrics['clean_fpr']:.1%} (target {metrics['target_fpr']:.0%})")
+    for name, a in metrics["attacks"].items():
+        table.add_row(name, f"{a['attack_success_rate']:.1%}", str(a["n_adv"]), f"{a['detection_rate']:.1%}",
+                      f"{a['roc_auc']:.3f}")
     console.print(table)
     console.print(f"wrote {out}/metrics.json, {out}/report.md and plots")
 

@@ -50,7 +50,12 @@ class TargetModel:
         return self.net(x)
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, C) at any size -> uint8 (N, size, size, C) as the model expects."""
+        """uint8 (N, H, W, C) at any size -> uint8 (N, size, size, C) as the model expects.
+
+        Photos are resized (short side ``resize_to``) and centre-cropped, as torchvision preprocesses them. An image
+        already at the model's input size passes through untouched: it has been prepared upstream (a camera
+        pipeline, or an adversarial made at the model's resolution), and resizing it again would change the
+        pixels being judged."""
         if self.resize_to is None:
             return images
         import cv2
@@ -58,6 +63,9 @@ class TargetModel:
         out = np.empty((len(images), self.size, self.size, self.channels), dtype=np.uint8)
         for i, img in enumerate(images):
             h, w = img.shape[:2]
+            if (h, w) == (self.size, self.size):
+                out[i] = img.reshape(self.size, self.size, -1)
+                continue
             scale = self.resize_to / min(h, w)
             nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
             resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
