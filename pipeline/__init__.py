@@ -9,7 +9,7 @@ from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.detector import DetectionResult, Detector, DetectorConfig, Explained
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import InputError
-from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image
+from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
 from pipeline.inputs import decode_image, read_image_file, to_float_batch
 from pipeline.models import MODEL_NAMES, TargetModel, load_model
 
@@ -32,6 +32,7 @@ __all__ = [
     "decode_image",
     "denoise_batch",
     "explain",
+    "predict_and_explain",
     "load_model",
     "load_sample_digits",
     "load_test_digits",

@@ -16,7 +16,7 @@ from pipeline.calibration import Calibration, fit_calibration
 from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
-from pipeline.explain import ExplainParams, explain
+from pipeline.explain import ExplainParams, predict_and_explain
 from pipeline.inputs import to_float_batch
 from pipeline.models import TargetModel, load_model
 
@@ -152,16 +152,13 @@ class Detector:
         return np.ascontiguousarray(denoise_batch(u8, self.config.nlm).transpose(0, 3, 1, 2), np.float32) / 255.0
 
     def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
-        """Predictions and explanation maps for originals and denoised copies: one forward pass and one Captum
-        call over the 2N images, all explaining the class predicted on the original (the model-bound stage)."""
+        """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all
+        explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``)."""
         n = len(x)
         device = self.model.device
         both = torch.from_numpy(np.concatenate([x, xd])).to(device)
-        with torch.inference_mode():
-            probs = torch.softmax(self.model(both).float(), dim=1)
-        pred = probs[:n].argmax(1)
-        attr = explain(self.model.net, both, torch.cat([pred, pred]), self.config.method, self.config.explain,
-                       self.model.gradcam_layer)
+        probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
+                                          self.model.gradcam_layer)
         return Explained(probs=probs.cpu().numpy(), maps=attr.float().cpu().numpy())
 
     def measure(self, explained: Explained) -> dict[str, np.ndarray]:

@@ -117,3 +117,32 @@ def explain(
 def passes_per_image(method: str, params: ExplainParams = ExplainParams()) -> int:
     """Forward+backward passes one map of ``method`` costs: the floor a benchmark compares against."""
     return METHOD_COST[method](params)
+
+
+def predict_and_explain(
+    model: nn.Module,
+    both: torch.Tensor,
+    n: int,
+    method: str,
+    params: ExplainParams = ExplainParams(),
+    layer: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax outputs and maps for ``both`` = N originals then N denoised copies, all maps explaining the
+    class predicted on the original.
+
+    For saliency the map is the gradient of the target logit at the input, so the forward pass that predicts
+    the class is the one the gradient flows back through: one forward and one backward per image, the floor.
+    (Captum's ``Saliency`` runs its own forward after ours; the result is the same, which a test checks.)
+    Every other method predicts under ``inference_mode`` and then makes one Captum call for all 2N maps.
+    """
+    if method == "saliency":
+        x = both.detach().requires_grad_(True)
+        logits = model(x)
+        pred = logits[:n].detach().argmax(1)
+        chosen = logits.gather(1, torch.cat([pred, pred])[:, None]).sum()
+        (grad,) = torch.autograd.grad(chosen, x)
+        return torch.softmax(logits.detach().float(), dim=1), grad.detach()
+    with torch.inference_mode():
+        probs = torch.softmax(model(both).float(), dim=1)
+    pred = probs[:n].argmax(1)
+    return probs, explain(model, both, torch.cat([pred, pred]), method, params, layer)

@@ -95,3 +95,21 @@ def test_unknown_method_is_a_clear_error(digits):
     x = torch.zeros(1, 1, 28, 28)
     with pytest.raises(ValueError, match="unknown explanation method 'lime'"):
         explain(model.net, x, torch.tensor([0]), "lime")
+
+
+@pytest.mark.parametrize("method", ["saliency", "ig"])
+def test_predict_and_explain_matches_a_separate_prediction_and_captum_call(method, digits):
+    """The fused saliency pass (one forward shared by prediction and gradient) gives Captum's maps exactly."""
+    from pipeline import predict_and_explain
+
+    model = load_model("mnist")
+    x = torch.from_numpy(digits.images[:8]).float().div(255).unsqueeze(1)
+    both = torch.cat([x, x.flip(-1)])  # originals, then copies the model may classify differently
+    probs, maps = predict_and_explain(model.net, both, 8, method)
+    with torch.inference_mode():
+        expected_probs = torch.softmax(model.net(both), dim=1)
+    pred = expected_probs[:8].argmax(1)
+    expected_maps = explain(model.net, both, torch.cat([pred, pred]), method)
+    assert torch.allclose(probs, expected_probs, atol=1e-6)
+    assert torch.allclose(maps, expected_maps, atol=1e-6)
+    assert maps.abs().sum() > 0
