@@ -30,6 +30,15 @@ from worker.streams import StreamNames, connect, iter_stream
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def child_env() -> dict[str, str]:
+    """The environment for child processes (workers, Ray): this checkout first on PYTHONPATH, so they import
+    the code under test even where another checkout of the project is installed in editable mode."""
+    path = os.environ.get("PYTHONPATH", "")
+    if str(ROOT) not in path.split(os.pathsep):
+        path = str(ROOT) + (os.pathsep + path if path else "")
+    return dict(os.environ, PYTHONPATH=path)
+
+
 class WorkerProcess:
     """A ``worker.standalone`` subprocess: start, wait until ready, SIGKILL, SIGTERM, read its RSS."""
 
@@ -41,7 +50,7 @@ class WorkerProcess:
                "--consumer", consumer, "--torch-threads", "1", *(extra or [])]
         if channel:
             cmd += ["--all-verdicts-channel", channel]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = child_env()
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT, env=env)
         self.events: list[dict] = []
@@ -213,8 +222,8 @@ def wait_until(cond: Callable[[], bool], timeout_s: float, poll_s: float = 0.05)
 # -- bad inputs -------------------------------------------------------------------------------------------
 
 
-def _req(image: bytes, **over) -> dict:
-    obj = {"v": 1, "id": "bad", "image": image, "encoding": "raw", "shape": [28, 28], "dtype": "uint8",
+def _req(pixels: bytes, /, **over) -> dict:
+    obj = {"v": 1, "id": "bad", "image": pixels, "encoding": "raw", "shape": [28, 28], "dtype": "uint8",
            "model": "mnist"}
     obj.update(over)
     return {k: v for k, v in obj.items() if v is not _DROP}
@@ -248,15 +257,15 @@ def bad_inputs(digit: np.ndarray, rng: random.Random) -> list[tuple[str, Callabl
         ("random bytes (msgpack-looking)", lambda i: d(b"\x8f" + rng.randbytes(rng.randrange(1, 300)))),
         ("wrong schema version", lambda i: d(_req(raw, id=i, v=rng.choice([0, 2, 99, -1])))),
         ("schema version of the wrong type", lambda i: d(_req(raw, id=i, v=rng.choice(["1", 1.0, True, None])))),
-        ("missing field", lambda i: d(_req(raw, id=i, **{rng.choice(["v", "id", "image", "shape"]): _DROP}))),
+        ("missing field", lambda i: d(_req(raw, **{"id": i, rng.choice(["v", "id", "image", "shape"]): _DROP}))),
         ("wrong dtype", lambda i: d(_req(pixels_f32.tobytes(), id=i, dtype=rng.choice(["float32", "int16"])))),
         ("huge declared shape", lambda i: d(_req(raw, id=i, shape=rng.choice(
             [[100_000, 100_000], [4096, 4096, 4], [2**31, 2**31], [2**62, 1]])))),
         ("truncated PNG", lambda i: d(_req(truncated(png), id=i, encoding="png", shape=_DROP))),
         ("truncated JPEG", lambda i: d(_req(truncated(jpg), id=i, encoding="jpeg", shape=_DROP))),
-        ("NaN / inf values", lambda i: d(_req(raw, id=i, **rng.choice(
+        ("NaN / inf values", lambda i: d(_req(raw, **{"id": i, **rng.choice(
             [{"shape": [math.nan, 28]}, {"shape": [28, math.inf]}, {"v": math.nan}, {"heatmap": math.inf},
-             {"id": math.inf}])))),
+             {"id": math.inf}])}))),
         ("zero-size image", lambda i: d(_req(rng.choice([b"", raw]), id=i, shape=rng.choice(
             [[0, 28], [28, 0], [0, 0, 1]])))),
         ("zero-size image bytes", lambda i: d(_req(b"", id=i))),

