@@ -300,10 +300,14 @@ def backpressure(workdir: Path, n: int = 4000, pad_kib: int = 32, log: Log = pri
                 out.append({"data": msgpack.packb(obj, use_bin_type=True)})
             return out
 
-        warm = [f"warm-{k}" for k in range(256)]  # reach steady state (allocator, torch caches) before measuring
+        # warm up on the same kind of load: the baseline is the worker's peak RSS while it drains 512 of them
+        # (torch and the allocator swing RSS by tens of MiB from batch to batch)
+        warm = [f"warm-{k}" for k in range(512)]
         push(env.client, env.names.images, padded(warm))
-        subs.wait_for(set(warm), 120)
-        rss0 = max(w.rss_mb() for _ in range(3))
+        warm_rss = [w.rss_mb()]
+        while not subs.wait_for(set(warm), 0.1):
+            warm_rss.append(w.rss_mb())
+        rss0 = max(warm_rss)
         samples: list[tuple[float, float, int]] = []
         ids = [f"bp-{k}" for k in range(n)]
         entries = padded(ids)
@@ -322,7 +326,7 @@ def backpressure(workdir: Path, n: int = 4000, pad_kib: int = 32, log: Log = pri
         fig.sent = n + len(warm)
         fig.extra.update(
             producer_rate=n / produce_s, worker_rate=n / consume_s, speed_ratio=consume_s / produce_s,
-            backlog_mib=backlog_mib, rss_start_mib=rss0, rss_peak_mib=max(s[1] for s in samples),
+            backlog_mib=backlog_mib, rss_warmup_peak_mib=rss0, rss_peak_mib=max(s[1] for s in samples),
             rss_growth_mib=max(s[1] for s in samples) - rss0, max_stream_len=max(s[2] for s in samples),
             stream_len_after=int(env.client.xlen(env.names.images)),
             redis_peak_mib=int(env.client.info("memory")["used_memory_peak"]) / 2**20,

@@ -56,6 +56,10 @@ def serve_replica_kill(workdir: Path, n: int = 2000, log: Log = print) -> Figure
             settle(env, subs, ids, fig, timeout_s=900)
             fig.extra["new_replica_pids"] = {d: replica_pid(d) for d in ("Explainer", "Ingress")}
             fig.extra["http"] = http_limits(stack.http_url)
+            with urllib.request.urlopen(stack.http_url + "/healthz", timeout=30) as r:
+                health = json.loads(r.read())
+            # replicas import this checkout (trim counters are new here), not another installed copy
+            fig.extra["replicas_run_this_checkout"] = all("trimmed" in c for c in health["consumers"])
     fig.seconds = time.monotonic() - t0
     return fig
 

@@ -9,12 +9,12 @@ from worker import reliability
 
 @pytest.mark.timeout(300)
 def test_fast_producer_keeps_worker_memory_flat_and_loses_nothing(tmp_path, nothing_lost):
-    fig = reliability.backpressure(tmp_path, n=1500, pad_kib=64)
+    fig = reliability.backpressure(tmp_path, n=1500, pad_kib=128)
     nothing_lost(fig)
     x = fig.extra
     assert x["speed_ratio"] >= 5, x  # the producer really outran the worker
     assert x["max_stream_len"] >= 500, x  # a real backlog built up (in Redis) ...
-    assert x["backlog_mib"] >= 80, x
+    assert x["backlog_mib"] >= 150, x
     assert x["rss_growth_mib"] < 0.5 * x["backlog_mib"], x  # ... and not in the worker
     assert x["stream_len_after"] <= 300, x  # acked entries were trimmed once read
     assert x["trimmed_by_worker"] >= 1000, x

@@ -15,6 +15,7 @@ def test_kill_9_serve_replicas_mid_stream(tmp_path, nothing_lost):
     fig.exit_codes = [0]  # the app is drained and deleted by embedded_stack, not a process we signal
     nothing_lost(fig)
     assert fig.restarts == 2 and fig.extra["dead_letters_total"] == 0
+    assert fig.extra["replicas_run_this_checkout"]
     http = fig.extra["http"]
     assert http["valid PNG"] == 200, http
     assert all(400 <= code < 500 or code == -1 for name, code in http.items() if name != "valid PNG"), http
