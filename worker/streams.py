@@ -9,6 +9,8 @@ Delivery is at-least-once end to end:
 * verdicts are written, alerts published and the image acked in ONE atomic Lua script per batch, guarded by a
   ``SET <done_prefix><stream id> NX EX done_ttl_s`` key per entry, so a redelivered entry that already has a
   verdict is only acked, never published twice (and a verdict is never lost between write and ack).
+* the image stream is never capped with MAXLEN (that drops unread entries); :meth:`StreamConsumer.trim_acked`
+  removes only entries every group has acked (``XTRIM MINID``), so the stream's length is its backlog.
 
 The Lua script touches several keys, so on Redis Cluster give all the names one hash tag (e.g.
 ``{explainer}:images``, ``{explainer}:verdicts``, ``{explainer}:done:``).
