@@ -488,7 +488,6 @@ class StreamWorker:
                 stop_event.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
 
-
     def _maybe_trim(self) -> None:
         if self.trim_interval_s is None or time.monotonic() - self._last_trim < self.trim_interval_s:
             return

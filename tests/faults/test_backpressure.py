@@ -26,3 +26,26 @@ def test_backlog_cap_refuses_the_producer_and_trimming_keeps_unread_entries(tmp_
     assert x["refused"] and "backpressure" in x["message"], x
     assert 500 <= x["pushed"] == fig.sent < 600, x  # stopped at the cap (plus one pipeline chunk at most)
     assert x["trimmed"] == 0 and x["stream_len_after_trim"] == fig.sent and fig.lost == 0, x
+
+
+def test_trimming_waits_for_the_slowest_consumer_group(tmp_path):
+    """Two groups read the image stream; trimming follows the one behind, and only removes acked entries."""
+    from worker.local_redis import LocalRedis
+    from worker.streams import StreamConsumer, StreamNames, connect
+
+    with LocalRedis(tmp_path / "redis") as server:
+        client = connect(server.url)
+        fast, slow = StreamNames(group="fast"), StreamNames(group="slow")
+        ids = [client.xadd(fast.images, {"data": b"x" * 100}).decode() for _ in range(3000)]
+        a, b = (StreamConsumer(client, n, consumer="c", count=1000, block_ms=10) for n in (fast, slow))
+        a.ensure_group(), b.ensure_group()
+        for _ in range(3):  # "fast" reads and acks everything
+            client.xack(fast.images, "fast", *[sid for sid, _ in a.read()])
+        assert a.trim_acked() == 0  # "slow" has read nothing: nothing may go
+        taken = b.read()  # "slow" reads 1000 and acks only the first 500
+        client.xack(fast.images, "slow", *[sid for sid, _ in taken[:500]])
+        removed = b.trim_acked()
+        remaining = [e[0].decode() for e in client.xrange(fast.images)]
+        assert 0 < removed <= 500 and remaining == ids[removed:]  # a prefix of acked entries, nothing else
+        assert set(ids[500:]) <= set(remaining)  # pending (500-999) and unread (1000-2999) all kept
+        client.close()
