@@ -1,4 +1,11 @@
-"""Producer side: push images into the image stream in the wire format (used by tests, demos, the CLI)."""
+"""Producer side: push images into the image stream in the wire format (used by tests, demos, the CLI).
+
+Backpressure, not trimming: ``XADD ... MAXLEN`` on the image stream would delete the oldest entries whether or
+not the worker has read them, i.e. drop images silently. Instead a producer may pass ``max_backlog``: when the
+stream already holds that many entries it waits for the worker to catch up and, past ``backlog_wait_s``, raises
+:class:`BacklogFull` (loudly, naming what was pushed). The worker trims only acked entries
+(:meth:`worker.streams.StreamConsumer.trim_acked`), so the stream's length is its backlog.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,30 @@ from worker import wire
 from worker.streams import StreamNames
 
 
+class BacklogFull(RuntimeError):
+    """The image stream stayed at or above ``max_backlog`` entries for ``backlog_wait_s``; ``pushed`` holds
+    the stream ids of the images that did get in (the rest were not sent)."""
+
+    def __init__(self, message: str, pushed: list[str]) -> None:
+        super().__init__(message)
+        self.pushed = pushed
+
+
+def wait_for_room(
+    client: redis.Redis, stream: str, max_backlog: int, timeout_s: float, poll_s: float = 0.05
+) -> int:
+    """Block until ``stream`` holds fewer than ``max_backlog`` entries; returns its length, or raises
+    TimeoutError with the length after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        length = int(client.xlen(stream))
+        if length < max_backlog:
+            return length
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{stream} still holds {length} entries (max_backlog {max_backlog})")
+        time.sleep(poll_s)
+
+
 def push_images(
     client: redis.Redis,
     names: StreamNames,
@@ -24,15 +55,31 @@ def push_images(
     meta: dict | None = None,
     pipeline_size: int = 256,
     heatmap: bool = False,
-    maxlen: int | None = None,
+    max_backlog: int | None = None,
+    backlog_wait_s: float = 30.0,
 ) -> list[str]:
     """XADD one request per image (field ``data``), ``pipeline_size`` per round trip; returns the stream
     ids in order. ``ids`` default to random UUIDs; ``meta["enqueued_at"]`` is set to the time of pushing.
-    ``maxlen`` caps the image stream (approximate MAXLEN) when given."""
+
+    ``max_backlog``: before each round trip, wait (up to ``backlog_wait_s``) until the image stream holds fewer
+    than this many entries, else raise :class:`BacklogFull`. Nothing already in the stream is ever dropped."""
     out: list[str] = []
     pipe = client.pipeline(transaction=False)
     pending = 0
     sentinel = object()
+
+    def flush() -> None:
+        nonlocal pending
+        if max_backlog is not None:
+            try:
+                wait_for_room(client, names.images, max_backlog, backlog_wait_s)
+            except TimeoutError as e:
+                pipe.reset()
+                raise BacklogFull(f"backpressure: {e} after {backlog_wait_s}s; {len(out)} pushed, rest not sent",
+                                  out) from None
+        out.extend(i.decode() if isinstance(i, bytes) else i for i in pipe.execute())
+        pending = 0
+
     for image, rid in zip_longest(images, ids if ids is not None else [], fillvalue=sentinel):
         if image is sentinel:
             raise ValueError("more ids than images")
@@ -42,12 +89,11 @@ def push_images(
             rid = uuid.uuid4().hex
         m = {**(meta or {}), "enqueued_at": time.time()}
         data = wire.encode_request(rid, image, encoding=encoding, model=model, heatmap=heatmap, meta=m)
-        pipe.xadd(names.images, {"data": data}, maxlen=maxlen, approximate=True)
+        pipe.xadd(names.images, {"data": data})
         pending += 1
         if pending >= pipeline_size:
-            out += [i.decode() if isinstance(i, bytes) else i for i in pipe.execute()]
-            pending = 0
+            flush()
     if pending:
-        out += [i.decode() if isinstance(i, bytes) else i for i in pipe.execute()]
+        flush()
     pipe.reset()
     return out

@@ -9,6 +9,8 @@ Delivery is at-least-once end to end:
 * verdicts are written, alerts published and the image acked in ONE atomic Lua script per batch, guarded by a
   ``SET <done_prefix><stream id> NX EX done_ttl_s`` key per entry, so a redelivered entry that already has a
   verdict is only acked, never published twice (and a verdict is never lost between write and ack).
+* the image stream is never capped with MAXLEN (that drops unread entries); :meth:`StreamConsumer.trim_acked`
+  removes only entries every group has acked (``XTRIM MINID``), so the stream's length is its backlog.
 
 The Lua script touches several keys, so on Redis Cluster give all the names one hash tag (e.g.
 ``{explainer}:images``, ``{explainer}:verdicts``, ``{explainer}:done:``).
@@ -97,6 +99,12 @@ def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
+def _id_tuple(x: bytes | str) -> tuple[int, int]:
+    """A stream id as (milliseconds, sequence), for ordering ("5-0" < "10-0", unlike the strings)."""
+    ms, _, seq = _s(x).partition("-")
+    return int(ms), int(seq or 0)
+
+
 # KEYS: verdicts, images, done_1..done_n. ARGV: group, maxlen, ttl, alerts, all_channel, then per result
 # (stream id, verdict bytes, "1" if adversarial else "0"). Returns 1 per written verdict, 0 per duplicate.
 _PUBLISH_LUA = """
@@ -154,7 +162,9 @@ class StreamConsumer:
         self.done_ttl_s = done_ttl_s
         self._claim_cursor = "0-0"
         self._publish_script = client.register_script(_PUBLISH_LUA)
-        self.stats = {"read": 0, "reclaimed": 0, "published": 0, "duplicates": 0, "dead": 0}
+        self.stats = {
+            "read": 0, "reclaimed": 0, "published": 0, "duplicates": 0, "dead": 0, "trimmed": 0, "connection_errors": 0,
+        }
 
     # -- setup ----------------------------------------------------------------------------------------------
 
@@ -299,6 +309,42 @@ class StreamConsumer:
         info = self.client.xpending(self.names.images, self.names.group)
         return int(info["pending"]) if isinstance(info, dict) else int(info[0])
 
+    # -- retention ------------------------------------------------------------------------------------------
+
+    def oldest_needed_id(self) -> str | None:
+        """The oldest image-stream id some consumer group still needs (its oldest pending entry, else its
+        last-delivered entry, kept conservatively); None when the stream or its groups do not exist yet (then
+        every entry is unread and nothing may be trimmed)."""
+        n = self.names
+        try:
+            groups = self.client.xinfo_groups(n.images)
+        except redis.ResponseError:  # no such stream
+            return None
+        if not groups:
+            return None
+        keep: tuple[int, int] | None = None
+        for g in groups:
+            need = _id_tuple(g["last-delivered-id"])
+            if int(g["pending"]) > 0:
+                summary = self.client.xpending(n.images, g["name"])
+                if summary.get("min"):
+                    need = min(need, _id_tuple(summary["min"]))
+            keep = need if keep is None else min(keep, need)
+        return f"{keep[0]}-{keep[1]}" if keep else None
+
+    def trim_acked(self) -> int:
+        """Delete image entries that every consumer group has read and acked (``XTRIM MINID ~``), so the image
+        stream holds only its backlog (unread or pending entries, plus at most one radix-tree node of acked
+        ones). Never removes an entry a group still needs: unread and pending entries are kept, always.
+        Returns how many entries were removed. (A group created later with start id "0" will not see the
+        entries trimmed before it existed; XGROUP SETID backwards is not honoured either.)"""
+        keep = self.oldest_needed_id()
+        if keep is None or keep == "0-0":
+            return 0
+        removed = int(self.client.xtrim(self.names.images, minid=keep, approximate=True))
+        self.stats["trimmed"] += removed
+        return removed
+
 
 DetectFn = Callable[[list[wire.Request]], list[dict]]
 
@@ -306,11 +352,21 @@ DetectFn = Callable[[list[wire.Request]], list[dict]]
 class StreamWorker:
     """read → decode (bad entries to the dead letters) → ``detect_fn`` (one call per batch) → publish."""
 
-    def __init__(self, consumer: StreamConsumer, detect_fn: DetectFn, *, max_backoff_s: float = 10.0) -> None:
+    def __init__(
+        self, consumer: StreamConsumer, detect_fn: DetectFn, *, max_backoff_s: float = 10.0,
+        trim_interval_s: float | None = 5.0,
+    ) -> None:
         self.consumer = consumer
         self.detect_fn = detect_fn
         self.max_backoff_s = max_backoff_s
+        self.trim_interval_s = trim_interval_s  # run() trims acked image entries this often (None: never)
+        self._last_trim = 0.0
         self._unpublished: list[tuple[str, dict]] = []  # a batch whose publish failed; retried first
+
+    @property
+    def unpublished(self) -> int:
+        """Verdicts computed but not yet landed in Redis (a publish failed); :meth:`run` retries them first."""
+        return len(self._unpublished)
 
     def run_once(self, block_ms: int | None = None) -> int:
         """Process one batch; returns the number of entries handled (verdicts + dead letters). Exceptions
@@ -390,7 +446,8 @@ class StreamWorker:
     def run(self, stop_event: threading.Event, on_batch: Callable[[int], None] | None = None) -> None:
         """Loop until ``stop_event`` is set; the batch in flight is finished (and published) first. Connection
         loss is retried with exponential backoff; a lost consumer group (Redis restarted without its data) is
-        recreated; other errors are logged and retried after a backoff (their entries stay pending)."""
+        recreated; other errors are logged and retried after a backoff (their entries stay pending). Refused
+        credentials (``redis.AuthenticationError``) are not retried: they are raised."""
         backoff = 0.1
         group_ready = False
         while not stop_event.is_set() or self._unpublished:
@@ -402,7 +459,12 @@ class StreamWorker:
                 backoff = 0.1
                 if on_batch and n:
                     on_batch(n)
+                self._maybe_trim()
+            except redis.AuthenticationError:
+                log.error("redis refused the credentials (wrong or missing password): stopping this consumer")
+                raise  # a configuration error: retrying with the same password cannot succeed
             except CONNECTION_ERRORS as e:
+                self.consumer.stats["connection_errors"] += 1
                 log.warning("redis unavailable (%s); retrying in %.1fs", e, backoff)
                 if stop_event.is_set() and self._unpublished:
                     # keep trying to land computed verdicts, but give up after the backoff cap is reached
@@ -425,6 +487,14 @@ class StreamWorker:
                 log.exception("batch failed; its entries stay pending and will be retried")
                 stop_event.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _maybe_trim(self) -> None:
+        if self.trim_interval_s is None or time.monotonic() - self._last_trim < self.trim_interval_s:
+            return
+        self._last_trim = time.monotonic()
+        removed = self.consumer.trim_acked()
+        if removed:
+            log.debug("trimmed %d acked entries from %s", removed, self.consumer.names.images)
 
 
 def drain(worker: StreamWorker, expected: int, timeout_s: float = 60.0, block_ms: int = 100) -> int:

@@ -1,0 +1,32 @@
+"""Issue 6 with Ray Serve: kill -9 a replica mid-stream; SIGTERM ``explainer serve`` under load. Each starts its
+own Ray (a minute or more on 2 cores), so both are ``slow``: ``python -m pytest tests/faults -m slow``."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import reliability_serve
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_serve_replicas_mid_stream(tmp_path, nothing_lost):
+    fig = reliability_serve.serve_replica_kill(tmp_path, n=600)
+    fig.exit_codes = [0]  # the app is drained and deleted by embedded_stack, not a process we signal
+    nothing_lost(fig)
+    assert fig.restarts == 2 and fig.extra["dead_letters_total"] == 0
+    assert fig.extra["replicas_run_this_checkout"]
+    http = fig.extra["http"]
+    assert http["valid PNG"] == 200, http
+    assert all(400 <= code < 500 or code == -1 for name, code in http.items() if name != "valid PNG"), http
+    assert http["9 MiB body, chunked (limit 8 MiB)"] in (413, -1), http
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_explainer_serve_under_load(tmp_path, nothing_lost):
+    fig = reliability_serve.serve_sigterm(tmp_path, n=600)
+    nothing_lost(fig)
+    assert fig.exit_codes[0] == 0
+    assert fig.extra["pending_after_exit"] == 0
+    assert fig.extra["verdicts_after_exit"] >= fig.extra["verdicts_at_sigterm"]

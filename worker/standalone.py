@@ -1,0 +1,81 @@
+"""One worker process without Ray: consume the image stream with the in-process detector and publish verdicts.
+
+``python -m worker.standalone --redis-url redis://:PASSWORD@host:6379/0`` (``rediss://`` for TLS; redis-py reads
+``?ssl_ca_certs=/path/ca.pem`` and similar from the URL). The smallest deployable unit, and the process the fault
+tests kill, restart and signal (``tests/faults``): several of them may share one consumer group.
+
+SIGTERM / SIGINT stop reading; the batch in flight is finished, published and acked, and the process exits 0.
+It prints one JSON line when ready and one with its counters when stopped (stdout); logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+import redis
+
+from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m worker.standalone", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--redis-url", default=os.environ.get("EXPLAINER_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer-group member")
+    ap.add_argument("--prefix", default=None, help="all stream names under this prefix (default explainer:*)")
+    ap.add_argument("--all-verdicts-channel", default=None, help="also PUBLISH every verdict on this channel")
+    ap.add_argument("--model", default="mnist")
+    ap.add_argument("--batch", type=int, default=64, help="entries read per XREADGROUP")
+    ap.add_argument("--block-ms", type=int, default=200)
+    ap.add_argument("--claim-idle-ms", type=int, default=30_000, help="reclaim entries idle this long")
+    ap.add_argument("--max-deliveries", type=int, default=5)
+    ap.add_argument("--trim-interval-s", type=float, default=5.0, help="trim acked image entries this often")
+    ap.add_argument("--torch-threads", type=int, default=None)
+    return ap.parse_args(argv)
+
+
+def build_worker(args: argparse.Namespace) -> StreamWorker:
+    from pipeline import Detector
+    from worker.detect import detect_requests
+
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    names = StreamNames.with_prefix(args.prefix) if args.prefix else StreamNames()
+    names.all_verdicts_channel = args.all_verdicts_channel
+    detector = Detector.from_pretrained(args.model)
+    consumer = StreamConsumer(
+        connect(os.path.expandvars(args.redis_url)), names, consumer=args.consumer, count=args.batch,
+        block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
+    )
+    return StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs), trim_interval_s=args.trim_interval_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker = build_worker(args)
+    print(json.dumps({"event": "ready", "pid": os.getpid(), "consumer": args.consumer}), flush=True)
+    try:
+        worker.run(stop)
+    except redis.AuthenticationError as e:
+        print(json.dumps({"event": "error", "error": f"redis authentication failed: {e}"}), flush=True)
+        return 2
+    stats = dict(worker.consumer.stats, unpublished=worker.unpublished)
+    print(json.dumps({"event": "stopped", "pid": os.getpid(), "consumer": args.consumer, "stats": stats}),
+          flush=True)
+    return 0 if not worker.unpublished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
