@@ -293,3 +293,30 @@ def test_a_request_that_crashes_detection_does_not_hold_back_its_batch(client, n
     assert sorted(v["id"] for v in verdicts(client, names)) == ["a", "b", "c", "d"]
     pend = client.xpending_range(names.images, names.group, "-", "+", 10)
     assert [p["message_id"].decode() for p in pend] == [sids[2]]  # left pending for a retry
+
+
+def test_stopping_with_verdicts_redis_refuses_gives_up_after_bounded_retries(client, names, detector, digits):
+    """Verdicts computed, then Redis refuses writes (OOM) while the worker is asked to stop: it retries with
+    real back-off and then stops, leaving the entries pending for a reclaim, instead of spinning."""
+    worker = make_worker(client, names, detector, count=8)
+    push_images(client, names, digits[:8], [f"o{i}" for i in range(8)])
+    entries = worker.consumer.read(50)
+    worker._unpublished = [(sid, {"id": f"o{i}", "v": 1}) for i, (sid, _) in enumerate(entries)]
+    worker.max_backoff_s = 0.4
+    tries = []  # every write the loop attempts (ensure_group first, then publish): each is refused
+    for name in ("ensure_group", "publish"):
+        real = getattr(worker.consumer, name)
+        setattr(worker.consumer, name, lambda *a, _real=real: (tries.append(1), _real(*a))[1])
+    client.config_set("maxmemory", "1")
+    try:
+        stop = threading.Event()
+        stop.set()
+        t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        t.start()
+        t.join(20)
+        assert not t.is_alive()
+    finally:
+        client.config_set("maxmemory", "0")
+    assert 2 <= len(tries) <= 5  # 0.1 s, 0.2 s, 0.4 s: then it gives up
+    assert client.xlen(names.verdicts) == 0
+    assert worker.consumer.pending_count() == 8  # nothing acked without its verdict

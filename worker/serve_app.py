@@ -38,11 +38,15 @@ def _detector(model: str, weights: str | None, calibration: str | None, device: 
 class Denoiser:
     """OpenCV non-local means over a whole prepared batch (CPU; OpenCV's threads release the GIL)."""
 
-    def __init__(self, model: str = "mnist", weights: str | None = None, calibration: str | None = None) -> None:
+    def __init__(
+        self, model: str = "mnist", weights: str | None = None, calibration: str | None = None,
+        nlm_threads: int | None = None,
+    ) -> None:
         self.detector = _detector(model, weights, calibration)
+        self.nlm_threads = nlm_threads
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.detector.denoise(x)
+        return self.detector.denoise(x, workers=self.nlm_threads)
 
 
 def _images_in(items: list[tuple[np.ndarray, np.ndarray]]) -> int:
@@ -222,7 +226,8 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     """Serve application builder (``import_path: worker.serve_app:build_app`` with ``args`` in YAML).
 
     args: model, weights, calibration, redis_url, streams (dict of StreamNames fields), consumers, batch,
-    block_ms, claim_idle_ms, max_deliveries, verdict_maxlen, torch_threads, max_body_bytes.
+    block_ms, claim_idle_ms, max_deliveries, verdict_maxlen, torch_threads (Explainer), nlm_threads (Denoiser),
+    max_body_bytes.
     ``deployment_options``: per-deployment ``.options()`` (what a config file's ``deployments:`` list sets
     when run by ``serve run``; :func:`worker.embedded.app_from_config` passes it in-process).
     """
@@ -234,7 +239,7 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     ingress_keys = ("redis_url", "streams", "consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
                     "verdict_maxlen", "max_body_bytes")
     return stage["Ingress"].bind(
-        stage["Denoiser"].bind(**common),
+        stage["Denoiser"].bind(**common, nlm_threads=args.get("nlm_threads")),
         stage["Explainer"].bind(**common, torch_threads=args.get("torch_threads")),
         stage["Scorer"].bind(**common),
         **common,

@@ -466,27 +466,37 @@ class StreamWorker:
             except CONNECTION_ERRORS as e:
                 self.consumer.stats["connection_errors"] += 1
                 log.warning("redis unavailable (%s); retrying in %.1fs", e, backoff)
-                if stop_event.is_set() and self._unpublished:
-                    # keep trying to land computed verdicts, but give up after the backoff cap is reached
-                    if backoff >= self.max_backoff_s:
-                        log.error(
-                            "stopping with %d unpublished verdicts (they stay pending in redis)",
-                            len(self._unpublished),
-                        )
-                        return
-                time.sleep(backoff) if stop_event.is_set() else stop_event.wait(backoff)
+                if not self._back_off(stop_event, backoff):
+                    return
                 backoff = min(backoff * 2, self.max_backoff_s)
             except redis.ResponseError as e:
                 if "NOGROUP" in str(e):
                     group_ready = False
                     continue
                 log.exception("redis error; retrying in %.1fs", backoff)
-                stop_event.wait(backoff)
+                if not self._back_off(stop_event, backoff):
+                    return
                 backoff = min(backoff * 2, self.max_backoff_s)
             except Exception:
                 log.exception("batch failed; its entries stay pending and will be retried")
-                stop_event.wait(backoff)
+                if not self._back_off(stop_event, backoff):
+                    return
                 backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _back_off(self, stop_event: threading.Event, backoff: float) -> bool:
+        """Wait ``backoff`` seconds before the next try; False when the loop should end instead.
+
+        While running, a stop request cuts the wait short. Once stopping, only unpublished verdicts keep the
+        loop alive: they are retried with a real sleep (the stop event would return at once and spin), and
+        abandoned once the backoff has reached its cap (their entries stay pending, to be reclaimed)."""
+        if not stop_event.is_set():
+            stop_event.wait(backoff)
+            return True
+        if self._unpublished and backoff >= self.max_backoff_s:
+            log.error("stopping with %d unpublished verdicts (they stay pending in redis)", len(self._unpublished))
+            return False
+        time.sleep(backoff)
+        return True
 
     def _maybe_trim(self) -> None:
         if self.trim_interval_s is None or time.monotonic() - self._last_trim < self.trim_interval_s:

@@ -12,11 +12,12 @@ def nothing_lost():
     return _nothing_lost
 
 
-def _nothing_lost(fig) -> None:
+def _nothing_lost(fig, stopped_processes: bool = True) -> None:
     """The at-least-once contract as a subscriber sees it: every message id has exactly one verdict, no entry
-    is left pending, and every worker that was asked to stop exited 0."""
+    is left pending, and (``stopped_processes``) every worker process that was asked to stop exited 0."""
     assert fig.lost == 0, fig
     assert fig.verdicts == fig.valid > 0, fig
     assert fig.dup_stream == 0 and fig.dup_pubsub == 0, fig
     assert fig.pending_after == 0, fig
-    assert fig.exit_codes and all(rc == 0 for rc in fig.exit_codes), fig
+    if stopped_processes:
+        assert fig.exit_codes and all(rc == 0 for rc in fig.exit_codes), fig

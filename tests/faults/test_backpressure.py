@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker import reliability
+from worker.testing import reliability
 
 
 @pytest.mark.timeout(300)
@@ -12,8 +12,7 @@ def test_fast_producer_keeps_worker_memory_flat_and_loses_nothing(tmp_path, noth
     fig = reliability.backpressure(tmp_path, n=1500, pad_kib=128)
     nothing_lost(fig)
     x = fig.extra
-    assert x["speed_ratio"] >= 5, x  # the producer really outran the worker
-    assert x["max_stream_len"] >= 500, x  # a real backlog built up (in Redis) ...
+    assert x["max_stream_len"] >= 500, x  # the producer outran the worker: a real backlog built up (in Redis) ...
     assert x["backlog_mib"] >= 150, x
     assert x["rss_growth_mib"] < 0.5 * x["backlog_mib"], x  # ... and not in the worker
     assert x["stream_len_after"] <= 300, x  # acked entries were trimmed once read

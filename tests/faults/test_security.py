@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import pickle
 import shutil
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import pytest
 import redis
 import torch
 
-from worker import reliability, wire
+from worker import wire
 from worker.streams import connect
+from worker.testing import reliability
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,10 +85,8 @@ def test_a_pickle_bomb_checkpoint_is_refused_not_executed(tmp_path):
 ])
 def test_msgpack_headers_cannot_make_the_worker_allocate(payload):
     tracemalloc.start()
-    t0 = time.perf_counter()
     with pytest.raises(wire.WireError):
         wire.decode_request(payload)
-    elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert peak < 4 * 2**20 and elapsed < 1.0, (peak, elapsed)
+    assert peak < 4 * 2**20, peak

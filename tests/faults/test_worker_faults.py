@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker import reliability
+from worker.testing import reliability
 
 
 @pytest.mark.timeout(240)

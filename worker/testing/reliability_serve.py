@@ -1,5 +1,5 @@
 """Reliability scenarios for the Ray Serve deployment (issue 6): SIGKILL a Serve replica mid-stream, SIGTERM
-``explainer serve`` under load, and the HTTP route's limits. See :mod:`worker.reliability` for the others."""
+``explainer serve`` under load, and the HTTP route's limits. See :mod:`worker.testing.reliability` for the others."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import psutil
 
-from worker import faultkit as fk
 from worker.local_redis import free_port
-from worker.reliability import Figures, Log, digits, environment, push_valid, settle, stop_all
 from worker.streams import StreamNames
+from worker.testing import faultkit as fk
+from worker.testing.reliability import Figures, Log, digits, environment, push_valid, settle, stop_all
 
 
 def replica_pid(deployment: str, app: str = "explainer") -> int:
