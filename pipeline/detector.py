@@ -146,10 +146,12 @@ class Detector:
                 )
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
-    def denoise(self, x: np.ndarray) -> np.ndarray:
-        """NLM-denoised copy of a prepared batch (CPU, OpenCV thread pool), float32 (N, C, H, W)."""
+    def denoise(self, x: np.ndarray, workers: int | None = None) -> np.ndarray:
+        """NLM-denoised copy of a prepared batch (CPU, OpenCV thread pool of ``workers`` threads, default one
+        per core), float32 (N, C, H, W)."""
         u8 = np.ascontiguousarray(np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
-        return np.ascontiguousarray(denoise_batch(u8, self.config.nlm).transpose(0, 3, 1, 2), np.float32) / 255.0
+        out = denoise_batch(u8, self.config.nlm, workers=workers)
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2), np.float32) / 255.0
 
     def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all

@@ -62,7 +62,14 @@ def push_images(
     ids in order. ``ids`` default to random UUIDs; ``meta["enqueued_at"]`` is set to the time of pushing.
 
     ``max_backlog``: before each round trip, wait (up to ``backlog_wait_s``) until the image stream holds fewer
-    than this many entries, else raise :class:`BacklogFull`. Nothing already in the stream is ever dropped."""
+    than this many entries, else raise :class:`BacklogFull`. Nothing already in the stream is ever dropped.
+    A round trip then carries at most ``max_backlog`` images, so the stream never exceeds twice the cap. The
+    stream's length counts acked entries the worker has not trimmed yet (it trims every few seconds, and keeps
+    the last one read), so set the cap well above the worker's read batch (say 10×)."""
+    if max_backlog is not None:
+        if max_backlog < 1:
+            raise ValueError("max_backlog must be at least 1")
+        pipeline_size = min(pipeline_size, max_backlog)
     out: list[str] = []
     pipe = client.pipeline(transaction=False)
     pending = 0
