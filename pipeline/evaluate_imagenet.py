@@ -14,7 +14,6 @@ saliency maps (one backward pass per map), attacks with 10 steps; all of it is r
 from __future__ import annotations
 
 import json
-import platform
 import time
 from functools import partial
 from pathlib import Path
@@ -31,6 +30,7 @@ from pipeline.evaluation import (
     Progress,
     Scored,
     detection_metrics,
+    machine_description,
     predict,
     run_attack,
     score_images,
@@ -123,7 +123,7 @@ def evaluate_imagenet(
         }
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command
-    metrics["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor()}"
+    metrics["machine"] = machine_description()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     from pipeline.report import write_imagenet_report
 

@@ -4,7 +4,6 @@ digits, written as metrics.json, a Markdown report beside the paper's Table 1, a
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipeline.evaluation import (
     Progress,
     Scored,
     detection_metrics,
+    machine_description,
     method_detector,
     roc_auc,
     run_attack,
@@ -88,7 +88,7 @@ def evaluate_mnist(
                                              target_fpr, log)
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command
-    metrics["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor()}"
+    metrics["machine"] = machine_description()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     from pipeline.report import write_mnist_report
 

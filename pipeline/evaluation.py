@@ -22,6 +22,14 @@ from pipeline.models import TargetModel
 Progress = Callable[[str], None]
 
 
+def machine_description() -> str:
+    """The machine an evaluation ran on, for its report."""
+    import os
+    import platform
+
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads"
+
+
 def roc_auc(clean: np.ndarray, adversarial: np.ndarray) -> float:
     """Area under the ROC curve of a score (higher = adversarial); ties count one half (Mann–Whitney U)."""
     clean, adversarial = np.asarray(clean, float), np.asarray(adversarial, float)
