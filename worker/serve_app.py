@@ -49,8 +49,9 @@ class Denoiser:
         return self.detector.denoise(x, workers=self.nlm_threads)
 
 
-def _images_in(items: list[tuple[np.ndarray, np.ndarray]]) -> int:
-    return sum(len(x) for x, _ in items)
+def _images_in(originals: list[np.ndarray]) -> int:
+    """``@serve.batch`` size of a merged call: images, not requests (Serve passes each request's first arg)."""
+    return sum(len(x) for x in originals)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1, "num_gpus": 0}, max_ongoing_requests=16)
@@ -76,10 +77,10 @@ class Explainer:
             self.explain.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
-    async def explain(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[Explained]:
-        sizes = [len(x) for x, _ in items]
-        x = np.concatenate([x for x, _ in items])
-        xd = np.concatenate([xd for _, xd in items])
+    async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray]) -> list[Explained]:
+        sizes = [len(x) for x in originals]
+        x = np.concatenate(originals)
+        xd = np.concatenate(denoised)
         out = self.detector.explain_pair(x, xd)
         n, bounds = len(x), np.cumsum([0, *sizes])
         parts = []
@@ -120,17 +121,20 @@ class RemoteDetector:
     def model(self):
         return self.local.model
 
-    def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
+    def _chain(self, images: object, rule: str | None, return_maps: bool):
+        """Denoiser → Explainer → Scorer as chained responses: each stage's output is passed to the next by
+        reference and resolved there, so the arrays travel replica to replica through the object store and
+        only the small verdicts come back here."""
         x = self.local.prepare(images)  # validation here: a bad image fails before it costs a stage call
-        xd = self.denoiser.remote(x).result()
-        explained = self.explainer.explain.remote((x, xd)).result()
-        return self.scorer.remote(explained, rule, return_maps).result()
+        denoised = self.denoiser.remote(x)
+        explained = self.explainer.explain.remote(x, denoised)
+        return self.scorer.remote(explained, rule, return_maps)
+
+    def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
+        return self._chain(images, rule, return_maps).result()
 
     async def detect_async(self, images: object, rule: str | None = None, return_maps: bool = False):
-        x = self.local.prepare(images)
-        xd = await self.denoiser.remote(x)
-        explained = await self.explainer.explain.remote((x, xd))
-        return await self.scorer.remote(explained, rule, return_maps)
+        return await self._chain(images, rule, return_maps)
 
 
 http = FastAPI(title="explainer", description="Adversarial-image detection (EXPLAINER)")
