@@ -18,7 +18,7 @@ import pytest
 from pipeline import Detector, load_adversarial_digits
 from worker import wire
 from worker.collect import collect_verdicts, last_id
-from worker.embedded import embedded_stack
+from worker.embedded import embedded_stack, load_config
 from worker.feed import push_images
 from worker.local_redis import free_port
 from worker.streams import StreamConsumer, StreamNames, connect, iter_stream
@@ -142,4 +142,4 @@ def test_http_route_answers(stack, digits):
     conn.close()
     with urllib.request.urlopen(stack.http_url + "/healthz", timeout=30) as r:
         health = json.loads(r.read())
-    assert health["status"] == "ok" and health["consumers_alive"] == 2
+    assert health["status"] == "ok" and health["consumers_alive"] == load_config()["args"]["consumers"]
