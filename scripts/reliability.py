@@ -32,7 +32,7 @@ SCENARIOS = {
     "bad": (rel.bad_input, {"n_bad": 1000, "n_oversize": 5}),
     "sigterm": (rel.sigterm, {"n": 2000}),
     "serve-sigterm": (rs.serve_sigterm, {"n": 2000}),
-    "backpressure": (rel.backpressure, {"n": 4000, "pad_kib": 64}),
+    "backpressure": (rel.backpressure, {"n": 10000, "pad_kib": 20}),  # ~195 MiB of backlog, producer >10x
     "backlog": (rel.backlog_full, {"max_backlog": 500}),
     "tls": (rel.tls_and_auth, {"n": 500}),
 }
