@@ -143,3 +143,20 @@ def test_http_route_answers(stack, digits):
     with urllib.request.urlopen(stack.http_url + "/healthz", timeout=30) as r:
         health = json.loads(r.read())
     assert health["status"] == "ok" and health["consumers_alive"] == load_config()["args"]["consumers"]
+
+
+def test_ingress_health_check_fails_when_a_consumer_thread_died():
+    """A dead consumer thread must fail Serve's health check (so the replica is replaced), but not a stop."""
+    import threading
+
+    from worker.serve_app import Ingress
+
+    ingress = Ingress.func_or_class.__new__(Ingress.func_or_class)  # the class itself, no replica needed
+    finished = threading.Thread(target=lambda: None, name="consumer-0")
+    finished.start()
+    finished.join()
+    ingress.threads, ingress.stop = [finished], threading.Event()
+    with pytest.raises(RuntimeError, match="consumer-0"):
+        ingress.check_health()
+    ingress.stop.set()  # drained on purpose: healthy
+    ingress.check_health()

@@ -193,11 +193,22 @@ class Ingress:
         """Last resort when the app is deleted without :meth:`drain`: stop reading."""
         self._drain(timeout_s=10.0)
 
+    def _dead_consumers(self) -> list[str]:
+        return [] if self.stop.is_set() else [t.name for t in self.threads if not t.is_alive()]
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a consumer thread that died (e.g. Redis refused the credentials)
+        fails it, so Serve replaces this replica instead of leaving the stream unread behind a healthy face."""
+        dead = self._dead_consumers()
+        if dead:
+            raise RuntimeError(f"stream consumer threads died: {', '.join(dead)}")
+
     @http.get("/healthz")
     async def healthz(self) -> dict:
         alive = sum(t.is_alive() for t in self.threads)
         stats = [w.consumer.stats for w in self.workers]
-        return {"status": "ok", "model": self.model_name, "consumers_alive": alive, "consumers": stats}
+        status = "degraded" if self._dead_consumers() else "ok"
+        return {"status": status, "model": self.model_name, "consumers_alive": alive, "consumers": stats}
 
     @http.post("/detect")
     async def detect(self, request: Request, heatmap: bool = False, rule: str | None = None) -> dict:
