@@ -271,12 +271,17 @@ def sigterm(workdir: Path, n: int = 2000, log: Log = print) -> Figures:
             env.client, env.names, "w0"), stopped_worker_stats=w.stats())
         log(f"  SIGTERM with {in_flight} entries in flight: exit code {rc}, "
             f"{fig.extra['pending_of_stopped_worker']} left pending")
-        env.worker("w1").wait_ready()
-        fig.restarts += 1
-        settle(env, subs, ids, fig, timeout_s=600)
-        stop_all(env, fig)
+        finish_with(env, subs, ids, fig, "w1")
     fig.seconds = time.monotonic() - t0
     return fig
+
+
+def finish_with(env, subs, ids: list[str], fig: Figures, consumer: str) -> None:
+    """After a stopped worker: start ``consumer``, wait until every id has its verdict, stop every worker."""
+    env.worker(consumer).wait_ready()
+    fig.restarts += 1
+    settle(env, subs, ids, fig, timeout_s=600)
+    stop_all(env, fig)
 
 
 # -- 5. backpressure ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import psutil
 from worker.local_redis import free_port
 from worker.streams import StreamNames
 from worker.testing import faultkit as fk
-from worker.testing.reliability import Figures, Log, digits, environment, push_valid, settle, stop_all
+from worker.testing.reliability import Figures, Log, digits, environment, finish_with, push_valid, settle
 
 
 def replica_pid(deployment: str, app: str = "explainer") -> int:
@@ -126,10 +126,7 @@ def serve_sigterm(workdir: Path, n: int = 2000, log: Log = print) -> Figures:
                          pending_after_exit=fk.pending(env.client, env.names))
         log(f"  SIGTERM at {at}/{n} verdicts with {in_flight} in flight: exit {rc}, "
             f"{fig.extra['pending_after_exit']} pending after exit")
-        env.worker("finisher").wait_ready()
-        fig.restarts += 1
-        settle(env, subs, ids, fig, timeout_s=600)
-        stop_all(env, fig)
+        finish_with(env, subs, ids, fig, "finisher")
     fig.seconds = time.monotonic() - t0
     return fig
 
