@@ -25,6 +25,7 @@ from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the Redis URL may come from ``EXPLAINER_REDIS_URL`` (keeps a password off argv)."""
     ap = argparse.ArgumentParser(prog="python -m worker.standalone", description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis-url", default=os.environ.get("EXPLAINER_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer-group member")
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_worker(args: argparse.Namespace) -> StreamWorker:
+    """The shipped detector behind one consumer-group member, trimming acked image entries as it goes."""
     from pipeline import Detector
     from worker.detect import detect_requests
 
@@ -52,13 +54,15 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
     names.all_verdicts_channel = args.all_verdicts_channel
     detector = Detector.from_pretrained(args.model)
     consumer = StreamConsumer(
-        connect(os.path.expandvars(args.redis_url)), names, consumer=args.consumer, count=args.batch,
+        connect(args.redis_url), names, consumer=args.consumer, count=args.batch,
         block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
     )
     return StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs), trim_interval_s=args.trim_interval_s)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then finish the batch in flight. Exit 0 when every computed verdict landed,
+    1 when some could not be published (their entries stay pending), 2 when Redis refused the credentials."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
