@@ -29,7 +29,7 @@ from pipeline.evaluation import (
     AttackRun,
     Progress,
     Scored,
-    detection_metrics,
+    evaluation_metrics,
     machine_description,
     predict,
     run_attack,
@@ -108,19 +108,8 @@ def evaluate_imagenet(
         log(f"  success {runs[name].success_rate:.1%} of {runs[name].attempted} in {runs[name].seconds:.0f}s; scoring…")
         scored[name] = score_images(det, runs[name].images, batch=16)
 
-    metrics = {
-        "model": model_name, "method": config.method, "entropy": config.entropy, "config": config.to_dict(),
-        "n_clean_eval": len(eval_images), "clean_top1": accuracy, "target_fpr": target_fpr,
-        "threshold": det.calibration.threshold, "calibration_images": det.calibration.images,
-        "clean_fpr": float(clean.flagged.mean()),
-        "sign_rule_fpr": float(clean.sign_flagged.mean()),
-        "seconds_per_detection": clean.seconds / len(eval_images), "attacks": {},
-    }
-    for name, run in runs.items():
-        metrics["attacks"][name] = {
-            "params": run.params, "attempted": run.attempted, "attack_success_rate": run.success_rate,
-            "attack_seconds": run.seconds, **detection_metrics(clean, scored[name]),
-        }
+    metrics = evaluation_metrics(model_name, det, clean, runs, scored, target_fpr)
+    metrics["clean_top1"] = accuracy
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command
     metrics["machine"] = machine_description()

@@ -18,7 +18,7 @@ from pipeline.evaluation import (
     AttackRun,
     Progress,
     Scored,
-    detection_metrics,
+    evaluation_metrics,
     machine_description,
     method_detector,
     roc_auc,
@@ -52,19 +52,7 @@ def evaluate_mnist(
         log(f"  success {runs[name].success_rate:.1%} in {runs[name].seconds:.0f}s; scoring…")
         scored[name] = score_images(det, runs[name].images)
 
-    metrics = {
-        "model": "mnist", "method": det.config.method, "entropy": det.config.entropy,
-        "config": det.config.to_dict(), "n_clean_eval": len(clean_eval.images), "target_fpr": target_fpr,
-        "threshold": det.calibration.threshold, "calibration_images": det.calibration.images,
-        "clean_fpr": float(clean.flagged.mean()), "sign_rule_fpr": float(clean.sign_flagged.mean()),
-        "seconds_per_detection": clean.seconds / len(clean_eval.images),
-        "attacks": {}, "baselines": {},
-    }
-    for name, run in runs.items():
-        metrics["attacks"][name] = {
-            "params": run.params, "attempted": run.attempted, "attack_success_rate": run.success_rate,
-            "attack_seconds": run.seconds, **detection_metrics(clean, scored[name]),
-        }
+    metrics = {**evaluation_metrics("mnist", det, clean, runs, scored, target_fpr), "baselines": {}}
 
     log("baselines: Feature Squeezing and MagNet, calibrated on the same even-indexed digits…")
     x_cal, x_clean = to_tensor(cal.images), to_tensor(clean_eval.images)

@@ -148,3 +148,22 @@ def method_detector(det: Detector, method: str, calibration_images: np.ndarray, 
     other = Detector(det.model, replace(det.config, method=method))
     other.calibrate(calibration_images, target_fpr, images=f"{len(calibration_images)} calibration images")
     return other
+
+
+def evaluation_metrics(model: str, det: Detector, clean: Scored, runs: dict[str, AttackRun],
+                       scored: dict[str, Scored], target_fpr: float) -> dict:
+    """The part of metrics.json every evaluation shares: the detector, the clean FPR of both rules, and per
+    attack its success rate and detection metrics (``explainer evaluate``'s documented shape)."""
+    cfg = det.config
+    return {
+        "model": model, "method": cfg.method, "entropy": cfg.entropy, "config": cfg.to_dict(),
+        "n_clean_eval": len(clean.score), "target_fpr": target_fpr,
+        "threshold": det.calibration.threshold, "calibration_images": det.calibration.images,
+        "clean_fpr": float(clean.flagged.mean()), "sign_rule_fpr": float(clean.sign_flagged.mean()),
+        "seconds_per_detection": clean.seconds / len(clean.score),
+        "attacks": {
+            name: {"params": run.params, "attempted": run.attempted, "attack_success_rate": run.success_rate,
+                   "attack_seconds": run.seconds, **detection_metrics(clean, scored[name])}
+            for name, run in runs.items()
+        },
+    }
