@@ -1,4 +1,11 @@
-"""OpenCV non-local means on uint8 images, batched across a thread pool (OpenCV releases the GIL)."""
+"""OpenCV non-local means on uint8 images, batched as mosaics across a thread pool (OpenCV releases the GIL).
+
+A call to ``cv2.fastNlMeansDenoising`` has a fixed cost (it rebuilds its weight table and pads the image) that
+on a 28×28 digit is about as large as the filtering itself. Each chunk of a batch is therefore filtered in one
+call, as a mosaic of tiles: every image padded on its own with the border OpenCV would add
+(``BORDER_REFLECT_101``, ``search // 2 + template // 2`` pixels), so no search window or patch crosses from one
+tile into another and the result equals the per-image call bit for bit (``tests/test_stages.py``).
+"""
 
 from __future__ import annotations
 
@@ -35,12 +42,32 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _denoise_one(img: np.ndarray, p: NLMParams) -> np.ndarray:
+    """NLM of one (H, W, C) image, returned with the same shape."""
+    if img.shape[-1] == 1:
+        return cv2.fastNlMeansDenoising(np.ascontiguousarray(img[:, :, 0]), None, p.h, p.template, p.search)[
+            :, :, None
+        ]
+    return cv2.fastNlMeansDenoisingColored(np.ascontiguousarray(img), None, p.h, p.h_color, p.template, p.search)
+
+
 def _denoise_chunk(chunk: np.ndarray, out: np.ndarray, p: NLMParams) -> None:
-    for i, img in enumerate(chunk):
-        if img.shape[-1] == 1:
-            out[i, :, :, 0] = cv2.fastNlMeansDenoising(img[:, :, 0], None, p.h, p.template, p.search)
-        else:
-            out[i] = cv2.fastNlMeansDenoisingColored(img, None, p.h, p.h_color, p.template, p.search)
+    """Denoise ``chunk`` (N, H, W, C) into ``out`` with one OpenCV call on a mosaic of reflect-padded tiles."""
+    n, h, w, c = chunk.shape
+    border = p.search // 2 + p.template // 2
+    if n == 1 or border >= min(h, w):  # one image, or too small for a single reflection: no mosaic
+        for i, img in enumerate(chunk):
+            out[i] = _denoise_one(img, p)
+        return
+    tiles = np.pad(chunk, ((0, 0), (border, border), (border, border), (0, 0)), mode="reflect")
+    th, tw = h + 2 * border, w + 2 * border
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    if rows * cols > n:
+        tiles = np.concatenate([tiles, np.zeros((rows * cols - n, th, tw, c), np.uint8)])
+    mosaic = tiles.reshape(rows, cols, th, tw, c).transpose(0, 2, 1, 3, 4).reshape(rows * th, cols * tw, c)
+    filtered = _denoise_one(mosaic, p).reshape(rows, th, cols, tw, c).transpose(0, 2, 1, 3, 4)
+    out[:] = filtered.reshape(rows * cols, th, tw, c)[:n, border : border + h, border : border + w]
 
 
 def denoise_batch(images: np.ndarray, params: NLMParams = NLMParams(), workers: int | None = None) -> np.ndarray:

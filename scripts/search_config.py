@@ -1,7 +1,8 @@
 """Choose the detector configuration on a validation split of the even-indexed MNIST test digits.
 
-Run: python scripts/search_config.py [method:steps:h ...]   (default: ig:8:30 ig:8:50 ig:4:50 ig:4:70)
-Writes reports/mnist_validation_search.md. The odd-indexed digits (the evaluation split) are never read.
+Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:search] ...]
+(default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 unless given)
+Writes reports/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are never read.
 
 Split: of the 5,000 even-indexed test digits, every 10th (500 digits, spread over both halves of the test set,
 whose writers differ) is the validation set; the other 4,500 calibrate. Adversarials (PGD, BIM, MIM, CW-L∞,
@@ -42,7 +43,7 @@ def signals(det: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def main(specs: list[str]) -> None:
+def main(specs: list[str], out_path: str = "") -> None:
     torch.manual_seed(0)
     model = load_model("mnist")
     even = load_test_digits().parity("even")
@@ -57,14 +58,16 @@ def main(specs: list[str]) -> None:
              f"Validation: {len(val_images)} clean digits; adversarials: "
              + ", ".join(f"{k} {len(v)}" for k, v in sets.items() if k != "clean"), ""]
     for spec in specs:
-        method, steps, h = spec.split(":")
-        det = Detector(model, DetectorConfig(method=method, explain=ExplainParams(steps=int(steps)),
-                                             nlm=NLMParams(h=float(h), h_color=float(h))))
+        method, steps, h, *window = spec.split(":")
+        template, search = (int(w) for w in window) if window else (NLMParams.template, NLMParams.search)
+        nlm = NLMParams(h=float(h), h_color=float(h), template=template, search=search)
+        det = Detector(model, DetectorConfig(method=method, explain=ExplainParams(steps=int(steps)), nlm=nlm))
         start = time.perf_counter()
         cal = signals(det, cal_images)
         per_image_ms = 1000 * (time.perf_counter() - start) / len(cal_images)
         val = {k: signals(det, v) for k, v in sets.items()}
-        lines += [f"## {method}, {steps} steps, NLM h={h} ({per_image_ms:.1f} ms per detection)", "",
+        lines += [f"## {method}, {steps} steps, NLM h={h} template {template} search {search}"
+                  f" ({per_image_ms:.1f} ms per detection)", "",
                   "ROC-AUC of each signal alone (max(AUC, 1-AUC)):", "",
                   "| attack | " + " | ".join(ALL_SIGNALS) + " |", "|---|" + "---|" * len(ALL_SIGNALS)]
         for k in sets:
@@ -83,10 +86,13 @@ def main(specs: list[str]) -> None:
                          + " | ".join(cells) + " |")
         lines.append("")
         print(f"done {spec}", flush=True)
-    out = PROJECT_ROOT / "reports" / "mnist_validation_search.md"
+    out = PROJECT_ROOT / (out_path or "reports/mnist_validation_search.md")
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["ig:8:30", "ig:8:50", "ig:4:50", "ig:4:70"])
+    args = sys.argv[1:]
+    out_arg = args[args.index("--out") + 1] if "--out" in args else ""
+    specs = [a for a in args if a not in ("--out", out_arg)]
+    main(specs or ["ig:8:30", "ig:8:50", "ig:4:50", "ig:4:70"], out_arg)
