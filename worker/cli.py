@@ -91,6 +91,8 @@ def calibrate(
     samples: int = typer.Option(8, help="samples for SHAP / SmoothGrad"),
     entropy: str = typer.Option("spatial", help="spatial | histogram | paper"),
     nlm_h: float = typer.Option(50.0, help="NLM filter strength"),
+    nlm_template: int = typer.Option(3, help="NLM patch size (odd)"),
+    nlm_search: int = typer.Option(5, help="NLM search window (odd)"),
     n: int | None = typer.Option(None, help="use only the first N calibration images"),
     images_dir: Path | None = typer.Option(
         None,
@@ -105,7 +107,7 @@ def calibrate(
         method=method,
         explain=ExplainParams(steps=steps, samples=samples),
         entropy=entropy,
-        nlm=NLMParams(h=nlm_h, h_color=nlm_h),
+        nlm=NLMParams(h=nlm_h, h_color=nlm_h, template=nlm_template, search=nlm_search),
     )
     try:
         det = Detector(load_model(model, weights), cfg)
