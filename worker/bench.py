@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,24 @@ def imagenet_timing(name: str, weights: str | None, random_init: bool, n: int = 
             "ratio_to_floor": (1 / floor["images_per_s"]) / seconds, "passes_per_image": floor["passes_per_image"]}
 
 
+# NLM windows (template, search) of the validation search in reports/mnist_nlm_window_search.md
+NLM_WINDOWS = ((5, 11), (5, 7), (3, 7), (3, 5))
+
+
+def nlm_window_sweep(det: Detector, images: np.ndarray) -> dict[str, dict[str, float]]:
+    """The speed side of the NLM accuracy/speed trade-off: NLM ms per image and detections/s per window."""
+    sweep = {}
+    for template, search in NLM_WINDOWS:
+        nlm = replace(det.config.nlm, template=template, search=search)
+        d = Detector(det.model, replace(det.config, nlm=nlm), det.calibration)
+        x = d.prepare(images[:256])
+        sweep[f"{template}/{search}"] = {
+            "nlm_ms_per_image": 1000 * best_of(lambda d=d, x=x: d.denoise(x), 2) / len(x),
+            "detections_per_s": detector_throughput(d, images[:512], 64, repeat=2),
+        }
+    return sweep
+
+
 def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: bool = True, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(".explainer") / "bench"
@@ -125,6 +144,7 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
     results["stages_ms_per_image"] = stage_times(det, images[:64])
     results["stages_ms_per_image"].update(wire_and_redis(images[:512], data_dir))
     results["batch_sweep"] = {b: detector_throughput(det, images[:512], b, repeat=2) for b in (1, 8, 32, 64, 128, 256)}
+    results["nlm_window_sweep"] = nlm_window_sweep(det, images)
     if streaming_runs:
         for replicas in (1, 2):
             log(f"streaming, {replicas} replica(s) of the CPU stages…")
@@ -178,6 +198,14 @@ def write_report(out: Path, r: dict) -> None:
              "| stage | ms per image |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["stages_ms_per_image"].items()]
     lines += ["", "| batch size | detections/s |", "|---|---|"] + [f"| {b} | {v:.0f} |" for b, v in sweep.items()]
+    if "nlm_window_sweep" in r:
+        lines += ["", "NLM window (patch / search) against speed; the accuracy side is the validation search on even "
+                  "digits, reports/mnist_nlm_window_search.md (shipped: "
+                  f"{r['config']['nlm']['template']}/{r['config']['nlm']['search']}):", "",
+                  "| NLM window | NLM ms per image | detections/s | share of the floor |", "|---|---|---|---|"]
+        floor = r["floor"]["images_per_s"]
+        lines += [f"| {w} | {v['nlm_ms_per_image']:.3f} | {v['detections_per_s']:.0f} | "
+                  f"{v['detections_per_s'] / floor:.0%} |" for w, v in r["nlm_window_sweep"].items()]
     for replicas in (1, 2):
         s = r.get(f"streaming_{replicas}")
         if s:
