@@ -32,6 +32,7 @@ class NLMParams:
     h_color: float = 50.0
     template: int = 3
     search: int = 5
+    median: int = 0  # odd kernel of a median filter run before NLM (0: none); removes L0 spikes NLM keeps
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -55,6 +56,8 @@ def _denoise_one(img: np.ndarray, p: NLMParams) -> np.ndarray:
 
 def _denoise_chunk(chunk: np.ndarray, out: np.ndarray, p: NLMParams) -> None:
     """Denoise ``chunk`` (N, H, W, C) into ``out`` with one OpenCV call on a mosaic of reflect-padded tiles."""
+    if p.median:
+        chunk = np.stack([cv2.medianBlur(img, p.median).reshape(img.shape) for img in chunk])
     n, h, w, c = chunk.shape
     border = p.search // 2 + p.template // 2
     if n == 1 or border >= min(h, w):  # one image, or too small for a single reflection: no mosaic

@@ -1,7 +1,7 @@
 """Choose the detector configuration on a validation split of the even-indexed MNIST test digits.
 
-Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:search] ...]
-(default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 unless given)
+Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:search[:median]] ...]
+(default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 and no median filter unless given)
 Writes reports/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are never read.
 
 Split: of the 5,000 even-indexed test digits, every 10th (500 digits, spread over both halves of the test set,
@@ -59,15 +59,16 @@ def main(specs: list[str], out_path: str = "") -> None:
              + ", ".join(f"{k} {len(v)}" for k, v in sets.items() if k != "clean"), ""]
     for spec in specs:
         method, steps, h, *window = spec.split(":")
-        template, search = (int(w) for w in window) if window else (NLMParams.template, NLMParams.search)
-        nlm = NLMParams(h=float(h), h_color=float(h), template=template, search=search)
+        template, search, median = ([int(w) for w in window] + [0])[:3] if window else (5, 11, 0)
+        nlm = NLMParams(h=float(h), h_color=float(h), template=template, search=search, median=median)
         det = Detector(model, DetectorConfig(method=method, explain=ExplainParams(steps=int(steps)), nlm=nlm))
         start = time.perf_counter()
         cal = signals(det, cal_images)
         per_image_ms = 1000 * (time.perf_counter() - start) / len(cal_images)
         val = {k: signals(det, v) for k, v in sets.items()}
         lines += [f"## {method}, {steps} steps, NLM h={h} template {template} search {search}"
-                  f" ({per_image_ms:.1f} ms per detection)", "",
+                  + (f" after a {median}×{median} median" if median else "")
+                  + f" ({per_image_ms:.1f} ms per detection)", "",
                   "ROC-AUC of each signal alone (max(AUC, 1-AUC)):", "",
                   "| attack | " + " | ".join(ALL_SIGNALS) + " |", "|---|" + "---|" * len(ALL_SIGNALS)]
         for k in sets:

@@ -60,6 +60,14 @@ def test_nlm_mosaic_equals_opencv_per_image(digits, workers):
     assert np.array_equal(denoise_batch(colour, q, workers=workers), expected)
 
 
+def test_nlm_median_prefilter_runs_before_nlm(digits):
+    p = NLMParams(median=3)
+    grey = digits.images[:7]
+    expected = np.stack([cv2.fastNlMeansDenoising(cv2.medianBlur(im, 3), None, p.h, p.template, p.search)
+                         for im in grey])
+    assert np.array_equal(denoise_batch(grey[..., None], p)[..., 0], expected)
+
+
 @pytest.mark.parametrize("variant", ["spatial", "histogram"])
 def test_entropy_is_zero_for_a_constant_or_one_hot_map_and_max_for_uniform(variant):
     one_hot = torch.zeros(1, 1, 28, 28)
