@@ -26,6 +26,8 @@ SIGNALS: dict[str, str] = {
     "entropy_change": "two-sided",
     "prediction_shift": "upper",
     "map_shift": "upper",
+    # ImageNet (even-photo validation, reports/imagenet_patch_probe.md): a patch raises it, BIM lowers it
+    "occlusion_shift": "two-sided",
 }
 # the signals the shipped score combines, chosen on a validation split of even-indexed digits
 # (reports/mnist_validation_search.md, docs/method.md): both compare the image with its NLM-denoised copy, as

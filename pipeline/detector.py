@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.calibration import Calibration, fit_calibration
+from pipeline.calibration import SCORE_SIGNALS, Calibration, fit_calibration
 from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
 from pipeline.explain import ExplainParams, predict_and_explain
 from pipeline.inputs import to_float_batch
 from pipeline.models import TargetModel, load_model
+from pipeline.occlude import occlude_top_relevance
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 RULES = ("calibrated", "sign")
@@ -32,6 +33,11 @@ class DetectorConfig:
     explain: ExplainParams = field(default_factory=ExplainParams)
     entropy: str = "spatial"
     nlm: NLMParams = field(default_factory=NLMParams)
+    # fraction of the original's map inpainted before a second prediction (pipeline.occlude); 0 = off. It gives
+    # the ``occlusion_shift`` signal that sees a patch, which NLM cannot remove (docs/method.md, ImageNet).
+    occlusion: float = 0.0
+    # the signals the calibrated score combines (pipeline.calibration.SIGNALS)
+    signals: tuple[str, ...] = SCORE_SIGNALS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,15 +49,26 @@ class DetectorConfig:
             explain=ExplainParams(**data.get("explain", {})),
             entropy=data.get("entropy", "spatial"),
             nlm=NLMParams(**data.get("nlm", {})),
+            occlusion=float(data.get("occlusion", 0.0)),
+            signals=tuple(data.get("signals", SCORE_SIGNALS)),
         )
 
 
 @dataclass
 class Explained:
-    """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first."""
+    """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first;
+    with occlusion on, the softmax outputs (N, K) of the originals with their most relevant region inpainted."""
 
     probs: np.ndarray
     maps: np.ndarray
+    occluded_probs: np.ndarray | None = None
+
+    def part(self, a: int, b: int) -> Explained:
+        """The images a..b of the batch (their originals and their denoised copies)."""
+        n = len(self.probs) // 2
+        rows = np.r_[a:b, n + a : n + b]
+        occluded = None if self.occluded_probs is None else self.occluded_probs[a:b]
+        return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=occluded)
 
 
 @dataclass
@@ -70,6 +87,7 @@ class DetectionResult:
     threshold: float
     rule: str
     maps: np.ndarray | None = None  # attribution maps of the originals (N, H, W), when asked for
+    occlusion_shift: np.ndarray | None = None  # with occlusion on (DetectorConfig.occlusion)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -85,11 +103,13 @@ class DetectionResult:
             "entropy_change": self.entropy_change,
             "prediction_shift": self.prediction_shift,
             "map_shift": self.map_shift,
+            **({} if self.occlusion_shift is None else {"occlusion_shift": self.occlusion_shift}),
         }
 
     def rows(self) -> list[dict]:
         """One plain-Python dict per image (for JSON and the wire)."""
-        names = [f.name for f in fields(self) if f.name not in ("threshold", "rule", "maps")]
+        names = [f.name for f in fields(self)
+                 if f.name not in ("threshold", "rule", "maps") and getattr(self, f.name) is not None]
         cols = {n: getattr(self, n).tolist() for n in names}
         return [
             {**{n: cols[n][i] for n in names}, "threshold": self.threshold, "rule": self.rule}
@@ -155,13 +175,23 @@ class Detector:
 
     def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all
-        explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``)."""
+        explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``).
+        With ``config.occlusion`` the originals are also classified once more with their most relevant region
+        inpainted (one inference-only forward pass per image)."""
         n = len(x)
         device = self.model.device
         both = torch.from_numpy(np.concatenate([x, xd])).to(device)
         probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
                                           self.model.gradcam_layer)
-        return Explained(probs=probs.cpu().numpy(), maps=attr.float().cpu().numpy())
+        maps = attr.float().cpu().numpy()
+        occluded_probs = None
+        if self.config.occlusion > 0:
+            u8 = np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+            occluded = occlude_top_relevance(u8, maps[:n], self.config.occlusion)
+            xo = torch.from_numpy(np.ascontiguousarray(occluded.transpose(0, 3, 1, 2))).to(device).float() / 255
+            with torch.inference_mode():
+                occluded_probs = torch.softmax(self.model.net(xo).float(), dim=1).cpu().numpy()
+        return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs)
 
     def measure(self, explained: Explained) -> dict[str, np.ndarray]:
         """Per-image signals from the maps and predictions: entropies before/after, prediction shift."""
@@ -176,6 +206,8 @@ class Detector:
             "entropy_denoised": ent[n:],
             "prediction_shift": np.abs(probs[:n] - probs[n:]).sum(1).astype(np.float64),
             "map_shift": map_shift(maps[:n], maps[n:]).numpy().astype(np.float64),
+            **({} if explained.occluded_probs is None else
+               {"occlusion_shift": np.abs(probs[:n] - explained.occluded_probs).sum(1).astype(np.float64)}),
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
@@ -201,7 +233,7 @@ class Detector:
             entropy_original=s["entropy_original"], entropy_denoised=s["entropy_denoised"],
             prediction_shift=s["prediction_shift"], map_shift=s["map_shift"], score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
-            maps=explained.maps[:n].sum(1) if return_maps else None,
+            maps=explained.maps[:n].sum(1) if return_maps else None, occlusion_shift=s.get("occlusion_shift"),
         )
 
     # -- whole batches in-process ------------------------------------------------------------------------------
@@ -235,5 +267,6 @@ class Detector:
         self.calibration = fit_calibration(
             s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
             images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
+            use=self.config.signals,
         )
         return self.calibration

@@ -2,8 +2,8 @@
 
 Every method takes a float batch (N, C, H, W) in [0, 1] and the target class per image, and returns maps of
 the input's shape. Baselines are black images (the paper's choice for IG). Costs, in forward+backward passes
-per image: saliency 1, DeepLift ~1, guided Grad-CAM 2, IG ``steps``, gradient SHAP ``samples``,
-SmoothGrad ``samples`` x the inner method's.
+per image: saliency 1, DeepLift ~1, Grad-CAM 1 (back to the last block only), guided Grad-CAM 2, IG ``steps``,
+gradient SHAP ``samples``, SmoothGrad ``samples`` x the inner method's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from captum.attr import (
     GradientShap,
     GuidedGradCam,
     IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
     NoiseTunnel,
     Saliency,
 )
@@ -77,6 +79,17 @@ def _guided_gradcam(model, x, target, p, layer):
     if layer is None:
         raise ValueError("guided_gradcam needs the model's Grad-CAM layer")
     return GuidedGradCam(model, layer).attribute(x, target=target)
+
+
+@register("gradcam", cost=lambda p: 1)
+def _gradcam(model, x, target, p, layer):
+    """Grad-CAM of the last convolutional block (ReLU'd), upsampled bilinearly to the input size. It reads the
+    gradient at that block, not at the input, so it still sees a region whose early units are saturated (an
+    adversarial patch on ReLU6 networks), where input gradients vanish."""
+    if layer is None:
+        raise ValueError("gradcam needs the model's Grad-CAM layer")
+    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
 
 
 @register("smoothgrad_ig", cost=lambda p: p.samples * p.steps)

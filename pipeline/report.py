@@ -14,7 +14,14 @@ from pipeline.evaluation import roc_curve  # noqa: E402
 
 PAPER_ROWS = [("cw-l0", "CW (L0)", 99.8, 86, 91), ("cw-l2", "CW (L2)", 99.9, 86, 100),
               ("cw-linf", "CW (L∞)", 80, 96, 100), ("bim", "BIM", 80, 100, 98), ("mim", "MIM", 80, 100, 98)]
-SIGNAL_NAMES = ("entropy_original", "entropy_denoised", "entropy_change", "prediction_shift", "map_shift")
+SIGNAL_NAMES = ("entropy_original", "entropy_denoised", "entropy_change", "prediction_shift", "map_shift",
+                "occlusion_shift")
+
+
+def signal_names(m: dict) -> list[str]:
+    """The signals a metrics.json has per-signal ROC-AUCs for, in the usual order."""
+    first = next(iter(m["attacks"].values()))["signal_roc_auc"]
+    return [s for s in SIGNAL_NAMES if s in first]
 
 
 def pct(x: float) -> str:
@@ -75,10 +82,10 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
             f"{fs['attacks'][key]['roc_auc']:.3f} |")
     lines += ["", "## ROC-AUC of each signal alone (clean vs attack)", "",
               "Values below 0.5 mean the signal moves the other way for that attack (a two-sided score uses both).",
-              "", "| attack | " + " | ".join(SIGNAL_NAMES) + " | combined score |",
-              "|---|" + "---|" * (len(SIGNAL_NAMES) + 1)]
+              "", "| attack | " + " | ".join(signal_names(m)) + " | combined score |",
+              "|---|" + "---|" * (len(signal_names(m)) + 1)]
     for key, a in m["attacks"].items():
-        cells = [f"{a['signal_roc_auc'][s]:.3f}" for s in SIGNAL_NAMES]
+        cells = [f"{a['signal_roc_auc'][s]:.3f}" for s in signal_names(m)]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {a['roc_auc']:.3f} |")
     if "methods" in m:
         names = list(m["attacks"])
@@ -199,10 +206,10 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
             f"| {key} | {params} | {a['attempted']} | {pct(a['attack_success_rate'])} | {a['n_adv']} | "
             f"**{pct(a['detection_rate'])}** | {a['roc_auc']:.3f} | {pct(a['sign_rule_detection_rate'])} |")
     lines += ["", "## ROC-AUC of each signal alone (clean vs attack)", "",
-              "| attack | " + " | ".join(SIGNAL_NAMES) + " | combined score |",
-              "|---|" + "---|" * (len(SIGNAL_NAMES) + 1)]
+              "| attack | " + " | ".join(signal_names(m)) + " | combined score |",
+              "|---|" + "---|" * (len(signal_names(m)) + 1)]
     for key, a in m["attacks"].items():
-        cells = [f"{a['signal_roc_auc'][s]:.3f}" for s in SIGNAL_NAMES]
+        cells = [f"{a['signal_roc_auc'][s]:.3f}" for s in signal_names(m)]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {a['roc_auc']:.3f} |")
     lines += ["", "With one evaluation photo per class and a few hundred photos in all, every rate here has a "
               "binomial standard error of a few points (about ±2 points at 5% of 150 photos).", "",

@@ -82,12 +82,8 @@ class Explainer:
         x = np.concatenate(originals)
         xd = np.concatenate(denoised)
         out = self.detector.explain_pair(x, xd)
-        n, bounds = len(x), np.cumsum([0, *sizes])
-        parts = []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            rows = np.r_[a:b, n + a : n + b]  # this batch's originals, then its denoised copies
-            parts.append(Explained(probs=out.probs[rows], maps=out.maps[rows]))
-        return parts
+        bounds = np.cumsum([0, *sizes])
+        return [out.part(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)

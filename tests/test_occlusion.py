@@ -1,0 +1,60 @@
+"""Explanation-guided occlusion: the mask follows the map, inpainting touches only the mask, and the detector
+turns it into the occlusion_shift signal that a calibration can score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import Detector, DetectorConfig, load_model
+from pipeline.occlude import occlude_top_relevance, top_relevance_masks
+
+
+def test_mask_covers_the_top_fraction_of_relevance():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(3, 2, 20, 20))  # signed, two channels: relevance is |.| summed over channels
+    masks = top_relevance_masks(maps, 0.1)
+    relevance = np.abs(maps).sum(1)
+    for m, r in zip(masks, relevance, strict=True):
+        assert m.sum() == 40
+        assert r[m == 1].min() > r[m == 0].max()
+
+
+def test_fraction_outside_0_1_is_a_clear_error():
+    with pytest.raises(ValueError, match="fraction"):
+        top_relevance_masks(np.ones((1, 1, 4, 4)), 1.0)
+
+
+def test_inpainting_removes_the_relevant_square_and_leaves_the_rest():
+    images = np.full((1, 64, 64, 3), 90, np.uint8)
+    images[0, 10:20, 30:40] = 250  # a bright "patch" that the map points at
+    maps = np.zeros((1, 1, 64, 64), np.float32)
+    maps[0, 0, 10:20, 30:40] = 1.0
+    maps[0, 0] += np.linspace(0, 1e-3, 64 * 64).reshape(64, 64)  # no ties outside the square
+    out = occlude_top_relevance(images, maps, 100 / (64 * 64))
+    mask = top_relevance_masks(maps, 100 / (64 * 64))[0].astype(bool)
+    assert mask[10:20, 30:40].all()
+    assert np.array_equal(out[0][~mask], images[0][~mask])
+    assert np.abs(out[0][mask].astype(int) - 90).max() < 20  # filled from the surroundings, not the patch
+
+
+def test_detector_with_occlusion_scores_the_occlusion_shift(digits):
+    config = DetectorConfig(method="gradcam", occlusion=0.1, signals=("prediction_shift", "occlusion_shift"))
+    det = Detector(load_model("mnist"), config)
+    cal = det.calibrate(digits.images[:200], 0.05)
+    assert set(cal.signals) == {"prediction_shift", "occlusion_shift"}
+    assert DetectorConfig.from_dict(cal.config) == config
+    res = det.detect(digits.images[200:216])
+    assert res.occlusion_shift is not None and (res.occlusion_shift >= 0).all()
+    assert "occlusion_shift" in res.rows()[0]
+    x = det.prepare(digits.images[200:216])
+    whole = det.explain_pair(x, det.denoise(x))
+    sub = det.explain_pair(x[4:9], det.denoise(x[4:9]))
+    part = whole.part(4, 9)
+    np.testing.assert_allclose(part.probs, sub.probs, atol=1e-5)
+    np.testing.assert_allclose(part.occluded_probs, sub.occluded_probs, atol=1e-5)
+
+
+def test_detector_without_occlusion_has_no_occlusion_signal(detector, digits):
+    res = detector.detect(digits.images[:8])
+    assert res.occlusion_shift is None and "occlusion_shift" not in res.signals()
