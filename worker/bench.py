@@ -51,12 +51,13 @@ def wire_and_redis(images: np.ndarray, data_dir: Path) -> dict:
 
 
 def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction: float = 0.6,
-              burst_factor: int = 4) -> dict:
+              burst_factor: int = 4, app_overrides: dict | None = None) -> dict:
     """Burst throughput, then latency at ``steady_fraction`` of it, through Redis and the Serve application
     configured by deploy/serve.yaml. The burst repeats ``images`` ``burst_factor`` times, so that filling and
-    draining the stage pipeline (a few hundred ms) does not dominate a measurement of a few seconds."""
+    draining the stage pipeline (a few hundred ms) does not dominate a measurement of a few seconds.
+    ``app_overrides`` replaces application args of deploy/serve.yaml (e.g. torch_threads) for experiments."""
     cpu_stage = {"num_replicas": replicas, "autoscaling_config": None}
-    with embedded_stack(data_dir=data_dir / f"stream{replicas}", http_port=free_port(),
+    with embedded_stack(data_dir=data_dir / f"stream{replicas}", http_port=free_port(), overrides=app_overrides,
                         deployment_overrides={"Denoiser": cpu_stage, "Scorer": cpu_stage}) as st:
         client, names = connect(st.redis_url), StreamNames()
         after = last_id(client, names.verdicts)
