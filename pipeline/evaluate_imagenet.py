@@ -48,8 +48,14 @@ IMAGENET_ATTACKS = {
     "patch": partial(AdversarialPatch, patch_size=64, target_class=TOASTER, steps=200, lr=0.1, batch_size=8),
 }
 # NLM for photos: OpenCV's usual colour strength (h=10) with our small windows; the MNIST h=50 would erase
-# texture. Chosen before any evaluation photo was seen; no search on ImageNet was run.
-IMAGENET_CONFIG = DetectorConfig(method="saliency", nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11))
+# texture. Saliency, as on MNIST, is blind to a patch (input gradients vanish where the patch saturates ReLU6
+# units) and NLM cannot remove a patch, so photos use Grad-CAM maps and inpaint the top 5% of each original's
+# map before classifying it again (pipeline.occlude). Chosen on even photos only: reports/imagenet_patch_probe.md
+# (per signal) and reports/imagenet_validation_search.md (signal sets); no evaluation photo was used.
+IMAGENET_CONFIG = DetectorConfig(
+    method="gradcam", nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11), occlusion=0.05,
+    signals=("entropy_original", "occlusion_shift", "prediction_shift"),
+)
 
 
 def load_photos(model: TargetModel, rows: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
