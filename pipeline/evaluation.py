@@ -159,6 +159,7 @@ def evaluation_metrics(model: str, det: Detector, clean: Scored, runs: dict[str,
         "model": model, "method": cfg.method, "entropy": cfg.entropy, "config": cfg.to_dict(),
         "n_clean_eval": len(clean.score), "target_fpr": target_fpr,
         "threshold": det.calibration.threshold, "calibration_images": det.calibration.images,
+        "calibration_confidence": det.calibration.confidence,
         "clean_fpr": float(clean.flagged.mean()), "sign_rule_fpr": float(clean.sign_flagged.mean()),
         "seconds_per_detection": clean.seconds / len(clean.score),
         "attacks": {

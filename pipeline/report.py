@@ -41,9 +41,14 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         "",
         "## Protocol",
         "",
-        f"- Detector: {m['method']} explanations, `{m['entropy']}` entropy, NLM h={m['config']['nlm']['h']}; "
+        f"- Detector: {m['method']} explanations, `{m['entropy']}` entropy, NLM h={m['config']['nlm']['h']} "
+        f"({m['config']['nlm']['template']}×{m['config']['nlm']['template']} patch, "
+        f"{m['config']['nlm']['search']}×{m['config']['nlm']['search']} search window); "
         f"score calibrated on clean images only ({m['calibration_images']}) at a target FPR of "
-        f"{m['target_fpr']:.0%}; threshold {m['threshold']:.4f}.",
+        f"{m['target_fpr']:.0%}"
+        + (f", with the threshold set so that the target holds with {m['calibration_confidence']:.0%} confidence "
+           "(not only in expectation)" if m.get("calibration_confidence") else "")
+        + f"; threshold {m['threshold']:.4f}.",
         f"- Evaluation: {m['n_clean_eval']} odd-indexed MNIST test digits, evenly spread over the whole test set "
         "(both writer pools), never used for calibration, and "
         "adversarials made from the correctly classified ones; adversarials are quantised to uint8 and only "

@@ -8,6 +8,7 @@ import torch
 
 from pipeline import Detector, DetectorConfig, ExplainParams, load_model
 from pipeline.attacks import PGD
+from pipeline.calibration import allowed_exceedances
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,29 @@ def test_calibrate_on_clean_digits_only(digits):
     assert cal.n_reference == 150 and cal.n_threshold == 150
     assert 0.0 < cal.threshold_fpr <= 0.1 + 1e-9
     assert det.detect(digits.images[:4]).rule == "calibrated"
+
+
+def test_allowed_exceedances_is_the_binomial_lower_tail():
+    from math import comb
+
+    k = allowed_exceedances(2500, 0.05, 0.95)
+
+    def cdf(j):
+        return sum(comb(2500, i) * 0.05**i * 0.95 ** (2500 - i) for i in range(j + 1))
+
+    assert cdf(k) <= 0.05 < cdf(k + 1)
+    assert k < 125  # below the plain quantile's 5% of 2,500
+    with pytest.raises(ValueError, match="too few"):
+        allowed_exceedances(20, 0.05, 0.95)
+
+
+def test_confidence_calibration_is_stricter_than_the_expected_fpr(digits):
+    det = Detector(load_model("mnist"))
+    images = digits.parity("even").images[:600]
+    plain = det.calibrate(images, target_fpr=0.1)
+    strict = det.calibrate(images, target_fpr=0.1, confidence=0.9)
+    assert strict.confidence == 0.9 and plain.confidence is None
+    assert strict.threshold >= plain.threshold and strict.threshold_fpr < plain.threshold_fpr
 
 
 def test_missing_weights_and_calibration_are_clear_errors(tmp_path):

@@ -86,29 +86,39 @@ def calibrate(
     weights: Path | None = typer.Option(None),
     out: Path = typer.Option(..., help="where to write the calibration JSON"),
     target_fpr: float = typer.Option(0.05),
-    method: str = typer.Option("saliency", help="explanation method (see pipeline.explain)"),
+    method: str | None = typer.Option(None, help="explanation method (see pipeline.explain); default: the model's"),
     steps: int = typer.Option(4, help="integration steps (IG, SmoothGrad-IG; ignored by saliency)"),
     samples: int = typer.Option(8, help="samples for SHAP / SmoothGrad"),
     entropy: str = typer.Option("spatial", help="spatial | histogram | paper"),
-    nlm_h: float = typer.Option(50.0, help="NLM filter strength"),
-    nlm_template: int = typer.Option(3, help="NLM patch size (odd)"),
-    nlm_search: int = typer.Option(5, help="NLM search window (odd)"),
+    nlm_h: float | None = typer.Option(None, help="NLM filter strength (default: the model's, 50 for MNIST)"),
+    nlm_template: int | None = typer.Option(None, help="NLM patch size (odd; default: the model's)"),
+    nlm_search: int | None = typer.Option(None, help="NLM search window (odd; default: the model's)"),
+    confidence: float | None = typer.Option(
+        None, help="set the threshold so that the target FPR holds with this confidence (e.g. 0.95), not only "
+        "in expectation"),
     n: int | None = typer.Option(None, help="use only the first N calibration images"),
     images_dir: Path | None = typer.Option(
         None,
         help="folder of clean PNG/JPEG images (default: even MNIST test digits / even-position ImageNet photos)",
     ),
 ) -> None:
-    """Calibrate the decision threshold at a target false-positive rate on clean images only."""
-    from pipeline import Detector, DetectorConfig, ExplainParams, NLMParams, load_model
-    from pipeline.calibration_data import clean_calibration_images
+    """Calibrate the decision threshold at a target false-positive rate on clean images only.
 
-    cfg = DetectorConfig(
-        method=method,
-        explain=ExplainParams(steps=steps, samples=samples),
-        entropy=entropy,
-        nlm=NLMParams(h=nlm_h, h_color=nlm_h, template=nlm_template, search=nlm_search),
-    )
+    Defaults are each model's shipped configuration (MNIST: pipeline.DetectorConfig(); photos:
+    pipeline.evaluate_imagenet.IMAGENET_CONFIG); the options replace parts of it."""
+    from dataclasses import replace
+
+    from pipeline import Detector, DetectorConfig, ExplainParams, load_model
+    from pipeline.calibration_data import clean_calibration_images
+    from pipeline.evaluate_imagenet import IMAGENET_CONFIG
+
+    base = DetectorConfig() if model == "mnist" else IMAGENET_CONFIG
+    nlm = base.nlm
+    if nlm_h is not None:
+        nlm = replace(nlm, h=nlm_h, h_color=nlm_h)
+    nlm = replace(nlm, template=nlm_template or nlm.template, search=nlm_search or nlm.search)
+    cfg = replace(base, method=method or base.method, explain=ExplainParams(steps=steps, samples=samples),
+                  entropy=entropy, nlm=nlm)
     try:
         det = Detector(load_model(model, weights), cfg)
         images, desc = clean_calibration_images(model, images_dir, n)
@@ -122,6 +132,7 @@ def calibrate(
             images=desc,
             batch_size=128 if model == "mnist" else 8,
             progress=lambda k: bar.update(task, completed=k),
+            confidence=confidence,
         )
     cal.save(out)
     console.print(
