@@ -64,6 +64,25 @@ def load_photos(model: TargetModel, rows: list[tuple[Path, int]]) -> tuple[np.nd
     return images, np.array([label for _, label in rows], dtype=np.int64)
 
 
+def even_photo_validation(
+    model: TargetModel, attacks: tuple[str, ...], patch_steps: int = 200, log: Progress = print,
+) -> tuple[np.ndarray, np.ndarray, dict[str, AttackRun]]:
+    """The validation split of the ImageNet probes and searches, from even-positioned photos only: the even
+    photos at even positions of that list (train the patch; clean calibration photos), the other even photos
+    (validation), and each attack run on the validation photos. The evaluation photos (odd) are never read."""
+    even = load_imagenet_sample()[0::2]
+    train_images, _ = load_photos(model, even[0::2])
+    val_images, val_labels = load_photos(model, even[1::2])
+    runs = {}
+    for name in attacks:
+        attack = IMAGENET_ATTACKS[name](**({"steps": patch_steps} if name == "patch" else {}))
+        if isinstance(attack, AdversarialPatch):
+            attack.fit(model.net, to_tensor(train_images))
+        runs[name] = run_attack(model, name, attack, val_images, val_labels, batch=16)
+        log(f"{name}: success {runs[name].success_rate:.1%} of {runs[name].attempted}")
+    return train_images, val_images, runs
+
+
 def spread(rows: list, n: int) -> list:
     """``n`` rows evenly spaced over the list (the sample is ordered by class)."""
     if n >= len(rows):

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import load_imagenet_sample
 from pipeline.detector import Detector
 from pipeline.entropy import map_entropy, map_shift
-from pipeline.evaluate_imagenet import IMAGENET_ATTACKS, IMAGENET_CONFIG, load_photos
-from pipeline.evaluation import roc_auc, run_attack, to_tensor
+from pipeline.evaluate_imagenet import IMAGENET_CONFIG, even_photo_validation
+from pipeline.evaluation import roc_auc
 from pipeline.explain import ExplainParams
 from pipeline.models import load_model
 
@@ -67,17 +66,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = load_model("mobilenet_v2")
-    even = load_imagenet_sample()[0::2]
-    train_images, _ = load_photos(model, even[0::2])
-    val_images, val_labels = load_photos(model, even[1::2])
-    attacked = {}
-    for name in ("patch", "bim"):
-        attack = IMAGENET_ATTACKS[name](**({"steps": args.patch_steps} if name == "patch" else {}))
-        if name == "patch":
-            attack.fit(model.net, to_tensor(train_images))
-        run = run_attack(model, name, attack, val_images, val_labels, batch=16)
-        attacked[name] = run
-        print(f"{name}: success {run.success_rate:.1%} of {run.attempted}", flush=True)
+    _, val_images, attacked = even_photo_validation(model, ("patch", "bim"), args.patch_steps)
     ig = replace(IMAGENET_CONFIG, method="ig", explain=ExplainParams(steps=args.steps))
     configs = {"saliency": IMAGENET_CONFIG, f"ig ({args.steps} steps)": ig}
     lines = ["# ImageNet validation probe (even-positioned photos only)", "",

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
 
-from pipeline.data import load_imagenet_sample
-from pipeline.evaluate_imagenet import IMAGENET_ATTACKS, load_photos
-from pipeline.evaluation import roc_auc, run_attack, to_tensor
+from pipeline.evaluate_imagenet import even_photo_validation
+from pipeline.evaluation import roc_auc, to_tensor
 from pipeline.models import load_model
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "imagenet_patch_probe.md"
@@ -70,16 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = load_model("mobilenet_v2")
-    even = load_imagenet_sample()[0::2]
-    train_images, _ = load_photos(model, even[0::2])
-    val_images, val_labels = load_photos(model, even[1::2])
-    attacked = {}
-    for name in ("patch", "bim"):
-        attack = IMAGENET_ATTACKS[name](**({"steps": args.patch_steps} if name == "patch" else {}))
-        if name == "patch":
-            attack.fit(model.net, to_tensor(train_images))
-        attacked[name] = run_attack(model, name, attack, val_images, val_labels, batch=16)
-        print(f"{name}: success {attacked[name].success_rate:.1%} of {attacked[name].attempted}", flush=True)
+    _, val_images, attacked = even_photo_validation(model, ("patch", "bim"), args.patch_steps)
     t = time.perf_counter()
     clean = cam_signals(model, val_images)
     ms = 1000 * (time.perf_counter() - t) / len(val_images)

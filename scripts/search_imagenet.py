@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from pipeline.calibration import fit_calibration
-from pipeline.data import load_imagenet_sample
 from pipeline.detector import Detector
-from pipeline.evaluate_imagenet import IMAGENET_ATTACKS, IMAGENET_CONFIG, load_photos
-from pipeline.evaluation import roc_auc, run_attack, to_tensor
+from pipeline.evaluate_imagenet import IMAGENET_CONFIG, even_photo_validation
+from pipeline.evaluation import roc_auc
 from pipeline.models import load_model
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "imagenet_validation_search.md"
@@ -47,17 +46,8 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = load_model("mobilenet_v2")
-    even = load_imagenet_sample()[0::2]
-    cal_images, _ = load_photos(model, even[0::2])
-    val_images, val_labels = load_photos(model, even[1::2])
-    sets = {"clean": val_images}
-    for name in ("patch", "bim", "pgd"):
-        attack = IMAGENET_ATTACKS[name](**({"steps": args.patch_steps} if name == "patch" else {}))
-        if name == "patch":
-            attack.fit(model.net, to_tensor(cal_images))
-        run = run_attack(model, name, attack, val_images, val_labels, batch=16)
-        sets[name] = run.images
-        print(f"{name}: success {run.success_rate:.1%} of {run.attempted}", flush=True)
+    cal_images, val_images, runs = even_photo_validation(model, ("patch", "bim", "pgd"), args.patch_steps)
+    sets = {"clean": val_images, **{name: run.images for name, run in runs.items()}}
     attacks = [k for k in sets if k != "clean"]
     lines = ["# ImageNet validation search (even-positioned photos only)", "", __doc__.split("\n\n")[1], "",
              f"Command: `python scripts/search_imagenet.py --patch-steps {args.patch_steps}`. Validation: "
