@@ -7,6 +7,7 @@ ratio against that floor or against a peer measured in the same process, never a
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -28,20 +29,25 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
-def floor_throughput(det: Detector, batch: int, repeat: int = 3) -> dict:
-    """Images/s of the bare forward+backward passes the explanation needs (2 x passes per map per image)."""
+def floor_throughput(det: Detector, batch: int, repeat: int = 3, channels_last: bool = False) -> dict:
+    """Images/s of the bare forward+backward passes the explanation needs (2 x passes per map per image).
+
+    Plain torch: a copy of the model in the default (NCHW) layout, as torchvision or a user's training code
+    leaves it. ``channels_last=True`` times the layout the detector itself runs in, a stricter peer."""
     passes = passes_per_image(det.config.method, det.config.explain)
     rows = 2 * batch * passes
     c, s = det.model.channels, det.model.size
-    x = torch.rand(rows, c, s, s, device=det.model.device, requires_grad=True)
-    net = det.model.net
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    net = copy.deepcopy(det.model.net).to(memory_format=layout)
+    x = torch.rand(rows, c, s, s, device=det.model.device).contiguous(memory_format=layout).requires_grad_(True)
 
     def step() -> None:
         out = net(x)
         torch.autograd.grad(out[:, 0].sum(), x)
 
     seconds = best_of(step, repeat)
-    return {"passes_per_image": 2 * passes, "batch": batch, "images_per_s": batch / seconds}
+    return {"passes_per_image": 2 * passes, "batch": batch, "images_per_s": batch / seconds,
+            "layout": "channels_last" if channels_last else "NCHW"}
 
 
 def stage_times(det: Detector, images: np.ndarray, repeat: int = 3) -> dict[str, float]:

@@ -180,10 +180,10 @@ class Detector:
         inpainted (one inference-only forward pass per image)."""
         n = len(x)
         device = self.model.device
-        both = torch.from_numpy(np.concatenate([x, xd])).to(device)
+        both = torch.from_numpy(np.concatenate([x, xd])).to(device).contiguous(memory_format=torch.channels_last)
         probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
                                           self.model.gradcam_layer)
-        maps = attr.float().cpu().numpy()
+        maps = np.ascontiguousarray(attr.float().cpu().numpy())
         occluded_probs = None
         if self.config.occlusion > 0:
             u8 = np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)

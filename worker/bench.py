@@ -139,9 +139,16 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
                     "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
         "config": det.config.to_dict(),
     }
-    results["floor"] = floor_throughput(det, batch=64)
-    results["in_process"] = {"batch": 64, "throughput": detector_throughput(det, images, 64)}
+    # interleaved rounds, best of each: this shared machine drifts by tens of percent within a minute, and a
+    # ratio is only fair when both sides saw the same machine
+    rounds = [(floor_throughput(det, batch=64, repeat=2), floor_throughput(det, batch=64, repeat=2, channels_last=True),
+               detector_throughput(det, images, 64, repeat=1)) for _ in range(3)]
+    results["floor"] = max((r[0] for r in rounds), key=lambda f: f["images_per_s"])
+    results["floor_channels_last"] = max((r[1] for r in rounds), key=lambda f: f["images_per_s"])
+    results["in_process"] = {"batch": 64, "throughput": max(r[2] for r in rounds)}
     results["in_process"]["ratio_to_floor"] = results["in_process"]["throughput"] / results["floor"]["images_per_s"]
+    results["in_process"]["ratio_to_floor_channels_last"] = (
+        results["in_process"]["throughput"] / results["floor_channels_last"]["images_per_s"])
     results["stages_ms_per_image"] = stage_times(det, images[:64])
     results["stages_ms_per_image"].update(wire_and_redis(images[:512], data_dir))
     results["batch_sweep"] = {b: detector_throughput(det, images[:512], b, repeat=2) for b in (1, 8, 32, 64, 128, 256)}
@@ -195,7 +202,11 @@ def write_report(out: Path, r: dict) -> None:
              f"- floor (plain torch, {r['floor']['passes_per_image']} forward+backward passes per image, batch "
              f"{r['floor']['batch']}): **{r['floor']['images_per_s']:.0f} images/s**",
              f"- `Detector.detect`, batch 64: **{r['in_process']['throughput']:.0f} detections/s** = "
-             f"**{r['in_process']['ratio_to_floor']:.0%} of the floor** (goal ≥ 100/s and ≥ 85%)", "",
+             f"**{r['in_process']['ratio_to_floor']:.0%} of the floor** (goal ≥ 100/s and ≥ 85%)",
+             f"- the same passes in the layout the detector runs in (channels-last weights and inputs), a stricter "
+             f"peer: {r['floor_channels_last']['images_per_s']:.0f} images/s; the detector reaches "
+             f"**{r['in_process']['ratio_to_floor_channels_last']:.0%}** of it",
+             "- floor, channels-last floor and detector are timed in 3 interleaved rounds, best of each", "",
              "| stage | ms per image |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["stages_ms_per_image"].items()]
     lines += ["", "| batch size | detections/s |", "|---|---|"] + [f"| {b} | {v:.0f} |" for b, v in sweep.items()]
