@@ -54,6 +54,11 @@ class DetectorConfig:
         )
 
 
+def to_uint8_hwc(x: np.ndarray) -> np.ndarray:
+    """A prepared float batch (N, C, H, W) in [0, 1] as the uint8 (N, H, W, C) images OpenCV takes."""
+    return np.ascontiguousarray(np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
 @dataclass
 class Explained:
     """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first;
@@ -169,8 +174,7 @@ class Detector:
     def denoise(self, x: np.ndarray, workers: int | None = None) -> np.ndarray:
         """NLM-denoised copy of a prepared batch (CPU, OpenCV thread pool of ``workers`` threads, default one
         per core), float32 (N, C, H, W)."""
-        u8 = np.ascontiguousarray(np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
-        out = denoise_batch(u8, self.config.nlm, workers=workers)
+        out = denoise_batch(to_uint8_hwc(x), self.config.nlm, workers=workers)
         return np.ascontiguousarray(out.transpose(0, 3, 1, 2), np.float32) / 255.0
 
     def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
@@ -186,8 +190,7 @@ class Detector:
         maps = np.ascontiguousarray(attr.float().cpu().numpy())
         occluded_probs = None
         if self.config.occlusion > 0:
-            u8 = np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
-            occluded = occlude_top_relevance(u8, maps[:n], self.config.occlusion)
+            occluded = occlude_top_relevance(to_uint8_hwc(x), maps[:n], self.config.occlusion)
             xo = torch.from_numpy(np.ascontiguousarray(occluded.transpose(0, 3, 1, 2))).to(device).float() / 255
             with torch.inference_mode():
                 occluded_probs = torch.softmax(self.model.net(xo).float(), dim=1).cpu().numpy()
