@@ -98,9 +98,14 @@ class Calibration:
 def fit_calibration(
     signals: dict[str, np.ndarray], target_fpr: float, *, model: str, method: str, entropy: str, images: str,
     config: dict | None = None, use: tuple[str, ...] = SCORE_SIGNALS, confidence: float | None = None,
+    tails: dict[str, str] | None = None,
 ) -> Calibration:
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other
-    (at the target FPR, or so that the target holds with ``confidence``: :func:`allowed_exceedances`)."""
+    (at the target FPR, or so that the target holds with ``confidence``: :func:`allowed_exceedances`).
+    ``tails`` overrides :data:`SIGNALS` for some signals ("upper" or "two-sided"; validation searches only)."""
+    tails = {**SIGNALS, **(tails or {})}
+    if unknown := {t for t in tails.values()} - {"upper", "two-sided"}:
+        raise ValueError(f"unknown tails {sorted(unknown)}; use upper or two-sided")
     n = len(next(iter(signals.values())))
     if n < 20:
         raise ValueError(f"calibration needs at least 20 clean images, got {n}")
@@ -109,7 +114,7 @@ def fit_calibration(
     refs = {
         name: SignalReference(
             quantiles=[round(float(v), 7) for v in np.quantile(np.asarray(signals[name])[ref_rows], levels)],
-            tails=SIGNALS[name], n=len(ref_rows),
+            tails=tails[name], n=len(ref_rows),
         )
         for name in use
     }
