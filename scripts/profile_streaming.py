@@ -53,6 +53,13 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
+def machine_ticks() -> dict[str, int]:
+    """The machine-wide CPU tick counters of /proc/stat (user, system, idle, iowait, steal, ...)."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    values = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
+    return dict(zip(names, map(int, values), strict=True))
+
+
 def label(cmd: str) -> str:
     for name in REPLICAS:
         if f"ServeReplica:explainer:{name}" in cmd:
@@ -83,12 +90,27 @@ def hottest(raw: Path, top: int) -> tuple[int, list[tuple[str, int]], list[tuple
     return total, own.most_common(top), incl.most_common(top)
 
 
+def stage_stats() -> dict[str, dict]:
+    """Each stage's own counters (worker.serve_app.StageStats; one replica per stage assumed)."""
+    from ray import serve
+
+    return {name: serve.get_deployment_handle(name, app_name="explainer").stats.remote().result()
+            for name in REPLICAS[1:]}
+
+
+def machine_shares(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    delta = {k: after[k] - before[k] for k in before}
+    total = max(sum(delta.values()), 1)
+    return {k: v / total for k, v in delta.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--burst", type=int, default=4000)
     ap.add_argument("--out", type=Path, default=Path("reports/streaming_profile.md"))
     ap.add_argument("--override", action="append", default=[], help="serve.yaml app arg, key=value")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--no-py-spy", action="store_true", help="CPU accounting only (py-spy costs most of a core)")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.override)}
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -108,15 +130,17 @@ def main() -> None:
             name: subprocess.Popen([pyspy, "record", "-p", str(pid), "-r", str(RATE),
                                     "-f", "raw", "-o", str(work / f"{name}.raw"), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for name, pid in pids.items()
+            for name, pid in pids.items() if not args.no_py_spy
         }
         time.sleep(1.0)  # py-spy attaches
-        before = cpu_seconds()
+        stats_before = stage_stats()
+        before, ticks_before = cpu_seconds(), machine_ticks()
         t = time.perf_counter()
         push_images(client, names, burst, ids=ids)
         got = collect_verdicts(client, names, ids, after, timeout_s=600)
         wall = time.perf_counter() - t
-        after_cpu = cpu_seconds()
+        after_cpu, ticks_after = cpu_seconds(), machine_ticks()
+        stats_after = stage_stats()
         for p in samplers.values():
             p.send_signal(signal.SIGINT)
         for p in samplers.values():
@@ -133,10 +157,22 @@ def main() -> None:
              f"Burst of {len(burst)} digits: {n} verdicts in {wall:.2f} s = **{n / wall:.0f} images/s**. CPU used by "
              f"every process but py-spy: {total_cpu:.2f} s of {os.cpu_count() * wall:.2f} core-seconds "
              f"({total_cpu / (os.cpu_count() * wall):.0%}); {1000 * total_cpu / n:.3f} ms of CPU per image.", "",
-             "| process | CPU ms per image | share of one core |", "|---|---|---|"]
+             "Machine-wide (/proc/stat, all CPUs): " + ", ".join(
+                 f"{k} {v:.0%}" for k, v in machine_shares(ticks_before, ticks_after).items() if v >= 0.005) + ".",
+             "", "| process | CPU ms per image | share of one core |", "|---|---|---|"]
     for name, secs in sorted(by_label.items(), key=lambda kv: -kv[1]):
         if secs > 0:
             lines.append(f"| {name} | {1000 * secs / n:.3f} | {secs / wall:.0%} |")
+    lines += ["", "Inside each stage's own call (worker.serve_app.StageStats): the share of the burst's wall time the "
+              "replica spent in it, and its wall and thread-CPU ms per image there.", "",
+              "| stage | calls | images per call | busy | wall ms per image | CPU ms per image |",
+              "|---|---|---|---|---|---|"]
+    for name in REPLICAS[1:]:
+        d = {k: stats_after[name][k] - stats_before[name][k] for k in ("calls", "images", "busy_s", "cpu_s")}
+        if d["images"]:
+            lines.append(f"| {name} | {d['calls']} | {d['images'] / max(d['calls'], 1):.0f} | "
+                         f"{d['busy_s'] / wall:.0%} | {1000 * d['busy_s'] / d['images']:.3f} | "
+                         f"{1000 * d['cpu_s'] / d['images']:.3f} |")
     for name in REPLICAS:
         raw = work / f"{name}.raw"
         if not raw.exists():

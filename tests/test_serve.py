@@ -75,6 +75,37 @@ def test_200_messages_give_200_verdicts_equal_to_in_process(stack, client, digit
     assert {a["id"] for a in alerts if a["id"].startswith("e2e-")} == flagged
 
 
+def test_each_stage_counts_its_own_work(stack, client, digits):
+    """StageStats: what scripts/profile_streaming.py reads to tell a busy stage from a waiting one."""
+    from ray import serve
+
+    def stats():
+        return {name: serve.get_deployment_handle(name, app_name="explainer").stats.remote().result(timeout_s=30)
+                for name in ("Denoiser", "Explainer", "Scorer")}
+
+    before = stats()
+    images = digits.parity("odd").head(40).images
+    ids = [f"stats-{i}" for i in range(len(images))]
+    after_id = last_id(client, NAMES.verdicts)
+    push_images(client, NAMES, images, ids=ids)
+    assert len(collect_verdicts(client, NAMES, ids, after_id, timeout_s=120)) == len(images)
+    after = stats()
+    for name in before:
+        assert after[name]["images"] - before[name]["images"] == len(images), name
+        assert after[name]["calls"] > before[name]["calls"]
+        assert after[name]["busy_s"] > before[name]["busy_s"] and after[name]["cpu_s"] >= before[name]["cpu_s"]
+
+
+def test_a_read_larger_than_the_explainer_batch_is_refused_at_build_time():
+    """Serve's batcher refuses a request above max_batch_size on every call; the config must not allow it."""
+    from worker.embedded import app_from_config
+
+    with pytest.raises(ValueError, match="exceeds the Explainer's max_batch_size=256"):
+        app_from_config(overrides={"batch": 512})
+    app_from_config(overrides={"batch": 512},
+                    deployment_overrides={"Explainer": {"user_config": {"max_batch_size": 512}}})
+
+
 def test_poison_messages_go_to_the_dead_letters_and_others_get_verdicts(stack, client, digits):
     dead_before = client.xlen(NAMES.dead)
     after = last_id(client, NAMES.verdicts)

@@ -18,7 +18,7 @@ from pipeline import Detector, load_adversarial_digits, load_sample_digits
 from pipeline.bench import best_of, detector_throughput, floor_throughput, stage_times
 from worker import wire
 from worker.collect import collect_verdicts, last_id
-from worker.embedded import embedded_stack
+from worker.embedded import embedded_stack, load_config
 from worker.feed import push_images
 from worker.local_redis import LocalRedis, free_port
 from worker.streams import StreamConsumer, StreamNames, connect
@@ -51,14 +51,17 @@ def wire_and_redis(images: np.ndarray, data_dir: Path) -> dict:
 
 
 def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction: float = 0.6,
-              burst_factor: int = 4, app_overrides: dict | None = None) -> dict:
+              burst_factor: int = 4, app_overrides: dict | None = None,
+              deployment_overrides: dict[str, dict] | None = None) -> dict:
     """Burst throughput, then latency at ``steady_fraction`` of it, through Redis and the Serve application
     configured by deploy/serve.yaml. The burst repeats ``images`` ``burst_factor`` times, so that filling and
     draining the stage pipeline (a few hundred ms) does not dominate a measurement of a few seconds.
-    ``app_overrides`` replaces application args of deploy/serve.yaml (e.g. torch_threads) for experiments."""
+    ``app_overrides`` replaces application args of deploy/serve.yaml (e.g. torch_threads) and
+    ``deployment_overrides`` deployment options (e.g. the Explainer's replicas), for experiments."""
     cpu_stage = {"num_replicas": replicas, "autoscaling_config": None}
+    deployments = {"Denoiser": cpu_stage, "Scorer": cpu_stage, **(deployment_overrides or {})}
     with embedded_stack(data_dir=data_dir / f"stream{replicas}", http_port=free_port(), overrides=app_overrides,
-                        deployment_overrides={"Denoiser": cpu_stage, "Scorer": cpu_stage}) as st:
+                        deployment_overrides=deployments) as st:
         client, names = connect(st.redis_url), StreamNames()
         after = last_id(client, names.verdicts)
         push_images(client, names, images[:64], ids=[f"warm{i}" for i in range(64)])
@@ -138,6 +141,7 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
         "config": det.config.to_dict(),
+        "serve_args": {k: v for k, v in load_config()["args"].items() if k != "redis_url"},
     }
     # interleaved rounds, best of each: this shared machine drifts by tens of percent within a minute, and a
     # ratio is only fair when both sides saw the same machine
@@ -197,7 +201,9 @@ def write_report(out: Path, r: dict) -> None:
     lines = ["# Benchmark", "", f"Command: `explainer bench --out {out}` on {m['platform']}, {m['cpus']} CPUs, "
              f"torch {m['torch']} ({m['torch_threads']} threads). Config: {r['config']['method']} "
              f"({r['floor']['passes_per_image'] // 2} forward+backward pass per map), NLM h={r['config']['nlm']['h']}; "
-             "streaming as in deploy/serve.yaml (one thread per stage replica).", "",
+             f"streaming as in deploy/serve.yaml ({r.get('serve_args', {}).get('consumers', '?')} consumers × "
+             f"{r.get('serve_args', {}).get('batch', '?')} images per read, Explainer "
+             f"{r.get('serve_args', {}).get('torch_threads', '?')} torch threads).", "",
              "## MNIST, in-process", "",
              f"- floor (plain torch, {r['floor']['passes_per_image']} forward+backward passes per image, batch "
              f"{r['floor']['batch']}): **{r['floor']['images_per_s']:.0f} images/s**",

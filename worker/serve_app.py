@@ -14,6 +14,8 @@ import logging
 import os
 import socket
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,14 +30,37 @@ from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
 
 log = logging.getLogger("explainer.serve")
 MAX_HTTP_BODY = 8 * 1024 * 1024
+EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's user_config says otherwise
 
 
 def _detector(model: str, weights: str | None, calibration: str | None, device: str | None = None) -> Detector:
     return Detector.from_pretrained(model, weights=weights, calibration=calibration, device=device)
 
 
+class StageStats:
+    """Per-replica counters of a stage's own work (calls, images, wall and thread-CPU seconds inside it), so a
+    profile can tell a stage that is busy from one that waits: ``stats()`` on any stage's handle."""
+
+    def _init_stats(self) -> None:
+        self._stats = {"calls": 0, "images": 0, "busy_s": 0.0, "cpu_s": 0.0}
+
+    @contextmanager
+    def _timed(self, images: int):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self._stats["calls"] += 1
+            self._stats["images"] += images
+            self._stats["busy_s"] += time.perf_counter() - wall
+            self._stats["cpu_s"] += time.thread_time() - cpu
+
+    async def stats(self) -> dict:
+        return {"pid": os.getpid(), **self._stats}
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
-class Denoiser:
+class Denoiser(StageStats):
     """OpenCV non-local means over a whole prepared batch (CPU; OpenCV's threads release the GIL)."""
 
     def __init__(
@@ -44,9 +69,11 @@ class Denoiser:
     ) -> None:
         self.detector = _detector(model, weights, calibration)
         self.nlm_threads = nlm_threads
+        self._init_stats()
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.detector.denoise(x, workers=self.nlm_threads)
+        with self._timed(len(x)):
+            return self.detector.denoise(x, workers=self.nlm_threads)
 
 
 def _images_in(originals: list[np.ndarray]) -> int:
@@ -55,7 +82,7 @@ def _images_in(originals: list[np.ndarray]) -> int:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1, "num_gpus": 0}, max_ongoing_requests=16)
-class Explainer:
+class Explainer(StageStats):
     """Predictions + Captum maps for originals and denoised copies. Concurrent batches are merged by
     ``@serve.batch`` into one Captum call of up to ``max_batch_size`` images (counted in images, not calls)."""
 
@@ -68,6 +95,7 @@ class Explainer:
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         device = "cuda" if torch.cuda.is_available() else None
         self.detector = _detector(model, weights, calibration, device)
+        self._init_stats()
 
     def reconfigure(self, config: dict) -> None:
         """``user_config``: max_batch_size (images) and batch_wait_timeout_s of the merged Captum call."""
@@ -76,25 +104,28 @@ class Explainer:
         if "batch_wait_timeout_s" in config:
             self.explain.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    @serve.batch(max_batch_size=EXPLAIN_MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray]) -> list[Explained]:
         sizes = [len(x) for x in originals]
-        x = np.concatenate(originals)
-        xd = np.concatenate(denoised)
-        out = self.detector.explain_pair(x, xd)
+        with self._timed(sum(sizes)):
+            x = np.concatenate(originals)
+            xd = np.concatenate(denoised)
+            out = self.detector.explain_pair(x, xd)
         bounds = np.cumsum([0, *sizes])
         return [out.part(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
-class Scorer:
+class Scorer(StageStats):
     """Entropy of every map, the calibrated score and the decision (CPU)."""
 
     def __init__(self, model: str = "mnist", weights: str | None = None, calibration: str | None = None) -> None:
         self.detector = _detector(model, weights, calibration)
+        self._init_stats()
 
     async def __call__(self, explained: Explained, rule: str | None = None, return_maps: bool = False):
-        return self.detector.decide(explained, rule, return_maps)
+        with self._timed(len(explained.probs) // 2):
+            return self.detector.decide(explained, rule, return_maps)
 
 
 @dataclass
@@ -233,6 +264,19 @@ class Ingress:
 STAGES = {"Denoiser": Denoiser, "Explainer": Explainer, "Scorer": Scorer, "Ingress": Ingress}
 
 
+def _check_batch_fits(args: dict, opts: dict[str, dict]) -> None:
+    """A stream read (``batch`` images) travels as one request; Serve's batcher refuses a request larger than
+    the Explainer's ``max_batch_size`` (RuntimeError per call, so every read fails, is retried and finally
+    dead-lettered: measured as a stall at 39 images/s). Refuse such a config up front instead."""
+    user = (opts.get("Explainer") or {}).get("user_config") or {}
+    limit = int(user.get("max_batch_size", EXPLAIN_MAX_BATCH))
+    batch = int(args.get("batch", 64))
+    if batch > limit:
+        raise ValueError(f"batch={batch} images per stream read exceeds the Explainer's max_batch_size={limit}: "
+                         "Serve would refuse every read. Lower batch or raise the Explainer's user_config "
+                         "max_batch_size")
+
+
 def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
     """Serve application builder (``import_path: worker.serve_app:build_app`` with ``args`` in YAML).
 
@@ -244,6 +288,7 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     """
     args = dict(args or {})
     opts = deployment_options or {}
+    _check_batch_fits(args, opts)
     stage = {name: (d.options(**opts[name]) if name in opts else d) for name, d in STAGES.items()}
     common = {k: args.get(k) for k in ("model", "weights", "calibration")}
     common["model"] = common["model"] or "mnist"
