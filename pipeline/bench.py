@@ -29,11 +29,15 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
-def floor_throughput(det: Detector, batch: int, repeat: int = 3, channels_last: bool = False) -> dict:
+def floor_throughput(
+    det: Detector, batch: int, repeat: int = 3, channels_last: bool = False, images: int | None = None,
+) -> dict:
     """Images/s of the bare forward+backward passes the explanation needs (2 x passes per map per image).
 
     Plain torch: a copy of the model in the default (NCHW) layout, as torchvision or a user's training code
-    leaves it. ``channels_last=True`` times the layout the detector itself runs in, a stricter peer."""
+    leaves it. ``channels_last=True`` times the layout the detector itself runs in, a stricter peer.
+    ``images``: time this many images per measurement (batches of ``batch``), so that the floor and the
+    detector are timed over windows of the same length on a machine whose speed drifts (default: one batch)."""
     passes = passes_per_image(det.config.method, det.config.explain)
     rows = 2 * batch * passes
     c, s = det.model.channels, det.model.size
@@ -45,8 +49,14 @@ def floor_throughput(det: Detector, batch: int, repeat: int = 3, channels_last: 
         out = net(x)
         torch.autograd.grad(out[:, 0].sum(), x)
 
-    seconds = best_of(step, repeat)
-    return {"passes_per_image": 2 * passes, "batch": batch, "images_per_s": batch / seconds,
+    steps = max(1, -(-(images or batch) // batch))
+
+    def run() -> None:
+        for _ in range(steps):
+            step()
+
+    seconds = best_of(run, repeat)
+    return {"passes_per_image": 2 * passes, "batch": batch, "images_per_s": steps * batch / seconds,
             "layout": "channels_last" if channels_last else "NCHW"}
 
 
