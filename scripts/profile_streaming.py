@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], help="serve.yaml app arg, key=value")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--no-py-spy", action="store_true", help="CPU accounting only (py-spy costs most of a core)")
+    ap.add_argument("--sample", default=",".join(REPLICAS), help="the replicas py-spy samples, comma-separated")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.override)}
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -130,7 +131,7 @@ def main() -> None:
             name: subprocess.Popen([pyspy, "record", "-p", str(pid), "-r", str(RATE),
                                     "-f", "raw", "-o", str(work / f"{name}.raw"), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for name, pid in pids.items() if not args.no_py_spy
+            for name, pid in pids.items() if not args.no_py_spy and name in args.sample.split(",")
         }
         time.sleep(1.0)  # py-spy attaches
         stats_before = stage_stats()
@@ -175,6 +176,8 @@ def main() -> None:
                          f"{1000 * d['cpu_s'] / d['images']:.3f} |")
     for name in REPLICAS:
         raw = work / f"{name}.raw"
+        if name not in samplers:
+            continue
         if not raw.exists():
             lines += ["", f"## {name}: no py-spy samples"]
             continue
