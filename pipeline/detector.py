@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.calibration import SCORE_SIGNALS, Calibration, fit_calibration
+from pipeline.baselines.feature_squeezing import median_filter
+from pipeline.calibration import LEGACY_SIGNALS, SCORE_SIGNALS, Calibration, fit_calibration
 from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
@@ -36,8 +37,19 @@ class DetectorConfig:
     # fraction of the original's map inpainted before a second prediction (pipeline.occlude); 0 = off. It gives
     # the ``occlusion_shift`` signal that sees a patch, which NLM cannot remove (docs/method.md, ImageNet).
     occlusion: float = 0.0
+    # side of a median filter (2 = Feature Squeezing's 2×2 for MNIST) whose output the originals are classified on
+    # once more; 0 = off. It gives the ``median_shift`` signal: the second denoiser that catches CW-L0's few
+    # saturated pixels, which NLM keeps (docs/method.md; chosen on the validation split of even digits).
+    median: int = 2
     # the signals the calibrated score combines (pipeline.calibration.SIGNALS)
     signals: tuple[str, ...] = SCORE_SIGNALS
+
+    def __post_init__(self) -> None:
+        for signal, knob, on in (("median_shift", "median", self.median > 0),
+                                 ("occlusion_shift", "occlusion", self.occlusion > 0)):
+            if signal in self.signals and not on:
+                raise ValueError(f"the score uses {signal} but {knob} is off: set {knob} or drop {signal} "
+                                 "from signals")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +62,8 @@ class DetectorConfig:
             entropy=data.get("entropy", "spatial"),
             nlm=NLMParams(**data.get("nlm", {})),
             occlusion=float(data.get("occlusion", 0.0)),
-            signals=tuple(data.get("signals", SCORE_SIGNALS)),
+            median=int(data.get("median", 0)),  # absent: a config saved before the median check existed
+            signals=tuple(data.get("signals", LEGACY_SIGNALS)),
         )
 
 
@@ -62,18 +75,21 @@ def to_uint8_hwc(x: np.ndarray) -> np.ndarray:
 @dataclass
 class Explained:
     """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first;
-    with occlusion on, the softmax outputs (N, K) of the originals with their most relevant region inpainted."""
+    with occlusion on, the softmax outputs (N, K) of the originals with their most relevant region inpainted;
+    with the median check on, those (N, K) of the median-filtered originals."""
 
     probs: np.ndarray
     maps: np.ndarray
     occluded_probs: np.ndarray | None = None
+    median_probs: np.ndarray | None = None
 
     def part(self, a: int, b: int) -> Explained:
         """The images a..b of the batch (their originals and their denoised copies)."""
         n = len(self.probs) // 2
         rows = np.r_[a:b, n + a : n + b]
         occluded = None if self.occluded_probs is None else self.occluded_probs[a:b]
-        return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=occluded)
+        median = None if self.median_probs is None else self.median_probs[a:b]
+        return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=occluded, median_probs=median)
 
 
 @dataclass
@@ -93,6 +109,7 @@ class DetectionResult:
     rule: str
     maps: np.ndarray | None = None  # attribution maps of the originals (N, H, W), when asked for
     occlusion_shift: np.ndarray | None = None  # with occlusion on (DetectorConfig.occlusion)
+    median_shift: np.ndarray | None = None  # with the median check on (DetectorConfig.median)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -109,6 +126,7 @@ class DetectionResult:
             "prediction_shift": self.prediction_shift,
             "map_shift": self.map_shift,
             **({} if self.occlusion_shift is None else {"occlusion_shift": self.occlusion_shift}),
+            **({} if self.median_shift is None else {"median_shift": self.median_shift}),
         }
 
     def rows(self) -> list[dict]:
@@ -181,7 +199,7 @@ class Detector:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all
         explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``).
         With ``config.occlusion`` the originals are also classified once more with their most relevant region
-        inpainted (one inference-only forward pass per image)."""
+        inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each)."""
         n = len(x)
         device = self.model.device
         both = torch.from_numpy(np.concatenate([x, xd])).to(device).contiguous(memory_format=torch.channels_last)
@@ -194,7 +212,14 @@ class Detector:
             xo = torch.from_numpy(np.ascontiguousarray(occluded.transpose(0, 3, 1, 2))).to(device).float() / 255
             with torch.inference_mode():
                 occluded_probs = torch.softmax(self.model.net(xo).float(), dim=1).cpu().numpy()
-        return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs)
+        median_probs = None
+        if self.config.median > 0:
+            with torch.inference_mode():
+                xm = median_filter(both[:n].contiguous(), self.config.median)
+                median_probs = torch.softmax(
+                    self.model.net(xm.contiguous(memory_format=torch.channels_last)).float(), dim=1).cpu().numpy()
+        return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs,
+                         median_probs=median_probs)
 
     def measure(self, explained: Explained) -> dict[str, np.ndarray]:
         """Per-image signals from the maps and predictions: entropies before/after, prediction shift."""
@@ -211,6 +236,8 @@ class Detector:
             "map_shift": map_shift(maps[:n], maps[n:]).numpy().astype(np.float64),
             **({} if explained.occluded_probs is None else
                {"occlusion_shift": np.abs(probs[:n] - explained.occluded_probs).sum(1).astype(np.float64)}),
+            **({} if explained.median_probs is None else
+               {"median_shift": np.abs(probs[:n] - explained.median_probs).sum(1).astype(np.float64)}),
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
@@ -237,6 +264,7 @@ class Detector:
             prediction_shift=s["prediction_shift"], map_shift=s["map_shift"], score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
             maps=explained.maps[:n].sum(1) if return_maps else None, occlusion_shift=s.get("occlusion_shift"),
+            median_shift=s.get("median_shift"),
         )
 
     # -- whole batches in-process ------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ IMAGENET_ATTACKS = {
 # map before classifying it again (pipeline.occlude). Chosen on even photos only: reports/imagenet_patch_probe.md
 # (per signal) and reports/imagenet_validation_search.md (signal sets); no evaluation photo was used.
 IMAGENET_CONFIG = DetectorConfig(
-    method="gradcam", nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11), occlusion=0.05,
+    method="gradcam", nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11), occlusion=0.05, median=0,
     signals=("entropy_original", "occlusion_shift", "prediction_shift"),
 )
 

@@ -1,7 +1,9 @@
 """Choose the detector configuration on a validation split of the even-indexed MNIST test digits.
 
-Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:search[:median]] ...]
-(default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 and no median filter unless given)
+Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:search[:median[:squeeze]]]] ...]
+(default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 and no median filter unless given;
+``median`` filters before NLM, ``squeeze`` > 0 adds the median_shift signal of a squeeze×squeeze median filter,
+DetectorConfig.median)
 Writes reports/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are never read.
 
 Split: of the 5,000 even-indexed test digits, every 10th (500 digits, spread over both halves of the test set,
@@ -32,6 +34,10 @@ SIGNAL_SETS = (
     ("entropy_original", "prediction_shift", "map_shift"),
 )
 ALL_SIGNALS = ("entropy_original", "entropy_denoised", "entropy_change", "prediction_shift", "map_shift")
+SQUEEZE_SETS = (
+    ("prediction_shift", "map_shift", "median_shift"),
+    ("median_shift",),
+)
 
 
 def signals(det: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -59,26 +65,29 @@ def main(specs: list[str], out_path: str = "") -> None:
              + ", ".join(f"{k} {len(v)}" for k, v in sets.items() if k != "clean"), ""]
     for spec in specs:
         method, steps, h, *window = spec.split(":")
-        template, search, median = ([int(w) for w in window] + [0])[:3] if window else (5, 11, 0)
+        template, search, median, squeeze = ([int(w) for w in window] + [0, 0])[:4] if window else (5, 11, 0, 0)
         nlm = NLMParams(h=float(h), h_color=float(h), template=template, search=search, median=median)
-        det = Detector(model, DetectorConfig(method=method, explain=ExplainParams(steps=int(steps)), nlm=nlm))
+        det = Detector(model, DetectorConfig(method=method, explain=ExplainParams(steps=int(steps)), nlm=nlm,
+                                             median=squeeze))
+        names = ALL_SIGNALS + (("median_shift",) if squeeze else ())
         start = time.perf_counter()
         cal = signals(det, cal_images)
         per_image_ms = 1000 * (time.perf_counter() - start) / len(cal_images)
         val = {k: signals(det, v) for k, v in sets.items()}
         lines += [f"## {method}, {steps} steps, NLM h={h} template {template} search {search}"
                   + (f" after a {median}×{median} median" if median else "")
+                  + (f", median_shift of a {squeeze}×{squeeze} median" if squeeze else "")
                   + f" ({per_image_ms:.1f} ms per detection)", "",
                   "ROC-AUC of each signal alone (max(AUC, 1-AUC)):", "",
-                  "| attack | " + " | ".join(ALL_SIGNALS) + " |", "|---|" + "---|" * len(ALL_SIGNALS)]
+                  "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for k in sets:
             if k != "clean":
-                aucs = [roc_auc(val["clean"][s], val[k][s]) for s in ALL_SIGNALS]
+                aucs = [roc_auc(val["clean"][s], val[k][s]) for s in names]
                 lines.append(f"| {k} | " + " | ".join(f"{max(a, 1 - a):.3f}" for a in aucs) + " |")
         lines += ["", "Combined score (max of tail scores), calibrated at 5% FPR on the calibration digits:", "",
                   "| signals | validation FPR | " + " | ".join(k for k in sets if k != "clean") + " |",
                   "|---|---|" + "---|" * (len(sets) - 1)]
-        for use in SIGNAL_SETS:
+        for use in SIGNAL_SETS + (SQUEEZE_SETS if squeeze else ()):
             c = fit_calibration(cal, 0.05, model="mnist", method=method, entropy="spatial", images="", use=use)
             score = {k: c.score(v) for k, v in val.items()}
             cells = [f"{np.mean(score[k] > c.threshold):.1%} / {roc_auc(score['clean'], score[k]):.3f}"

@@ -93,6 +93,8 @@ def calibrate(
     nlm_h: float | None = typer.Option(None, help="NLM filter strength (default: the model's, 50 for MNIST)"),
     nlm_template: int | None = typer.Option(None, help="NLM patch size (odd; default: the model's)"),
     nlm_search: int | None = typer.Option(None, help="NLM search window (odd; default: the model's)"),
+    median: int | None = typer.Option(
+        None, help="side of the median check's filter (2 for MNIST; 0 = off; default: the model's)"),
     confidence: float | None = typer.Option(
         None, help="set the threshold so that the target FPR holds with this confidence (e.g. 0.95), not only "
         "in expectation"),
@@ -118,7 +120,9 @@ def calibrate(
         nlm = replace(nlm, h=nlm_h, h_color=nlm_h)
     nlm = replace(nlm, template=nlm_template or nlm.template, search=nlm_search or nlm.search)
     cfg = replace(base, method=method or base.method, explain=ExplainParams(steps=steps, samples=samples),
-                  entropy=entropy, nlm=nlm)
+                  entropy=entropy, nlm=nlm, median=base.median if median is None else median)
+    if cfg.median == 0:
+        cfg = replace(cfg, signals=tuple(s for s in cfg.signals if s != "median_shift"))
     try:
         det = Detector(load_model(model, weights), cfg)
         images, desc = clean_calibration_images(model, images_dir, n)
