@@ -31,23 +31,31 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
 
 def floor_throughput(
     det: Detector, batch: int, repeat: int = 3, channels_last: bool = False, images: int | None = None,
+    with_checks: bool = False,
 ) -> dict:
     """Images/s of the bare forward+backward passes the explanation needs (2 x passes per map per image).
 
     Plain torch: a copy of the model in the default (NCHW) layout, as torchvision or a user's training code
     leaves it. ``channels_last=True`` times the layout the detector itself runs in, a stricter peer.
     ``images``: time this many images per measurement (batches of ``batch``), so that the floor and the
-    detector are timed over windows of the same length on a machine whose speed drifts (default: one batch)."""
+    detector are timed over windows of the same length on a machine whose speed drifts (default: one batch).
+    ``with_checks=True`` adds the inference-only forward pass per image that each configured check makes beyond
+    the explanation (the median check, occlusion): the floor of everything the configured detector runs."""
     passes = passes_per_image(det.config.method, det.config.explain)
     rows = 2 * batch * passes
     c, s = det.model.channels, det.model.size
     layout = torch.channels_last if channels_last else torch.contiguous_format
     net = copy.deepcopy(det.model.net).to(memory_format=layout)
     x = torch.rand(rows, c, s, s, device=det.model.device).contiguous(memory_format=layout).requires_grad_(True)
+    checks = (int(det.config.median > 0) + int(det.config.occlusion > 0)) if with_checks else 0
+    xc = torch.rand(batch, c, s, s, device=det.model.device).contiguous(memory_format=layout)
 
     def step() -> None:
         out = net(x)
         torch.autograd.grad(out[:, 0].sum(), x)
+        for _ in range(checks):
+            with torch.inference_mode():
+                net(xc)
 
     steps = max(1, -(-(images or batch) // batch))
 
@@ -56,8 +64,8 @@ def floor_throughput(
             step()
 
     seconds = best_of(run, repeat)
-    return {"passes_per_image": 2 * passes, "batch": batch, "images_per_s": steps * batch / seconds,
-            "layout": "channels_last" if channels_last else "NCHW"}
+    return {"passes_per_image": 2 * passes, "inference_passes_per_image": checks, "batch": batch,
+            "images_per_s": steps * batch / seconds, "layout": "channels_last" if channels_last else "NCHW"}
 
 
 def stage_times(det: Detector, images: np.ndarray, repeat: int = 3) -> dict[str, float]:
