@@ -1,0 +1,25 @@
+"""``explainer bench`` end to end on a small sample (no streaming, no ImageNet): the report is written from real
+measurements, and every ratio is taken within a round against the floor timed beside it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from worker.bench import ROUNDS, run_bench
+
+
+def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
+    r = run_bench(tmp_path, n=128, streaming_runs=False, imagenet=False, log=lambda m: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["in_process"]["throughput"] == r["in_process"]["throughput"] > 0
+    rounds = r["in_process"]["ratio_to_floor_rounds"]
+    assert len(rounds) == ROUNDS
+    assert r["in_process"]["ratio_to_floor"] == float(np.median(rounds))
+    expected = [d / f for d, f in zip(r["in_process"]["rounds"], r["floor"]["rounds"], strict=True)]
+    np.testing.assert_allclose(rounds, expected)
+    # the floor with the checks' forward passes counts the median check of the shipped MNIST configuration
+    assert r["floor_with_checks"]["inference_passes_per_image"] == 1
+    report = (tmp_path / "report.md").read_text()
+    assert "of the floor" in report and "per round" in report and (tmp_path / "bench.png").exists()
