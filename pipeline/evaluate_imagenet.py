@@ -32,6 +32,7 @@ from pipeline.evaluation import (
     evaluation_metrics,
     machine_description,
     predict,
+    roc_auc,
     run_attack,
     score_images,
     to_tensor,
@@ -81,6 +82,21 @@ def even_photo_validation(
         runs[name] = run_attack(model, name, attack, val_images, val_labels, batch=16)
         log(f"{name}: success {runs[name].success_rate:.1%} of {runs[name].attempted}")
     return train_images, val_images, runs
+
+
+def targeted_breakdown(clean: Scored, patched: Scored, attempted: int, target_class: int) -> dict:
+    """The patch is a targeted attack: Brown et al. count a success when the photo is classified as the target
+    class. Our headline counts every misclassified patched photo (stricter: it includes photos the patch only
+    covered, so that the model erred with low confidence); this is the detection on the targeted successes."""
+    hit = patched.predicted_class == target_class
+    out = {"target_class": int(target_class), "n_adv": int(hit.sum()),
+           "targeted_success_rate": float(hit.sum() / max(attempted, 1))}
+    if hit.any():
+        out["detection_rate"] = float(patched.flagged[hit].mean())
+        out["roc_auc"] = roc_auc(clean.score, patched.score[hit])
+    if (~hit).any():
+        out["detection_rate_other_misclassified"] = float(patched.flagged[~hit].mean())
+    return out
 
 
 def spread(rows: list, n: int) -> list:
@@ -134,6 +150,9 @@ def evaluate_imagenet(
         scored[name] = score_images(det, runs[name].images, batch=16)
 
     metrics = evaluation_metrics(model_name, det, clean, runs, scored, target_fpr)
+    if "patch" in scored:
+        metrics["attacks"]["patch"]["targeted"] = targeted_breakdown(
+            clean, scored["patch"], runs["patch"].attempted, runs["patch"].params["target_class"])
     metrics["clean_top1"] = accuracy
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command

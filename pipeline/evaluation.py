@@ -112,6 +112,7 @@ class Scored:
     sign_flagged: np.ndarray
     signals: dict[str, np.ndarray]
     seconds: float
+    predicted_class: np.ndarray | None = None  # the model's class for each image (as the detector saw it)
 
 
 def score_images(det: Detector, images: np.ndarray, batch: int = 256) -> Scored:
@@ -127,7 +128,8 @@ def score_images(det: Detector, images: np.ndarray, batch: int = 256) -> Scored:
     sign = [p[1] for p in parts]
     signals = {k: np.concatenate([r.signals()[k] for r in cal]) for k in cal[0].signals()}
     return Scored(np.concatenate([r.score for r in cal]), np.concatenate([r.is_adversarial for r in cal]),
-                  np.concatenate([r.is_adversarial for r in sign]), signals, seconds)
+                  np.concatenate([r.is_adversarial for r in sign]), signals, seconds,
+                  np.concatenate([r.predicted_class for r in cal]))
 
 
 def detection_metrics(clean: Scored, adv: Scored) -> dict:

@@ -213,6 +213,16 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         lines.append(
             f"| {key} | {params} | {a['attempted']} | {pct(a['attack_success_rate'])} | {a['n_adv']} | "
             f"**{pct(a['detection_rate'])}** | {a['roc_auc']:.3f} | {pct(a['sign_rule_detection_rate'])} |")
+    t = m["attacks"].get("patch", {}).get("targeted")
+    if t and t.get("n_adv"):
+        lines += ["", f"The patch is targeted (class {t['target_class']}). Counting as Brown et al. do, a success is a "
+                  f"photo classified as the target: {pct(t['targeted_success_rate'])} of the attacked photos "
+                  f"({t['n_adv']}), of which **{pct(t['detection_rate'])}** are detected (ROC-AUC "
+                  f"{t['roc_auc']:.3f}). The table counts every misclassified patched photo, which also takes in "
+                  "photos the patch only covered"
+                  + (f"; of those other {m['attacks']['patch']['n_adv'] - t['n_adv']}, "
+                     f"{pct(t['detection_rate_other_misclassified'])} are detected."
+                     if "detection_rate_other_misclassified" in t else ".")]
     lines += ["", "## ROC-AUC of each signal alone (clean vs attack)", "",
               "| attack | " + " | ".join(signal_names(m)) + " | combined score |",
               "|---|" + "---|" * (len(signal_names(m)) + 1)]

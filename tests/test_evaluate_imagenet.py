@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.data import load_imagenet_sample
@@ -27,8 +28,27 @@ def test_imagenet_evaluation_writes_metrics_and_report(tmp_path):
     bim = m["attacks"]["bim"]
     assert bim["attempted"] >= 3 and bim["params"]["steps"] == 3
     assert m["attacks"]["patch"]["params"]["steps"] == 3
+    targeted = m["attacks"]["patch"]["targeted"]  # Brown et al.'s success: classified as the target class
+    assert targeted["target_class"] == m["attacks"]["patch"]["params"]["target_class"]
+    assert 0 <= targeted["n_adv"] <= m["attacks"]["patch"]["n_adv"]
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert set(on_disk["attacks"]) == {"patch", "bim"}
     for name in ("report.md", "roc.png", "entropy_distributions.png", "explanation_maps.png", "calibration.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert "odd positions" in (tmp_path / "report.md").read_text()
+
+
+def test_targeted_breakdown_counts_only_photos_classified_as_the_target():
+    from pipeline.evaluate_imagenet import targeted_breakdown
+    from pipeline.evaluation import Scored
+
+    def scored(score, flagged, classes):
+        return Scored(score=np.array(score, float), flagged=np.array(flagged), sign_flagged=np.array(flagged),
+                      signals={}, seconds=1.0, predicted_class=np.array(classes))
+
+    clean = scored([0.1, 0.2, 0.3, 0.4], [False] * 4, [1, 2, 3, 4])
+    patched = scored([5.0, 6.0, 0.15, 7.0], [True, True, False, True], [859, 859, 3, 12])
+    t = targeted_breakdown(clean, patched, attempted=5, target_class=859)
+    assert t["n_adv"] == 2 and t["targeted_success_rate"] == 0.4
+    assert t["detection_rate"] == 1.0 and t["roc_auc"] == 1.0
+    assert t["detection_rate_other_misclassified"] == 0.5
