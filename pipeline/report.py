@@ -57,9 +57,10 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         "and divergence detectors), each thresholded at the same target FPR on the same even-indexed digits.",
         "- The paper gives no false-positive rate; its sign rule (adversarial when entropy does not decrease "
         "after denoising) is reported beside ours, with its false-positive rate on the same clean digits.",
-        f"- The score combines {' and '.join(s.replace('_', ' ') for s in det.calibration.signals)} after NLM "
-        "(docs/method.md); the signals, the method and NLM h were chosen on a validation split of even-indexed "
-        "digits (reports/mnist_validation_search.md), before this evaluation ran.",
+        f"- The score combines {', '.join(s.replace('_', ' ') for s in det.calibration.signals)} "
+        "(the shifts after NLM, and after the median check's 2×2 median where it is on; docs/method.md); the "
+        "signals, the method and NLM h were chosen on a validation split of even-indexed digits "
+        "(reports/mnist_validation_search.md, reports/mnist_squeeze_search.md), before this evaluation ran.",
         "",
         "## Beside the paper's Table 1 (detection rate)",
         "",
