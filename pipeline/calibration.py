@@ -147,6 +147,8 @@ def allowed_exceedances(n: int, target_fpr: float, confidence: float) -> int:
     A threshold at the plain (1 - target) quantile has an *expected* FPR of the target, and its true FPR
     scatters around it (0.7 points at 2,500 images, measured over random halves of the even digits in
     docs/method.md); this one exceeds the target only with probability 1 - confidence."""
+    if not (0.0 < confidence < 1.0 and 0.0 < target_fpr < 1.0):
+        raise ValueError(f"confidence and target_fpr must be in (0, 1), got {confidence} and {target_fpr}")
     log_p, log_q = math.log(target_fpr), math.log1p(-target_fpr)
     cdf, k = 0.0, -1
     for i in range(n + 1):

@@ -91,6 +91,23 @@ class Explained:
         median = None if self.median_probs is None else self.median_probs[a:b]
         return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=occluded, median_probs=median)
 
+    @classmethod
+    def concat(cls, parts: list[Explained]) -> Explained:
+        """The batch made of ``parts`` in order (the inverse of :meth:`part`): originals first, then copies."""
+        halves = [len(p.probs) // 2 for p in parts]
+
+        def both(name: str) -> np.ndarray:
+            arrays = [getattr(p, name) for p in parts]
+            return np.concatenate([a[:n] for a, n in zip(arrays, halves, strict=True)]
+                                  + [a[n:] for a, n in zip(arrays, halves, strict=True)])
+
+        def originals(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return cls(probs=both("probs"), maps=both("maps"), occluded_probs=originals("occluded_probs"),
+                   median_probs=originals("median_probs"))
+
 
 @dataclass
 class DetectionResult:

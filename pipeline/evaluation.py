@@ -112,7 +112,7 @@ class Scored:
     sign_flagged: np.ndarray
     signals: dict[str, np.ndarray]
     seconds: float
-    predicted_class: np.ndarray | None = None  # the model's class for each image (as the detector saw it)
+    predicted_class: np.ndarray  # the model's class for each image (as the detector saw it)
 
 
 def score_images(det: Detector, images: np.ndarray, batch: int = 256) -> Scored:

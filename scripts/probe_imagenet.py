@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.calibration import LEGACY_SIGNALS
 from pipeline.detector import Detector
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.evaluate_imagenet import IMAGENET_CONFIG, even_photo_validation
@@ -67,8 +68,10 @@ def main() -> None:
     start = time.perf_counter()
     model = load_model("mobilenet_v2")
     _, val_images, attacked = even_photo_validation(model, ("patch", "bim"), args.patch_steps)
-    ig = replace(IMAGENET_CONFIG, method="ig", explain=ExplainParams(steps=args.steps))
-    configs = {"saliency": IMAGENET_CONFIG, f"ig ({args.steps} steps)": ig}
+    # the stop-8 photo configuration this probe examined: saliency or IG maps, no occlusion, the MNIST score
+    saliency = replace(IMAGENET_CONFIG, method="saliency", occlusion=0.0, signals=LEGACY_SIGNALS)
+    ig = replace(saliency, method="ig", explain=ExplainParams(steps=args.steps))
+    configs = {"saliency": saliency, f"ig ({args.steps} steps)": ig}
     lines = ["# ImageNet validation probe (even-positioned photos only)", "",
              f"Command: `python scripts/probe_imagenet.py --steps {args.steps} --patch-steps {args.patch_steps}`. "
              "Patch trained on 125 even photos; 125 other even photos are the validation set. Two-sided ROC-AUC "

@@ -116,7 +116,7 @@ def main() -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.override)}
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     images = mnist_images(1000)
-    burst = np.concatenate([images] * (args.burst // len(images)))
+    burst = images[np.arange(args.burst) % len(images)]
     work = Path(".explainer") / "profile"
     with embedded_stack(data_dir=work, http_port=free_port(), overrides=overrides) as st:
         client, names = connect(st.redis_url), StreamNames()
@@ -165,7 +165,8 @@ def main() -> None:
         if secs > 0:
             lines.append(f"| {name} | {1000 * secs / n:.3f} | {secs / wall:.0%} |")
     lines += ["", "Inside each stage's own call (worker.serve_app.StageStats): the share of the burst's wall time the "
-              "replica spent in it, and its wall and thread-CPU ms per image there.", "",
+              "replica spent in it, and its wall and thread-CPU ms per image there (the calling thread only: "
+              "torch's and OpenCV's worker threads are in the per-process table above).", "",
               "| stage | calls | images per call | busy | wall ms per image | CPU ms per image |",
               "|---|---|---|---|---|---|"]
     for name in REPLICAS[1:]:

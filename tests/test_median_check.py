@@ -58,3 +58,31 @@ def test_the_median_undoes_cw_l0_more_than_clean_digits(digits):
     clean = det.analyse(digits.images[:200])["median_shift"]
     attacked = det.analyse(l0)["median_shift"]
     assert np.median(attacked) > np.quantile(clean, 0.9)
+
+
+def test_concat_is_the_inverse_of_part(digits):
+    """What the Serve Explainer relies on when it splits a request above its max_batch_size."""
+    from pipeline.detector import Explained
+
+    det = Detector(load_model("mnist"), DetectorConfig(median=2))
+    x = det.prepare(digits.images[:10])
+    whole = det.explain_pair(x, det.denoise(x))
+    joined = Explained.concat([whole.part(0, 3), whole.part(3, 4), whole.part(4, 10)])
+    for name in ("probs", "maps", "median_probs"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name))
+    assert joined.occluded_probs is None
+
+
+def test_cli_calibrate_can_turn_the_median_check_off(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    out = tmp_path / "cal.json"
+    args = ["calibrate", "--model", "mnist", "--median", "0", "--n", "100", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads(out.read_text())["config"]
+    assert config["median"] == 0 and config["signals"] == ["prediction_shift", "map_shift"]

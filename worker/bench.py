@@ -54,7 +54,7 @@ def wire_and_redis(images: np.ndarray, data_dir: Path) -> dict:
 def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction: float = 0.6,
               burst_factor: int = 4, app_overrides: dict | None = None,
               deployment_overrides: dict[str, dict] | None = None,
-              in_process: Callable[[], float] | None = None, rounds: int = 3) -> dict:
+              in_process: Callable[[], float] = lambda: float("nan"), rounds: int = 3) -> dict:
     """Burst throughput, then latency at ``steady_fraction`` of it, through Redis and the Serve application
     configured by deploy/serve.yaml. Each burst repeats ``images`` ``burst_factor`` times, so that filling and
     draining the stage pipeline (a few hundred ms) does not dominate a measurement of a few seconds.
@@ -77,8 +77,7 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
         burst = np.concatenate([images] * burst_factor)
         rates, received, latency, local = [], [], [], []
         for r in range(rounds):
-            if in_process is not None:
-                local.append(in_process())
+            local.append(in_process())
             after = last_id(client, names.verdicts)
             ids = [f"burst{replicas}-{r}-{i}" for i in range(len(burst))]
             t = time.perf_counter()
@@ -87,8 +86,7 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
             rates.append(len(got) / (time.perf_counter() - t))
             received.append(len(got))
             latency += [v["latency_ms"] for v in got.values()]
-        if in_process is not None:
-            local.append(in_process())
+        local.append(in_process())
         # steady load: a producer at a fixed rate below saturation, in small bursts every 50 ms
         rate = steady_fraction * float(np.median(rates))
         n_steady = min(len(images), int(rate * 20))
@@ -111,12 +109,11 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
         "steady_p50_ms": float(np.percentile(steady_latency, 50)),
         "steady_p99_ms": float(np.percentile(steady_latency, 99)), "pending_after": pending,
     }
-    if local:
-        out["in_process_between"] = local
-        # each burst against the mean of the in-process runs just before and after it, median over bursts
-        per_burst = [rate / ((local[i] + local[i + 1]) / 2) for i, rate in enumerate(rates)]
-        out["ratio_to_in_process"] = float(np.median(per_burst))
-        out["ratio_rounds"] = per_burst
+    out["in_process_between"] = local
+    # each burst against the mean of the in-process runs just before and after it, median over bursts
+    per_burst = [rate / ((local[i] + local[i + 1]) / 2) for i, rate in enumerate(rates)]
+    out["ratio_to_in_process"] = float(np.median(per_burst))
+    out["ratio_rounds"] = per_burst
     return out
 
 
@@ -194,11 +191,11 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
     results["batch_sweep"] = {b: detector_throughput(det, images[:512], b, repeat=2) for b in (1, 8, 32, 64, 128, 256)}
     results["nlm_window_sweep"] = nlm_window_sweep(det, images)
     if streaming_runs:
+        burst = np.concatenate([images] * 4)  # the images of one streaming burst, timed in-process between bursts
         for replicas in (1, 2):
             log(f"streaming, {replicas} replica(s) of the CPU stages…")
             results[f"streaming_{replicas}"] = streaming(
-                images, data_dir, replicas, in_process=lambda: detector_throughput(det, np.concatenate([images] * 4),
-                                                                                   64, repeat=1))
+                images, data_dir, replicas, in_process=lambda: detector_throughput(det, burst, 64, repeat=1))
         # in-process again after the streaming runs, so a drift of the machine shows
         results["in_process"]["throughput_after"] = detector_throughput(det, images, 64)
     if imagenet:

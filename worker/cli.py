@@ -119,10 +119,10 @@ def calibrate(
     if nlm_h is not None:
         nlm = replace(nlm, h=nlm_h, h_color=nlm_h)
     nlm = replace(nlm, template=nlm_template or nlm.template, search=nlm_search or nlm.search)
+    median = base.median if median is None else median
+    signals = base.signals if median else tuple(s for s in base.signals if s != "median_shift")
     cfg = replace(base, method=method or base.method, explain=ExplainParams(steps=steps, samples=samples),
-                  entropy=entropy, nlm=nlm, median=base.median if median is None else median)
-    if cfg.median == 0:
-        cfg = replace(cfg, signals=tuple(s for s in cfg.signals if s != "median_shift"))
+                  entropy=entropy, nlm=nlm, median=median, signals=signals)
     try:
         det = Detector(load_model(model, weights), cfg)
         images, desc = clean_calibration_images(model, images_dir, n)

@@ -10,6 +10,7 @@ Captum call.
 """
 
 
+import asyncio
 import logging
 import os
 import socket
@@ -39,7 +40,9 @@ def _detector(model: str, weights: str | None, calibration: str | None, device: 
 
 class StageStats:
     """Per-replica counters of a stage's own work (calls, images, wall and thread-CPU seconds inside it), so a
-    profile can tell a stage that is busy from one that waits: ``stats()`` on any stage's handle."""
+    profile can tell a stage that is busy from one that waits: ``stats()`` on any stage's handle. ``cpu_s`` is
+    the calling thread's CPU only: torch's and OpenCV's worker threads are not in it (a process's whole CPU is
+    in /proc, which scripts/profile_streaming.py reads too)."""
 
     def _init_stats(self) -> None:
         self._stats = {"calls": 0, "images": 0, "busy_s": 0.0, "cpu_s": 0.0}
@@ -95,12 +98,24 @@ class Explainer(StageStats):
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         device = "cuda" if torch.cuda.is_available() else None
         self.detector = _detector(model, weights, calibration, device)
+        self.max_batch_size = EXPLAIN_MAX_BATCH
         self._init_stats()
+
+    async def explain_any(self, x: np.ndarray, denoised: np.ndarray) -> Explained:
+        """One request of any size. Serve's batcher refuses a single request above ``max_batch_size`` (a
+        RuntimeError on every call, so a stream read larger than it would be retried until dead-lettered), so a
+        larger one is split into pieces that :meth:`explain` merges with other requests like any other."""
+        step = self.max_batch_size
+        if len(x) <= step:
+            return await self.explain(x, denoised)
+        pieces = [self.explain(x[i : i + step], denoised[i : i + step]) for i in range(0, len(x), step)]
+        return Explained.concat(list(await asyncio.gather(*pieces)))
 
     def reconfigure(self, config: dict) -> None:
         """``user_config``: max_batch_size (images) and batch_wait_timeout_s of the merged Captum call."""
         if "max_batch_size" in config:
-            self.explain.set_max_batch_size(int(config["max_batch_size"]))
+            self.max_batch_size = int(config["max_batch_size"])
+            self.explain.set_max_batch_size(self.max_batch_size)
         if "batch_wait_timeout_s" in config:
             self.explain.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
@@ -154,7 +169,7 @@ class RemoteDetector:
         only the small verdicts come back here."""
         x = self.local.prepare(images)  # validation here: a bad image fails before it costs a stage call
         denoised = self.denoiser.remote(x)
-        explained = self.explainer.explain.remote(x, denoised)
+        explained = self.explainer.explain_any.remote(x, denoised)
         return self.scorer.remote(explained, rule, return_maps)
 
     def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
@@ -212,8 +227,6 @@ class Ingress:
         """Stop reading the stream and finish (publish and ack) the batches in flight, while the downstream
         stages are still up; returns how many consumer threads are still running (0 when drained).
         ``embedded_stack`` calls this before deleting the application."""
-        import asyncio
-
         return await asyncio.to_thread(self._drain)
 
     def __del__(self) -> None:
@@ -264,19 +277,6 @@ class Ingress:
 STAGES = {"Denoiser": Denoiser, "Explainer": Explainer, "Scorer": Scorer, "Ingress": Ingress}
 
 
-def _check_batch_fits(args: dict, opts: dict[str, dict]) -> None:
-    """A stream read (``batch`` images) travels as one request; Serve's batcher refuses a request larger than
-    the Explainer's ``max_batch_size`` (RuntimeError per call, so every read fails, is retried and finally
-    dead-lettered: measured as a stall at 39 images/s). Refuse such a config up front instead."""
-    user = (opts.get("Explainer") or {}).get("user_config") or {}
-    limit = int(user.get("max_batch_size", EXPLAIN_MAX_BATCH))
-    batch = int(args.get("batch", 64))
-    if batch > limit:
-        raise ValueError(f"batch={batch} images per stream read exceeds the Explainer's max_batch_size={limit}: "
-                         "Serve would refuse every read. Lower batch or raise the Explainer's user_config "
-                         "max_batch_size")
-
-
 def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
     """Serve application builder (``import_path: worker.serve_app:build_app`` with ``args`` in YAML).
 
@@ -288,7 +288,6 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     """
     args = dict(args or {})
     opts = deployment_options or {}
-    _check_batch_fits(args, opts)
     stage = {name: (d.options(**opts[name]) if name in opts else d) for name, d in STAGES.items()}
     common = {k: args.get(k) for k in ("model", "weights", "calibration")}
     common["model"] = common["model"] or "mnist"
