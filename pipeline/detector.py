@@ -181,7 +181,12 @@ class Detector:
         if calibration is not None and not path.exists():
             raise FileNotFoundError(f"calibration file not found: {path}")
         cal = Calibration.load(path) if path.exists() else None
-        config = DetectorConfig.from_dict(cal.config) if cal else DetectorConfig()
+        if cal:
+            config = DetectorConfig.from_dict(cal.config)
+        else:
+            from pipeline.configs import default_config  # configs imports this module
+
+            config = default_config(name)
         return cls(model, config, cal)
 
     # -- the stages, usable one by one (the Ray Serve deployments run them on different workers) ---------------
@@ -226,7 +231,7 @@ class Detector:
         occluded_probs = None
         if self.config.occlusion > 0:
             occluded = occlude_top_relevance(to_uint8_hwc(x), maps[:n], self.config.occlusion)
-            xo = torch.from_numpy(np.ascontiguousarray(occluded.transpose(0, 3, 1, 2))).to(device).float() / 255
+            xo = torch.from_numpy(occluded).permute(0, 3, 1, 2).to(device).float() / 255  # a channels-last view
             with torch.inference_mode():
                 occluded_probs = torch.softmax(self.model.net(xo).float(), dim=1).cpu().numpy()
         median_probs = None

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from pipeline.attacks import BIM, PGD, AdversarialPatch
+from pipeline.configs import IMAGENET_CONFIG
 from pipeline.data import load_imagenet_sample
-from pipeline.denoise import NLMParams
 from pipeline.detector import Detector, DetectorConfig
 from pipeline.evaluation import (
     AttackRun,
@@ -48,17 +48,6 @@ IMAGENET_ATTACKS = {
     "pgd": partial(PGD, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True),
     "patch": partial(AdversarialPatch, patch_size=64, target_class=TOASTER, steps=200, lr=0.1, batch_size=8),
 }
-# NLM for photos: OpenCV's usual colour strength (h=10) with our small windows; the MNIST h=50 would erase
-# texture. Saliency, as on MNIST, is blind to a patch (input gradients vanish where the patch saturates ReLU6
-# units) and NLM cannot remove a patch, so photos use Grad-CAM maps and inpaint the top 5% of each original's
-# map before classifying it again (pipeline.occlude). Chosen on even photos only: reports/imagenet_patch_probe.md
-# (per signal) and reports/imagenet_validation_search.md (signal sets); no evaluation photo was used.
-IMAGENET_CONFIG = DetectorConfig(
-    method="gradcam", nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11), occlusion=0.05, median=0,
-    signals=("entropy_original", "occlusion_shift", "prediction_shift"),
-)
-
-
 def load_photos(model: TargetModel, rows: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, 224, 224, 3) photos as the model sees them, and their ImageNet labels."""
     images = np.concatenate([model.prepare(read_image_file(p)[None]) for p, _ in rows])

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.calibration import LEGACY_SIGNALS
+from pipeline.configs import IMAGENET_CONFIG
 from pipeline.detector import Detector
 from pipeline.entropy import map_entropy, map_shift
-from pipeline.evaluate_imagenet import IMAGENET_CONFIG, even_photo_validation
+from pipeline.evaluate_imagenet import even_photo_validation
 from pipeline.evaluation import roc_auc
 from pipeline.explain import ExplainParams
 from pipeline.models import load_model

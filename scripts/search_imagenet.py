@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from pipeline.calibration import fit_calibration
+from pipeline.configs import IMAGENET_CONFIG
 from pipeline.detector import Detector
-from pipeline.evaluate_imagenet import IMAGENET_CONFIG, even_photo_validation
+from pipeline.evaluate_imagenet import even_photo_validation
 from pipeline.evaluation import roc_auc
 from pipeline.models import load_model
 

@@ -119,8 +119,8 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
 
 def imagenet_timing(name: str, weights: str | None, random_init: bool, n: int = 4) -> dict:
     """Seconds per detection of an ImageNet-size model on 224×224 photos, beside its floor."""
+    from pipeline.configs import IMAGENET_CONFIG
     from pipeline.data import load_imagenet_sample
-    from pipeline.evaluate_imagenet import IMAGENET_CONFIG
     from pipeline.inputs import read_image_file
     from pipeline.models import load_model
 

@@ -106,15 +106,15 @@ def calibrate(
 ) -> None:
     """Calibrate the decision threshold at a target false-positive rate on clean images only.
 
-    Defaults are each model's shipped configuration (MNIST: pipeline.DetectorConfig(); photos:
-    pipeline.evaluate_imagenet.IMAGENET_CONFIG); the options replace parts of it."""
+    Defaults are each model's shipped configuration (pipeline.configs: MNIST_CONFIG for digits,
+    IMAGENET_CONFIG for photos); the options replace parts of it."""
     from dataclasses import replace
 
-    from pipeline import Detector, DetectorConfig, ExplainParams, load_model
+    from pipeline import Detector, ExplainParams, load_model
     from pipeline.calibration_data import clean_calibration_images
-    from pipeline.evaluate_imagenet import IMAGENET_CONFIG
+    from pipeline.configs import default_config
 
-    base = DetectorConfig() if model == "mnist" else IMAGENET_CONFIG
+    base = default_config(model)
     nlm = base.nlm
     if nlm_h is not None:
         nlm = replace(nlm, h=nlm_h, h_color=nlm_h)

@@ -1,0 +1,29 @@
+"""Each model's shipped detector configuration, for when no calibration file says otherwise.
+
+A calibration records the configuration it was made with, and :meth:`pipeline.Detector.from_pretrained` uses
+that one; these are the starting points of ``explainer calibrate`` and the fallback of a model without one.
+"""
+
+from __future__ import annotations
+
+from pipeline.denoise import NLMParams
+from pipeline.detector import DetectorConfig
+
+# MNIST: saliency maps, NLM h=50 with a 3×3 patch and 5×5 window, the 2×2 median check; score on prediction
+# shift, map shift and median shift (docs/method.md, chosen on the validation split of even digits)
+MNIST_CONFIG = DetectorConfig()
+
+# NLM for photos: OpenCV's usual colour strength (h=10) with our small windows; the MNIST h=50 would erase
+# texture. Saliency, as on MNIST, is blind to a patch (input gradients vanish where the patch saturates ReLU6
+# units) and NLM cannot remove a patch, so photos use Grad-CAM maps and inpaint the top 5% of each original's
+# map before classifying it again (pipeline.occlude). Chosen on even photos only: reports/imagenet_patch_probe.md
+# (per signal) and reports/imagenet_validation_search.md (signal sets); no evaluation photo was used.
+IMAGENET_CONFIG = DetectorConfig(
+    method="gradcam", nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11), occlusion=0.05, median=0,
+    signals=("entropy_original", "occlusion_shift", "prediction_shift"),
+)
+
+
+def default_config(model: str) -> DetectorConfig:
+    """The shipped configuration of ``model`` (digits or photos)."""
+    return MNIST_CONFIG if model == "mnist" else IMAGENET_CONFIG
