@@ -237,7 +237,7 @@ class Detector:
         median_probs = None
         if self.config.median > 0:
             with torch.inference_mode():
-                xm = median_filter(torch.from_numpy(x).to(device), self.config.median)
+                xm = median_filter(both[:n], self.config.median)  # the originals, already on the device
                 median_probs = torch.softmax(
                     self.model.net(xm.contiguous(memory_format=torch.channels_last)).float(), dim=1).cpu().numpy()
         return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs,

@@ -48,6 +48,8 @@ IMAGENET_ATTACKS = {
     "pgd": partial(PGD, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True),
     "patch": partial(AdversarialPatch, patch_size=64, target_class=TOASTER, steps=200, lr=0.1, batch_size=8),
 }
+
+
 def load_photos(model: TargetModel, rows: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, 224, 224, 3) photos as the model sees them, and their ImageNet labels."""
     images = np.concatenate([model.prepare(read_image_file(p)[None]) for p, _ in rows])
