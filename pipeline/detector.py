@@ -6,6 +6,8 @@ for the predictions and one Captum call for the 2N explanation maps (originals a
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from pipeline.calibration import LEGACY_SIGNALS, SCORE_SIGNALS, Calibration, fit
 from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
-from pipeline.explain import ExplainParams, predict_and_explain
+from pipeline.explain import HOOKED_METHODS, ExplainParams, predict_and_explain
 from pipeline.inputs import to_float_batch
 from pipeline.models import TargetModel, load_model
 from pipeline.occlude import occlude_top_relevance
@@ -166,6 +168,9 @@ class Detector:
         self.model = model
         self.config = config
         self.calibration = calibration
+        # held by explain_pair while a hook-based Captum method runs (explain.HOOKED_METHODS): the model's hooks
+        # would fire on another thread's forward pass, so those calls on one model run one at a time
+        self._hooks_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -221,7 +226,14 @@ class Detector:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all
         explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``).
         With ``config.occlusion`` the originals are also classified once more with their most relevant region
-        inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each)."""
+        inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each).
+
+        Safe to call from several threads at once (the Serve Explainer overlaps batches): gradient-only methods
+        share nothing but the read-only weights; hook-based ones are serialised on this detector's lock."""
+        with self._hooks_lock if self.config.method in HOOKED_METHODS else nullcontext():
+            return self._explain_pair(x, xd)
+
+    def _explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         n = len(x)
         device = self.model.device
         both = torch.from_numpy(np.concatenate([x, xd])).to(device).contiguous(memory_format=torch.channels_last)

@@ -127,6 +127,12 @@ def explain(
     return attr.detach()
 
 
+# Captum registers module hooks on the model for these while ``attribute`` runs (DeepLift on its non-linearities,
+# Grad-CAM on its layer, guided backprop on every ReLU): two calls on one model at once, from two threads, would
+# fire each other's hooks. Gradient-only methods (saliency, IG, gradient SHAP, SmoothGrad) touch no module state.
+HOOKED_METHODS = frozenset({"deeplift", "gradcam", "guided_gradcam"})
+
+
 def passes_per_image(method: str, params: ExplainParams = ExplainParams()) -> int:
     """Forward+backward passes one map of ``method`` costs: the floor a benchmark compares against."""
     return METHOD_COST[method](params)

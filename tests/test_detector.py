@@ -107,3 +107,21 @@ def test_missing_weights_and_calibration_are_clear_errors(tmp_path):
         Detector.from_pretrained("mnist", calibration=tmp_path / "nope.json")
     with pytest.raises(ValueError, match="unknown model"):
         Detector.from_pretrained("vgg")
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradcam"])
+def test_explain_pair_from_two_threads_equals_serial(digits, method):
+    """The Serve Explainer runs two merged batches at once on two threads: the maps must be what one call at a
+    time gives, for a gradient-only method and for a hook-based one (Grad-CAM's layer hook, serialised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    det = Detector(load_model("mnist"), DetectorConfig(method=method))
+    batches = [det.prepare(digits.images[i * 48 : (i + 1) * 48]) for i in range(6)]
+    pairs = [(x, det.denoise(x)) for x in batches]
+    serial = [det.explain_pair(x, xd) for x, xd in pairs]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda p: det.explain_pair(*p), pairs))
+            for a, b in zip(serial, together, strict=True):
+                np.testing.assert_allclose(b.maps, a.maps, rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(b.probs, a.probs, rtol=1e-4, atol=1e-6)
