@@ -4,7 +4,8 @@ Protocol (stated in every report): thresholds come from clean calibration images
 digits, or even-positioned ImageNet sample photos); evaluation uses the odd-indexed images and adversarials made
 from them. Adversarials are quantised to uint8 (what a camera or the wire delivers) and only those that still
 fool the model, made from correctly classified images, count; the attack success rate is reported. The FPR is
-measured on the clean evaluation images. The paper's sign rule is reported beside the calibrated rule.
+measured on the clean evaluation images (every odd one: the attacks may use fewer), and every rate comes with
+its 95% Wilson interval. The paper's sign rule is reported beside the calibrated rule.
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def roc_auc(clean: np.ndarray, adversarial: np.ndarray) -> float:
     ranks[order] = np.repeat(avg, counts)
     u = ranks[len(clean):].sum() - len(adversarial) * (len(adversarial) + 1) / 2
     return float(u / (len(clean) * len(adversarial)))
+
+
+def rate_ci95(hits: int, n: int) -> list[float]:
+    """95% Wilson score interval of a rate of ``hits`` in ``n`` (a detection rate, an FPR): how far the true
+    rate may be from the measured one with this many images. Wilson rather than the normal approximation,
+    which is wrong near 0% and 100%, where detection rates and FPRs live."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    z, p = 1.959964, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def roc_curve(clean: np.ndarray, adversarial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +149,7 @@ def detection_metrics(clean: Scored, adv: Scored) -> dict:
     return {
         "n_adv": int(len(adv.score)),
         "detection_rate": float(adv.flagged.mean()) if len(adv.score) else float("nan"),
+        "detection_rate_ci95": rate_ci95(int(adv.flagged.sum()), len(adv.score)),
         "roc_auc": roc_auc(clean.score, adv.score),
         "sign_rule_detection_rate": float(adv.sign_flagged.mean()) if len(adv.score) else float("nan"),
         "sign_rule_fpr": float(clean.sign_flagged.mean()),
@@ -162,7 +176,9 @@ def evaluation_metrics(model: str, det: Detector, clean: Scored, runs: dict[str,
         "n_clean_eval": len(clean.score), "target_fpr": target_fpr,
         "threshold": det.calibration.threshold, "calibration_images": det.calibration.images,
         "calibration_confidence": det.calibration.confidence,
-        "clean_fpr": float(clean.flagged.mean()), "sign_rule_fpr": float(clean.sign_flagged.mean()),
+        "clean_fpr": float(clean.flagged.mean()),
+        "clean_fpr_ci95": rate_ci95(int(clean.flagged.sum()), len(clean.score)),
+        "sign_rule_fpr": float(clean.sign_flagged.mean()),
         "seconds_per_detection": clean.seconds / len(clean.score),
         "attacks": {
             name: {"params": run.params, "attempted": run.attempted, "attack_success_rate": run.success_rate,

@@ -28,6 +28,11 @@ def pct(x: float) -> str:
     return "–" if x is None or np.isnan(x) else f"{100 * x:.1f}%"
 
 
+def ci(bounds: list[float] | None) -> str:
+    """A 95% interval as "a–b%" ("–" when the metrics predate intervals)."""
+    return "–" if not bounds else f"{100 * bounds[0]:.1f}–{100 * bounds[1]:.1f}%"
+
+
 def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_scores, clean_eval) -> None:
     plot_entropy(out / "entropy_distributions.png", clean, scored)
     plot_roc(out / "roc.png", clean, scored, baseline_scores)
@@ -49,10 +54,16 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         + (f", with the threshold set so that the target holds with {m['calibration_confidence']:.0%} confidence "
            "(not only in expectation)" if m.get("calibration_confidence") else "")
         + f"; threshold {m['threshold']:.4f}.",
-        f"- Evaluation: {m['n_clean_eval']} odd-indexed MNIST test digits, evenly spread over the whole test set "
-        "(both writer pools), never used for calibration, and "
-        "adversarials made from the correctly classified ones; adversarials are quantised to uint8 and only "
-        "those still misclassified count (success rate below).",
+        f"- Evaluation: the {m['n_clean_eval']} odd-indexed MNIST test digits, never used for calibration, give "
+        "the clean FPR and the clean side of every ROC curve; the attacks run on "
+        f"{m.get('n_attacked_clean', m['n_clean_eval'])} of them, evenly spread over the whole test set (both "
+        "writer pools), and adversarials are made from the correctly classified ones, quantised to uint8, and "
+        "counted only when still misclassified (success rate below).",
+        f"- **Clean FPR {pct(m['clean_fpr'])}** (95% interval {ci(m.get('clean_fpr_ci95'))}) on "
+        f"{m['n_clean_eval']} digits"
+        + (f"; on the {m['clean_fpr_attacked_digits']['n']} attacked digits alone "
+           f"{pct(m['clean_fpr_attacked_digits']['fpr'])} ({ci(m['clean_fpr_attacked_digits']['ci95'])})"
+           if "clean_fpr_attacked_digits" in m else "") + ". Intervals are 95% Wilson intervals.",
         "- Baselines: Feature Squeezing (1-bit depth + 2×2 median) and MagNet (two autoencoders, reconstruction "
         "and divergence detectors), each thresholded at the same target FPR on the same even-indexed digits.",
         "- The paper gives no false-positive rate; its sign rule (adversarial when entropy does not decrease "
@@ -64,17 +75,19 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         "",
         "## Beside the paper's Table 1 (detection rate)",
         "",
-        "| attack | paper EXPLAINER | paper MagNet | paper FS | **ours** (FPR {}) | ours ROC-AUC | sign rule "
+        "| attack | paper EXPLAINER | paper MagNet | paper FS | **ours** (FPR {}) | ours 95% interval | ours ROC-AUC "
+        "| sign rule "
         "(FPR {}) | MagNet re-run (FPR {}) | FS re-run (FPR {}) |".format(
             pct(m["clean_fpr"]), pct(m["sign_rule_fpr"]), pct(mg["clean_fpr"]), pct(fs["clean_fpr"])),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, label, p_ex, p_mg, p_fs in PAPER_ROWS:
         a = m["attacks"].get(key)
         if a is None:
             continue
         lines.append(
-            f"| {label} | {p_ex}% | {p_mg}% | {p_fs}% | **{pct(a['detection_rate'])}** | {a['roc_auc']:.3f} | "
+            f"| {label} | {p_ex}% | {p_mg}% | {p_fs}% | **{pct(a['detection_rate'])}** | "
+            f"{ci(a.get('detection_rate_ci95'))} | {a['roc_auc']:.3f} | "
             f"{pct(a['sign_rule_detection_rate'])} | {pct(mg['attacks'][key]['detection_rate'])} | "
             f"{pct(fs['attacks'][key]['detection_rate'])} |")
     lines += ["", "## Every attack", "",
@@ -203,17 +216,19 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         f"- Cost: {1000 * m['seconds_per_detection']:.0f} ms per detection on this machine (scoring the clean "
         "photos, batches of 16).",
         "",
-        f"## Results (clean FPR {pct(m['clean_fpr'])} on {m['n_clean_eval']} photos; target {m['target_fpr']:.0%})",
+        f"## Results (clean FPR {pct(m['clean_fpr'])}, 95% interval {ci(m.get('clean_fpr_ci95'))}, on "
+        f"{m['n_clean_eval']} photos; target {m['target_fpr']:.0%})",
         "",
-        "| attack | parameters | attacked | success | n adv | **detection** | ROC-AUC | sign rule DR (FPR {}) |".format(
-            pct(m["sign_rule_fpr"])),
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | parameters | attacked | success | n adv | **detection** | 95% interval | ROC-AUC | sign rule DR "
+        "(FPR {}) |".format(pct(m["sign_rule_fpr"])),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, a in m["attacks"].items():
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in a["params"].items() if k not in ("name",))
         lines.append(
             f"| {key} | {params} | {a['attempted']} | {pct(a['attack_success_rate'])} | {a['n_adv']} | "
-            f"**{pct(a['detection_rate'])}** | {a['roc_auc']:.3f} | {pct(a['sign_rule_detection_rate'])} |")
+            f"**{pct(a['detection_rate'])}** | {ci(a.get('detection_rate_ci95'))} | {a['roc_auc']:.3f} | "
+            f"{pct(a['sign_rule_detection_rate'])} |")
     t = m["attacks"].get("patch", {}).get("targeted")
     if t and t.get("n_adv"):
         lines += ["", f"The patch is targeted (class {t['target_class']}). Counting as Brown et al. do, a success is a "
@@ -231,7 +246,8 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         cells = [f"{a['signal_roc_auc'][s]:.3f}" for s in signal_names(m)]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {a['roc_auc']:.3f} |")
     lines += ["", "With one evaluation photo per class and a few hundred photos in all, every rate here has a "
-              "binomial standard error of a few points (about ±2 points at 5% of 150 photos).", "",
+              f"binomial standard error of a few points (about ±{100 * np.sqrt(0.05 * 0.95 / m['n_clean_eval']):.1f} "
+              f"points at 5% of {m['n_clean_eval']} photos): read the 95% intervals beside the rates.", "",
               "## Plots", "", "- `entropy_distributions.png`: entropy of the maps, clean vs each attack",
               "- `roc.png`: ROC curves of our score and of the paper's entropy change",
               "- `explanation_maps.png`: maps of a clean photo and of adversarials, before and after NLM "

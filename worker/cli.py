@@ -150,7 +150,8 @@ def evaluate(
     model: str = typer.Option("mnist", help="mnist | mobilenet_v2 | resnet18"),
     attacks: str | None = typer.Option(
         None, help="comma-separated attack names (default bim,mim,cw-l0,cw-l2,cw-linf; ImageNet: patch,bim,pgd)"),
-    n: int | None = typer.Option(None, help="clean evaluation images, odd-indexed (default 1000 digits, 150 photos)"),
+    n: int | None = typer.Option(
+        None, help="odd-indexed images attacked (default 1000 digits, every odd digit scored clean; 250 photos)"),
     out: Path | None = typer.Option(None, help="report folder (default reports/mnist or reports/imagenet)"),
     weights: Path | None = typer.Option(None, help="model weights (ImageNet models)"),
     methods: str = typer.Option("ig,deeplift,saliency,gradient_shap,smoothgrad_ig,guided_gradcam",
@@ -164,7 +165,7 @@ def evaluate(
         attacks = "bim,mim,cw-l0,cw-l2,cw-linf" if model == "mnist" else "patch,bim,pgd"
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if model != "mnist":
-        evaluate_photos(model, weights, names, n or 150, out or Path("reports/imagenet"))
+        evaluate_photos(model, weights, names, n or 250, out or Path("reports/imagenet"))
         return
     from pipeline.attacks import ATTACKS
     from pipeline.evaluate_mnist import evaluate_mnist
