@@ -85,6 +85,8 @@ class Calibration:
     config: dict = field(default_factory=dict)
     # None: the threshold's expected FPR is the target. p: the target FPR holds with confidence p (below).
     confidence: float | None = None
+    # None: CDFs and threshold from disjoint halves. K: cross-fitted over K folds (fit_calibration)
+    folds: int | None = None
 
     def score(self, signals: dict[str, np.ndarray]) -> np.ndarray:
         """The combined anomaly score: max over signals of their tail scores."""
@@ -101,35 +103,55 @@ class Calibration:
         return cls(**data)
 
 
+def _references(signals: dict[str, np.ndarray], rows: np.ndarray, use: tuple[str, ...], tails: dict[str, str]):
+    levels = np.linspace(0.0, 1.0, N_QUANTILES)
+    return {
+        name: SignalReference(
+            quantiles=[round(float(v), 7) for v in np.quantile(np.asarray(signals[name])[rows], levels)],
+            tails=tails[name], n=len(rows),
+        )
+        for name in use
+    }
+
+
 def fit_calibration(
     signals: dict[str, np.ndarray], target_fpr: float, *, model: str, method: str, entropy: str, images: str,
     config: dict | None = None, use: tuple[str, ...] = SCORE_SIGNALS, confidence: float | None = None,
-    tails: dict[str, str] | None = None,
+    tails: dict[str, str] | None = None, folds: int | None = None,
 ) -> Calibration:
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other
     (at the target FPR, or so that the target holds with ``confidence``: :func:`allowed_exceedances`).
-    ``tails`` overrides :data:`SIGNALS` for some signals ("upper" or "two-sided"; validation searches only)."""
+    ``tails`` overrides :data:`SIGNALS` for some signals ("upper" or "two-sided"; validation searches only).
+
+    ``folds=K`` cross-fits instead, for small calibration sets: each image is scored against CDFs fitted on the
+    other K-1 folds (rows ``i % K``), the threshold is set on all n of those out-of-fold scores, and the stored
+    CDFs are fitted on all n images. Every image then serves both purposes, so the CDFs' tails and the threshold
+    rest on about twice the images of the split in halves (the price: the CDFs used at detection time are not
+    exactly the ones the threshold was set with, but fitted on n images rather than n (K-1) / K)."""
     tails = {**SIGNALS, **(tails or {})}
     if unknown := {t for t in tails.values()} - {"upper", "two-sided"}:
         raise ValueError(f"unknown tails {sorted(unknown)}; use upper or two-sided")
     n = len(next(iter(signals.values())))
     if n < 20:
         raise ValueError(f"calibration needs at least 20 clean images, got {n}")
-    ref_rows, thr_rows = np.arange(0, n, 2), np.arange(1, n, 2)
-    levels = np.linspace(0.0, 1.0, N_QUANTILES)
-    refs = {
-        name: SignalReference(
-            quantiles=[round(float(v), 7) for v in np.quantile(np.asarray(signals[name])[ref_rows], levels)],
-            tails=tails[name], n=len(ref_rows),
-        )
-        for name in use
-    }
+    if folds is not None and not 2 <= folds <= n // 10:
+        raise ValueError(f"folds must be between 2 and n/10 = {n // 10}, got {folds}")
+    rows = np.arange(n)
+    ref_rows, thr_rows = (rows[::2], rows[1::2]) if folds is None else (rows, rows)
     cal = Calibration(
         model=model, method=method, entropy=entropy, target_fpr=target_fpr, threshold=0.0,
         n_reference=len(ref_rows), n_threshold=len(thr_rows), threshold_fpr=0.0, images=images,
-        signals=refs, config=config or {},
+        signals=_references(signals, ref_rows, use, tails), config=config or {},
     )
-    held_out = cal.score({k: np.asarray(v)[thr_rows] for k, v in signals.items()})
+    if folds is None:
+        held_out = cal.score({k: np.asarray(v)[thr_rows] for k, v in signals.items()})
+    else:
+        held_out = np.empty(n)
+        for k in range(folds):
+            inside = rows % folds == k
+            fold = Calibration(**{**cal.__dict__, "signals": _references(signals, rows[~inside], use, tails)})
+            held_out[inside] = fold.score({name: np.asarray(v)[inside] for name, v in signals.items()})
+        cal.folds = folds
     if confidence is None:
         cal.threshold = float(np.quantile(held_out, 1.0 - target_fpr, method="higher"))
     else:

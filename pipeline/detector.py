@@ -324,15 +324,16 @@ class Detector:
 
     def calibrate(
         self, clean_images: np.ndarray, target_fpr: float = 0.05, images: str = "", batch_size: int = 256,
-        progress=None, confidence: float | None = None,
+        progress=None, confidence: float | None = None, folds: int | None = None,
     ) -> Calibration:
         """Fit the calibrated rule on clean images only; sets and returns the calibration. ``confidence``: set
-        the threshold so that the target FPR holds with that confidence, not just in expectation."""
+        the threshold so that the target FPR holds with that confidence, not just in expectation. ``folds``:
+        cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``)."""
         s = self.analyse_many(clean_images, batch_size, progress)
         s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
         self.calibration = fit_calibration(
             s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
             images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
-            use=self.config.signals, confidence=confidence,
+            use=self.config.signals, confidence=confidence, folds=folds,
         )
         return self.calibration

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.attacks import BIM, PGD, AdversarialPatch
-from pipeline.configs import IMAGENET_CONFIG
+from pipeline.configs import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS
 from pipeline.data import load_imagenet_sample
 from pipeline.detector import Detector, DetectorConfig
 from pipeline.evaluation import (
@@ -101,10 +101,11 @@ def evaluate_imagenet(
     model_name: str, weights: str | Path | None, attacks: list[str], n: int, out: Path, target_fpr: float = 0.05,
     config: DetectorConfig = IMAGENET_CONFIG, log: Progress = print, seed: int = 0,
     command: str = "explainer evaluate --model mobilenet_v2", n_calibration: int | None = None,
-    attack_options: dict[str, dict] | None = None,
+    attack_options: dict[str, dict] | None = None, folds: int | None = PHOTO_CALIBRATION_FOLDS,
 ) -> dict:
     """Calibrate on even photos, attack and score odd ones, write metrics.json, report.md and plots to ``out``.
 
+    ``folds``: the threshold is cross-fitted over that many folds of the calibration photos (None: two halves).
     ``n_calibration`` limits the calibration photos and ``attack_options`` overrides attack parameters
     (e.g. ``{"patch": {"steps": 5}}``): for quick checks only; the report records what was used."""
     start = time.perf_counter()
@@ -120,7 +121,7 @@ def evaluate_imagenet(
     det = Detector(model, config)
     log(f"calibrating on {len(cal_images)} clean even photos…")
     det.calibrate(cal_images, target_fpr, images=f"ImageNet sample photos at even positions ({len(cal_images)})",
-                  batch_size=16)
+                  batch_size=16, folds=folds)
     det.calibration.save(out / "calibration.json")
     log("scoring the clean evaluation photos…")
     clean = score_images(det, eval_images, batch=16)

@@ -208,7 +208,10 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         + (f", the top {m['config']['occlusion']:.0%} of each original's map inpainted and the photo classified "
            "again" if m["config"].get("occlusion") else "")
         + f"; the score combines {', '.join(m['config'].get('signals', ('prediction_shift', 'map_shift')))}, "
-        f"calibrated on clean photos only at a target FPR of {m['target_fpr']:.0%}; threshold {m['threshold']:.4f}. "
+        f"calibrated on clean photos only at a target FPR of {m['target_fpr']:.0%}"
+        + (f" (CDFs and threshold cross-fitted over {m['calibration_folds']} folds of the calibration photos, "
+           "reports/calibration_spread.md)" if m.get("calibration_folds") else "")
+        + f"; threshold {m['threshold']:.4f}. "
         "The configuration was chosen on even photos only (`reports/imagenet_validation_search.md`); no "
         "evaluation photo was used to choose it.",
         "- Attacks run at 224 × 224 on correctly classified photos; adversarials are quantised to uint8 and only "
