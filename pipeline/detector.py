@@ -6,7 +6,6 @@ for the predictions and one Captum call for the 2N explanation maps (originals a
 
 from __future__ import annotations
 
-import threading
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,7 +18,7 @@ from pipeline.calibration import LEGACY_SIGNALS, SCORE_SIGNALS, Calibration, fit
 from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
-from pipeline.explain import HOOKED_METHODS, ExplainParams, predict_and_explain
+from pipeline.explain import GRADIENT_ONLY_METHODS, ExplainParams, predict_and_explain
 from pipeline.inputs import to_float_batch
 from pipeline.models import TargetModel, load_model
 from pipeline.occlude import occlude_top_relevance
@@ -168,9 +167,6 @@ class Detector:
         self.model = model
         self.config = config
         self.calibration = calibration
-        # held by explain_pair while a hook-based Captum method runs (explain.HOOKED_METHODS): the model's hooks
-        # would fire on another thread's forward pass, so those calls on one model run one at a time
-        self._hooks_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -229,8 +225,10 @@ class Detector:
         inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each).
 
         Safe to call from several threads at once (the Serve Explainer overlaps batches): gradient-only methods
-        share nothing but the read-only weights; hook-based ones are serialised on this detector's lock."""
-        with self._hooks_lock if self.config.method in HOOKED_METHODS else nullcontext():
+        share nothing but the read-only weights; hook-based ones are serialised on the model's lock (shared by every
+        Detector of that model)."""
+        hooked = self.config.method not in GRADIENT_ONLY_METHODS
+        with self.model.hooks_lock if hooked else nullcontext():
             return self._explain_pair(x, xd)
 
     def _explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:

@@ -105,7 +105,8 @@ def evaluate_imagenet(
 ) -> dict:
     """Calibrate on even photos, attack and score odd ones, write metrics.json, report.md and plots to ``out``.
 
-    ``folds``: the threshold is cross-fitted over that many folds of the calibration photos (None: two halves).
+    ``folds``: the threshold is cross-fitted over that many folds of the calibration photos (None, or fewer than
+    10 photos a fold: two halves).
     ``n_calibration`` limits the calibration photos and ``attack_options`` overrides attack parameters
     (e.g. ``{"patch": {"steps": 5}}``): for quick checks only; the report records what was used."""
     start = time.perf_counter()
@@ -120,6 +121,7 @@ def evaluate_imagenet(
 
     det = Detector(model, config)
     log(f"calibrating on {len(cal_images)} clean even photos…")
+    folds = folds if folds and len(cal_images) >= 10 * folds else None  # a quick check's few photos: two halves
     det.calibrate(cal_images, target_fpr, images=f"ImageNet sample photos at even positions ({len(cal_images)})",
                   batch_size=16, folds=folds)
     det.calibration.save(out / "calibration.json")

@@ -59,7 +59,6 @@ def evaluate_mnist(
 
     metrics = {**evaluation_metrics("mnist", det, clean, runs, scored, target_fpr), "baselines": {}}
     flagged = clean.flagged[attacked]
-    metrics["n_attacked_clean"] = int(attacked.sum())
     metrics["clean_fpr_attacked_digits"] = {"n": int(attacked.sum()), "fpr": float(flagged.mean()),
                                             "ci95": rate_ci95(int(flagged.sum()), len(flagged))}
 

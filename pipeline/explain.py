@@ -127,10 +127,11 @@ def explain(
     return attr.detach()
 
 
-# Captum registers module hooks on the model for these while ``attribute`` runs (DeepLift on its non-linearities,
-# Grad-CAM on its layer, guided backprop on every ReLU): two calls on one model at once, from two threads, would
-# fire each other's hooks. Gradient-only methods (saliency, IG, gradient SHAP, SmoothGrad) touch no module state.
-HOOKED_METHODS = frozenset({"deeplift", "gradcam", "guided_gradcam"})
+# Methods that only take gradients at the input: they touch no module state, so two threads may run them on one
+# model at once. Every other method (DeepLift hooks the non-linearities, Grad-CAM its layer, guided backprop every
+# ReLU) registers module hooks while ``attribute`` runs, which would fire on another thread's forward pass; an
+# allow-list, so that a method added later is serialised until it is known to be safe.
+GRADIENT_ONLY_METHODS = frozenset({"saliency", "ig", "gradient_shap", "smoothgrad", "smoothgrad_ig"})
 
 
 def passes_per_image(method: str, params: ExplainParams = ExplainParams()) -> int:

@@ -56,9 +56,9 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         + f"; threshold {m['threshold']:.4f}.",
         f"- Evaluation: the {m['n_clean_eval']} odd-indexed MNIST test digits, never used for calibration, give "
         "the clean FPR and the clean side of every ROC curve; the attacks run on "
-        f"{m.get('n_attacked_clean', m['n_clean_eval'])} of them, evenly spread over the whole test set (both "
-        "writer pools), and adversarials are made from the correctly classified ones, quantised to uint8, and "
-        "counted only when still misclassified (success rate below).",
+        f"{m.get('clean_fpr_attacked_digits', {}).get('n', m['n_clean_eval'])} of them, evenly spread over the "
+        "whole test set (both writer pools), and adversarials are made from the correctly classified ones, "
+        "quantised to uint8, and counted only when still misclassified (success rate below).",
         f"- **Clean FPR {pct(m['clean_fpr'])}** (95% interval {ci(m.get('clean_fpr_ci95'))}) on "
         f"{m['n_clean_eval']} digits"
         + (f"; on the {m['clean_fpr_attacked_digits']['n']} attacked digits alone "

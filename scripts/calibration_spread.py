@@ -3,7 +3,7 @@ threshold (``fit_calibration(folds=K)``) keeps it nearer the target: even-positi
 
 The 250 even photos (the evaluation's calibration photos; the odd ones are never read) are split at random, many
 times, into a calibration part and a test part. Each split fits the shipped photo configuration's score on the
-calibration part, once with CDFs and threshold from two halves (what the evaluation has used) and once
+calibration part, once with CDFs and threshold from two halves (what the evaluations before stop 11 used) and once
 cross-fitted over K folds, and measures the FPR on the test part and the detection of the validation patch, BIM
 and PGD photos (made from even photos by scripts/search_imagenet.py, whose cache this reads). The same splits
 serve every procedure, so their FPR spreads differ only by the procedure. Writes reports/calibration_spread.md.
@@ -80,7 +80,7 @@ def main() -> None:
     signals = photo_signals(args.patch_steps)
     attacks = [k for k in signals if k != "clean"]
     n_clean = len(next(iter(signals["clean"].values())))
-    procedures = {"two halves (as evaluated so far)": None, **{f"cross-fitted, {k} folds": k for k in args.folds}}
+    procedures = {"two halves": None, **{f"cross-fitted, {k} folds": k for k in args.folds}}
     lines = ["# How far a photo calibration's FPR strays, and cross-fitting", "", __doc__.split("\n\n")[1], "",
              f"Command: `python scripts/calibration_spread.py --splits {args.splits} --n-cal "
              f"{' '.join(map(str, args.n_cal))} --folds {' '.join(map(str, args.folds))}`. Clean even photos: "

@@ -58,3 +58,19 @@ def test_cross_fitted_calibration_uses_every_image_and_round_trips(tmp_path):
 def test_folds_outside_two_to_n_over_ten_are_refused(folds):
     with pytest.raises(ValueError, match="folds must be between 2 and n/10"):
         _fit(_draw(np.random.default_rng(2), 300), folds)
+
+
+def test_threshold_is_the_conformal_quantile_of_the_held_out_scores():
+    """m held-out clean scores: the threshold is the ⌈0.95 (m + 1)⌉-th smallest, so a new clean image (exchangeable
+    with them) exceeds it with probability ≤ 5%. At m = 63 that is the 61st, which leaves 2 held-out scores above
+    it (expected FPR 3/64 = 4.7%); numpy's "higher" 95% quantile, the 60th, left 3 (4/64 = 6.25%)."""
+    c = _fit(_draw(np.random.default_rng(3), 126), None)
+    assert c.n_threshold == 63
+    assert round(c.threshold_fpr * 63) == 63 - int(np.ceil(0.95 * 64)) == 2
+
+
+def test_folds_with_confidence_is_refused():
+    signals = _draw(np.random.default_rng(4), 300)
+    with pytest.raises(ValueError, match="confidence needs the split in halves"):
+        fit_calibration(signals, 0.05, model="m", method="saliency", entropy="spatial", images="", use=SIGNALS,
+                        folds=5, confidence=0.95)

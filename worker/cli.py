@@ -145,8 +145,9 @@ def calibrate(
     cal.save(out)
     console.print(
         f"threshold {cal.threshold:.4f} at target FPR {target_fpr} "
-        f"(held-out FPR {cal.threshold_fpr:.4f}, {cal.n_reference}+{cal.n_threshold} images"
-        + (f", cross-fitted over {cal.folds} folds" if cal.folds else "") + f") -> {out}"
+        f"(held-out FPR {cal.threshold_fpr:.4f}, "
+        + (f"{cal.n_reference} images cross-fitted over {cal.folds} folds" if cal.folds else
+           f"{cal.n_reference}+{cal.n_threshold} images") + f") -> {out}"
     )
 
 

@@ -67,7 +67,8 @@ class StageStats:
                 self._stats["cpu_s"] += time.thread_time() - cpu
 
     async def stats(self) -> dict:
-        return {"pid": os.getpid(), **self._stats}
+        with self._stats_lock:
+            return {"pid": os.getpid(), **self._stats}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)

@@ -8,7 +8,8 @@ sees the pixels the model sees.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,10 @@ class TargetModel:
     size: int
     gradcam_layer: nn.Module
     resize_to: int | None = None
+    # held while Captum has hooks on ``net`` (pipeline.explain.GRADIENT_ONLY_METHODS says which methods need none):
+    # the hooks would fire on another thread's forward pass, so such calls on one model run one at a time, whichever
+    # Detector makes them
+    hooks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
