@@ -154,7 +154,11 @@ def nlm_window_sweep(det: Detector, images: np.ndarray) -> dict[str, dict[str, f
     return sweep
 
 
-ROUNDS = 5  # interleaved rounds of floor and detector; the machine's speed drifts between them
+# interleaved rounds of floor and detector, and streaming bursts: the machine's speed drifts between them (per-round
+# ratios of one run on this host spread from 69% to 80%, and from 76% to 97% across runs minutes apart), so the
+# medians are taken over enough rounds to be steadier than any one of them
+ROUNDS = 9
+STREAM_ROUNDS = 5
 
 
 def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: bool = True, log=print) -> dict:
@@ -195,7 +199,8 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
         for replicas in (1, 2):
             log(f"streaming, {replicas} replica(s) of the CPU stages…")
             results[f"streaming_{replicas}"] = streaming(
-                images, data_dir, replicas, in_process=lambda: detector_throughput(det, burst, 64, repeat=1))
+                images, data_dir, replicas, in_process=lambda: detector_throughput(det, burst, 64, repeat=1),
+                rounds=STREAM_ROUNDS)
         # in-process again after the streaming runs, so a drift of the machine shows
         results["in_process"]["throughput_after"] = detector_throughput(det, images, 64)
     if imagenet:
