@@ -111,6 +111,7 @@ def evaluate_imagenet(
     (e.g. ``{"patch": {"steps": 5}}``): for quick checks only; the report records what was used."""
     start = time.perf_counter()
     torch.manual_seed(seed)
+    np.random.seed(seed)  # Captum's GradientShap draws its interpolation points from numpy's global generator
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_name, weights)
     rows = load_imagenet_sample()
