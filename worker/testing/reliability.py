@@ -263,8 +263,11 @@ def sigterm(workdir: Path, n: int = 2000, log: Log = print) -> Figures:
         ids = push_valid(env, n, "st")
         fig.sent = n
         fk.wait_until(lambda: subs.count(set(ids)) >= n // 3, 300)
-        fk.wait_until(lambda: fk.pending(env.client, env.names, "w0") > 0, 10, poll_s=0.005)
-        in_flight = fk.pending(env.client, env.names, "w0")
+        # the count that ended the wait is the one reported: reading it again could fall between one batch's ack
+        # and the next read (an empty PEL for a millisecond) and report 0 in flight
+        seen: list[int] = []
+        fk.wait_until(lambda: seen.append(fk.pending(env.client, env.names, "w0")) or seen[-1] > 0, 10, poll_s=0.005)
+        in_flight = seen[-1]
         rc = w.term()
         fig.exit_codes.append(rc)
         fig.extra.update(in_flight_at_sigterm=in_flight, pending_of_stopped_worker=fk.pending(
