@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_imagenet import CACHE, _cached, _config_key, _photo_sets  # noqa: E402
+from search_imagenet import _photo_sets, config_signals  # noqa: E402
 
 from pipeline.calibration import fit_calibration  # noqa: E402
 from pipeline.configs import IMAGENET_CONFIG  # noqa: E402
@@ -37,14 +37,7 @@ def photo_signals(patch_steps: int) -> dict[str, dict[str, np.ndarray]]:
     """Signals of the shipped photo configuration: "clean" (all 250 even photos) and each validation attack."""
     model = load_model("mobilenet_v2")
     photos = _photo_sets(model, patch_steps, use_cache=True)
-    det = Detector(model, IMAGENET_CONFIG)
-
-    def make():
-        return {f"{name}/{k}": v for name, images in photos.items()
-                for k, v in det.analyse_many(images, batch_size=16).items()}
-
-    flat = _cached(CACHE / f"imagenet_even_signals_{patch_steps}_{_config_key(IMAGENET_CONFIG)}.npz", True, make)
-    sets = {name: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(name + "/")} for name in photos}
+    sets = config_signals(Detector(model, IMAGENET_CONFIG), photos, patch_steps, use_cache=True)
     clean = {k: np.concatenate([sets["calibration"][k], sets["clean"][k]]) for k in sets["clean"]}
     return {"clean": clean, **{k: v for k, v in sets.items() if k not in ("calibration", "clean")}}
 

@@ -75,6 +75,24 @@ def _config_key(config) -> str:
     return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def config_signals(det: Detector, photos: dict[str, np.ndarray], patch_steps: int, use_cache: bool,
+                   timing: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Every signal of ``det``'s configuration on each set of ``photos`` (calibration, clean, each attack), as
+    {set: {signal: values}}, cached per configuration; ``timing["ms"]`` gets the cost per detection when computed."""
+    def make():
+        t = time.perf_counter()
+        out = {f"calibration/{k}": v for k, v in det.analyse_many(photos["calibration"], batch_size=16).items()}
+        if timing is not None:
+            timing["ms"] = 1000 * (time.perf_counter() - t) / len(photos["calibration"])
+        for name, images in photos.items():
+            if name != "calibration":
+                out |= {f"{name}/{k}": v for k, v in det.analyse_many(images, batch_size=16).items()}
+        return out
+
+    flat = _cached(CACHE / f"imagenet_signals_{patch_steps}_{_config_key(det.config)}.npz", use_cache, make)
+    return {name: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(name + "/")} for name in photos}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patch-steps", type=int, default=200)
@@ -92,21 +110,8 @@ def main() -> None:
              "", "Signals marked (upper) count only the upper tail of their clean distribution; the others use "
              "the tails of pipeline.calibration.SIGNALS.", ""]
     for label, config in CONFIGS.items():
-        det = Detector(model, config)
-        timing = {}
-
-        def make(det=det, timing=timing):
-            t = time.perf_counter()
-            out = {f"calibration/{k}": v for k, v in det.analyse_many(photos["calibration"], batch_size=16).items()}
-            timing["ms"] = 1000 * (time.perf_counter() - t) / len(photos["calibration"])
-            for name, images in sets.items():
-                out |= {f"{name}/{k}": v for k, v in det.analyse_many(images, batch_size=16).items()}
-            return out
-
-        flat = _cached(CACHE / f"imagenet_signals_{args.patch_steps}_{_config_key(config)}.npz",
-                       not args.no_cache, make)
-        signals = {name: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(name + "/")}
-                   for name in ["calibration", *sets]}
+        timing: dict = {}
+        signals = config_signals(Detector(model, config), photos, args.patch_steps, not args.no_cache, timing)
         cost = f"{timing['ms']:.0f} ms per detection" if timing else "signals from the cache"
         lines += [f"## {label} ({cost})", "",
                   "| signals | validation FPR | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
