@@ -12,6 +12,7 @@ from pipeline.errors import InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
 from pipeline.inputs import decode_image, read_image_file, to_float_batch
 from pipeline.models import MODEL_NAMES, TargetModel, load_model
+from pipeline.runtime import keep_allocations_mapped
 
 __all__ = [
     "ENTROPY_VARIANTS",
@@ -27,6 +28,7 @@ __all__ = [
     "Explained",
     "load_adversarial_digits",
     "InputError",
+    "keep_allocations_mapped",
     "NLMParams",
     "TargetModel",
     "decode_image",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import Detector, load_adversarial_digits, load_sample_digits
+from pipeline import Detector, keep_allocations_mapped, load_adversarial_digits, load_sample_digits
 from pipeline.bench import best_of, detector_throughput, floor_throughput, stage_times
 from worker import wire
 from worker.collect import collect_verdicts, last_id
@@ -159,25 +159,28 @@ def nlm_window_sweep(det: Detector, images: np.ndarray) -> dict[str, dict[str, f
 # medians are taken over enough rounds to be steadier than any one of them
 ROUNDS = 9
 STREAM_ROUNDS = 5
-# the batch every in-process figure is timed at, floors included: the detector's fastest batch on this machine
-# (paired rounds, detector / floor at the same batch: 64 -> 3,132 / 4,111 images/s, 128 -> 3,567 / 3,944,
-# 256 -> 2,790 / 3,022; at 256 both lose to the cache) and the MNIST batch of ``explainer calibrate``. Until stop 12
-# it was 64, where the detector's per-batch costs (its NLM call, Python, thread hand-offs) weigh twice as much as at
-# 128: 77% of the floor against 90% (docs/method.md, "Stop 12: the batch size of the in-process figures"). The
-# report also gives the floor at its own fastest batch of the sweep, a stricter peer.
-BATCH = 128
+# the batch every in-process figure is timed at, floors included: the batch a stream read carries (deploy/serve.yaml
+# ``batch: 256``) and the detector's fastest. Until stop 12 it was 64, where the detector's per-batch costs (its
+# NLM call, Python, thread hand-offs) weigh four times as much as at 256. Batch 256 used to be slow for floor and
+# detector alike only because glibc faulted each pass's memory in again; with pipeline.runtime's allocator setting
+# (which ``explainer`` applies at start) paired rounds gave floor / detector 3,060 / 2,346 images/s at 64, 3,104 /
+# 2,542 at 128 and 3,120 / 2,906 at 256 (docs/method.md, "Stop 12"). The floor at its own fastest batch of
+# FLOOR_PEER_BATCHES is reported too, a stricter peer.
+BATCH = 256
 FLOOR_PEER_BATCHES = (64, 128, 256)
 
 
 def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: bool = True, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    mapped = keep_allocations_mapped()  # as ``explainer`` runs (pipeline.runtime); idempotent
     data_dir = Path(".explainer") / "bench"
     det = Detector.from_pretrained("mnist")
     images = mnist_images(n)
     log("floor and in-process throughput…")
     results: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+                    "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+                    "allocations_kept_mapped": mapped},
         "config": det.config.to_dict(),
         "n_images": len(images),
         "serve_args": {k: v for k, v in load_config()["args"].items() if k != "redis_url"},
@@ -258,7 +261,8 @@ def write_report(out: Path, r: dict) -> None:
     plt.close(fig)
     m = r["machine"]
     lines = ["# Benchmark", "", f"Command: `explainer bench --out {out}` on {m['platform']}, {m['cpus']} CPUs, "
-             f"torch {m['torch']} ({m['torch_threads']} threads). Config: {r['config']['method']} "
+             f"torch {m['torch']} ({m['torch_threads']} threads), allocations kept mapped (pipeline.runtime): "
+             f"{'yes' if m.get('allocations_kept_mapped') else 'no'}. Config: {r['config']['method']} "
              f"({r['floor']['passes_per_image'] // 2} forward+backward pass per map), NLM h={r['config']['nlm']['h']}; "
              f"streaming as in deploy/serve.yaml ({r.get('serve_args', {}).get('consumers', '?')} consumers × "
              f"{r.get('serve_args', {}).get('batch', '?')} images per read, Explainer "

@@ -12,6 +12,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.callback()
+def _process_settings() -> None:
+    # before any command: every batch's memory stays mapped between passes (pipeline.runtime)
+    from pipeline import keep_allocations_mapped
+
+    keep_allocations_mapped()
+
+
 console = Console()
 
 

@@ -24,7 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline import DetectionResult, Detector, Explained, InputError, decode_image
+from pipeline import DetectionResult, Detector, Explained, InputError, decode_image, keep_allocations_mapped
 from worker import wire
 from worker.detect import detect_requests
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
@@ -40,6 +40,8 @@ EXPLAIN_CONCURRENT_BATCHES = 2
 
 
 def _detector(model: str, weights: str | None, calibration: str | None, device: str | None = None) -> Detector:
+    """The stage's detector; every replica process also keeps its batches' memory mapped (pipeline.runtime)."""
+    keep_allocations_mapped()
     return Detector.from_pretrained(model, weights=weights, calibration=calibration, device=device)
 
 

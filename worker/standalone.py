@@ -43,9 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_worker(args: argparse.Namespace) -> StreamWorker:
     """The shipped detector behind one consumer-group member, trimming acked image entries as it goes."""
-    from pipeline import Detector
+    from pipeline import Detector, keep_allocations_mapped
     from worker.detect import detect_requests
 
+    keep_allocations_mapped()
     if args.torch_threads:
         import torch
 
