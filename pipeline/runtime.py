@@ -4,10 +4,11 @@ glibc's malloc serves a block above its mmap threshold with freshly mapped pages
 threshold starts at 128 KiB and moves up (to at most 32 MiB) only when such a block is freed, and the top of the
 heap is handed back to the kernel above a trim threshold. A batch's activations (a few MB to tens of MB) are
 allocated and freed on every forward and backward pass, so every pass faults its pages in again and the kernel
-zeroes them: about 100,000 minor page faults per 1,000 MNIST detections at batch 256, measured, and how many
-depends on what the process allocated before (the moving threshold). That made the bench's figures depend on
-the order of its measurements. Fixing the mmap threshold at its maximum and trimming only above 1 GiB keeps the
-pages mapped: the faults drop to almost none (``tests/test_runtime.py``; docs/method.md, "Stop 12").
+zeroes them: 37,000-100,000 minor page faults per 1,000 MNIST detections at batch 256, measured. How many
+depends on what the process allocated before and on the order in which its threads freed (the moving
+threshold), which made the bench's figures depend on the order of its measurements. Fixing the mmap threshold
+at its maximum and trimming only above 1 GiB keeps the pages mapped: 0-6,300 faults per 1,000 detections
+(``tests/test_runtime.py``; docs/method.md, "Stop 12").
 
 The cost is resident memory: what a process freed stays mapped for its next batch (tens of MB for digits;
 blocks above 32 MiB, e.g. a big batch of photos, are still unmapped on free). ``explainer`` calls this at start,
