@@ -8,28 +8,41 @@ zeroes them: 37,000-100,000 minor page faults per 1,000 MNIST detections at batc
 depends on what the process allocated before and on the order in which its threads freed (the moving
 threshold), which made the bench's figures depend on the order of its measurements. Fixing the mmap threshold
 at its maximum and trimming only above 1 GiB keeps the pages mapped: 0-6,300 faults per 1,000 detections
-(``tests/test_runtime.py``; docs/method.md, "Stop 12").
+(``tests/test_runtime.py``; docs/method.md, "Stop 12"). The rest come from the worker threads' arenas, whose
+heaps glibc frees whole regardless of the trim threshold.
 
 The cost is resident memory: what a process freed stays mapped for its next batch (tens of MB for digits;
-blocks above 32 MiB, e.g. a big batch of photos, are still unmapped on free). ``explainer`` calls this at start,
-and so does every Ray Serve replica.
+blocks above the threshold, e.g. a big batch of photos, are still unmapped on free). ``explainer`` calls this at
+start, and so does every Ray Serve replica. An operator's own malloc settings win: with MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_ or a glibc.malloc tunable in GLIBC_TUNABLES set, or EXPLAINER_MALLOC_TUNING=0, nothing
+changes. (Under an LD_PRELOADed jemalloc or tcmalloc the call reaches glibc's unused malloc and has no effect.)
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest value glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
+# the largest mmap threshold glibc accepts: HEAP_MAX_SIZE / 2 = 4 MiB * sizeof(long), i.e. 32 MiB on 64-bit
+MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
 TRIM_THRESHOLD = 1 << 30
+OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _left_to_operator() -> bool:
+    return (os.environ.get("EXPLAINER_MALLOC_TUNING", "1") == "0"
+            or any(v in os.environ for v in OPERATOR_SETTINGS)
+            or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def keep_allocations_mapped() -> bool:
     """Set glibc's mmap threshold to its maximum and its trim threshold to 1 GiB for this process. Returns True
-    when both were set; False (and nothing changes) off glibc, e.g. on macOS or musl."""
-    if not sys.platform.startswith("linux"):
+    when both were set; False (and nothing changes) off glibc (macOS, musl), or when the operator's own settings
+    are in the environment (module docstring)."""
+    if not sys.platform.startswith("linux") or _left_to_operator():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

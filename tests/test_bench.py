@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from worker.bench import ROUNDS, run_bench
+from worker.bench import BATCH, FLOOR_PEER_BATCHES, ROUNDS, run_bench
 
 
 def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
@@ -19,6 +19,14 @@ def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
     assert r["in_process"]["ratio_to_floor"] == float(np.median(rounds))
     expected = [d / f for d, f in zip(r["in_process"]["rounds"], r["floor"]["rounds"], strict=True)]
     np.testing.assert_allclose(rounds, expected)
+    # the stricter peer: in each round the best of the floor's timings at every batch, the one at BATCH included
+    fastest = r["floor_fastest_batch"]
+    assert all(b in FLOOR_PEER_BATCHES for b in fastest["batches"])
+    by_batch = r["floor_by_batch"]
+    assert set(by_batch) == set(FLOOR_PEER_BATCHES) and by_batch[BATCH]["rounds"] == r["floor"]["rounds"]
+    np.testing.assert_allclose(fastest["rounds"], np.max([v["rounds"] for v in by_batch.values()], axis=0))
+    np.testing.assert_allclose(r["in_process"]["ratio_to_floor_fastest_batch_rounds"],
+                               np.array(r["in_process"]["rounds"]) / np.array(fastest["rounds"]))
     # the floor with the checks' forward passes counts the median check of the shipped MNIST configuration
     assert r["floor_with_checks"]["inference_passes_per_image"] == 1
     report = (tmp_path / "report.md").read_text()

@@ -4,13 +4,15 @@ Each case runs in a fresh interpreter, because glibc's thresholds move with what
 """
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # with transparent huge pages always on, the kernel faults 2 MiB at a time and the default's count collapses
 THP_ALWAYS = THP.exists() and "[always]" in THP.read_text()
@@ -18,7 +20,7 @@ THP_ALWAYS = THP.exists() and "[always]" in THP.read_text()
 # a pass's activations, single-threaded: four 25 MiB tensors alive at once, then all freed (a batch of 256 digits
 # through the MNIST CNN allocates blocks of this size). By default glibc raises its mmap threshold after the first
 # pass but trims the heap's top above twice that, so later passes fault their memory in again (measured over
-# four passes: 32,000 or 102,000 faults by default, 6,400 with the setting).
+# four passes: 32,000 or 102,000 faults by default, 6,400 with the setting; one pass's 100 MiB is 25,600 pages).
 PASSES = """
 import json, resource, sys
 import torch
@@ -34,10 +36,13 @@ for _ in range(4):
 print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
 
-# the real thing: 1,024 detections of shipped digits at batch 256, after two warm-up batches
+# the real thing: 1,024 detections of shipped digits at batch 256, after two warm-up batches, on 2 torch threads
+# as measured
 DETECTIONS = """
 import json, resource
 import numpy as np
+import torch
+torch.set_num_threads(2)
 from pipeline import Detector, keep_allocations_mapped, load_sample_digits
 assert keep_allocations_mapped()
 det = Detector.from_pretrained("mnist")
@@ -53,20 +58,33 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 
 
 def _run(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
-                         timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                                            "GLIBC_TUNABLES", "EXPLAINER_MALLOC_TUNING")}
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(THP_ALWAYS, reason="transparent huge pages always on: faults are counted per 2 MiB page")
 def test_freed_pass_memory_is_not_faulted_in_again():
-    default, tuned = _run(PASSES, "default"), _run(PASSES, "tuned")
+    tuned = _run(PASSES, "tuned")
     assert tuned["tuned"] is True
-    assert default["faults"] > 25_000
-    assert tuned["faults"] * 3 < default["faults"]
+    # below half of one pass's pages over four passes; the default's count is given for the record, not asserted
+    # (it sits on glibc's moving trim threshold, so it is bimodal and could move with another glibc or torch)
+    assert tuned["faults"] < 12_800, {"tuned": tuned, "default": _run(PASSES, "default")}
 
 
 def test_detection_batches_fault_little_once_allocations_stay_mapped():
-    # measured on 2 cores, 1,024 detections: 37,000-100,000 faults by default (timing-dependent: the threshold
-    # moves with the order in which the NLM threads free their blocks), 0-6,300 with the setting
+    # a guard on the setting's effect at the detector, not a comparison: by default the count depends on thread
+    # timing (37,000-100,000 measured on 2 cores, and once 0 in a full test run); 0-6,300 with the setting
     assert _run(DETECTIONS)["faults"] < 20_000
+
+
+def test_operator_settings_win(monkeypatch):
+    from pipeline.runtime import keep_allocations_mapped
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert keep_allocations_mapped() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("EXPLAINER_MALLOC_TUNING", "0")
+    assert keep_allocations_mapped() is False
