@@ -162,10 +162,10 @@ STREAM_ROUNDS = 5
 # the batch every in-process figure is timed at, floors included: the batch a stream read carries (deploy/serve.yaml
 # ``batch: 256``) and the detector's fastest. Until stop 12 it was 64, where the detector's per-batch costs (its
 # NLM call, Python, thread hand-offs) weigh four times as much as at 256. Batch 256 used to be slow for floor and
-# detector alike only because glibc faulted each pass's memory in again; with pipeline.runtime's allocator setting
-# (which ``explainer`` applies at start) paired rounds gave floor / detector 3,060 / 2,346 images/s at 64, 3,104 /
-# 2,542 at 128 and 3,120 / 2,906 at 256 (docs/method.md, "Stop 12"). The floor at its own fastest batch of
-# FLOOR_PEER_BATCHES is reported too, a stricter peer.
+# detector alike, largely because glibc faulted each pass's memory in again; with pipeline.runtime's allocator
+# setting (which ``explainer`` applies at start) ad-hoc paired rounds gave floor / detector 3,060 / 2,346
+# images/s at 64, 3,104 / 2,542 at 128 and 3,120 / 2,906 at 256 (docs/method.md, "Stop 12"). The best of the
+# floor's timings at FLOOR_PEER_BATCHES in each round is reported too, a stricter peer, and the floor by batch.
 BATCH = 256
 FLOOR_PEER_BATCHES = (64, 128, 256)
 
