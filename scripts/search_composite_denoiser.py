@@ -21,16 +21,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_config import signals  # noqa: E402
+from search_config import VALIDATION_ATTACKS as ATTACK_NAMES  # noqa: E402
+from search_config import signals, validation_split  # noqa: E402
 
-from pipeline import Detector, DetectorConfig, load_model, load_test_digits  # noqa: E402
-from pipeline.attacks import ATTACKS  # noqa: E402
+from pipeline import Detector, DetectorConfig, load_model  # noqa: E402
 from pipeline.baselines.feature_squeezing import median_filter  # noqa: E402
 from pipeline.calibration import fit_calibration  # noqa: E402
 from pipeline.data import PROJECT_ROOT  # noqa: E402
-from pipeline.evaluation import roc_auc, run_attack  # noqa: E402
+from pipeline.evaluation import roc_auc  # noqa: E402
 
-ATTACK_NAMES = ("pgd", "bim", "mim", "cw-linf", "cw-l2", "cw-l0")
 ORDERS = {
     "nlm": "NLM, with the separate median check (shipped)",
     "median_nlm": "NLM of the 2×2-median-filtered digit, no median check",
@@ -60,13 +59,8 @@ def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
     model = load_model("mnist")
-    even = load_test_digits().parity("even")
-    is_val = np.arange(len(even.images)) % 10 == 0
-    cal_images, val_images, val_labels = even.images[~is_val], even.images[is_val], even.labels[is_val]
-    sets = {"clean": val_images}
-    for name in ATTACK_NAMES:
-        k = 150 if name == "cw-l0" else 300
-        sets[name] = run_attack(model, name, ATTACKS[name](), val_images[:k], val_labels[:k]).images
+    cal_images, sets = validation_split(model)
+    val_images = sets["clean"]
     lines = ["# Composite denoisers (even-indexed digits only)", "", __doc__.strip(), "",
              f"Validation: {len(val_images)} clean digits; adversarials: "
              + ", ".join(f"{k} {len(sets[k])}" for k in ATTACK_NAMES), "",

@@ -49,17 +49,28 @@ def signals(det: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def main(specs: list[str], out_path: str = "") -> None:
-    torch.manual_seed(0)
-    model = load_model("mnist")
+VALIDATION_ATTACKS = ("pgd", "bim", "mim", "cw-linf", "cw-l2", "cw-l0")
+
+
+def validation_split(model) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The calibration digits and the validation sets (clean, then each attack's successful adversarials) of the
+    split in this module's docstring; even-indexed test digits only."""
     even = load_test_digits().parity("even")
     is_val = np.arange(len(even.images)) % 10 == 0
     cal_images, val_images, val_labels = even.images[~is_val], even.images[is_val], even.labels[is_val]
     sets = {"clean": val_images}
-    for name in ("pgd", "bim", "mim", "cw-linf", "cw-l2", "cw-l0"):
+    for name in VALIDATION_ATTACKS:
         k = 150 if name == "cw-l0" else 300
         sets[name] = run_attack(model, name, ATTACKS[name](), val_images[:k], val_labels[:k]).images
         print(f"{name}: {len(sets[name])} validation adversarials", flush=True)
+    return cal_images, sets
+
+
+def main(specs: list[str], out_path: str = "") -> None:
+    torch.manual_seed(0)
+    model = load_model("mnist")
+    cal_images, sets = validation_split(model)
+    val_images = sets["clean"]
     lines = ["# Validation search (even-indexed digits only)", "", __doc__.strip(), "",
              f"Validation: {len(val_images)} clean digits; adversarials: "
              + ", ".join(f"{k} {len(v)}" for k, v in sets.items() if k != "clean"), ""]
