@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_config import VALIDATION_ATTACKS as ATTACK_NAMES  # noqa: E402
-from search_config import signals, validation_split  # noqa: E402
+from search_config import describe, signals, validation_split  # noqa: E402
 
 from pipeline import Detector, DetectorConfig, load_model  # noqa: E402
 from pipeline.baselines.feature_squeezing import median_filter  # noqa: E402
@@ -60,10 +60,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model("mnist")
     cal_images, sets = validation_split(model)
-    val_images = sets["clean"]
-    lines = ["# Composite denoisers (even-indexed digits only)", "", __doc__.strip(), "",
-             f"Validation: {len(val_images)} clean digits; adversarials: "
-             + ", ".join(f"{k} {len(sets[k])}" for k in ATTACK_NAMES), "",
+    lines = ["# Composite denoisers (even-indexed digits only)", "", __doc__.strip(), "", describe(sets), "",
              "| denoised copy | score | validation FPR | " + " | ".join(ATTACK_NAMES) + " |",
              "|---|---|---|" + "---|" * len(ATTACK_NAMES)]
     for order, label in ORDERS.items():

@@ -66,14 +66,17 @@ def validation_split(model) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return cal_images, sets
 
 
+def describe(sets: dict[str, np.ndarray]) -> str:
+    """One report line: how many validation digits and adversarials of each attack there are."""
+    return (f"Validation: {len(sets['clean'])} clean digits; adversarials: "
+            + ", ".join(f"{k} {len(v)}" for k, v in sets.items() if k != "clean"))
+
+
 def main(specs: list[str], out_path: str = "") -> None:
     torch.manual_seed(0)
     model = load_model("mnist")
     cal_images, sets = validation_split(model)
-    val_images = sets["clean"]
-    lines = ["# Validation search (even-indexed digits only)", "", __doc__.strip(), "",
-             f"Validation: {len(val_images)} clean digits; adversarials: "
-             + ", ".join(f"{k} {len(v)}" for k, v in sets.items() if k != "clean"), ""]
+    lines = ["# Validation search (even-indexed digits only)", "", __doc__.strip(), "", describe(sets), ""]
     for spec in specs:
         method, steps, h, *window = spec.split(":")
         template, search, median, squeeze = ([int(w) for w in window] + [0, 0])[:4] if window else (5, 11, 0, 0)
