@@ -18,6 +18,12 @@ from pipeline.detector import Detector
 from pipeline.explain import passes_per_image
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the kernels queued on ``device``: CUDA runs asynchronously, and a timing must include them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     """Fastest wall time of ``repeat`` calls after one warm-up call (seconds)."""
     fn()
@@ -62,6 +68,7 @@ def floor_throughput(
     def run() -> None:
         for _ in range(steps):
             step()
+        synchronize(det.model.device)
 
     seconds = best_of(run, repeat)
     return {"passes_per_image": 2 * passes, "inference_passes_per_image": checks, "batch": batch,

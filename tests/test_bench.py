@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
+from pipeline.data import SHARED_DATA
 from worker.bench import BATCH, FLOOR_PEER_BATCHES, ROUNDS, run_bench
 
 
@@ -31,3 +33,17 @@ def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
     assert r["floor_with_checks"]["inference_passes_per_image"] == 1
     report = (tmp_path / "report.md").read_text()
     assert "of the floor" in report and "per round" in report and (tmp_path / "bench.png").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample" / "labels.csv").exists(),
+                    reason="needs ../shared/data/imagenet-sample")
+def test_photo_bench_times_one_model_on_a_device_beside_its_floor(tmp_path):
+    from worker.bench import run_photo_bench
+
+    r = run_photo_bench(tmp_path, "resnet18", device="cpu", n=2, batch=2, log=lambda m: None)["photo"]
+    saved = json.loads((tmp_path / "results.json").read_text())["photo"]
+    assert saved["detections_per_s"] == r["detections_per_s"] > 0 and r["batch"] == 2 and r["photos"] == 2
+    assert r["device"].startswith("CPU") and r["weights"] == "random (timing only)"
+    assert r["ratio_to_floor"] == (r["floor_seconds_per_image"] / r["seconds_per_detection"])
+    report = (tmp_path / "report.md").read_text()
+    assert "detections/s" in report and "the detector reaches" in report

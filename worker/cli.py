@@ -233,10 +233,28 @@ def bench(
     n: int = typer.Option(1000, help="MNIST images per throughput run"),
     streaming: bool = typer.Option(True, help="also measure the Redis + Ray Serve path"),
     imagenet: bool = typer.Option(True, help="also time ResNet-18 (random weights) and MobileNetV2"),
+    model: str = typer.Option("mnist", help="mnist (the whole bench) or a photo model alone: resnet18, mobilenet_v2"),
+    weights: str | None = typer.Option(None, help="photo model weights (ResNet-18 without them: random, timing only)"),
+    device: str | None = typer.Option(None, help="photo models: the torch device, e.g. cuda (default: cpu)"),
+    batch: int = typer.Option(32, help="photo models: photos per detect call"),
+    photos: Path | None = typer.Option(None, help="photo models: a folder laid out as the shared imagenet-sample/"),
 ) -> None:
-    """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes results.json + report."""
-    from worker.bench import run_bench
+    """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes results.json + report.
+    With ``--model resnet18`` or ``mobilenet_v2``: that photo model's detections/s on ``--device``, beside its
+    floor (``--n`` real photos)."""
+    from worker.bench import run_bench, run_photo_bench
 
+    if model != "mnist":
+        if model not in ("resnet18", "mobilenet_v2"):
+            fail(f"unknown model {model!r}; choose mnist, resnet18 or mobilenet_v2")
+        try:
+            r = run_photo_bench(out, model, weights, device, n=min(n, 500), batch=batch, photos_dir=photos,
+                                log=lambda m: console.print(m))["photo"]
+        except (FileNotFoundError, RuntimeError) as exc:
+            fail(str(exc))
+        console.print(f"{model} on {r['device']}: {r['detections_per_s']:.1f} detections/s = "
+                      f"{r['ratio_to_floor']:.0%} of the floor; wrote {out}/results.json and {out}/report.md")
+        return
     r = run_bench(out, n, streaming, imagenet, log=lambda m: console.print(m))
     console.print(f"in-process {r['in_process']['throughput']:.0f}/s = {r['in_process']['ratio_to_floor']:.0%} of "
                   f"the floor; wrote {out}/results.json and {out}/report.md")
