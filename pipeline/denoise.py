@@ -9,12 +9,12 @@ tile into another and the result equals the per-image call bit for bit (``tests/
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from pipeline.threads import map_chunks
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,6 @@ class NLMParams:
     template: int = 3
     search: int = 5
     median: int = 0  # odd kernel of a median filter run before NLM (0: none); removes L0 spikes NLM keeps
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="nlm")
-    return _POOL
 
 
 def _denoise_one(img: np.ndarray, p: NLMParams) -> np.ndarray:
@@ -84,16 +74,5 @@ def denoise_batch(images: np.ndarray, params: NLMParams = NLMParams(), workers: 
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"denoise_batch takes uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
     out = np.empty_like(images)
-    n_workers = min(len(images), workers or (os.cpu_count() or 1))
-    if n_workers <= 1:
-        _denoise_chunk(images, out, params)
-        return out
-    bounds = np.linspace(0, len(images), n_workers + 1).astype(int)
-    futures = [
-        _pool().submit(_denoise_chunk, images[a:b], out[a:b], params)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        if b > a
-    ]
-    for f in futures:
-        f.result()
+    map_chunks(lambda chunk, dest: _denoise_chunk(chunk, dest, params), images, out, workers)
     return out

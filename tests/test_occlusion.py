@@ -58,3 +58,12 @@ def test_detector_with_occlusion_scores_the_occlusion_shift(digits):
 def test_detector_without_occlusion_has_no_occlusion_signal(detector, digits):
     res = detector.detect(digits.images[:8])
     assert res.occlusion_shift is None and "occlusion_shift" not in res.signals()
+
+
+def test_occlusion_on_several_threads_equals_one_thread():
+    rng = np.random.default_rng(1)
+    images = (rng.random((7, 40, 40, 3)) * 255).astype(np.uint8)
+    maps = rng.random((7, 3, 40, 40)).astype(np.float32)
+    one = occlude_top_relevance(images, maps, 0.05, workers=1)
+    np.testing.assert_array_equal(occlude_top_relevance(images, maps, 0.05, workers=3), one)
+    assert not np.array_equal(one, images)  # something was inpainted
