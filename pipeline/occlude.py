@@ -30,6 +30,8 @@ def occlude_top_relevance(images: np.ndarray, maps: np.ndarray, fraction: float,
                           ) -> np.ndarray:
     """uint8 (N, H, W, C) images with the top ``fraction`` of each map's relevance inpainted (Telea), one chunk of
     the batch per worker thread (default: one per core; OpenCV releases the GIL)."""
+    if len(maps) != len(images):
+        raise ValueError(f"{len(images)} images but {len(maps)} maps")
     masks = top_relevance_masks(maps, fraction)
     out = np.empty_like(images)
 

@@ -40,10 +40,23 @@ def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
 def test_photo_bench_times_one_model_on_a_device_beside_its_floor(tmp_path):
     from worker.bench import run_photo_bench
 
-    r = run_photo_bench(tmp_path, "resnet18", device="cpu", n=2, batch=2, log=lambda m: None)["photo"]
+    r = run_photo_bench(tmp_path, "resnet18", device="cpu", n=3, batch=2, log=lambda m: None)["photo"]
     saved = json.loads((tmp_path / "results.json").read_text())["photo"]
-    assert saved["detections_per_s"] == r["detections_per_s"] > 0 and r["batch"] == 2 and r["photos"] == 2
+    assert saved["detections_per_s"] == r["detections_per_s"] > 0 and r["batch"] == 2 and r["photos"] == 3
     assert r["device"].startswith("CPU") and r["weights"] == "random (timing only)"
     assert r["ratio_to_floor"] == (r["floor_seconds_per_image"] / r["seconds_per_detection"])
     report = (tmp_path / "report.md").read_text()
     assert "detections/s" in report and "the detector reaches" in report
+
+
+def test_bench_cli_refuses_options_it_would_ignore_and_unknown_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    runner = CliRunner()
+    for args, says in ((["--device", "cuda"], "apply to a photo model alone"),
+                       (["--model", "vgg"], "unknown model"),
+                       (["--model", "resnet18", "--photos", str(tmp_path)], "not found")):
+        res = runner.invoke(app, ["bench", "--out", str(tmp_path / "out"), *args])
+        assert res.exit_code != 0 and says in res.output, (args, res.output)

@@ -67,3 +67,23 @@ def test_occlusion_on_several_threads_equals_one_thread():
     one = occlude_top_relevance(images, maps, 0.05, workers=1)
     np.testing.assert_array_equal(occlude_top_relevance(images, maps, 0.05, workers=3), one)
     assert not np.array_equal(one, images)  # something was inpainted
+
+
+def test_occlusion_refuses_maps_that_do_not_match_the_images():
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="3 images but 2 maps"):
+        occlude_top_relevance(images, np.ones((2, 3, 8, 8), np.float32), 0.1)
+
+
+def test_chunks_mapped_from_inside_the_pool_run_there_instead_of_waiting_on_it():
+    from pipeline.threads import cpu_pool, map_chunks
+
+    def fill(chunk, dest):
+        dest[:] = chunk * 2
+
+    def nested(chunk, dest):  # a chunk that itself maps chunks, on a pool thread
+        map_chunks(fill, chunk, dest, workers=8)
+
+    x, out = np.arange(64), np.zeros(64, int)
+    cpu_pool().submit(map_chunks, nested, x, out, 64).result(timeout=30)
+    np.testing.assert_array_equal(out, x * 2)

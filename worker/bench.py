@@ -132,6 +132,8 @@ def imagenet_timing(name: str, weights: str | None, random_init: bool, n: int = 
         model.to(device)
     det = Detector(model, IMAGENET_CONFIG)
     photos = [read_image_file(p) for p, _ in load_imagenet_sample(photos_dir)[:n]]
+    if not photos:
+        raise ValueError(f"no photos to time in {photos_dir or 'the shared ImageNet sample'}")
     batch = min(batch or n, len(photos))
 
     def run() -> None:
@@ -167,13 +169,18 @@ def run_photo_bench(out: Path, model: str, weights: str | None = None, device: s
     random_init = weights is None and model == "resnet18"
     log(f"{model} on {device or 'cpu'}: {n} photos in batches of {batch}…")
     r = imagenet_timing(model, weights, random_init, n=n, device=device, batch=batch, photos_dir=photos_dir)
-    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "device": r["device"]},
-               "photo": r}
+    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "device": r["device"],
+                           "cpus": os.cpu_count()},  # NLM and inpainting run on the CPU whatever the device
+               "photo": {**r, "photos_dir": str(photos_dir) if photos_dir else "the shared ImageNet sample"}}
+    r = results["photo"]
+    flags = "".join(f" --{k} {v}" for k, v in (("weights", weights), ("photos", photos_dir)) if v)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Benchmark: one photo model", "",
-             f"Command: `explainer bench --model {model} --device {device or 'cpu'} --n {n} --batch {batch}"
-             f" --out {out}` on {r['device']} ({platform.platform()}, torch {torch.__version__}).", "",
-             f"- {model} ({r['weights']}), {r['photos']} real ImageNet photos at 224×224 in batches of {r['batch']}, "
+             f"Command: `explainer bench --model {model} --device {device or 'cpu'} --n {n} --batch {r['batch']}"
+             f"{flags} --out {out}` on {r['device']} ({platform.platform()}, {os.cpu_count()} CPU cores for NLM "
+             f"and inpainting, torch {torch.__version__}).", "",
+             f"- {model} ({r['weights']}), {r['photos']} photos from {r['photos_dir']}, prepared to 224×224, in "
+             f"batches of {r['batch']}, "
              f"the shipped photo configuration (Grad-CAM, NLM, occlusion): **{r['detections_per_s']:.1f} "
              f"detections/s** ({r['seconds_per_detection']:.3f} s per detection)",
              f"- floor (plain torch, {r['passes_per_image']} forward+backward passes per image, same batch and "
