@@ -24,13 +24,19 @@ from worker.testing import faultkit as fk
 from worker.testing.reliability import Figures, Log, digits, environment, finish_with, push_valid, settle
 
 
-def replica_pid(deployment: str, app: str = "explainer") -> int:
-    """The PID of a live Serve replica of ``deployment`` (Ray titles it ``ray::ServeReplica:<app>:<name>``)."""
+def replica_pid(deployment: str, app: str = "explainer", timeout_s: float = 60.0) -> int:
+    """The PID of a live Serve replica of ``deployment`` (Ray titles it ``ray::ServeReplica:<app>:<name>``),
+    waiting up to ``timeout_s`` for one: a replica being replaced has no such process for a moment (once, in a
+    full slow run, the lookup found none)."""
     title = f"ServeReplica:{app}:{deployment}"
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if any(title in part for part in (p.info["cmdline"] or [])):
-            return p.info["pid"]
-    raise LookupError(f"no process titled {title}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(title in part for part in (p.info["cmdline"] or [])):
+                return p.info["pid"]
+        if time.monotonic() > deadline:
+            raise LookupError(f"no process titled {title} within {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def serve_replica_kill(workdir: Path, n: int = 2000, log: Log = print) -> Figures:
