@@ -246,30 +246,30 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
     # the rounds is reported; a best-of-each ratio rewards whichever side happened to catch a fast moment
     def one_round() -> tuple:
         # the floor at the other batches too: the best of its timings at FLOOR_PEER_BATCHES is a stricter peer
-        others = {b: floor_throughput(det, batch=b, repeat=1, images=len(images)) for b in FLOOR_PEER_BATCHES
-                  if b != BATCH}
+        others = {b: floor_throughput(det, batch=b, repeat=1, images=len(images))["images_per_s"]
+                  for b in FLOOR_PEER_BATCHES if b != BATCH}
         floor = floor_throughput(det, batch=BATCH, repeat=1, images=len(images))
-        by_batch = {BATCH: floor, **others}
-        best = max(by_batch.values(), key=lambda f: f["images_per_s"])
         return (floor, floor_throughput(det, batch=BATCH, repeat=1, channels_last=True, images=len(images)),
                 floor_throughput(det, batch=BATCH, repeat=1, images=len(images), with_checks=True),
-                best, detector_throughput(det, images, BATCH, repeat=1),
-                {b: f["images_per_s"] for b, f in sorted(by_batch.items())})
+                detector_throughput(det, images, BATCH, repeat=1),
+                dict(sorted({BATCH: floor["images_per_s"], **others}.items())))
 
     rounds = [one_round() for _ in range(ROUNDS)]
-    keys = ("floor", "floor_channels_last", "floor_with_checks", "floor_fastest_batch")
-    for i, key in enumerate(keys):
+    for i, key in enumerate(("floor", "floor_channels_last", "floor_with_checks")):
         results[key] = {**rounds[0][i], "images_per_s": float(np.median([r[i]["images_per_s"] for r in rounds])),
                         "rounds": [r[i]["images_per_s"] for r in rounds]}
-    results["floor_fastest_batch"]["batch"] = None  # it differs by round: see "batches"
-    results["floor_fastest_batch"]["batches"] = [r[3]["batch"] for r in rounds]
-    results["floor_by_batch"] = {b: {"images_per_s": float(np.median([r[5][b] for r in rounds])),
-                                     "rounds": [r[5][b] for r in rounds]} for b in rounds[0][5]}
-    results["in_process"] = {"batch": BATCH, "throughput": float(np.median([r[4] for r in rounds])),
-                             "rounds": [r[4] for r in rounds]}
-    for i, key in enumerate(("ratio_to_floor", "ratio_to_floor_channels_last", "ratio_to_floor_with_checks",
-                             "ratio_to_floor_fastest_batch")):
-        per_round = [r[4] / r[i]["images_per_s"] for r in rounds]
+    by_batch = [r[4] for r in rounds]
+    results["floor_by_batch"] = {b: {"images_per_s": float(np.median([f[b] for f in by_batch])),
+                                     "rounds": [f[b] for f in by_batch]} for b in by_batch[0]}
+    fastest = [max(f.values()) for f in by_batch]
+    results["floor_fastest_batch"] = {**results["floor"], "batch": None, "images_per_s": float(np.median(fastest)),
+                                      "rounds": fastest, "batches": [max(f, key=f.get) for f in by_batch]}
+    detector = [r[3] for r in rounds]
+    results["in_process"] = {"batch": BATCH, "throughput": float(np.median(detector)), "rounds": detector}
+    for key, peer in (("ratio_to_floor", "floor"), ("ratio_to_floor_channels_last", "floor_channels_last"),
+                      ("ratio_to_floor_with_checks", "floor_with_checks"),
+                      ("ratio_to_floor_fastest_batch", "floor_fastest_batch")):
+        per_round = [d / f for d, f in zip(detector, results[peer]["rounds"], strict=True)]
         results["in_process"][key] = float(np.median(per_round))
         results["in_process"][key + "_rounds"] = per_round
     results["stages_ms_per_image"] = stage_times(det, images[:BATCH])

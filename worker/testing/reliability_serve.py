@@ -29,14 +29,17 @@ def replica_pid(deployment: str, app: str = "explainer", timeout_s: float = 60.0
     waiting up to ``timeout_s`` for one: a replica being replaced has no such process for a moment (once, in a
     full slow run, the lookup found none)."""
     title = f"ServeReplica:{app}:{deployment}"
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def find() -> int | None:
         for p in psutil.process_iter(["pid", "cmdline"]):
             if any(title in part for part in (p.info["cmdline"] or [])):
                 return p.info["pid"]
-        if time.monotonic() > deadline:
-            raise LookupError(f"no process titled {title} within {timeout_s:.0f} s")
-        time.sleep(0.5)
+        return None
+
+    found: list[int | None] = []
+    if not fk.wait_until(lambda: found.append(find()) or found[-1] is not None, timeout_s, poll_s=0.5):
+        raise LookupError(f"no process titled {title} within {timeout_s:.0f} s")
+    return found[-1]
 
 
 def serve_replica_kill(workdir: Path, n: int = 2000, log: Log = print) -> Figures:
