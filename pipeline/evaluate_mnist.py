@@ -19,9 +19,9 @@ from pipeline.evaluation import (
     Progress,
     Scored,
     evaluation_metrics,
+    flags_ci95,
     machine_description,
     method_detector,
-    rate_ci95,
     roc_auc,
     run_attack,
     score_images,
@@ -61,7 +61,7 @@ def evaluate_mnist(
     metrics = {**evaluation_metrics("mnist", det, clean, runs, scored, target_fpr), "baselines": {}}
     flagged = clean.flagged[attacked]
     metrics["clean_fpr_attacked_digits"] = {"n": int(attacked.sum()), "fpr": float(flagged.mean()),
-                                            "ci95": rate_ci95(int(flagged.sum()), len(flagged))}
+                                            "ci95": flags_ci95(flagged)}
 
     log("baselines: Feature Squeezing and MagNet, calibrated on the same even-indexed digits…")
     x_cal, x_clean = to_tensor(cal.images), to_tensor(odd.images)
@@ -70,7 +70,7 @@ def evaluate_mnist(
     for bname, detector in baselines.items():
         detector.calibrate(x_cal, target_fpr)
         s_clean, f_clean = detector.score(x_clean), detector.detect(x_clean)
-        entry = {"clean_fpr": float(f_clean.mean()), "clean_fpr_ci95": rate_ci95(int(f_clean.sum()), len(f_clean)),
+        entry = {"clean_fpr": float(f_clean.mean()), "clean_fpr_ci95": flags_ci95(f_clean),
                  "attacks": {}}
         baseline_scores[bname] = {"clean": s_clean}
         for name, run in runs.items():

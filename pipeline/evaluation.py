@@ -60,6 +60,11 @@ def rate_ci95(hits: int, n: int) -> list[float]:
     return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
+def flags_ci95(flags: np.ndarray) -> list[float]:
+    """:func:`rate_ci95` of the share of True in ``flags`` (the images a detector flagged)."""
+    return rate_ci95(int(np.sum(flags)), len(flags))
+
+
 def roc_curve(clean: np.ndarray, adversarial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) at every threshold, for plotting."""
     thresholds = np.unique(np.concatenate([clean, adversarial]))[::-1]
@@ -149,7 +154,7 @@ def detection_metrics(clean: Scored, adv: Scored) -> dict:
     return {
         "n_adv": int(len(adv.score)),
         "detection_rate": float(adv.flagged.mean()) if len(adv.score) else float("nan"),
-        "detection_rate_ci95": rate_ci95(int(adv.flagged.sum()), len(adv.score)),
+        "detection_rate_ci95": flags_ci95(adv.flagged),
         "roc_auc": roc_auc(clean.score, adv.score),
         "sign_rule_detection_rate": float(adv.sign_flagged.mean()) if len(adv.score) else float("nan"),
         "sign_rule_fpr": float(clean.sign_flagged.mean()),
@@ -177,7 +182,7 @@ def evaluation_metrics(model: str, det: Detector, clean: Scored, runs: dict[str,
         "threshold": det.calibration.threshold, "calibration_images": det.calibration.images,
         "calibration_confidence": det.calibration.confidence, "calibration_folds": det.calibration.folds,
         "clean_fpr": float(clean.flagged.mean()),
-        "clean_fpr_ci95": rate_ci95(int(clean.flagged.sum()), len(clean.score)),
+        "clean_fpr_ci95": flags_ci95(clean.flagged),
         "sign_rule_fpr": float(clean.sign_flagged.mean()),
         "seconds_per_detection": clean.seconds / len(clean.score),
         "attacks": {

@@ -254,8 +254,10 @@ def bench(
         console.print(f"in-process {r['in_process']['throughput']:.0f}/s = {r['in_process']['ratio_to_floor']:.0%} "
                       f"of the floor; wrote {out}/results.json and {out}/report.md")
         return
-    if model not in ("resnet18", "mobilenet_v2"):
-        fail(f"unknown model {model!r}; choose mnist, resnet18 or mobilenet_v2")
+    from pipeline import MODEL_NAMES
+
+    if model not in MODEL_NAMES:
+        fail(f"unknown model {model!r}; choose {', '.join(MODEL_NAMES)}")
     import torch
 
     try:
