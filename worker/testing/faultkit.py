@@ -86,6 +86,21 @@ class WorkerProcess:
         self.proc.send_signal(signal.SIGKILL)
         return self.wait(30)
 
+    def kill9_holding(self, held: Callable[[], int], tries: int = 200) -> int:
+        """SIGKILL the worker while it holds entries: ``held()`` (its pending count) is read with the worker
+        stopped (SIGSTOP), so it cannot ack between the reading and the kill; when it holds none it runs on and
+        the next batch is tried. Returns the count it held when killed."""
+        count = 0
+        for _ in range(tries):
+            wait_until(lambda: held() > 0, 10, poll_s=0.002)
+            self.proc.send_signal(signal.SIGSTOP)
+            count = held()
+            if count > 0:
+                break
+            self.proc.send_signal(signal.SIGCONT)
+        self.kill9()
+        return count
+
     def term(self, timeout_s: float = 60.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout_s)

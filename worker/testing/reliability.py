@@ -152,9 +152,7 @@ def kill_consumer(workdir: Path, n: int = 2000, kills: int = 2, log: Log = print
         for k in range(kills):
             fk.wait_until(lambda k=k: subs.count(want) >= (k + 1) * n // (kills + 2), 300)
             victim = live[k % len(live)]  # a ready worker; replacements start in the background
-            fk.wait_until(lambda v=victim: fk.pending(env.client, env.names, v.consumer) > 0, 10, poll_s=0.002)
-            victim.kill9()
-            orphaned.append(fk.pending(env.client, env.names, victim.consumer))
+            orphaned.append(victim.kill9_holding(lambda v=victim: fk.pending(env.client, env.names, v.consumer)))
             log(f"  killed {victim.consumer} (pid {victim.pid}) holding {orphaned[-1]} entries at "
                 f"{subs.count(want)}/{n} verdicts")
             env.worker(f"{victim.consumer}-r{k + 1}")
