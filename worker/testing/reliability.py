@@ -322,6 +322,9 @@ def backpressure(workdir: Path, n: int = 4000, pad_kib: int = 32, log: Log = pri
         produce_s = time.monotonic() - tp
         backlog_mib = n * len(entries[0]["data"]) / 2**20
         del entries
+        # one sample as the push ends, then every 0.25 s: a worker that drained the stream while the producer was
+        # still pushing (once, in a CI simulation) would otherwise leave no sample at all
+        samples.append((time.monotonic() - tp, w.rss_mb(), int(env.client.xlen(env.names.images))))
         while not subs.wait_for(set(ids), 0.25):
             samples.append((time.monotonic() - tp, w.rss_mb(), int(env.client.xlen(env.names.images))))
             if time.monotonic() - tp > 900:
