@@ -33,6 +33,9 @@ SIGNALS: dict[str, str] = {
     "occlusion_shift": "two-sided",
     # MNIST (validation search of even digits): CW-L0's isolated saturated pixels are undone by a 2×2 median
     "median_shift": "upper",
+    # ImageNet (even-photo validation, reports/imagenet_activation_probe.md): how hard the image drives the
+    # Grad-CAM layer's features (pipeline.detector.pooled_activation_norm); a patch and BIM/PGD raise it
+    "activation_norm": "upper",
 }
 # the signals the shipped score combines, chosen on a validation split of even-indexed digits
 # (reports/mnist_validation_search.md, reports/mnist_squeeze_search.md, docs/method.md): the first two compare

@@ -6,7 +6,8 @@ for the predictions and one Captum call for the 2N explanation maps (originals a
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -42,7 +43,8 @@ class DetectorConfig:
     # once more; 0 = off. It gives the ``median_shift`` signal: the second denoiser that catches CW-L0's few
     # saturated pixels, which NLM keeps (docs/method.md; chosen on the validation split of even digits).
     median: int = 2
-    # the signals the calibrated score combines (pipeline.calibration.SIGNALS)
+    # the signals the calibrated score combines (pipeline.calibration.SIGNALS); ``activation_norm`` is measured
+    # only when listed here (it costs a hook on the Grad-CAM layer, nothing more)
     signals: tuple[str, ...] = SCORE_SIGNALS
 
     def __post_init__(self) -> None:
@@ -77,20 +79,25 @@ def to_uint8_hwc(x: np.ndarray) -> np.ndarray:
 class Explained:
     """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first;
     with occlusion on, the softmax outputs (N, K) of the originals with their most relevant region inpainted;
-    with the median check on, those (N, K) of the median-filtered originals."""
+    with the median check on, those (N, K) of the median-filtered originals; with ``activation_norm`` among the
+    signals, that signal (N,) of the originals."""
 
     probs: np.ndarray
     maps: np.ndarray
     occluded_probs: np.ndarray | None = None
     median_probs: np.ndarray | None = None
+    activation_norm: np.ndarray | None = None
 
     def part(self, a: int, b: int) -> Explained:
         """The images a..b of the batch (their originals and their denoised copies)."""
         n = len(self.probs) // 2
         rows = np.r_[a:b, n + a : n + b]
-        occluded = None if self.occluded_probs is None else self.occluded_probs[a:b]
-        median = None if self.median_probs is None else self.median_probs[a:b]
-        return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=occluded, median_probs=median)
+
+        def originals(x: np.ndarray | None) -> np.ndarray | None:
+            return None if x is None else x[a:b]
+
+        return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=originals(self.occluded_probs),
+                         median_probs=originals(self.median_probs), activation_norm=originals(self.activation_norm))
 
     @classmethod
     def concat(cls, parts: list[Explained]) -> Explained:
@@ -107,7 +114,7 @@ class Explained:
             return None if arrays[0] is None else np.concatenate(arrays)
 
         return cls(probs=both("probs"), maps=both("maps"), occluded_probs=originals("occluded_probs"),
-                   median_probs=originals("median_probs"))
+                   median_probs=originals("median_probs"), activation_norm=originals("activation_norm"))
 
 
 @dataclass
@@ -128,6 +135,7 @@ class DetectionResult:
     maps: np.ndarray | None = None  # attribution maps of the originals (N, H, W), when asked for
     occlusion_shift: np.ndarray | None = None  # with occlusion on (DetectorConfig.occlusion)
     median_shift: np.ndarray | None = None  # with the median check on (DetectorConfig.median)
+    activation_norm: np.ndarray | None = None  # with "activation_norm" among DetectorConfig.signals
 
     def __len__(self) -> int:
         return len(self.score)
@@ -145,6 +153,7 @@ class DetectionResult:
             "map_shift": self.map_shift,
             **({} if self.occlusion_shift is None else {"occlusion_shift": self.occlusion_shift}),
             **({} if self.median_shift is None else {"median_shift": self.median_shift}),
+            **({} if self.activation_norm is None else {"activation_norm": self.activation_norm}),
         }
 
     def rows(self) -> list[dict]:
@@ -156,6 +165,30 @@ class DetectionResult:
             {**{n: cols[n][i] for n in names}, "threshold": self.threshold, "rule": self.rule}
             for i in range(len(self))
         ]
+
+
+@contextmanager
+def first_output(layer: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """A list that receives ``layer``'s output of the first forward pass run inside the block (detached): the
+    prediction pass, not the passes Captum runs after it."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output) -> None:
+        if not seen:
+            seen.append(output.detach())
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def pooled_activation_norm(activations: torch.Tensor) -> np.ndarray:
+    """The ``activation_norm`` signal of (N, C, h, w) activations: the L2 norm over channels of each channel's
+    spatial maximum. It says how hard the image drives the last block's features at their strongest; a patch
+    and iterative L∞ attacks drive them beyond clean photos (upper tail; docs/method.md, stop 13)."""
+    return activations.float().amax(dim=(2, 3)).norm(dim=1).cpu().numpy()
 
 
 class Detector:
@@ -227,16 +260,22 @@ class Detector:
         Safe to call from several threads at once (the Serve Explainer overlaps batches): gradient-only methods
         share nothing but the read-only weights; hook-based ones are serialised on the model's lock (shared by every
         Detector of that model)."""
-        hooked = self.config.method not in GRADIENT_ONLY_METHODS
+        hooked = self.config.method not in GRADIENT_ONLY_METHODS or self._wants_activation_norm
         with self.model.hooks_lock if hooked else nullcontext():
             return self._explain_pair(x, xd)
+
+    @property
+    def _wants_activation_norm(self) -> bool:
+        return "activation_norm" in self.config.signals
 
     def _explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         n = len(x)
         device = self.model.device
         both = torch.from_numpy(np.concatenate([x, xd])).to(device).contiguous(memory_format=torch.channels_last)
-        probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
-                                          self.model.gradcam_layer)
+        with (first_output(self.model.gradcam_layer) if self._wants_activation_norm else nullcontext()) as seen:
+            probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
+                                              self.model.gradcam_layer)
+        activation_norm = None if seen is None else pooled_activation_norm(seen[0][:n])
         maps = np.ascontiguousarray(attr.float().cpu().numpy())
         occluded_probs = None
         if self.config.occlusion > 0:
@@ -251,7 +290,7 @@ class Detector:
                 median_probs = torch.softmax(
                     self.model.net(xm.contiguous(memory_format=torch.channels_last)).float(), dim=1).cpu().numpy()
         return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs,
-                         median_probs=median_probs)
+                         median_probs=median_probs, activation_norm=activation_norm)
 
     def measure(self, explained: Explained) -> dict[str, np.ndarray]:
         """Per-image signals from the maps and predictions: entropies before/after, prediction shift."""
@@ -270,6 +309,8 @@ class Detector:
                {"occlusion_shift": np.abs(probs[:n] - explained.occluded_probs).sum(1).astype(np.float64)}),
             **({} if explained.median_probs is None else
                {"median_shift": np.abs(probs[:n] - explained.median_probs).sum(1).astype(np.float64)}),
+            **({} if explained.activation_norm is None else
+               {"activation_norm": explained.activation_norm.astype(np.float64)}),
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
@@ -296,7 +337,7 @@ class Detector:
             prediction_shift=s["prediction_shift"], map_shift=s["map_shift"], score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
             maps=explained.maps[:n].sum(1) if return_maps else None, occlusion_shift=s.get("occlusion_shift"),
-            median_shift=s.get("median_shift"),
+            median_shift=s.get("median_shift"), activation_norm=s.get("activation_norm"),
         )
 
     # -- whole batches in-process ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pipeline.evaluation import roc_curve  # noqa: E402
 PAPER_ROWS = [("cw-l0", "CW (L0)", 99.8, 86, 91), ("cw-l2", "CW (L2)", 99.9, 86, 100),
               ("cw-linf", "CW (L∞)", 80, 96, 100), ("bim", "BIM", 80, 100, 98), ("mim", "MIM", 80, 100, 98)]
 SIGNAL_NAMES = ("entropy_original", "entropy_denoised", "entropy_change", "prediction_shift", "map_shift",
-                "occlusion_shift", "median_shift")
+                "occlusion_shift", "median_shift", "activation_norm")
 
 
 def signal_names(m: dict) -> list[str]:

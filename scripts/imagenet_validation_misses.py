@@ -2,12 +2,13 @@
 
 Even photos only, from scripts/search_imagenet.py's split and cache (calibration: the 125 even photos at even
 positions, which also train the patch; validation: the other 125 even photos, clean and attacked). The shipped
-score (max over entropy_original, occlusion_shift and prediction_shift of their tail scores) is cross-fitted over
-5 folds on the calibration photos, as the evaluation fits it. For each missed patched photo the report lists its
+score (max over the tail scores of pipeline.configs.IMAGENET_CONFIG's signals: entropy_original, occlusion_shift
+and prediction_shift until stop 12, activation_norm added in stop 13) is cross-fitted over 5 folds on the
+calibration photos, as the evaluation fits it. For each missed patched photo the report lists its
 prediction, confidence and per-signal tail scores. It then compares the max with the sum of the tail scores
 (Fisher's way of pooling p-values), by validation ROC-AUC and by detection at the 95th percentile of the
 validation clean photos' own scores (in-sample, the same for both: a comparison, not an evaluation), and adds the
-lower tail of the confidence (the misses' is low) as a fourth signal.
+lower tail of the confidence (the misses' is low) as one more signal.
 
 Run: python scripts/imagenet_validation_misses.py   (writes reports/imagenet_validation_misses.md)
 """
@@ -67,7 +68,7 @@ def main() -> None:
         cut = np.quantile(score(clean), 0.95)
         cells = [f"{roc_auc(score(clean), score(sig[a])):.3f} / {np.mean(score(sig[a]) > cut):.1%}" for a in attacks]
         lines.append(f"| {pooling} | " + " | ".join(cells) + " |")
-    # most misses are classified with low confidence: does the confidence's lower tail, as a fourth signal, help?
+    # most misses are classified with low confidence: does the confidence's lower tail, as one more signal, help?
     for k in sig:
         sig[k]["negated_confidence"] = -sig[k]["confidence"]
     with_conf = fit_calibration(sig["calibration"], 0.05, model="mobilenet_v2", method="gradcam", entropy="spatial",

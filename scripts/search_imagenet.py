@@ -3,8 +3,10 @@
 Split, as in scripts/probe_imagenet.py: the even photos at even positions of that list (125) are the calibration
 photos (clean) and train the universal patch; the other 125 even photos are the validation photos, clean and
 attacked (patch, BIM, PGD at the evaluation's parameters). For each candidate configuration the signals are
-computed once; each candidate set of signals is calibrated at 5% FPR on the calibration photos only and reported
-as validation FPR and detection rate / ROC-AUC per attack. Writes reports/imagenet_validation_search.md.
+computed once; each candidate set of signals is calibrated at 5% FPR on the calibration photos only, cross-fitted
+over pipeline.configs.PHOTO_CALIBRATION_FOLDS folds as the evaluation does (until stop 12 this search split them in
+halves), and reported as validation FPR and detection rate / ROC-AUC per attack.
+Writes reports/imagenet_validation_search.md.
 
 The photos, the attacked photos and each configuration's signals are cached under .explainer/cache/ (keyed by
 the patch steps and the configuration), so trying another signal set or tail costs seconds, not half an hour.
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.calibration import fit_calibration
-from pipeline.configs import IMAGENET_CONFIG
+from pipeline.configs import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS
 from pipeline.detector import Detector
 from pipeline.evaluate_imagenet import even_photo_validation
 from pipeline.evaluation import roc_auc
@@ -49,6 +51,11 @@ SIGNAL_SETS = (
     (("occlusion_shift", "prediction_shift"), UPPER),
     (("entropy_original", "occlusion_shift", "prediction_shift"), {}),
     (("entropy_original", "occlusion_shift", "prediction_shift"), UPPER),
+    # stop 13: the activation norm (reports/imagenet_activation_probe.md), alone and as a fourth signal
+    (("activation_norm",), {}),
+    (("entropy_original", "occlusion_shift", "activation_norm"), {}),
+    (("occlusion_shift", "prediction_shift", "activation_norm"), {}),
+    (("entropy_original", "occlusion_shift", "prediction_shift", "activation_norm"), {}),
 )
 
 
@@ -119,7 +126,8 @@ def main() -> None:
             if any(s not in signals["calibration"] for s in use):
                 continue
             c = fit_calibration(signals["calibration"], 0.05, model="mobilenet_v2", method=config.method,
-                                entropy=config.entropy, images="", use=use, tails=tails)
+                                entropy=config.entropy, images="", use=use, tails=tails,
+                                folds=PHOTO_CALIBRATION_FOLDS)
             score = {k: c.score(signals[k]) for k in sets}
             cells = [f"{np.mean(score[k] > c.threshold):.1%} / {roc_auc(score['clean'], score[k]):.3f}"
                      for k in attacks]
