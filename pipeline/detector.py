@@ -44,7 +44,8 @@ class DetectorConfig:
     # saturated pixels, which NLM keeps (docs/method.md; chosen on the validation split of even digits).
     median: int = 2
     # the signals the calibrated score combines (pipeline.calibration.SIGNALS); ``activation_norm`` is measured
-    # only when listed here (it costs a hook on the Grad-CAM layer, nothing more)
+    # only when listed here (a hook on the Grad-CAM layer during the prediction's pass, no extra pass; it puts
+    # the explanation on the model's lock, see Detector.explain_pair)
     signals: tuple[str, ...] = SCORE_SIGNALS
 
     def __post_init__(self) -> None:
@@ -258,7 +259,8 @@ class Detector:
         inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each).
 
         Safe to call from several threads at once (the Serve Explainer overlaps batches): gradient-only methods
-        share nothing but the read-only weights; hook-based ones are serialised on the model's lock (shared by every
+        share nothing but the read-only weights; hook-based ones, and any method when ``activation_norm`` is among
+        the signals (its hook sits on the shared model), are serialised on the model's lock (shared by every
         Detector of that model)."""
         hooked = self.config.method not in GRADIENT_ONLY_METHODS or self._wants_activation_norm
         with self.model.hooks_lock if hooked else nullcontext():
@@ -275,7 +277,11 @@ class Detector:
         with (first_output(self.model.gradcam_layer) if self._wants_activation_norm else nullcontext()) as seen:
             probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
                                               self.model.gradcam_layer)
-        activation_norm = None if seen is None else pooled_activation_norm(seen[0][:n])
+        activation_norm = None
+        if seen is not None:
+            if not seen or len(seen[0]) != 2 * n:  # another caller's pass, or none: never score a foreign tensor
+                raise RuntimeError("the Grad-CAM layer's hook did not see this batch's prediction pass")
+            activation_norm = pooled_activation_norm(seen[0][:n])
         maps = np.ascontiguousarray(attr.float().cpu().numpy())
         occluded_probs = None
         if self.config.occlusion > 0:

@@ -45,6 +45,7 @@ from pipeline.models import TargetModel, load_model
 TOASTER = 859
 IMAGENET_ATTACKS = {
     "bim": partial(BIM, eps=8 / 255, alpha=2 / 255, steps=10),
+    "bim-early": partial(BIM, eps=8 / 255, alpha=2 / 255, steps=10, early_stop=True),
     "pgd": partial(PGD, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True),
     "patch": partial(AdversarialPatch, patch_size=64, target_class=TOASTER, steps=200, lr=0.1, batch_size=8),
 }

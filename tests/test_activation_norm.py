@@ -45,7 +45,9 @@ def test_first_output_keeps_only_the_first_pass_and_removes_its_hook():
 
 def test_detector_measures_activation_norm_as_a_direct_pass_does(digits):
     model = load_model("mnist")
-    for method in ("gradcam", "saliency"):  # Captum's passes come after the prediction's; saliency has one
+    # saliency has one pass; Grad-CAM's second pass sees the same batch; IG's passes see scaled images, so a hook
+    # that kept any pass but the prediction's would fail here
+    for method in ("gradcam", "saliency", "ig"):
         det = Detector(model, DetectorConfig(method=method, median=0, signals=SIGNALS))
         x = det.prepare(digits.images[:12])
         explained = det.explain_pair(x, det.denoise(x))

@@ -45,7 +45,7 @@ def check_output(x_adv: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def test_registry_has_every_attack() -> None:
-    assert set(ATTACKS) == {"fgsm", "pgd", "bim", "mim", "cw-l2", "cw-linf", "cw-l0", "patch"}
+    assert set(ATTACKS) == {"fgsm", "pgd", "bim", "bim-early", "mim", "cw-l2", "cw-linf", "cw-l0", "patch"}
     for factory in ATTACKS.values():
         assert isinstance(factory(), Attack)
     assert ATTACKS["pgd"]().params() == {"eps": 0.3, "alpha": 0.01, "steps": 40, "random_start": True}
@@ -87,6 +87,33 @@ def test_linf_attacks(net: nn.Module, digits, attack: Attack) -> None:
     check_output(x_adv, x)
     assert (x_adv - x).abs().max() <= attack.eps + 1e-6
     assert success_rate(net, x_adv, y, correct) >= 0.9
+
+
+def test_early_stopped_bim_stops_at_the_boundary(net: nn.Module, digits) -> None:
+    """Each image is frozen once misclassified: as successful as the full attack, within the same bound, but
+    closer to the clean image and far less confident than the full attack's overshoot."""
+    x, y, correct = digits
+    full, early = BIM(eps=0.3, alpha=0.02, steps=20), BIM(eps=0.3, alpha=0.02, steps=20, early_stop=True)
+    x_full, x_early = full(net, x, y), early(net, x, y)
+    check_output(x_early, x)
+    assert (x_early - x).abs().max() <= 0.3 + 1e-6
+    assert success_rate(net, x_early, y, correct) >= 0.9
+    fooled = correct & (net(x_early).argmax(1) != y)
+    with torch.no_grad():
+        conf_early = torch.softmax(net(x_early[fooled]), 1).amax(1)
+        conf_full = torch.softmax(net(x_full[fooled]), 1).amax(1)
+    assert conf_early.median() < 0.9 < conf_full.median()
+    assert ((x_early - x).abs().flatten(1).sum(1) <= (x_full - x).abs().flatten(1).sum(1) + 1e-4)[fooled].all()
+    # each one is the full attack's iterate at the first step that fooled the model
+    first = torch.full((len(x),), -1)
+    for k in range(1, 21):
+        x_k = BIM(eps=0.3, alpha=0.02, steps=k)(net, x, y)
+        with torch.no_grad():
+            newly = (first < 0) & (net(x_k).argmax(1) != y)
+        for i in torch.nonzero(newly).flatten().tolist():
+            first[i] = k
+            torch.testing.assert_close(x_early[i], x_k[i], atol=1e-6, rtol=0)
+    assert (first[fooled] > 0).all()
 
 
 def test_pgd_small_eps_respected(net: nn.Module, digits) -> None:

@@ -11,6 +11,7 @@ arguments override them):
 fgsm      FGSM(eps=0.3)
 pgd       PGD(eps=0.3, alpha=0.01, steps=40, random_start=True)  (Madry et al.)
 bim       BIM(eps=0.3, alpha=0.01, steps=40)  (no random start)
+bim-early BIM(eps=0.3, alpha=0.01, steps=40, early_stop=True)  (each image frozen once misclassified)
 mim       MIM(eps=0.3, alpha=eps/steps=0.03, steps=10, decay=1.0)  (Dong et al.)
 cw-l2     CWL2(c=1.0 initial, kappa=0, steps=100, binary_search_steps=5, lr=0.1)
 cw-linf   CWLinf(eps=0.3, alpha=0.01, steps=100, kappa=50, random_start=True)  (PGD on the CW margin loss)
@@ -38,6 +39,7 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "fgsm": partial(FGSM, eps=0.3),
     "pgd": partial(PGD, eps=0.3, alpha=0.01, steps=40, random_start=True),
     "bim": partial(BIM, eps=0.3, alpha=0.01, steps=40),
+    "bim-early": partial(BIM, eps=0.3, alpha=0.01, steps=40, early_stop=True),
     "mim": partial(MIM, eps=0.3, alpha=None, steps=10, decay=1.0),
     "cw-l2": partial(CWL2, c=1.0, kappa=0.0, steps=100, binary_search_steps=5, lr=0.1),
     "cw-linf": partial(CWLinf, eps=0.3, alpha=0.01, steps=100, kappa=50.0, random_start=True),
