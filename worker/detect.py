@@ -25,6 +25,11 @@ VERDICT_FIELDS = (
 )
 
 
+# signals a verdict already carries as fields of their own (entropy_change is their difference)
+_TOP_LEVEL_SIGNALS = frozenset({"entropy_original", "entropy_denoised", "entropy_change", "prediction_shift",
+                                "map_shift"})
+
+
 def _model_name(detector: Any) -> str:
     model = getattr(detector, "model", None)
     return getattr(model, "name", None) or "mnist"
@@ -45,6 +50,9 @@ def error_verdict(req: wire.Request, message: str, method: str | None = None) ->
 def _verdicts(detector: Any, reqs: Sequence[wire.Request], images: np.ndarray, with_maps: bool) -> list[dict]:
     res = detector.detect(images, return_maps=with_maps)
     method = detector.config.method
+    # the detector's other signals (median_shift, occlusion_shift, activation_norm, when configured), so that a
+    # subscriber sees every input of the score, not only the paper's
+    extra = {k: v.tolist() for k, v in res.signals().items() if k not in _TOP_LEVEL_SIGNALS}
     out = []
     for i, req in enumerate(reqs):
         v = {
@@ -63,6 +71,8 @@ def _verdicts(detector: Any, reqs: Sequence[wire.Request], images: np.ndarray, w
             "prediction_shift": float(res.prediction_shift[i]),
             "map_shift": float(res.map_shift[i]),
         }
+        if extra:
+            v["signals"] = {k: vals[i] for k, vals in extra.items()}
         if req.heatmap and res.maps is not None:
             v["heatmap"] = wire.heatmap_field(res.maps[i])
         out.append(v)
