@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,7 @@ def evaluate(
     n, out = n or 1000, out or Path("reports/mnist")
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     metrics = evaluate_mnist(names, n, out, n_methods=n_methods, methods=method_list,
-                             log=lambda msg: console.print(msg), command="explainer " + " ".join(sys.argv[1:]))
+                             log=lambda msg: console.print(msg), command="explainer " + shlex.join(sys.argv[1:]))
     table = Table("attack", "success", "n adv", "detection", "ROC-AUC", "MagNet", "FS",
                   title=f"clean FPR {metrics['clean_fpr']:.1%} (target {metrics['target_fpr']:.0%})")
     for name, a in metrics["attacks"].items():
@@ -215,7 +216,7 @@ def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, 
         fail(f"unknown attack(s) {unknown} for ImageNet models; choose from {', '.join(IMAGENET_ATTACKS)}")
     try:
         metrics = evaluate_imagenet(model, weights, names, n, out, log=lambda msg: console.print(msg),
-                                    command="explainer " + " ".join(sys.argv[1:]))
+                                    command="explainer " + shlex.join(sys.argv[1:]))
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     table = Table("attack", "success", "n adv", "detection", "ROC-AUC",
