@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_imagenet import _photo_sets, config_signals  # noqa: E402
+from search_imagenet import _photo_sets, calibrated_cells, config_signals, photo_calibration  # noqa: E402
 
-from pipeline.calibration import fit_calibration  # noqa: E402
-from pipeline.configs import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS  # noqa: E402
+from pipeline.configs import IMAGENET_CONFIG  # noqa: E402
 from pipeline.data import PROJECT_ROOT  # noqa: E402
 from pipeline.detector import Detector  # noqa: E402
 from pipeline.evaluate_imagenet import TOASTER  # noqa: E402
@@ -41,8 +40,7 @@ def main() -> None:
     photos = _photo_sets(model, PATCH_STEPS, True)
     sig = config_signals(Detector(model, IMAGENET_CONFIG), photos, PATCH_STEPS, True)
     use = IMAGENET_CONFIG.signals
-    cal = fit_calibration(sig["calibration"], 0.05, model="mobilenet_v2", method="gradcam", entropy="spatial",
-                          images="", use=use, folds=PHOTO_CALIBRATION_FOLDS)
+    cal = photo_calibration(sig["calibration"], use)
     patch, clean = sig["patch"], sig["clean"]
     tails = {n: ref.tail_score(np.asarray(patch[n])) for n, ref in cal.signals.items()}
     missed = np.flatnonzero(cal.score(patch) <= cal.threshold)
@@ -71,15 +69,11 @@ def main() -> None:
     # most misses are classified with low confidence: does the confidence's lower tail, as one more signal, help?
     for k in sig:
         sig[k]["negated_confidence"] = -sig[k]["confidence"]
-    with_conf = fit_calibration(sig["calibration"], 0.05, model="mobilenet_v2", method="gradcam", entropy="spatial",
-                                images="", use=(*use, "negated_confidence"), tails={"negated_confidence": "upper"},
-                                folds=PHOTO_CALIBRATION_FOLDS)
+    with_conf = photo_calibration(sig["calibration"], (*use, "negated_confidence"), {"negated_confidence": "upper"})
     lines += ["", "Calibrated at 5% (cross-fitted on the calibration photos): validation FPR, detection % / ROC-AUC:",
               "", "| signals | validation FPR | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
     for c in (cal, with_conf):
-        sc = {k: c.score(sig[k]) for k in ("clean", *attacks)}
-        lines.append(f"| {', '.join(c.signals)} | {np.mean(sc['clean'] > c.threshold):.1%} | " + " | ".join(
-            f"{np.mean(sc[a] > c.threshold):.1%} / {roc_auc(sc['clean'], sc[a]):.3f}" for a in attacks) + " |")
+        lines.append(f"| {', '.join(c.signals)} | {calibrated_cells(c, sig, attacks)} |")
     out = PROJECT_ROOT / "reports" / "imagenet_validation_misses.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_imagenet import _photo_sets, config_signals  # noqa: E402
+from search_imagenet import _photo_sets, calibrated_cells, config_signals, photo_calibration  # noqa: E402
 
-import pipeline.calibration as calibration  # noqa: E402
-from pipeline.configs import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS  # noqa: E402
+from pipeline.configs import IMAGENET_CONFIG  # noqa: E402
 from pipeline.data import PROJECT_ROOT  # noqa: E402
 from pipeline.detector import Detector  # noqa: E402
+from pipeline.evaluate_imagenet import IMAGENET_ATTACKS  # noqa: E402
 from pipeline.evaluation import roc_auc, to_tensor  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.occlude import top_relevance_masks  # noqa: E402
@@ -83,30 +83,20 @@ def activation_signals(model, images: np.ndarray, batch: int = 32) -> dict[str, 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def early_stopped_bim(net, images: np.ndarray, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
-                      batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """BIM that freezes each photo at the first step where its prediction differs from the clean one; uint8
-    photos and a mask of those whose quantised result still fools the model."""
-    out, fooled = [], []
-    for i in range(0, len(images), batch):
-        x = to_tensor(images[i : i + batch])
-        with torch.no_grad():  # not inference_mode: y and the frozen photos take part in autograd below
-            y = net(x).argmax(1)
-        adv, active = x.clone(), torch.ones(len(x), dtype=torch.bool)
-        for _ in range(steps):
-            v = adv.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net(v), y, reduction="sum"), v)
-            step = (adv + alpha * grad.sign()).clamp(x - eps, x + eps).clamp(0, 1)
-            adv = torch.where(active[:, None, None, None], step, adv).detach()
-            with torch.no_grad():
-                active &= net(adv).argmax(1) == y
-            if not active.any():
-                break
-        u8 = np.round(adv.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
-        with torch.inference_mode():
-            fooled.append((net(to_tensor(u8)).argmax(1) != y).numpy())
-        out.append(u8)
-    return np.concatenate(out), np.concatenate(fooled)
+def early_stopped_bim(model, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The photos' ``bim-early`` (pipeline.evaluate_imagenet.IMAGENET_ATTACKS) with each photo's clean prediction
+    as its label; uint8 photos and a mask of those whose quantised result still fools the model."""
+    attack = IMAGENET_ATTACKS["bim-early"]()
+    with torch.inference_mode():
+        labels = torch.cat([model.net(to_tensor(images[i : i + batch])).argmax(1)
+                            for i in range(0, len(images), batch)])
+    out = np.concatenate([
+        np.round(attack(model.net, to_tensor(images[i : i + batch]), labels[i : i + batch].clone())
+                 .permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+        for i in range(0, len(images), batch)])
+    with torch.inference_mode():
+        fooled = torch.cat([model.net(to_tensor(out[i : i + batch])).argmax(1) for i in range(0, len(out), batch)])
+    return out, (fooled != labels).numpy()
 
 
 def main() -> None:
@@ -144,14 +134,9 @@ def main() -> None:
               "|---|---|" + "---|" * len(attacks)]
     for extra in ((), ("max_logit",), ("f18_peak_cell",), ("f18_mean_pooled",), ("f18_max_pooled",),
                   ("f16_max_pooled",)):  # the shipped three, then five magnitude signals added one at a time
-        use = SHIPPED + extra
-        c = calibration.fit_calibration(cal, 0.05, model="mobilenet_v2", method="gradcam", entropy="spatial",
-                                        images="", use=use, tails=dict.fromkeys(extra, "upper"),
-                                        folds=PHOTO_CALIBRATION_FOLDS)
-        sc = {k: c.score(sig[k]) for k in ("clean", *attacks)}
+        c = photo_calibration(cal, SHIPPED + extra, dict.fromkeys(extra, "upper"))
         label = " + ".join(("the shipped three", *extra))
-        lines.append(f"| {label} | {np.mean(sc['clean'] > c.threshold):.1%} | " + " | ".join(
-            f"{np.mean(sc[a] > c.threshold):.1%} / {roc_auc(sc['clean'], sc[a]):.3f}" for a in attacks) + " |")
+        lines.append(f"| {label} | {calibrated_cells(c, sig, attacks)} |")
     lines += ["", "## The activation-norm-guided occlusion in place of the Grad-CAM-guided one (two-sided, as "
               "occlusion_shift; cross-fitted calibration at 5%)", "",
               "| signals | validation FPR | " + " | ".join(f"{a}: detection / ROC-AUC" for a in attacks) + " |",
@@ -159,14 +144,10 @@ def main() -> None:
     for b in OCCLUDED_BY:
         occ = f"f{b}_norm_occlusion_shift"
         for use in ((occ,), ("entropy_original", occ, "prediction_shift")):
-            c = calibration.fit_calibration(cal, 0.05, model="mobilenet_v2", method="gradcam", entropy="spatial",
-                                            images="", use=use, tails={occ: "two-sided"},
-                                            folds=PHOTO_CALIBRATION_FOLDS)
-            sc = {k: c.score(sig[k]) for k in ("clean", *attacks)}
-            lines.append(f"| {', '.join(use)} | {np.mean(sc['clean'] > c.threshold):.1%} | " + " | ".join(
-                f"{np.mean(sc[a] > c.threshold):.1%} / {roc_auc(sc['clean'], sc[a]):.3f}" for a in attacks) + " |")
+            c = photo_calibration(cal, use, {occ: "two-sided"})
+            lines.append(f"| {', '.join(use)} | {calibrated_cells(c, sig, attacks)} |")
     lines += ["", "f18_max_pooled is the shipped `activation_norm` (pipeline.detector.pooled_activation_norm).", ""]
-    images, fooled = early_stopped_bim(model.net, photos["clean"])
+    images, fooled = early_stopped_bim(model, photos["clean"])
     stopped = Detector(model, IMAGENET_CONFIG).analyse_many(images[fooled], batch_size=16)
     lines += ["## The limit: BIM stopped at the first misclassification", "",
               f"{fooled.sum()} of {len(fooled)} validation photos fooled; their median confidence "
@@ -175,11 +156,8 @@ def main() -> None:
               f"(the 10-step BIM's {roc_auc(clean['activation_norm'], sig['bim']['activation_norm']):.3f}).", "",
               "| signals | validation FPR | early-stopped BIM: detection / ROC-AUC |", "|---|---|---|"]
     for use in (SHIPPED, IMAGENET_CONFIG.signals):
-        c = calibration.fit_calibration(cal, 0.05, model="mobilenet_v2", method="gradcam", entropy="spatial",
-                                        images="", use=use, folds=PHOTO_CALIBRATION_FOLDS)
-        sc_clean, sc_adv = c.score(clean), c.score(stopped)
-        lines.append(f"| {', '.join(use)} | {np.mean(sc_clean > c.threshold):.1%} | "
-                     f"{np.mean(sc_adv > c.threshold):.1%} / {roc_auc(sc_clean, sc_adv):.3f} |")
+        c = photo_calibration(cal, use)
+        lines.append(f"| {', '.join(use)} | {calibrated_cells(c, {'clean': clean, 'stopped': stopped}, ['stopped'])} |")
     lines += ["",
               f"Run time {(time.perf_counter() - start) / 60:.1f} min."]
     out = PROJECT_ROOT / "reports" / "imagenet_activation_probe.md"

@@ -25,11 +25,6 @@ VERDICT_FIELDS = (
 )
 
 
-# signals a verdict already carries as fields of their own (entropy_change is their difference)
-_TOP_LEVEL_SIGNALS = frozenset({"entropy_original", "entropy_denoised", "entropy_change", "prediction_shift",
-                                "map_shift"})
-
-
 def _model_name(detector: Any) -> str:
     model = getattr(detector, "model", None)
     return getattr(model, "name", None) or "mnist"
@@ -52,7 +47,8 @@ def _verdicts(detector: Any, reqs: Sequence[wire.Request], images: np.ndarray, w
     method = detector.config.method
     # the detector's other signals (median_shift, occlusion_shift, activation_norm, when configured), so that a
     # subscriber sees every input of the score, not only the paper's
-    extra = {k: v.tolist() for k, v in res.signals().items() if k not in _TOP_LEVEL_SIGNALS}
+    # (those without a verdict field of their own; entropy_change is the difference of two that have one)
+    extra = {k: v.tolist() for k, v in res.signals().items() if k not in VERDICT_FIELDS and k != "entropy_change"}
     out = []
     for i, req in enumerate(reqs):
         v = {
