@@ -45,15 +45,16 @@ def floor_throughput(
     leaves it. ``channels_last=True`` times the layout the detector itself runs in, a stricter peer.
     ``images``: time this many images per measurement (batches of ``batch``), so that the floor and the
     detector are timed over windows of the same length on a machine whose speed drifts (default: one batch).
-    ``with_checks=True`` adds the inference-only forward pass per image that each configured check makes beyond
-    the explanation (the median check, occlusion): the floor of everything the configured detector runs."""
+    ``with_checks=True`` adds the inference-only forward passes per image that the configured checks make beyond
+    the explanation (one each for the median check and occlusion, one per host for the transplant): the floor
+    of everything the configured detector runs."""
     passes = passes_per_image(det.config.method, det.config.explain)
     rows = 2 * batch * passes
     c, s = det.model.channels, det.model.size
     layout = torch.channels_last if channels_last else torch.contiguous_format
     net = copy.deepcopy(det.model.net).to(memory_format=layout)
     x = torch.rand(rows, c, s, s, device=det.model.device).contiguous(memory_format=layout).requires_grad_(True)
-    checks = (int(det.config.median > 0) + int(det.config.occlusion > 0)) if with_checks else 0
+    checks = inference_passes_per_image(det) if with_checks else 0
     xc = torch.rand(batch, c, s, s, device=det.model.device).contiguous(memory_format=layout)
 
     def step() -> None:
@@ -73,6 +74,12 @@ def floor_throughput(
     seconds = best_of(run, repeat)
     return {"passes_per_image": 2 * passes, "inference_passes_per_image": checks, "batch": batch,
             "images_per_s": steps * batch / seconds, "layout": "channels_last" if channels_last else "NCHW"}
+
+
+def inference_passes_per_image(det: Detector) -> int:
+    """Inference-only forward passes per image that ``det``'s checks add to the explanation's passes."""
+    c = det.config
+    return int(c.median > 0) + int(c.occlusion > 0) + (c.transplant_hosts if c.transplant > 0 else 0)
 
 
 def stage_times(det: Detector, images: np.ndarray, repeat: int = 3) -> dict[str, float]:

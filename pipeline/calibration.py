@@ -36,6 +36,9 @@ SIGNALS: dict[str, str] = {
     # ImageNet (even-photo validation, reports/imagenet_activation_probe.md): how hard the image drives the
     # Grad-CAM layer's features (pipeline.detector.pooled_activation_norm); a patch and BIM/PGD raise it
     "activation_norm": "upper",
+    # ImageNet (even-photo validation, reports/imagenet_transplant_probe.md): a universal patch pasted onto clean
+    # hosts pulls them towards its class (pipeline.transplant)
+    "transplant_gain": "upper",
 }
 # the signals the shipped score combines, chosen on a validation split of even-indexed digits
 # (reports/mnist_validation_search.md, reports/mnist_squeeze_search.md, docs/method.md): the first two compare
@@ -92,6 +95,8 @@ class Calibration:
     confidence: float | None = None
     # None: CDFs and threshold from disjoint halves. K: cross-fitted over K folds (fit_calibration)
     folds: int | None = None
+    # the transplant check's clean host images, base64 PNG (pipeline.transplant); empty when it is off
+    hosts: list[str] = field(default_factory=list)
 
     def score(self, signals: dict[str, np.ndarray]) -> np.ndarray:
         """The combined anomaly score: max over signals of their tail scores."""

@@ -23,6 +23,7 @@ from pipeline.explain import GRADIENT_ONLY_METHODS, ExplainParams, predict_and_e
 from pipeline.inputs import to_float_batch
 from pipeline.models import TargetModel, load_model
 from pipeline.occlude import occlude_top_relevance
+from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts, transplant_gain
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 RULES = ("calibrated", "sign")
@@ -43,6 +44,11 @@ class DetectorConfig:
     # once more; 0 = off. It gives the ``median_shift`` signal: the second denoiser that catches CW-L0's few
     # saturated pixels, which NLM keeps (docs/method.md; chosen on the validation split of even digits).
     median: int = 2
+    # fraction of the original's map pasted onto ``transplant_hosts`` clean host images, which are classified
+    # again; 0 = off. It gives the ``transplant_gain`` signal (pipeline.transplant): a universal patch pulls the
+    # hosts towards its class (docs/method.md, ImageNet, stop 14; chosen on even photos only)
+    transplant: float = 0.0
+    transplant_hosts: int = 8
     # the signals the calibrated score combines (pipeline.calibration.SIGNALS); ``activation_norm`` is measured
     # only when listed here (a hook on the Grad-CAM layer during the prediction's pass, no extra pass; it puts
     # the explanation on the model's lock, see Detector.explain_pair)
@@ -50,7 +56,8 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         for signal, knob, on in (("median_shift", "median", self.median > 0),
-                                 ("occlusion_shift", "occlusion", self.occlusion > 0)):
+                                 ("occlusion_shift", "occlusion", self.occlusion > 0),
+                                 ("transplant_gain", "transplant", self.transplant > 0)):
             if signal in self.signals and not on:
                 raise ValueError(f"the score uses {signal} but {knob} is off: set {knob} or drop {signal} "
                                  "from signals")
@@ -67,6 +74,8 @@ class DetectorConfig:
             nlm=NLMParams(**data.get("nlm", {})),
             occlusion=float(data.get("occlusion", 0.0)),
             median=int(data.get("median", 0)),  # absent: a config saved before the median check existed
+            transplant=float(data.get("transplant", 0.0)),
+            transplant_hosts=int(data.get("transplant_hosts", cls.transplant_hosts)),
             signals=tuple(data.get("signals", LEGACY_SIGNALS)),
         )
 
@@ -81,13 +90,15 @@ class Explained:
     """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first;
     with occlusion on, the softmax outputs (N, K) of the originals with their most relevant region inpainted;
     with the median check on, those (N, K) of the median-filtered originals; with ``activation_norm`` among the
-    signals, that signal (N,) of the originals."""
+    signals, that signal (N,) of the originals; with the transplant on, ``transplant_gain`` (N,) of the
+    originals."""
 
     probs: np.ndarray
     maps: np.ndarray
     occluded_probs: np.ndarray | None = None
     median_probs: np.ndarray | None = None
     activation_norm: np.ndarray | None = None
+    transplant_gain: np.ndarray | None = None
 
     def part(self, a: int, b: int) -> Explained:
         """The images a..b of the batch (their originals and their denoised copies)."""
@@ -98,7 +109,8 @@ class Explained:
             return None if x is None else x[a:b]
 
         return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=originals(self.occluded_probs),
-                         median_probs=originals(self.median_probs), activation_norm=originals(self.activation_norm))
+                         median_probs=originals(self.median_probs), activation_norm=originals(self.activation_norm),
+                         transplant_gain=originals(self.transplant_gain))
 
     @classmethod
     def concat(cls, parts: list[Explained]) -> Explained:
@@ -115,7 +127,8 @@ class Explained:
             return None if arrays[0] is None else np.concatenate(arrays)
 
         return cls(probs=both("probs"), maps=both("maps"), occluded_probs=originals("occluded_probs"),
-                   median_probs=originals("median_probs"), activation_norm=originals("activation_norm"))
+                   median_probs=originals("median_probs"), activation_norm=originals("activation_norm"),
+                   transplant_gain=originals("transplant_gain"))
 
 
 @dataclass
@@ -137,6 +150,7 @@ class DetectionResult:
     occlusion_shift: np.ndarray | None = None  # with occlusion on (DetectorConfig.occlusion)
     median_shift: np.ndarray | None = None  # with the median check on (DetectorConfig.median)
     activation_norm: np.ndarray | None = None  # with "activation_norm" among DetectorConfig.signals
+    transplant_gain: np.ndarray | None = None  # with the transplant on (DetectorConfig.transplant)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -155,6 +169,7 @@ class DetectionResult:
             **({} if self.occlusion_shift is None else {"occlusion_shift": self.occlusion_shift}),
             **({} if self.median_shift is None else {"median_shift": self.median_shift}),
             **({} if self.activation_norm is None else {"activation_norm": self.activation_norm}),
+            **({} if self.transplant_gain is None else {"transplant_gain": self.transplant_gain}),
         }
 
     def rows(self) -> list[dict]:
@@ -201,6 +216,9 @@ class Detector:
         self.model = model
         self.config = config
         self.calibration = calibration
+        # the transplant's clean host images, uint8 (K, H, W, C), and their tensors on the device (made lazily)
+        self.hosts = decode_hosts(calibration.hosts) if calibration and calibration.hosts else None
+        self._host_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_pretrained(
@@ -295,8 +313,30 @@ class Detector:
                 xm = median_filter(both[:n], self.config.median)  # the originals, already on the device
                 median_probs = torch.softmax(
                     self.model.net(xm.contiguous(memory_format=torch.channels_last)).float(), dim=1).cpu().numpy()
+        gain = None
+        if self.config.transplant > 0:
+            hosts, host_probs = self._hosts_on_device()
+            gain = transplant_gain(self.model.net, both[:n], probs[:n].argmax(1), maps[:n], hosts, host_probs,
+                                   self.config.transplant)
         return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs,
-                         median_probs=median_probs, activation_norm=activation_norm)
+                         median_probs=median_probs, activation_norm=activation_norm, transplant_gain=gain)
+
+    def use_hosts(self, images: object) -> None:
+        """Make ``images`` (clean, any form :meth:`prepare` takes) the transplant's hosts; calibration picks them
+        from its clean images, and a timing run can pass any clean photos."""
+        self.hosts, self._host_tensors = to_uint8_hwc(self.prepare(images)), None
+
+    def _hosts_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transplant's hosts (K, C, H, W) on the model's device and their clean softmax outputs (K, classes)."""
+        if self.hosts is None:
+            raise ValueError("the transplant check needs its clean host images, which calibration picks: calibrate "
+                             "this detector or load a calibration made with the transplant on")
+        if self._host_tensors is None:
+            x = torch.from_numpy(self.hosts).permute(0, 3, 1, 2).to(self.model.device).float().div(255)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                self._host_tensors = (x, torch.softmax(self.model.net(x).float(), dim=1))
+        return self._host_tensors
 
     def measure(self, explained: Explained) -> dict[str, np.ndarray]:
         """Per-image signals from the maps and predictions: entropies before/after, prediction shift."""
@@ -317,6 +357,7 @@ class Detector:
                {"median_shift": np.abs(probs[:n] - explained.median_probs).sum(1).astype(np.float64)}),
             **({} if explained.activation_norm is None else
                {"activation_norm": explained.activation_norm.astype(np.float64)}),
+            **({} if explained.transplant_gain is None else {"transplant_gain": explained.transplant_gain}),
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
@@ -344,6 +385,7 @@ class Detector:
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
             maps=explained.maps[:n].sum(1) if return_maps else None, occlusion_shift=s.get("occlusion_shift"),
             median_shift=s.get("median_shift"), activation_norm=s.get("activation_norm"),
+            transplant_gain=s.get("transplant_gain"),
         )
 
     # -- whole batches in-process ------------------------------------------------------------------------------
@@ -373,7 +415,18 @@ class Detector:
     ) -> Calibration:
         """Fit the calibrated rule on clean images only; sets and returns the calibration. ``confidence``: set
         the threshold so that the target FPR holds with that confidence, not just in expectation. ``folds``:
-        cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``)."""
+        cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``).
+
+        With the transplant on, ``config.transplant_hosts`` of the images (spread over the list) become its hosts:
+        they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
+        hosts = None
+        if self.config.transplant > 0:
+            chosen = pick_hosts(len(clean_images), self.config.transplant_hosts)
+            self.use_hosts(clean_images[chosen])
+            hosts = self.hosts
+            clean_images = np.delete(clean_images, chosen, axis=0)
+            images = (images or f"{len(clean_images) + len(chosen)} clean images") + (
+                f", {len(chosen)} of them kept out as the transplant's hosts")
         s = self.analyse_many(clean_images, batch_size, progress)
         s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
         self.calibration = fit_calibration(
@@ -381,4 +434,6 @@ class Detector:
             images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
             use=self.config.signals, confidence=confidence, folds=folds,
         )
+        if hosts is not None:
+            self.calibration.hosts = encode_hosts(hosts)
         return self.calibration

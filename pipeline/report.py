@@ -15,7 +15,7 @@ from pipeline.evaluation import roc_curve  # noqa: E402
 PAPER_ROWS = [("cw-l0", "CW (L0)", 99.8, 86, 91), ("cw-l2", "CW (L2)", 99.9, 86, 100),
               ("cw-linf", "CW (L∞)", 80, 96, 100), ("bim", "BIM", 80, 100, 98), ("mim", "MIM", 80, 100, 98)]
 SIGNAL_NAMES = ("entropy_original", "entropy_denoised", "entropy_change", "prediction_shift", "map_shift",
-                "occlusion_shift", "median_shift", "activation_norm")
+                "occlusion_shift", "median_shift", "activation_norm", "transplant_gain")
 
 
 def signal_names(m: dict) -> list[str]:
@@ -207,14 +207,18 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         f"{nlm['template']} patch, {nlm['search']}×{nlm['search']} search window)"
         + (f", the top {m['config']['occlusion']:.0%} of each original's map inpainted and the photo classified "
            "again" if m["config"].get("occlusion") else "")
+        + (f", the top {m['config']['transplant']:.0%} pasted onto {m['config']['transplant_hosts']} clean "
+           "calibration photos (the transplant's hosts, kept out of the fit) and those classified again"
+           if m["config"].get("transplant") else "")
         + f"; the score combines {', '.join(m['config'].get('signals', ('prediction_shift', 'map_shift')))}, "
         f"calibrated on clean photos only at a target FPR of {m['target_fpr']:.0%}"
         + (f" (CDFs and threshold cross-fitted over {m['calibration_folds']} folds of the calibration photos, "
            "reports/calibration_spread.md)" if m.get("calibration_folds") else "")
         + f"; threshold {m['threshold']:.4f}. "
         "The signals were chosen on even photos only (`reports/imagenet_validation_search.md`; "
-        "`reports/imagenet_activation_probe.md` for activation_norm); the shipped configuration was kept over a "
-        "second evaluated candidate on the odd photos' figures (stop 13: `reports/imagenet_median_check/`).",
+        "`reports/imagenet_activation_probe.md` for activation_norm, `reports/imagenet_transplant_probe.md` for "
+        "transplant_gain); at stop 13 the configuration of that stop was kept over a second evaluated candidate "
+        "on the odd photos' figures (`reports/imagenet_median_check/`).",
         "- Attacks run at 224 × 224 on correctly classified photos; adversarials are quantised to uint8 and only "
         "those that still fool the model count. The paper's sign rule is reported beside ours.",
         f"- Cost: {1000 * m['seconds_per_detection']:.0f} ms per detection on this machine (scoring the clean "
