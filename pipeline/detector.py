@@ -46,7 +46,8 @@ class DetectorConfig:
     median: int = 2
     # fraction of the original's map pasted onto ``transplant_hosts`` clean host images, which are classified
     # again; 0 = off. It gives the ``transplant_gain`` signal (pipeline.transplant): a universal patch pulls the
-    # hosts towards its class (docs/method.md, ImageNet, stop 14; chosen on even photos only)
+    # hosts towards its class (docs/method.md, ImageNet, stop 14; chosen on even photos only). Calibration picks
+    # the hosts; an uncalibrated detector (the sign rule, which does not use the signal) skips the check
     transplant: float = 0.0
     transplant_hosts: int = 8
     # the signals the calibrated score combines (pipeline.calibration.SIGNALS); ``activation_norm`` is measured
@@ -314,7 +315,7 @@ class Detector:
                 median_probs = torch.softmax(
                     self.model.net(xm.contiguous(memory_format=torch.channels_last)).float(), dim=1).cpu().numpy()
         gain = None
-        if self.config.transplant > 0:
+        if self.config.transplant > 0 and self.hosts is not None:  # no hosts before calibration: see decide()
             hosts, host_probs = self._hosts_on_device()
             gain = transplant_gain(self.model.net, both[:n], probs[:n].argmax(1), maps[:n], hosts, host_probs,
                                    self.config.transplant)
@@ -328,9 +329,6 @@ class Detector:
 
     def _hosts_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The transplant's hosts (K, C, H, W) on the model's device and their clean softmax outputs (K, classes)."""
-        if self.hosts is None:
-            raise ValueError("the transplant check needs its clean host images, which calibration picks: calibrate "
-                             "this detector or load a calibration made with the transplant on")
         if self._host_tensors is None:
             x = torch.from_numpy(self.hosts).permute(0, 3, 1, 2).to(self.model.device).float().div(255)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -374,6 +372,12 @@ class Detector:
         else:
             if self.calibration is None:
                 raise ValueError("the calibrated rule needs a calibration: run calibrate() or load one")
+            if missing := [k for k in self.calibration.signals if k not in s and k != "entropy_change"]:
+                hint = (" (the transplant check needs its clean host images, which calibration picks and stores: "
+                        "calibrate with the transplant on, or load such a calibration)"
+                        if "transplant_gain" in missing else "")
+                raise ValueError(f"the calibration scores {', '.join(missing)}, which this detector's configuration "
+                                 f"does not measure{hint}")
             score = self.calibration.score({**s, "entropy_change": change})
             threshold = self.calibration.threshold
             flagged = score > threshold

@@ -92,10 +92,15 @@ def test_calibration_keeps_its_hosts_out_and_a_saved_detector_scores_the_same(di
     np.testing.assert_allclose(whole.part(3, 9).transplant_gain, sub.transplant_gain, atol=1e-5)
 
 
-def test_a_detector_without_hosts_says_how_to_get_them(digits):
-    det = Detector(load_model("mnist"), DetectorConfig(median=0, transplant=0.2, signals=SIGNALS))
-    with pytest.raises(ValueError, match="calibrate"):
-        det.detect(digits.images[:4], rule="sign")
+def test_without_hosts_the_sign_rule_skips_the_check_and_the_calibrated_rule_says_how_to_get_them(digits):
+    config = DetectorConfig(median=0, transplant=0.2, transplant_hosts=4, signals=SIGNALS)
+    det = Detector(load_model("mnist"), config)
+    res = det.detect(digits.images[:4], rule="sign")  # an uncalibrated detector: the paper's rule, no hosts
+    assert res.transplant_gain is None
+    cal = det.calibrate(digits.images[:60], 0.05)
+    cal.hosts = []  # a calibration file whose hosts were lost
+    with pytest.raises(ValueError, match="transplant_gain.*calibrate with the transplant on"):
+        Detector(det.model, config, cal).detect(digits.images[:4])
 
 
 def test_the_score_cannot_use_the_gain_with_the_transplant_off():
