@@ -45,8 +45,8 @@ def error_verdict(req: wire.Request, message: str, method: str | None = None) ->
 def _verdicts(detector: Any, reqs: Sequence[wire.Request], images: np.ndarray, with_maps: bool) -> list[dict]:
     res = detector.detect(images, return_maps=with_maps)
     method = detector.config.method
-    # the detector's other signals (median_shift, occlusion_shift, activation_norm, when configured), so that a
-    # subscriber sees every input of the score, not only the paper's
+    # the detector's other signals (median_shift, occlusion_shift, activation_norm, transplant_gain, when
+    # configured), so that a subscriber sees every input of the score, not only the paper's
     # (those without a verdict field of their own; entropy_change is the difference of two that have one)
     extra = {k: v.tolist() for k, v in res.signals().items() if k not in VERDICT_FIELDS and k != "entropy_change"}
     out = []
