@@ -323,19 +323,20 @@ def test_stopping_with_verdicts_redis_refuses_gives_up_after_bounded_retries(cli
 
 
 def test_verdicts_carry_every_signal_the_score_combines(detector, digits):
-    """A photo-style configuration (Grad-CAM, occlusion, activation norm) on digits: each verdict's ``signals``
-    holds the signals that have no top-level field, equal to the in-process result, and survives the wire."""
+    """A photo-style configuration (Grad-CAM, occlusion, transplant, activation norm) on digits: each verdict's
+    ``signals`` holds the signals that have no top-level field, equal to the in-process result, and survives the
+    wire."""
     from pipeline import DetectorConfig
 
-    config = DetectorConfig(method="gradcam", occlusion=0.1, median=0,
-                            signals=("prediction_shift", "occlusion_shift", "activation_norm"))
+    config = DetectorConfig(method="gradcam", occlusion=0.1, median=0, transplant=0.15, transplant_hosts=4,
+                            signals=("prediction_shift", "occlusion_shift", "activation_norm", "transplant_gain"))
     photo_like = Detector(detector.model, config)
     photo_like.calibrate(load_sample_digits().images[:100], 0.05)
     reqs = [wire.decode_request(wire.encode_request(f"s{i}", digits[i])) for i in range(6)]
     out = [wire.decode_verdict(wire.encode_verdict(v)) for v in detect_requests(photo_like, reqs)]
     expected = photo_like.detect(digits[:6])
-    assert all(set(v["signals"]) == {"occlusion_shift", "activation_norm"} for v in out)
-    np.testing.assert_allclose([v["signals"]["occlusion_shift"] for v in out], expected.occlusion_shift, rtol=1e-5)
-    np.testing.assert_allclose([v["signals"]["activation_norm"] for v in out], expected.activation_norm, rtol=1e-5)
+    assert all(set(v["signals"]) == {"occlusion_shift", "activation_norm", "transplant_gain"} for v in out)
+    for name in ("occlusion_shift", "activation_norm", "transplant_gain"):
+        np.testing.assert_allclose([v["signals"][name] for v in out], getattr(expected, name), rtol=1e-5, atol=1e-7)
     plain = Detector(detector.model, DetectorConfig(median=0, signals=("prediction_shift", "map_shift")))
     assert "signals" not in detect_requests(plain, reqs[:2])[0]  # nothing beyond the top-level fields
