@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,10 @@ def pooled_activation_norm(activations: torch.Tensor) -> np.ndarray:
     spatial maximum. It says how hard the image drives the last block's features at their strongest; a patch
     and iterative L∞ attacks drive them beyond clean photos (upper tail; docs/method.md, stop 13)."""
     return activations.float().amax(dim=(2, 3)).norm(dim=1).cpu().numpy()
+
+
+def _offset_progress(report, skipped: int, done: int) -> None:
+    report(done + skipped)
 
 
 class Detector:
@@ -426,11 +431,17 @@ class Detector:
         hosts = None
         if self.config.transplant > 0:
             chosen = pick_hosts(len(clean_images), self.config.transplant_hosts)
-            self.use_hosts(clean_images[chosen])
+            if isinstance(clean_images, (list, tuple)):  # photos of several sizes
+                self.use_hosts([clean_images[i] for i in chosen])
+                clean_images = [im for i, im in enumerate(clean_images) if i not in set(chosen.tolist())]
+            else:
+                self.use_hosts(clean_images[chosen])
+                clean_images = np.delete(clean_images, chosen, axis=0)
             hosts = self.hosts
-            clean_images = np.delete(clean_images, chosen, axis=0)
             images = (images or f"{len(clean_images) + len(chosen)} clean images") + (
                 f", {len(chosen)} of them kept out as the transplant's hosts")
+            if progress:  # the hosts count as done, so that a bar over all the caller's images ends full
+                progress = partial(_offset_progress, progress, len(chosen))
         s = self.analyse_many(clean_images, batch_size, progress)
         s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
         self.calibration = fit_calibration(

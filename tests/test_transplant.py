@@ -92,6 +92,16 @@ def test_calibration_keeps_its_hosts_out_and_a_saved_detector_scores_the_same(di
     np.testing.assert_allclose(whole.part(3, 9).transplant_gain, sub.transplant_gain, atol=1e-5)
 
 
+def test_a_list_of_images_calibrates_as_an_array_does(digits):
+    """Photos of several sizes come as a list (explainer calibrate --images-dir): the hosts are picked from it."""
+    config = DetectorConfig(median=0, transplant=0.2, transplant_hosts=4, signals=SIGNALS)
+    arr = Detector(load_model("mnist"), config)
+    lst = Detector(arr.model, config)
+    a, b = arr.calibrate(digits.images[:60], 0.05), lst.calibrate(list(digits.images[:60]), 0.05)
+    np.testing.assert_array_equal(lst.hosts, arr.hosts)
+    assert a.hosts == b.hosts and a.threshold == b.threshold and b.n_reference + b.n_threshold == 56
+
+
 def test_without_hosts_the_sign_rule_skips_the_check_and_the_calibrated_rule_says_how_to_get_them(digits):
     config = DetectorConfig(median=0, transplant=0.2, transplant_hosts=4, signals=SIGNALS)
     det = Detector(load_model("mnist"), config)
