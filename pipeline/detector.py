@@ -63,6 +63,9 @@ class DetectorConfig:
             if signal in self.signals and not on:
                 raise ValueError(f"the score uses {signal} but {knob} is off: set {knob} or drop {signal} "
                                  "from signals")
+        if self.transplant and not (0.0 < self.transplant < 1.0 and self.transplant_hosts >= 1):
+            raise ValueError(f"the transplant pastes a fraction in (0, 1) of each map onto at least one host, got "
+                             f"transplant={self.transplant} and transplant_hosts={self.transplant_hosts}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +228,10 @@ class Detector:
         # the transplant's clean host images, uint8 (K, H, W, C), and their tensors on the device (made lazily)
         self.hosts = decode_hosts(calibration.hosts) if calibration and calibration.hosts else None
         self._host_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        if calibration and "transplant_gain" in calibration.signals and self.hosts is None:
+            # fail when a deployment starts, not on every batch it is sent
+            raise ValueError("the calibration scores transplant_gain but holds no host images: recalibrate with the "
+                             "transplant on (explainer calibrate), which picks and stores them")
 
     @classmethod
     def from_pretrained(
@@ -280,7 +287,10 @@ class Detector:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all
         explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``).
         With ``config.occlusion`` the originals are also classified once more with their most relevant region
-        inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each).
+        inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each);
+        with ``config.transplant`` and hosts, their most relevant region is pasted onto each of the K hosts, which
+        are classified again (K inference-only passes per image; an uncalibrated detector has no hosts and skips
+        it, and a detector with hosts runs it whatever the rule).
 
         Safe to call from several threads at once (the Serve Explainer overlaps batches): gradient-only methods
         share nothing but the read-only weights; hook-based ones, and any method when ``activation_norm`` is among
@@ -428,7 +438,7 @@ class Detector:
 
         With the transplant on, ``config.transplant_hosts`` of the images (spread over the list) become its hosts:
         they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
-        hosts = None
+        hosts, before = None, (self.hosts, self._host_tensors)
         if self.config.transplant > 0:
             chosen = pick_hosts(len(clean_images), self.config.transplant_hosts)
             if isinstance(clean_images, (list, tuple)):  # photos of several sizes
@@ -442,13 +452,20 @@ class Detector:
                 f", {len(chosen)} of them kept out as the transplant's hosts")
             if progress:  # the hosts count as done, so that a bar over all the caller's images ends full
                 progress = partial(_offset_progress, progress, len(chosen))
-        s = self.analyse_many(clean_images, batch_size, progress)
-        s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
-        self.calibration = fit_calibration(
-            s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
-            images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
-            use=self.config.signals, confidence=confidence, folds=folds,
-        )
+        try:
+            s = self.analyse_many(clean_images, batch_size, progress)
+            s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
+            calibration = fit_calibration(
+                s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
+                images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
+                use=self.config.signals, confidence=confidence, folds=folds,
+            )
+        except Exception as e:
+            self.hosts, self._host_tensors = before  # the detector stays as it was
+            if hosts is not None:
+                e.add_note(f"{len(hosts)} of the clean images were kept out as the transplant's hosts")
+            raise
+        self.calibration = calibration
         if hosts is not None:
             self.calibration.hosts = encode_hosts(hosts)
         return self.calibration

@@ -17,13 +17,15 @@ INPAINT_RADIUS = 5
 
 
 def top_relevance_masks(maps: np.ndarray, fraction: float) -> np.ndarray:
-    """uint8 masks (N, H, W), 1 on the ``fraction`` of pixels with the largest |relevance| (summed over channels)."""
+    """uint8 masks (N, H, W), 1 on the ``fraction`` of pixels with the largest |relevance| (summed over channels).
+    Only pixels with some relevance count: where fewer than that fraction have any (a ReLU'd Grad-CAM map can be
+    zero over most of the image), the mask is those pixels, not every pixel tied at zero."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"occlusion fraction must be in (0, 1), got {fraction}")
     relevance = np.abs(maps).sum(1).reshape(len(maps), -1)
     k = max(1, int(round(fraction * relevance.shape[1])))
     cut = np.partition(relevance, -k, axis=1)[:, -k][:, None]
-    return (relevance >= cut).reshape(len(maps), *maps.shape[2:]).astype(np.uint8)
+    return ((relevance >= cut) & (relevance > 0)).reshape(len(maps), *maps.shape[2:]).astype(np.uint8)
 
 
 def occlude_top_relevance(images: np.ndarray, maps: np.ndarray, fraction: float, workers: int | None = None

@@ -20,6 +20,13 @@ def test_mask_covers_the_top_fraction_of_relevance():
         assert r[m == 1].min() > r[m == 0].max()
 
 
+def test_a_map_zero_almost_everywhere_masks_only_its_relevant_pixels():
+    maps = np.zeros((1, 1, 10, 10))
+    maps[0, 0, 2, 3], maps[0, 0, 7, 7] = 1.0, 0.5  # a ReLU'd Grad-CAM: two cells, zero elsewhere
+    mask = top_relevance_masks(maps, 0.15)[0]
+    assert mask.sum() == 2 and mask[2, 3] == mask[7, 7] == 1
+
+
 def test_fraction_outside_0_1_is_a_clear_error():
     with pytest.raises(ValueError, match="fraction"):
         top_relevance_masks(np.ones((1, 1, 4, 4)), 1.0)

@@ -57,6 +57,36 @@ def test_gain_equals_a_direct_computation(digits):
     np.testing.assert_allclose(got, _direct_gain(model.net, x, maps, hosts, 0.2), atol=1e-5)
 
 
+def test_gain_on_colour_images_equals_a_direct_computation():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 14 * 14, 5)).eval()
+    x, hosts = torch.rand(3, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    maps = np.random.default_rng(3).normal(size=(3, 1, 16, 16)).astype(np.float32)
+    with torch.inference_mode():
+        pred = torch.softmax(net(x), 1).argmax(1)
+        host_probs = torch.softmax(net(hosts), 1)
+    got = transplant_gain(net, x, pred, maps, hosts, host_probs, 0.3)
+    np.testing.assert_allclose(got, _direct_gain(net, x, maps, hosts, 0.3), atol=1e-6)
+
+
+def test_the_detector_pastes_the_originals_relevant_region_with_the_originals_class(digits):
+    """The detector's gain is the direct computation on the prepared originals, their own maps and classes (not
+    the second half's, which shares the batch)."""
+    config = DetectorConfig(median=0, transplant=0.2, transplant_hosts=3, signals=SIGNALS)
+    det = Detector(load_model("mnist"), config)
+    det.use_hosts(digits.images[300:303])
+    x = det.prepare(digits.images[:6])
+    other = det.prepare(digits.images[6:12])  # in the copies' place: other digits, of other classes
+    explained = det.explain_pair(x, other)
+    assert (explained.probs[:6].argmax(1) != explained.probs[6:].argmax(1)).any()
+    hosts = torch.from_numpy(det.prepare(digits.images[300:303]))
+    expected = _direct_gain(det.model.net, torch.from_numpy(x), explained.maps[:6], hosts, 0.2)
+    np.testing.assert_allclose(explained.transplant_gain, expected, atol=1e-5)
+    again = type(explained).concat([explained.part(0, 2), explained.part(2, 6)])
+    np.testing.assert_array_equal(again.transplant_gain, explained.transplant_gain)
+
+
 def test_pasting_a_host_onto_itself_gains_nothing_and_a_whole_digit_gains_much(digits):
     model = load_model("mnist")
     host = torch.from_numpy(digits.images[7:8, None].astype(np.float32) / 255)
@@ -113,6 +143,21 @@ def test_without_hosts_the_sign_rule_skips_the_check_and_the_calibrated_rule_say
         Detector(det.model, config, cal).detect(digits.images[:4])
 
 
-def test_the_score_cannot_use_the_gain_with_the_transplant_off():
+def test_the_score_cannot_use_the_gain_with_the_transplant_off_or_a_bad_fraction():
     with pytest.raises(ValueError, match="transplant"):
         DetectorConfig(median=0, signals=SIGNALS)
+    for fraction, hosts in ((1.5, 8), (0.2, 0)):
+        with pytest.raises(ValueError, match="transplant="):
+            DetectorConfig(median=0, transplant=fraction, transplant_hosts=hosts, signals=SIGNALS)
+
+
+def test_a_failed_calibration_leaves_the_detector_as_it_was_and_names_the_hosts(digits):
+    config = DetectorConfig(median=0, transplant=0.2, transplant_hosts=4, signals=SIGNALS)
+    det = Detector(load_model("mnist"), config)
+    cal = det.calibrate(digits.images[:60], 0.05)
+    hosts = det.hosts.copy()
+    with pytest.raises(ValueError, match="at least 20") as err:
+        det.calibrate(digits.images[100:122], 0.05)  # 18 left once 4 become hosts
+    assert "kept out as the transplant's hosts" in str(err.value.__notes__)
+    assert det.calibration is cal
+    np.testing.assert_array_equal(det.hosts, hosts)
