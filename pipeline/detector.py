@@ -337,6 +337,14 @@ class Detector:
         return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs,
                          median_probs=median_probs, activation_norm=activation_norm, transplant_gain=gain)
 
+    def host_rows(self, n: int) -> np.ndarray:
+        """Which of ``n`` clean calibration images :meth:`calibrate` makes the transplant's hosts (none when the
+        transplant is off). An evaluation keeps them out of what its attacker trains on, as an operator keeps
+        them private."""
+        if self.config.transplant <= 0:
+            return np.zeros(0, dtype=int)
+        return pick_hosts(n, self.config.transplant_hosts)
+
     def use_hosts(self, images: object) -> None:
         """Make ``images`` (clean, any form :meth:`prepare` takes) the transplant's hosts; calibration picks them
         from its clean images, and a timing run can pass any clean photos."""
@@ -440,7 +448,7 @@ class Detector:
         they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
         hosts, before = None, (self.hosts, self._host_tensors)
         if self.config.transplant > 0:
-            chosen = pick_hosts(len(clean_images), self.config.transplant_hosts)
+            chosen = self.host_rows(len(clean_images))
             if isinstance(clean_images, (list, tuple)):  # photos of several sizes
                 self.use_hosts([clean_images[i] for i in chosen])
                 clean_images = [im for i, im in enumerate(clean_images) if i not in set(chosen.tolist())]

@@ -59,10 +59,12 @@ def load_photos(model: TargetModel, rows: list[tuple[Path, int]]) -> tuple[np.nd
 
 def even_photo_validation(
     model: TargetModel, attacks: tuple[str, ...], patch_steps: int = 200, log: Progress = print,
+    patch_holdout: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, AttackRun]]:
     """The validation split of the ImageNet probes and searches, from even-positioned photos only: the even
     photos at even positions of that list (train the patch; clean calibration photos), the other even photos
-    (validation), and each attack run on the validation photos. The evaluation photos (odd) are never read."""
+    (validation), and each attack run on the validation photos. The evaluation photos (odd) are never read.
+    ``patch_holdout``: rows of the calibration photos the patch does not train on (the transplant's hosts)."""
     even = load_imagenet_sample()[0::2]
     train_images, _ = load_photos(model, even[0::2])
     val_images, val_labels = load_photos(model, even[1::2])
@@ -70,7 +72,8 @@ def even_photo_validation(
     for name in attacks:
         attack = IMAGENET_ATTACKS[name](**({"steps": patch_steps} if name == "patch" else {}))
         if isinstance(attack, AdversarialPatch):
-            attack.fit(model.net, to_tensor(train_images))
+            rows = np.setdiff1d(np.arange(len(train_images)), [] if patch_holdout is None else patch_holdout)
+            attack.fit(model.net, to_tensor(train_images[rows]))
         runs[name] = run_attack(model, name, attack, val_images, val_labels, batch=16)
         log(f"{name}: success {runs[name].success_rate:.1%} of {runs[name].attempted}")
     return train_images, val_images, runs
@@ -133,12 +136,14 @@ def evaluate_imagenet(
     log(f"  clean FPR {clean.flagged.mean():.1%}; model top-1 on these photos {accuracy:.1%}")
     runs: dict[str, AttackRun] = {}
     scored: dict[str, Scored] = {}
+    # the attacker trains on calibration photos but not on the transplant's hosts, which an operator keeps private
+    patch_photos = np.delete(cal_images, det.host_rows(len(cal_images)), axis=0)
     for name in attacks:
         attack = IMAGENET_ATTACKS[name](**(attack_options or {}).get(name, {}))
         if isinstance(attack, AdversarialPatch):
-            log(f"training the universal patch on the {len(cal_images)} calibration photos…")
+            log(f"training the universal patch on {len(patch_photos)} calibration photos (not the hosts)…")
             t = time.perf_counter()
-            attack.fit(model.net, to_tensor(cal_images))
+            attack.fit(model.net, to_tensor(patch_photos))
             log(f"  trained in {time.perf_counter() - t:.0f}s")
         log(f"attack {name} on {len(eval_images)} photos…")
         runs[name] = run_attack(model, name, attack, eval_images, eval_labels, batch=16)
@@ -149,6 +154,7 @@ def evaluate_imagenet(
     if "patch" in scored:
         metrics["attacks"]["patch"]["targeted"] = targeted_breakdown(
             clean, scored["patch"], runs["patch"].attempted, runs["patch"].params["target_class"])
+        metrics["attacks"]["patch"]["training_photos"] = len(patch_photos)
     metrics["clean_top1"] = accuracy
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command

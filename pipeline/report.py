@@ -201,7 +201,10 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         "",
         f"- Photos: the ImageNet sample in `../shared/data/imagenet-sample/` (one photo per class, 500 classes), "
         "resized to 256 and centre-cropped to 224 once. Photos at even positions of labels.csv calibrate the "
-        f"detector ({m['calibration_images']}) and train the universal patch; {m['n_clean_eval']} photos at odd "
+        f"detector ({m['calibration_images']}) and train the universal patch"
+        + (f" ({m['attacks']['patch']['training_photos']} of them: not the hosts, which an operator keeps private)"
+           if "training_photos" in m["attacks"].get("patch", {}) else "")
+        + f"; {m['n_clean_eval']} photos at odd "
         f"positions, spread over the classes, are evaluated (model top-1 on them {pct(m['clean_top1'])}).",
         f"- Detector: {m['method']} maps, `{m['entropy']}` entropy, NLM h={nlm['h']} ({nlm['template']}×"
         f"{nlm['template']} patch, {nlm['search']}×{nlm['search']} search window)"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_imagenet import _photo_sets, config_signals  # noqa: E402
+from search_imagenet import WITHOUT_HOSTS, _photo_sets, config_signals  # noqa: E402
 
 from pipeline.calibration import fit_calibration  # noqa: E402
 from pipeline.configs import IMAGENET_CONFIG  # noqa: E402
@@ -36,8 +36,8 @@ TARGET = 0.05
 def photo_signals(patch_steps: int) -> dict[str, dict[str, np.ndarray]]:
     """Signals of the shipped photo configuration: "clean" (all 250 even photos) and each validation attack."""
     model = load_model("mobilenet_v2")
-    photos = _photo_sets(model, patch_steps, use_cache=True)
-    sets = config_signals(Detector(model, IMAGENET_CONFIG), photos, patch_steps, use_cache=True)
+    photos = _photo_sets(model, patch_steps, use_cache=True, patch_without_hosts=True)  # as the search (stop 14)
+    sets = config_signals(Detector(model, IMAGENET_CONFIG), photos, patch_steps, use_cache=True, tag=WITHOUT_HOSTS)
     clean = {k: np.concatenate([sets["calibration"][k], sets["clean"][k]]) for k in sets["clean"]}
     return {"clean": clean, **{k: v for k, v in sets.items() if k not in ("calibration", "clean")}}
 

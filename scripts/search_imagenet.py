@@ -1,11 +1,13 @@
 """Choose the ImageNet detector's signals on the even-positioned photos only (never the evaluation ones).
 
 Split, as in scripts/probe_imagenet.py: the even photos at even positions of that list (125) are the calibration
-photos (clean) and train the universal patch; the other 125 even photos are the validation photos, clean and
-attacked (patch, BIM, PGD at the evaluation's parameters). For each candidate configuration the signals are
-computed once; each candidate set of signals is calibrated at 5% FPR on the calibration photos only, cross-fitted
-over pipeline.configs.PHOTO_CALIBRATION_FOLDS folds as the evaluation does (until stop 12 this search split them in
-halves), and reported as validation FPR and detection rate / ROC-AUC per attack.
+photos (clean) and train the universal patch (since stop 14 all but the 8 that the shipped configuration makes
+the transplant's hosts, as the evaluation trains it); the other 125 even photos are the validation photos, clean
+and attacked (patch, BIM, PGD and the early-stopped BIM at the evaluation's parameters). For each candidate
+configuration the signals are computed once; each candidate set of signals is calibrated at 5% FPR on the
+calibration photos only, cross-fitted over pipeline.configs.PHOTO_CALIBRATION_FOLDS folds as the evaluation does
+(until stop 12 this search split them in halves), and reported as validation FPR and detection rate / ROC-AUC
+per attack.
 Writes reports/imagenet_validation_search.md.
 
 The photos, the attacked photos and each configuration's signals are cached under .explainer/cache/ (keyed by
@@ -80,6 +82,9 @@ SIGNAL_SETS = (
 )
 
 
+WITHOUT_HOSTS = "patch-without-hosts"  # the cache tag of signals on the patch trained without the hosts
+
+
 def _cached(path: Path, use_cache: bool, make):
     """``make()`` (a dict of arrays), stored at ``path`` as npz and read back from there next time."""
     if use_cache and path.exists():
@@ -91,7 +96,12 @@ def _cached(path: Path, use_cache: bool, make):
     return out
 
 
-def _photo_sets(model, patch_steps: int, use_cache: bool) -> dict[str, np.ndarray]:
+def _photo_sets(model, patch_steps: int, use_cache: bool, patch_without_hosts: bool = False
+                ) -> dict[str, np.ndarray]:
+    """The validation photo sets. ``patch_without_hosts`` (stop 14, the search and calibration_spread.py): the
+    patch is trained without the calibration photos that the shipped configuration makes the transplant's hosts,
+    as the evaluation trains it, so that the hosts are photos the patch never saw; the probes of stop 14 and
+    before used a patch trained on every calibration photo."""
     def make():
         cal_images, val_images, runs = even_photo_validation(model, ("patch", "bim", "pgd"), patch_steps)
         return {"calibration": cal_images, "clean": val_images, **{k: r.images for k, r in runs.items()}}
@@ -99,22 +109,30 @@ def _photo_sets(model, patch_steps: int, use_cache: bool) -> dict[str, np.ndarra
     def make_early():  # stop 13: the BIM that stops at its first success, on the same validation photos
         return {"bim-early": even_photo_validation(model, ("bim-early",), patch_steps)[2]["bim-early"].images}
 
+    def make_without_hosts():
+        hosts = Detector(model, IMAGENET_CONFIG).host_rows(len(sets["calibration"]))
+        return {"patch": even_photo_validation(model, ("patch",), patch_steps, patch_holdout=hosts)[2]["patch"].images}
+
     sets = _cached(CACHE / f"imagenet_validation_sets_patch{patch_steps}.npz", use_cache, make)
+    if patch_without_hosts:
+        name = f"imagenet_validation_patch{patch_steps}_without_hosts{IMAGENET_CONFIG.transplant_hosts}.npz"
+        sets = {**sets, **_cached(CACHE / name, use_cache, make_without_hosts)}
     return {**sets, **_cached(CACHE / "imagenet_validation_sets_bim_early.npz", use_cache, make_early)}
 
 
-def _config_key(config, sets=()) -> str:
-    """The cache key of a configuration's signals on the named photo sets (the stop-12 keys had no set names)."""
+def _config_key(config, sets=(), tag: str = "") -> str:
+    """The cache key of a configuration's signals on the named photo sets (the stop-12 keys had no set names);
+    ``tag`` names a variant of the sets (the patch trained without the hosts)."""
     extra = sorted(s for s in sets if s not in ("calibration", "clean", "patch", "bim", "pgd"))
     config = config.to_dict()
     if not config["transplant"]:  # the keys of configurations from before the transplant existed
         del config["transplant"], config["transplant_hosts"]
-    return hashlib.sha1(json.dumps(config, sort_keys=True).encode() + ",".join(extra).encode()
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode() + ",".join(extra).encode() + tag.encode()
                         ).hexdigest()[:12]
 
 
 def config_signals(det: Detector, photos: dict[str, np.ndarray], patch_steps: int, use_cache: bool,
-                   timing: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+                   timing: dict | None = None, tag: str = "") -> dict[str, dict[str, np.ndarray]]:
     """Every signal of ``det``'s configuration on each set of ``photos`` (calibration, clean, each attack), as
     {set: {signal: values}}, cached per configuration; ``timing["ms"]`` gets the cost per detection when computed."""
     def make():
@@ -131,7 +149,8 @@ def config_signals(det: Detector, photos: dict[str, np.ndarray], patch_steps: in
         chosen = pick_hosts(len(photos["calibration"]), det.config.transplant_hosts)
         det.use_hosts(photos["calibration"][chosen])
         photos = {**photos, "calibration": np.delete(photos["calibration"], chosen, axis=0)}
-    flat = _cached(CACHE / f"imagenet_signals_{patch_steps}_{_config_key(det.config, photos)}.npz", use_cache, make)
+    key = _config_key(det.config, photos, tag)
+    flat = _cached(CACHE / f"imagenet_signals_{patch_steps}_{key}.npz", use_cache, make)
     return {name: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(name + "/")} for name in photos}
 
 
@@ -159,7 +178,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = load_model("mobilenet_v2")
-    photos = _photo_sets(model, args.patch_steps, not args.no_cache)
+    photos = _photo_sets(model, args.patch_steps, not args.no_cache, patch_without_hosts=True)
     sets = {k: v for k, v in photos.items() if k != "calibration"}
     attacks = [k for k in sets if k != "clean"]
     lines = ["# ImageNet validation search (even-positioned photos only)", "", __doc__.split("\n\n")[1], "",
@@ -169,7 +188,8 @@ def main() -> None:
              "the tails of pipeline.calibration.SIGNALS.", ""]
     for label, config in CONFIGS.items():
         timing: dict = {}
-        signals = config_signals(Detector(model, config), photos, args.patch_steps, not args.no_cache, timing)
+        signals = config_signals(Detector(model, config), photos, args.patch_steps, not args.no_cache, timing,
+                                 tag=WITHOUT_HOSTS)
         cost = f"{timing['ms']:.0f} ms per detection" if timing else "signals from the cache"
         lines += [f"## {label} ({cost})", "",
                   "| signals | validation FPR | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
