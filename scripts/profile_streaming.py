@@ -154,7 +154,8 @@ def main() -> None:
     total_cpu = sum(v for k, v in by_label.items() if k != "py-spy")
     lines = ["# Streaming profile", "", __doc__.split("\n\n")[1], "",
              f"Command: `python scripts/profile_streaming.py --burst {len(burst)}"
-             + "".join(f" --override {o}" for o in args.override) + f"`; {os.cpu_count()} CPUs.", "",
+             + "".join(f" --override {o}" for o in args.override) + (" --no-py-spy" if args.no_py_spy else "")
+             + f"`; {os.cpu_count()} CPUs.", "",
              f"Burst of {len(burst)} digits: {n} verdicts in {wall:.2f} s = **{n / wall:.0f} images/s**. CPU used by "
              f"every process but py-spy: {total_cpu:.2f} s of {os.cpu_count() * wall:.2f} core-seconds "
              f"({total_cpu / (os.cpu_count() * wall):.0%}); {1000 * total_cpu / n:.3f} ms of CPU per image.", "",
