@@ -330,7 +330,7 @@ class Detector:
                 median_probs = torch.softmax(
                     self.model.net(xm.contiguous(memory_format=torch.channels_last)).float(), dim=1).cpu().numpy()
         gain = None
-        if self.config.transplant > 0 and self.hosts is not None:  # no hosts before calibration: see decide()
+        if self.config.transplant > 0 and self.hosts is not None:  # none before calibration: the sign rule only
             hosts, host_probs = self._hosts_on_device()
             gain = transplant_gain(self.model.net, both[:n], probs[:n].argmax(1), maps[:n], hosts, host_probs,
                                    self.config.transplant)
@@ -451,7 +451,8 @@ class Detector:
             chosen = self.host_rows(len(clean_images))
             if isinstance(clean_images, (list, tuple)):  # photos of several sizes
                 self.use_hosts([clean_images[i] for i in chosen])
-                clean_images = [im for i, im in enumerate(clean_images) if i not in set(chosen.tolist())]
+                taken = set(chosen.tolist())
+                clean_images = [im for i, im in enumerate(clean_images) if i not in taken]
             else:
                 self.use_hosts(clean_images[chosen])
                 clean_images = np.delete(clean_images, chosen, axis=0)
