@@ -69,9 +69,12 @@ def _run(script: str, *args: str) -> dict:
 def test_freed_pass_memory_is_not_faulted_in_again():
     tuned = _run(PASSES, "tuned")
     assert tuned["tuned"] is True
-    # below half of one pass's pages over four passes; the default's count is given for the record, not asserted
-    # (it sits on glibc's moving trim threshold, so it is bimodal and could move with another glibc or torch)
-    assert tuned["faults"] < 12_800, {"tuned": tuned, "default": _run(PASSES, "default")}
+    # fewer than one pass's pages (25,600) over four passes: the freed blocks are reused, not faulted in again
+    # each pass, as by default (32,000 or 102,000). The tuned count comes in whole 25 MiB blocks of 6,400 pages:
+    # 6,400 as a rule, 12,800 in one CI-like run at stop 14, which the earlier bound of half a pass failed on.
+    # The default's count is given for the record, not asserted (it sits on glibc's moving trim threshold, so it
+    # is bimodal and could move with another glibc or torch)
+    assert tuned["faults"] < 25_600, {"tuned": tuned, "default": _run(PASSES, "default")}
 
 
 def test_detection_batches_fault_little_once_allocations_stay_mapped():
