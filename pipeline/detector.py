@@ -109,13 +109,8 @@ class Explained:
         """The images a..b of the batch (their originals and their denoised copies)."""
         n = len(self.probs) // 2
         rows = np.r_[a:b, n + a : n + b]
-
-        def originals(x: np.ndarray | None) -> np.ndarray | None:
-            return None if x is None else x[a:b]
-
-        return Explained(probs=self.probs[rows], maps=self.maps[rows], occluded_probs=originals(self.occluded_probs),
-                         median_probs=originals(self.median_probs), activation_norm=originals(self.activation_norm),
-                         transplant_gain=originals(self.transplant_gain))
+        checks = {k: None if (v := getattr(self, k)) is None else v[a:b] for k in _originals_only(Explained)}
+        return Explained(probs=self.probs[rows], maps=self.maps[rows], **checks)
 
     @classmethod
     def concat(cls, parts: list[Explained]) -> Explained:
@@ -131,9 +126,16 @@ class Explained:
             arrays = [getattr(p, name) for p in parts]
             return None if arrays[0] is None else np.concatenate(arrays)
 
-        return cls(probs=both("probs"), maps=both("maps"), occluded_probs=originals("occluded_probs"),
-                   median_probs=originals("median_probs"), activation_norm=originals("activation_norm"),
-                   transplant_gain=originals("transplant_gain"))
+        return cls(probs=both("probs"), maps=both("maps"), **{k: originals(k) for k in _originals_only(cls)})
+
+
+def _originals_only(cls: type) -> list[str]:
+    """The fields of :class:`Explained` that hold the originals' rows only (the checks' outputs)."""
+    return [f.name for f in fields(cls) if f.name not in ("probs", "maps")]
+
+
+# the signals that only some configurations measure: a DetectionResult field each, None when not measured
+OPTIONAL_SIGNALS = ("occlusion_shift", "median_shift", "activation_norm", "transplant_gain")
 
 
 @dataclass
@@ -171,10 +173,7 @@ class DetectionResult:
             "entropy_change": self.entropy_change,
             "prediction_shift": self.prediction_shift,
             "map_shift": self.map_shift,
-            **({} if self.occlusion_shift is None else {"occlusion_shift": self.occlusion_shift}),
-            **({} if self.median_shift is None else {"median_shift": self.median_shift}),
-            **({} if self.activation_norm is None else {"activation_norm": self.activation_norm}),
-            **({} if self.transplant_gain is None else {"transplant_gain": self.transplant_gain}),
+            **{k: v for k in OPTIONAL_SIGNALS if (v := getattr(self, k)) is not None},
         }
 
     def rows(self) -> list[dict]:
@@ -410,9 +409,7 @@ class Detector:
             entropy_original=s["entropy_original"], entropy_denoised=s["entropy_denoised"],
             prediction_shift=s["prediction_shift"], map_shift=s["map_shift"], score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
-            maps=explained.maps[:n].sum(1) if return_maps else None, occlusion_shift=s.get("occlusion_shift"),
-            median_shift=s.get("median_shift"), activation_norm=s.get("activation_norm"),
-            transplant_gain=s.get("transplant_gain"),
+            maps=explained.maps[:n].sum(1) if return_maps else None, **{k: s.get(k) for k in OPTIONAL_SIGNALS},
         )
 
     # -- whole batches in-process ------------------------------------------------------------------------------

@@ -72,8 +72,8 @@ def even_photo_validation(
     for name in attacks:
         attack = IMAGENET_ATTACKS[name](**({"steps": patch_steps} if name == "patch" else {}))
         if isinstance(attack, AdversarialPatch):
-            rows = np.setdiff1d(np.arange(len(train_images)), [] if patch_holdout is None else patch_holdout)
-            attack.fit(model.net, to_tensor(train_images[rows]))
+            kept = train_images if patch_holdout is None else np.delete(train_images, patch_holdout, axis=0)
+            attack.fit(model.net, to_tensor(kept))
         runs[name] = run_attack(model, name, attack, val_images, val_labels, batch=16)
         log(f"{name}: success {runs[name].success_rate:.1%} of {runs[name].attempted}")
     return train_images, val_images, runs
