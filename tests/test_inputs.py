@@ -72,3 +72,16 @@ def test_corrupt_and_non_image_files(tmp_path, digits):
             read_image_file(path)
     with pytest.raises(InputError, match="not a decodable"):
         decode_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+
+
+def test_photo_preparation_refuses_strips_it_would_blow_up():
+    """Resizing the short side first, a 1×4096 strip would become 256×1,048,576 pixels before the crop; up to
+    16:1 photos are resized and cropped as usual."""
+    from torch import nn
+
+    from pipeline.models import MAX_ASPECT, TargetModel
+
+    model = TargetModel("photo", nn.Identity(), channels=3, size=224, gradcam_layer=nn.Identity(), resize_to=256)
+    assert model.prepare(np.zeros((1, 20, 20 * MAX_ASPECT, 3), np.uint8)).shape == (1, 224, 224, 3)
+    with pytest.raises(InputError, match=f"more elongated than {MAX_ASPECT}:1"):
+        model.prepare(np.zeros((1, 20 * MAX_ASPECT + 1, 20, 3), np.uint8))

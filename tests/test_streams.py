@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline import Detector
-from pipeline.data import load_sample_digits
+from pipeline import Detector, decode_image
+from pipeline.data import load_imagenet_sample, load_sample_digits
+from pipeline.models.imagenet import SHARED_WEIGHTS
 from worker import wire
 from worker.detect import detect_requests
 from worker.feed import push_images
@@ -241,6 +242,40 @@ def test_detect_requests_batches_by_shape_and_isolates_bad_images(detector, digi
     assert "channel" in by_id["rgb"]["error"] and by_id["rgb"]["is_adversarial"] is None
     assert "20" in by_id["odd"]["error"] and by_id["odd"]["score"] is None
     assert "unknown model 'resnet9'" in by_id["other"]["error"]
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS["mobilenet_v2"].exists(), reason="needs ../shared/models/ (MobileNetV2)")
+def test_detect_requests_batches_photos_of_any_size_together_and_isolates_bad_ones():
+    """A photo model resizes what it gets, so JPEGs of several sizes are one detect call (grouped by shape, as
+    digits are, each would be a batch of one), with verdicts equal to detecting each photo alone; a strip too
+    elongated to centre-crop fails that batch's preparation and gets the only error verdict."""
+    det = Detector.from_pretrained("mobilenet_v2", weights=str(SHARED_WEIGHTS["mobilenet_v2"]))
+    calls = []
+
+    class Counting:
+        config, model = det.config, det.model
+
+        def detect(self, images, return_maps=False):
+            calls.append(len(images))
+            return det.detect(images, return_maps=return_maps)
+
+    photos = [decode_image(path.read_bytes(), path.name) for path, _ in load_imagenet_sample()[:3]]
+    assert len({p.shape for p in photos}) == 3  # three sizes
+    reqs = [wire.decode_request(wire.encode_request(f"p{i}", p, encoding=enc, model="mobilenet_v2"))
+            for i, (p, enc) in enumerate(zip(photos, ("jpeg", "raw", "png"), strict=True))]
+    assert [v["predicted_class"] for v in detect_requests(Counting(), reqs)] == [
+        int(det.detect(r.image).predicted_class[0]) for r in reqs]
+    assert calls == [3]
+
+    strip = wire.decode_request(wire.encode_request("strip", photos[0][:1, :, 0], model="mobilenet_v2"))
+    calls.clear()
+    out = detect_requests(Counting(), [reqs[0], strip, reqs[1]])
+    assert calls == [3, 1, 1, 1]  # the batch, then one at a time
+    assert "more elongated than 16:1" in out[1]["error"] and out[1]["score"] is None
+    alone = [det.detect(r.image) for r in (reqs[0], reqs[1])]
+    for v, ref in zip((out[0], out[2]), alone, strict=True):
+        assert "error" not in v and v["predicted_class"] == int(ref.predicted_class[0])
+        assert v["score"] == pytest.approx(float(ref.score[0]), rel=1e-4, abs=1e-4)
 
 
 def test_run_loop_survives_a_redis_restart_and_stops_cleanly(redis_server, client, names, detector, digits):

@@ -30,6 +30,11 @@ def _model_name(detector: Any) -> str:
     return getattr(model, "name", None) or "mnist"
 
 
+def _resizes(detector: Any) -> bool:
+    """Whether the detector's model resizes what it is given (photos), so images of any size batch together."""
+    return getattr(getattr(detector, "model", None), "resize_to", None) is not None
+
+
 def error_verdict(req: wire.Request, message: str, method: str | None = None) -> dict:
     """A verdict that carries ``error`` and no decision (every decision field is None)."""
     return {
@@ -42,7 +47,9 @@ def error_verdict(req: wire.Request, message: str, method: str | None = None) ->
     }
 
 
-def _verdicts(detector: Any, reqs: Sequence[wire.Request], images: np.ndarray, with_maps: bool) -> list[dict]:
+def _verdicts(
+    detector: Any, reqs: Sequence[wire.Request], images: np.ndarray | list[np.ndarray], with_maps: bool
+) -> list[dict]:
     res = detector.detect(images, return_maps=with_maps)
     method = detector.config.method
     # the detector's other signals (median_shift, occlusion_shift, activation_norm, transplant_gain, when
@@ -79,29 +86,32 @@ def detect_requests(
     detectors: Any, requests: Sequence[wire.Request], max_batch: int | None = None
 ) -> list[dict]:
     """One verdict dict per request, in order. ``detectors`` is a ``pipeline.Detector`` or a mapping from
-    model name to Detector. Requests are grouped by (model, image shape) and each group is one
-    ``detect`` call (split in chunks of ``max_batch`` if given); if a group raises ``InputError`` its images
-    are retried one at a time so only the bad ones get ``{"error": ...}`` verdicts. Other exceptions
-    propagate (the batch stays pending in Redis and is retried)."""
+    model name to Detector. Requests are grouped by model and each group is one ``detect`` call (split in
+    chunks of ``max_batch`` if given). A model of fixed input size (digits) groups by image shape too, since
+    its images are stacked as they are; a photo model resizes every photo to its input, so photos of any size
+    share one batch (cameras send JPEGs of many sizes: grouped by shape, each would be a batch of one). If a
+    group raises ``InputError`` its images are retried one at a time so only the bad ones get ``{"error": ...}``
+    verdicts. Other exceptions propagate (the batch stays pending in Redis and is retried)."""
     table: Mapping[str, Any] = (
         detectors if isinstance(detectors, Mapping) else {_model_name(detectors): detectors}
     )
     out: list[dict | None] = [None] * len(requests)
-    groups: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
+    groups: dict[tuple[str, tuple[int, ...] | None], list[int]] = defaultdict(list)
     for i, req in enumerate(requests):
         if req.model not in table:
             out[i] = error_verdict(req, f"unknown model {req.model!r}; this worker serves {sorted(table)}")
         else:
-            groups[(req.model, tuple(req.image.shape))].append(i)
-    for (model, _shape), idx in groups.items():
+            groups[(req.model, None if _resizes(table[req.model]) else tuple(req.image.shape))].append(i)
+    for (model, shape), idx in groups.items():
         det = table[model]
         step = max_batch or len(idx)
         for start in range(0, len(idx), step):
             chunk = idx[start : start + step]
             reqs = [requests[i] for i in chunk]
             with_maps = any(r.heatmap for r in reqs)
+            images = [r.image for r in reqs] if shape is None else np.stack([r.image for r in reqs])
             try:
-                verdicts = _verdicts(det, reqs, np.stack([r.image for r in reqs]), with_maps)
+                verdicts = _verdicts(det, reqs, images, with_maps)
             except InputError:
                 verdicts = []
                 for r in reqs:

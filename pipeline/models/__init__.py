@@ -16,12 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.inputs import InputError
 from pipeline.models.imagenet import GRADCAM_LAYERS, load_imagenet_net
 from pipeline.models.mnist import MnistNet, load_mnist_net
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_NAMES = ("mnist", "resnet18", "mobilenet_v2")
+# the most elongated photo ``prepare`` takes: resizing the short side first, a 1×4096 strip (4 KB on the wire)
+# would be blown up to 256×1,048,576 pixels (837 MB and 1.4 s, measured) before the centre crop kept 224 of them
+MAX_ASPECT = 16
 
 
 class Normalize(nn.Module):
@@ -57,7 +61,8 @@ class TargetModel:
     def prepare(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) at any size -> uint8 (N, size, size, C) as the model expects.
 
-        Photos are resized (short side ``resize_to``) and centre-cropped, as torchvision preprocesses them. An image
+        Photos are resized (short side ``resize_to``) and centre-cropped, as torchvision preprocesses them; one
+        more elongated than ``MAX_ASPECT``:1 is refused with an :class:`InputError` (see there). An image
         already at the model's input size passes through untouched: it has been prepared upstream (a camera
         pipeline, or an adversarial made at the model's resolution), and resizing it again would change the
         pixels being judged."""
@@ -71,6 +76,9 @@ class TargetModel:
             if (h, w) == (self.size, self.size):
                 out[i] = img.reshape(self.size, self.size, -1)
                 continue
+            if max(h, w) > MAX_ASPECT * min(h, w):
+                raise InputError(f"image of {w}×{h} pixels is more elongated than {MAX_ASPECT}:1; {self.name} "
+                                 f"centre-crops a square from it, which would keep under 1/{MAX_ASPECT} of it")
             scale = self.resize_to / min(h, w)
             nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
             resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
