@@ -21,7 +21,7 @@ from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
 from pipeline.explain import GRADIENT_ONLY_METHODS, ExplainParams, predict_and_explain
-from pipeline.inputs import to_float_batch
+from pipeline.inputs import image_layout, to_float_batch, to_uint8_batch
 from pipeline.models import TargetModel, load_model
 from pipeline.occlude import occlude_top_relevance
 from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts, transplant_gain
@@ -83,6 +83,10 @@ class DetectorConfig:
             transplant_hosts=int(data.get("transplant_hosts", cls.transplant_hosts)),
             signals=tuple(data.get("signals", LEGACY_SIGNALS)),
         )
+
+
+def _is_uint8(images: object) -> bool:
+    return isinstance(images, np.ndarray) and images.dtype == np.uint8
 
 
 def to_uint8_hwc(x: np.ndarray) -> np.ndarray:
@@ -263,18 +267,25 @@ class Detector:
             singles = images if isinstance(images, (list, tuple)) else [images]
             if not singles:
                 raise InputError("empty batch: no images given")
-            parts = [to_float_batch(im, self.model.channels) for im in singles]
+            # each photo resized while still uint8, so only the model's input size is ever held as float
             batch = np.concatenate(
-                [self.model.prepare(np.round(b * 255).astype(np.uint8)) for b in parts]
-            ).astype(np.float32) / 255.0
+                [self.model.prepare(to_uint8_batch(im, self.model.channels)) for im in singles]
+            ).astype(np.float32)
+            batch /= 255.0
         else:
-            batch = to_float_batch(images, self.model.channels)
-            if batch.shape[1:3] != (self.model.size, self.model.size):
-                raise InputError(
-                    f"wrong image size: {self.model.name} takes {self.model.size}×{self.model.size}, "
-                    f"got {batch.shape[1]}×{batch.shape[2]}"
-                )
+            # uint8 digits are laid out and size-checked before the float copy is made; floats are kept exact
+            channels = self.model.channels
+            batch = to_uint8_batch(images, channels) if _is_uint8(images) else to_float_batch(images, channels)
+            self.model.check_size(*batch.shape[1:3])
+            if batch.dtype == np.uint8:
+                batch = to_float_batch(batch, channels)
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+    def check(self, image: np.ndarray) -> None:
+        """Raise :class:`InputError` if one H×W[×C] image could not be prepared (layout, channels, size); no
+        pixel is converted. A stream worker asks this of every image of a read before it batches them, so that
+        a bad image costs nothing and gets its own error without holding back the others."""
+        self.model.check_size(*image_layout(image, self.model.channels)[:2])
 
     def denoise(self, x: np.ndarray, workers: int | None = None) -> np.ndarray:
         """NLM-denoised copy of a prepared batch (CPU, OpenCV thread pool of ``workers`` threads, default one

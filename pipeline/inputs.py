@@ -88,11 +88,43 @@ def _as_nhwc(arr: np.ndarray, channels: int) -> np.ndarray:
     raise InputError(f"wrong channel count: the model takes {channels}-channel images, got {c} channels")
 
 
+def image_layout(image: np.ndarray, channels: int) -> tuple[int, int, int]:
+    """(H, W, C) of one H×W or H×W×C image, after the checks :func:`to_float_batch` makes of its layout, size and
+    channels, without converting a pixel: what a stream worker asks of each image before it batches any."""
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3):
+        raise InputError(f"one image must be H×W or H×W×C, got shape {arr.shape}")
+    if arr.dtype != np.uint8 and arr.dtype.kind in "iub":
+        raise InputError(f"integer images must be uint8, got {arr.dtype}")
+    if arr.dtype != np.uint8 and arr.dtype.kind != "f":
+        raise InputError(f"unsupported image dtype {arr.dtype}")
+    h, w = arr.shape[:2]
+    c = arr.shape[2] if arr.ndim == 3 else 1
+    if h == 0 or w == 0:
+        raise InputError(f"zero-size image: shape {(h, w)}")
+    if h * w > MAX_PIXELS:
+        raise InputError(f"image too large: {h}×{w} exceeds {MAX_PIXELS} pixels")
+    if c > 4 or not (c == channels or (c == 4 and channels == 3) or (c == 1 and channels == 3)):
+        raise InputError(f"wrong channel count: the model takes {channels}-channel images, got {c} channels")
+    return h, w, c
+
+
+def to_uint8_batch(images: object, channels: int) -> np.ndarray:
+    """Validate and convert to uint8 (N, H, W, C); floats in [0, 1] are rounded to the nearest of 256 levels.
+    For photos, which are resized anyway: a uint8 photo is never blown up to float at its full size."""
+    arr = _to_numpy(images)
+    if arr.dtype == np.uint8:
+        return _as_nhwc(arr, channels)
+    return np.round(to_float_batch(arr, channels) * 255).astype(np.uint8)
+
+
 def to_float_batch(images: object, channels: int) -> np.ndarray:
     """Validate and convert to float32 (N, H, W, C) in [0, 1]; uint8 is divided by 255, floats kept exact."""
     arr = _to_numpy(images)
     if arr.dtype == np.uint8:
-        return _as_nhwc(arr, channels).astype(np.float32) / 255.0
+        out = _as_nhwc(arr, channels).astype(np.float32)
+        out /= 255.0  # in place: one float copy of the batch, not two
+        return out
     if arr.dtype.kind == "f":
         arr = _as_nhwc(arr.astype(np.float32, copy=False), channels)
         if not np.isfinite(arr).all():

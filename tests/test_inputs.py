@@ -85,3 +85,60 @@ def test_photo_preparation_refuses_strips_it_would_blow_up():
     assert model.prepare(np.zeros((1, 20, 20 * MAX_ASPECT, 3), np.uint8)).shape == (1, 224, 224, 3)
     with pytest.raises(InputError, match=f"more elongated than {MAX_ASPECT}:1"):
         model.prepare(np.zeros((1, 20 * MAX_ASPECT + 1, 20, 3), np.uint8))
+
+
+def _peak_mib(fn) -> float:
+    """Peak of the memory numpy and Python allocate while ``fn`` runs (tracemalloc sees numpy's buffers)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_digits_of_the_wrong_size_are_refused_before_any_float_copy(detector):
+    """Two 4096×4096 greyscale images (a 23 KB PNG each on the wire) once became 256 MiB of float32 twice over
+    before the size check refused them."""
+    big = np.zeros((2, 4096, 4096), np.uint8)
+
+    def prepare():
+        with pytest.raises(InputError, match="wrong image size"):
+            detector.prepare(big)
+
+    assert _peak_mib(prepare) < 4
+    with pytest.raises(InputError, match="wrong image size"):
+        detector.check(big[0])
+
+
+def test_a_large_photo_is_resized_as_uint8(tmp_path):
+    """A 4096×4096 RGB photo (48 MiB) is resized before it is made float: 192 MiB of float32 otherwise."""
+    from torch import nn
+
+    from pipeline.models import TargetModel
+
+    model = TargetModel("photo", nn.Identity(), channels=3, size=224, gradcam_layer=nn.Identity(), resize_to=256)
+    from pipeline import Detector, DetectorConfig
+
+    det = Detector(model, DetectorConfig())
+    photo = np.random.default_rng(0).integers(0, 256, (4096, 4096, 3), dtype=np.uint8)
+    out = []
+    assert _peak_mib(lambda: out.append(det.prepare([photo]))) < 24
+    np.testing.assert_array_equal(np.round(out[0] * 255).astype(np.uint8)[0].transpose(1, 2, 0),
+                                  model.prepare(photo[None])[0])
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((28, 1), "wrong image size"), ((8, 3), "wrong image size"), ((28, 28, 3), "wrong channel count"),
+     ((28, 28, 2), "wrong channel count"), ((0, 28), "zero-size"), ((2, 28, 28), "wrong channel count"),
+     ((2, 2, 28, 28), "H×W or H×W×C")],
+)
+def test_check_refuses_what_prepare_would_refuse_without_converting(detector, shape, message):
+    image = np.zeros(shape, np.uint8)
+    with pytest.raises(InputError, match=message):
+        detector.check(image)
+    with pytest.raises(InputError):
+        detector.prepare(image if len(shape) != 3 or shape[-1] <= 4 else image[None])

@@ -219,7 +219,7 @@ def test_detect_requests_batches_by_shape_and_isolates_bad_images(detector, digi
     calls = []
 
     class Counting:
-        config, model = detector.config, detector.model
+        config, model, check = detector.config, detector.model, detector.check
 
         def detect(self, images, return_maps=False):
             calls.append(np.asarray(images).shape)
@@ -231,7 +231,7 @@ def test_detect_requests_batches_by_shape_and_isolates_bad_images(detector, digi
     reqs.append(wire.decode_request(wire.encode_request("other", digits[0], model="resnet9")))
     out = detect_requests(Counting(), reqs)
     assert [v["id"] for v in out] == [r.id for r in reqs]
-    assert calls[0] == (5, 28, 28)  # the five digits: one batch
+    assert calls == [(5, 28, 28, 1)]  # the five digits: one batch; the bad images were refused before it
     by_id = {v["id"]: v for v in out}
     for i in range(5):
         v = by_id[f"a{i}"]
@@ -244,6 +244,16 @@ def test_detect_requests_batches_by_shape_and_isolates_bad_images(detector, digi
     assert "unknown model 'resnet9'" in by_id["other"]["error"]
 
 
+def test_a_read_of_thin_images_is_not_mistaken_for_one_image(detector, digits, reference):
+    """28 images of 28×1 once stacked to (28, 28, 1), which reads as one 28×28 digit: one result for 28 requests
+    and an IndexError for the whole read. Each is refused on its own; the digit in the read is detected."""
+    thin = [wire.decode_request(wire.encode_request(f"t{i}", np.zeros((28, 1), np.uint8))) for i in range(28)]
+    good = wire.decode_request(wire.encode_request("good", digits[0]))
+    out = detect_requests(detector, [*thin, good])
+    assert all("wrong image size" in v["error"] for v in out[:28])
+    assert "error" not in out[28] and out[28]["predicted_class"] == int(reference.predicted_class[0])
+
+
 @pytest.mark.skipif(not SHARED_WEIGHTS["mobilenet_v2"].exists(), reason="needs ../shared/models/ (MobileNetV2)")
 def test_detect_requests_batches_photos_of_any_size_together_and_isolates_bad_ones():
     """A photo model resizes what it gets, so JPEGs of several sizes are one detect call (grouped by shape, as
@@ -253,7 +263,7 @@ def test_detect_requests_batches_photos_of_any_size_together_and_isolates_bad_on
     calls = []
 
     class Counting:
-        config, model = det.config, det.model
+        config, model, check = det.config, det.model, det.check
 
         def detect(self, images, return_maps=False):
             calls.append(len(images))
@@ -270,7 +280,7 @@ def test_detect_requests_batches_photos_of_any_size_together_and_isolates_bad_on
     strip = wire.decode_request(wire.encode_request("strip", photos[0][:1, :, 0], model="mobilenet_v2"))
     calls.clear()
     out = detect_requests(Counting(), [reqs[0], strip, reqs[1]])
-    assert calls == [3, 1, 1, 1]  # the batch, then one at a time
+    assert calls == [2]  # the strip is refused before the batch is built, and the others still share one
     assert "more elongated than 16:1" in out[1]["error"] and out[1]["score"] is None
     alone = [det.detect(r.image) for r in (reqs[0], reqs[1])]
     for v, ref in zip((out[0], out[2]), alone, strict=True):

@@ -30,6 +30,11 @@ def _model_name(detector: Any) -> str:
     return getattr(model, "name", None) or "mnist"
 
 
+def _hwc(image: np.ndarray) -> np.ndarray:
+    """One image as H×W×C (a greyscale H×W gains its channel axis), so that a stack of them is unambiguous."""
+    return image[:, :, None] if image.ndim == 2 else image
+
+
 def _resizes(detector: Any) -> bool:
     """Whether the detector's model resizes what it is given (photos), so images of any size batch together."""
     return getattr(getattr(detector, "model", None), "resize_to", None) is not None
@@ -89,9 +94,13 @@ def detect_requests(
     model name to Detector. Requests are grouped by model and each group is one ``detect`` call (split in
     chunks of ``max_batch`` if given). A model of fixed input size (digits) groups by image shape too, since
     its images are stacked as they are; a photo model resizes every photo to its input, so photos of any size
-    share one batch (cameras send JPEGs of many sizes: grouped by shape, each would be a batch of one). If a
-    group raises ``InputError`` its images are retried one at a time so only the bad ones get ``{"error": ...}``
-    verdicts. Other exceptions propagate (the batch stays pending in Redis and is retried)."""
+    share one batch (cameras send JPEGs of many sizes: grouped by shape, each would be a batch of one).
+
+    Every image is checked first (``detector.check``: layout, channels, size, without converting a pixel), so a
+    bad image gets its ``{"error": ...}`` verdict before any batch is built and never breaks up the others'.
+    Images are stacked as (N, H, W, C), so no batch is mistaken for one image of another layout. If a group
+    still raises ``InputError`` its images are retried one at a time. Other exceptions propagate (the batch
+    stays pending in Redis and is retried)."""
     table: Mapping[str, Any] = (
         detectors if isinstance(detectors, Mapping) else {_model_name(detectors): detectors}
     )
@@ -100,8 +109,14 @@ def detect_requests(
     for i, req in enumerate(requests):
         if req.model not in table:
             out[i] = error_verdict(req, f"unknown model {req.model!r}; this worker serves {sorted(table)}")
-        else:
-            groups[(req.model, None if _resizes(table[req.model]) else tuple(req.image.shape))].append(i)
+            continue
+        det = table[req.model]
+        try:
+            det.check(req.image)
+        except InputError as e:
+            out[i] = error_verdict(req, str(e), det.config.method)
+            continue
+        groups[(req.model, None if _resizes(det) else _hwc(req.image).shape)].append(i)
     for (model, shape), idx in groups.items():
         det = table[model]
         step = max_batch or len(idx)
@@ -109,14 +124,14 @@ def detect_requests(
             chunk = idx[start : start + step]
             reqs = [requests[i] for i in chunk]
             with_maps = any(r.heatmap for r in reqs)
-            images = [r.image for r in reqs] if shape is None else np.stack([r.image for r in reqs])
+            images = [_hwc(r.image) for r in reqs] if shape is None else np.stack([_hwc(r.image) for r in reqs])
             try:
                 verdicts = _verdicts(det, reqs, images, with_maps)
             except InputError:
                 verdicts = []
                 for r in reqs:
                     try:
-                        verdicts += _verdicts(det, [r], r.image[None], r.heatmap)
+                        verdicts += _verdicts(det, [r], _hwc(r.image)[None], r.heatmap)
                     except InputError as e:
                         verdicts.append(error_verdict(r, str(e), det.config.method))
             for i, v in zip(chunk, verdicts, strict=True):

@@ -174,6 +174,9 @@ class RemoteDetector:
     def config(self):
         return self.local.config
 
+    def check(self, image: np.ndarray) -> None:
+        self.local.check(image)
+
     @property
     def model(self):
         return self.local.model

@@ -76,15 +76,25 @@ class TargetModel:
             if (h, w) == (self.size, self.size):
                 out[i] = img.reshape(self.size, self.size, -1)
                 continue
-            if max(h, w) > MAX_ASPECT * min(h, w):
-                raise InputError(f"image of {w}×{h} pixels is more elongated than {MAX_ASPECT}:1; {self.name} "
-                                 f"centre-crops a square from it, which would keep under 1/{MAX_ASPECT} of it")
+            self.check_size(h, w)
             scale = self.resize_to / min(h, w)
             nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
             resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
             top, left = (nh - self.size) // 2, (nw - self.size) // 2
             out[i] = resized[top : top + self.size, left : left + self.size].reshape(self.size, self.size, -1)
         return out
+
+    def check_size(self, h: int, w: int) -> None:
+        """Raise :class:`InputError` unless an H×W image can be prepared: exactly ``size``×``size`` for a model
+        that does not resize, at most ``MAX_ASPECT``:1 for one that does (see there)."""
+        if self.resize_to is None:
+            if (h, w) != (self.size, self.size):
+                raise InputError(
+                    f"wrong image size: {self.name} takes {self.size}×{self.size}, got {h}×{w}"
+                )
+        elif max(h, w) > MAX_ASPECT * min(h, w):
+            raise InputError(f"image of {w}×{h} pixels is more elongated than {MAX_ASPECT}:1; {self.name} "
+                             f"centre-crops a square from it, which would keep under 1/{MAX_ASPECT} of it")
 
     def to(self, device: str | torch.device) -> TargetModel:
         self.net.to(device)
