@@ -227,3 +227,51 @@ def test_png_decompression_bomb_is_refused_from_its_header():
     ihdr = b"IHDR" + (50_000).to_bytes(4, "big") * 2 + b"\x08\x00\x00\x00\x00"
     png = b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + b"\x00" * 4 + b"IEND\xaeB`\x82"
     _raises(_req(encoding="png", image=png, shape=_DROP), "too large")
+
+
+def _with_trns(png: bytes, data: bytes) -> bytes:
+    """The PNG with a tRNS (transparency) chunk inserted after its IHDR."""
+    import struct
+    import zlib
+
+    chunk = struct.pack(">I", len(data)) + b"tRNS" + data + struct.pack(">I", zlib.crc32(b"tRNS" + data))
+    return png[:33] + chunk + png[33:]
+
+
+def test_the_header_says_what_opencv_will_decode():
+    rng = np.random.default_rng(0)
+    grey, rgb = rng.integers(0, 200, (20, 30), dtype=np.uint8), rng.integers(0, 200, (20, 30, 3), dtype=np.uint8)
+    cases = [cv2.imencode(".png", grey)[1].tobytes(), cv2.imencode(".png", rgb)[1].tobytes(),
+             cv2.imencode(".png", rng.integers(0, 200, (20, 30, 4), dtype=np.uint8))[1].tobytes(),
+             cv2.imencode(".png", rgb.astype(np.uint16) * 257)[1].tobytes(),
+             _with_trns(cv2.imencode(".png", grey)[1].tobytes(), b"\x00\x05"),
+             _with_trns(cv2.imencode(".png", rgb)[1].tobytes(), b"\x00\x05" * 3),
+             cv2.imencode(".jpg", grey)[1].tobytes(), cv2.imencode(".jpg", rgb)[1].tobytes()]
+    for data in cases:
+        header = wire.read_image_header(data)
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert (header.height, header.width) == decoded.shape[:2]
+        assert header.max_decoded_bytes == decoded.nbytes
+    assert wire.read_image_header(b"II*\x00" + b"\x00" * 40) is None  # a TIFF
+
+
+def test_what_would_decode_too_large_or_16_bit_is_refused_from_the_header():
+    """Found in review: a 4096×4096 16-bit RGBA PNG of 130 KB decoded to 128 MiB before it was refused."""
+    big16 = cv2.imencode(".png", np.zeros((4096, 4096, 4), np.uint16))[1].tobytes()
+    _raises(_req(encoding="png", image=big16, shape=_DROP), "16-bit samples")
+    big_rgb = cv2.imencode(".png", np.zeros((2400, 2400, 3), np.uint8))[1].tobytes()  # 17.3 MB once decoded
+    _raises(_req(encoding="png", image=big_rgb, shape=_DROP), "decodes to 17280000 bytes")
+    # 4096×4096 greyscale is exactly the limit, and stays accepted
+    ok = cv2.imencode(".png", np.zeros((4096, 4096), np.uint8))[1].tobytes()
+    assert decode_request(_req(encoding="png", image=ok, shape=_DROP)).image.shape == (4096, 4096)
+
+
+def test_image_bytes_from_outside_are_decoded_under_the_same_checks(digit):
+    png = cv2.imencode(".png", digit)[1].tobytes()
+    np.testing.assert_array_equal(wire.decode_image_bytes(png), digit)
+    rgb = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(wire.decode_image_bytes(cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes()), rgb)
+    for data, message in [(b"", "empty"), (b"II*\x00" + b"\x00" * 40, "not a decodable PNG or JPEG"),
+                          (cv2.imencode(".png", np.zeros((64, 64), np.uint16))[1].tobytes(), "16-bit")]:
+        with pytest.raises(WireError, match=message):
+            wire.decode_image_bytes(data)

@@ -24,7 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline import DetectionResult, Detector, Explained, InputError, decode_image, keep_allocations_mapped
+from pipeline import DetectionResult, Detector, Explained, InputError, keep_allocations_mapped
 from worker import wire
 from worker.detect import detect_requests
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
@@ -280,11 +280,14 @@ class Ingress:
                 raise HTTPException(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
         if rule not in (None, "calibrated", "sign"):
             raise HTTPException(422, f"unknown rule {rule!r}; use calibrated or sign")
+        try:  # under the stream's checks (header first), and off the event loop the consumers share
+            image = await asyncio.to_thread(wire.decode_image_bytes, bytes(body), "request body")
+        except wire.WireError as exc:
+            raise HTTPException(413 if "limit" in str(exc) else 415, str(exc)) from exc
         try:
-            image = decode_image(bytes(body), "request body")
             res = await self.remote.detect_async(image, rule, heatmap)
         except InputError as exc:
-            raise HTTPException(415 if "decodable" in str(exc) or "empty" in str(exc) else 422, str(exc)) from exc
+            raise HTTPException(422, str(exc)) from exc
         row = res.rows()[0]
         out = {"v": wire.VERSION, "model": self.model_name, "method": self.remote.config.method, **row}
         if heatmap and res.maps is not None:

@@ -157,17 +157,60 @@ def _check_meta(meta: dict, what: str) -> None:
         raise WireError(f"{what}: 'meta' packs to {size} bytes, limit {MAX_META_BYTES}")
 
 
-def image_header_size(data: bytes | memoryview, encoding: str) -> tuple[int, int] | None:
-    """(height, width) from a PNG IHDR or a JPEG SOF header without decompressing; None if not found."""
-    mv = memoryview(data)
-    if encoding == "png":
-        if len(mv) < 24 or bytes(mv[:8]) != _PNG_MAGIC or bytes(mv[12:16]) != b"IHDR":
-            return None
-        w, h = struct.unpack(">II", mv[16:24])
-        return h, w
-    i, n = 2, len(mv)
-    if n < 4 or mv[0] != 0xFF or mv[1] != 0xD8:
+# -- compressed images: what a PNG or JPEG will decode to, read before OpenCV allocates it --------------------
+# (a 23 KB PNG can decode to 16 MiB, a 130 KB 16-bit RGBA PNG to 128 MiB)
+
+# PNG colour type -> the channels OpenCV's IMREAD_UNCHANGED decodes it to (grey, RGB, palette, grey + alpha as
+# BGRA, RGBA); a tRNS chunk (transparency) adds an alpha channel to RGB and palette images
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """``format`` "png" or "jpeg"; ``channels`` and ``bits`` (per sample) as the header declares them, and
+    ``max_channels``, what OpenCV decodes them to (a tRNS chunk adds alpha to an RGB or palette PNG)."""
+
+    format: str
+    height: int
+    width: int
+    channels: int
+    bits: int
+    max_channels: int
+
+    @property
+    def max_decoded_bytes(self) -> int:
+        """The most bytes OpenCV's IMREAD_UNCHANGED decode of this image can allocate."""
+        return self.height * self.width * self.max_channels * (2 if self.bits > 8 else 1)
+
+
+def _has_transparency(mv: memoryview) -> bool:
+    """Whether a tRNS chunk comes before the image data (the chunks before IDAT are few and small)."""
+    i = 8
+    while i + 8 <= len(mv):
+        length = struct.unpack(">I", mv[i : i + 4])[0]
+        kind = bytes(mv[i + 4 : i + 8])
+        if kind == b"tRNS":
+            return True
+        if kind == b"IDAT":
+            return False
+        i += 12 + length
+    return False
+
+
+def _png(mv: memoryview) -> ImageHeader | None:
+    if len(mv) < 26 or bytes(mv[12:16]) != b"IHDR":
         return None
+    w, h = struct.unpack(">II", mv[16:24])
+    bits, colour = mv[24], mv[25]
+    if colour not in _PNG_CHANNELS:
+        return None
+    channels = _PNG_CHANNELS[colour]
+    alpha = colour in (2, 3) and _has_transparency(mv)  # OpenCV ignores a grey image's tRNS (measured)
+    return ImageHeader("png", h, w, channels, bits, 4 if alpha else channels)
+
+
+def _jpeg(mv: memoryview) -> ImageHeader | None:
+    i, n = 2, len(mv)
     while i + 4 <= n:
         if mv[i] != 0xFF:
             return None
@@ -179,14 +222,27 @@ def image_header_size(data: bytes | memoryview, encoding: str) -> tuple[int, int
             i += 2
             continue
         seg_len = struct.unpack(">H", mv[i + 2 : i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
-            if i + 9 > n:
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: precision, H, W, components
+            if i + 10 > n:
                 return None
+            bits = mv[i + 4]
             h, w = struct.unpack(">HH", mv[i + 5 : i + 9])
-            return h, w
+            channels = mv[i + 9]
+            return ImageHeader("jpeg", h, w, channels, bits, channels)
         if seg_len < 2:
             return None
         i += 2 + seg_len
+    return None
+
+
+def read_image_header(data: bytes | bytearray | memoryview) -> ImageHeader | None:
+    """The header of a PNG (IHDR) or JPEG (SOF), found by its signature; None for anything else, or a header
+    that cannot be read."""
+    mv = memoryview(data)
+    if bytes(mv[:8]) == _PNG_MAGIC:
+        return _png(mv)
+    if len(mv) >= 4 and mv[0] == 0xFF and mv[1] == 0xD8:
+        return _jpeg(mv)
     return None
 
 
@@ -197,14 +253,23 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
         raise WireError(f"{what}: 'image' is not a PNG (bad signature) although encoding is 'png'")
     if encoding == "jpeg" and not bytes(buf[:2]) == b"\xff\xd8":
         raise WireError(f"{what}: 'image' is not a JPEG (no SOI marker) although encoding is 'jpeg'")
-    hw = image_header_size(buf, encoding)
-    if hw is None:
+    header = read_image_header(buf)
+    if header is None or header.format != encoding:
         raise WireError(f"{what}: corrupt or truncated {encoding.upper()}: no readable image header")
-    h, w = hw
+    h, w = header.height, header.width
     if h == 0 or w == 0:
         raise WireError(f"{what}: zero-size {encoding.upper()} image {h}×{w}")
     if h > MAX_DIM or w > MAX_DIM:
         raise WireError(f"{what}: {encoding.upper()} image {h}×{w} too large: each side must be ≤ {MAX_DIM}")
+    if header.bits > 8:  # refused from the header: a 16-bit PNG is twice the pixels' bytes once decoded
+        raise WireError(
+            f"{what}: {encoding.upper()} has {header.bits}-bit samples; only 8-bit images are accepted"
+        )
+    if header.max_decoded_bytes > MAX_IMAGE_BYTES:
+        raise WireError(
+            f"{what}: {encoding.upper()} image {h}×{w}×{header.max_channels} decodes to "
+            f"{header.max_decoded_bytes} bytes, limit {MAX_IMAGE_BYTES}"
+        )
     if shape is not None and (h, w) != shape[:2]:
         raise WireError(
             f"{what}: declared shape {list(shape)} but the {encoding.upper()} header says {h}×{w}"
@@ -239,6 +304,19 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
             )
         img = img.reshape(shape)
     return img
+
+
+def decode_image_bytes(data: bytes, what: str = "image") -> np.ndarray:
+    """A PNG or JPEG from outside (an HTTP body) decoded under the stream's checks: the format from its signature,
+    its header read and its decoded size bounded before anything is decompressed; uint8 H×W or H×W×C (RGB/RGBA)."""
+    if len(data) == 0:
+        raise WireError(f"{what}: empty image")
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"{what}: {len(data)} bytes too large (limit {MAX_PAYLOAD_BYTES})")
+    header = read_image_header(data)
+    if header is None:
+        raise WireError(f"{what}: not a decodable PNG or JPEG image (another format, corrupt or truncated)")
+    return _decode_compressed(bytes(data), header.format, None, what)
 
 
 # -- requests ---------------------------------------------------------------------------------------------
