@@ -33,6 +33,7 @@ MAX_META_KEYS = 32
 MAX_STR_CHARS = 64 * 1024  # any string in a request/verdict (meta strings are bounded by MAX_META_BYTES)
 MAX_ERROR_CHARS = 2000  # verdict "error" messages are truncated to this
 MAX_DEAD_PAYLOAD_BYTES = 64 * 1024  # dead letters keep at most this much of the offending entry
+MAX_CONTAINERS = 1024  # arrays and maps in one payload, nested ones included (a request needs three)
 
 ENCODINGS = ("raw", "png", "jpeg")
 _UNPACK_LIMITS = dict(
@@ -81,8 +82,22 @@ def _unpack(data: object, what: str) -> dict:
         raise WireError(f"{what}: empty payload")
     if n > MAX_PAYLOAD_BYTES:
         raise WireError(f"{what}: payload of {n} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+    containers = 0
+
+    def counted(container: Any) -> Any:
+        # msgpack packs an empty array in one byte: without a bound on how many there are, 15.8 MB of nested
+        # empty arrays (within every per-array limit) built 16 million lists, 1 GiB in 5.8 s (found in review)
+        nonlocal containers
+        containers += 1
+        if containers > MAX_CONTAINERS:
+            raise WireError(f"{what}: more than {MAX_CONTAINERS} arrays and maps in one payload")
+        return container
+
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, list_hook=counted,
+                              object_hook=counted, **_UNPACK_LIMITS)
+    except WireError:
+        raise
     except msgpack.ExtraData:
         raise WireError(
             f"{what}: trailing bytes after the msgpack map (corrupt or concatenated payload)"
