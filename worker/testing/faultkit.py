@@ -7,6 +7,7 @@ Nothing here is mocked: workers are ``python -m worker.standalone`` subprocesses
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -291,8 +292,20 @@ def bad_inputs(digit: np.ndarray, rng: random.Random) -> list[tuple[str, Callabl
         ("msgpack bomb (huge array header)", lambda i: d(b"\xdd\x7f\xff\xff\xff" + b"\x00" * 16)),
         ("trailing bytes after the map", lambda i: d(_pack(_req(raw, id=i)) + b"\x00junk")),
         ("entry without a data field", lambda i: {"payload": _pack(_req(raw, id=i))}),
+        # small files that promise large images: refused from their headers, before OpenCV allocates anything
+        ("PNG that decodes to over 16 MiB (130 KB, 16-bit RGBA 4096×4096)",
+         lambda i: d(_req(_png_bomb(), id=i, encoding="png", shape=_DROP))),
+        ("16-bit PNG", lambda i: d(_req(cv2.imencode(".png", digit.astype(np.uint16) * 257)[1].tobytes(), id=i,
+                                       encoding="png", shape=_DROP))),
+        ("thousands of tiny msgpack containers", lambda i: d(_req(raw, id=i, junk=[[] for _ in range(1100)]))),
     ]
     return cats
+
+
+@functools.cache
+def _png_bomb() -> bytes:
+    """A 4096×4096 16-bit RGBA PNG of zeros: 130 KB that decode to 128 MiB."""
+    return cv2.imencode(".png", np.zeros((4096, 4096, 4), np.uint16))[1].tobytes()
 
 
 OVERSIZE = "payload over the 16 MiB limit"
