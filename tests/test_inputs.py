@@ -75,16 +75,18 @@ def test_corrupt_and_non_image_files(tmp_path, digits):
 
 
 def test_photo_preparation_refuses_strips_it_would_blow_up():
-    """Resizing the short side first, a 1×4096 strip would become 256×1,048,576 pixels before the crop; up to
-    16:1 photos are resized and cropped as usual."""
+    """Resizing the short side first, a 1×4096 strip would become 256×1,048,576 pixels before the crop; a 64:1
+    panorama (256×16,384 once resized) is resized and cropped as usual."""
     from torch import nn
 
-    from pipeline.models import MAX_ASPECT, TargetModel
+    from pipeline.models import MAX_RESIZED_PIXELS, TargetModel
 
     model = TargetModel("photo", nn.Identity(), channels=3, size=224, gradcam_layer=nn.Identity(), resize_to=256)
-    assert model.prepare(np.zeros((1, 20, 20 * MAX_ASPECT, 3), np.uint8)).shape == (1, 224, 224, 3)
-    with pytest.raises(InputError, match=f"more elongated than {MAX_ASPECT}:1"):
-        model.prepare(np.zeros((1, 20 * MAX_ASPECT + 1, 20, 3), np.uint8))
+    assert model.prepare(np.zeros((1, 100, 6400, 3), np.uint8)).shape == (1, 224, 224, 3)
+    with pytest.raises(InputError, match=f"too elongated.*limit {MAX_RESIZED_PIXELS}"):
+        model.prepare(np.zeros((1, 100, 6600, 3), np.uint8))
+    with pytest.raises(InputError, match="too elongated"):
+        model.check_size(1, 4096)
 
 
 def _peak_mib(fn) -> float:

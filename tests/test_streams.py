@@ -258,7 +258,7 @@ def test_a_read_of_thin_images_is_not_mistaken_for_one_image(detector, digits, r
 def test_detect_requests_batches_photos_of_any_size_together_and_isolates_bad_ones():
     """A photo model resizes what it gets, so JPEGs of several sizes are one detect call (grouped by shape, as
     digits are, each would be a batch of one), with verdicts equal to detecting each photo alone; a strip too
-    elongated to centre-crop fails that batch's preparation and gets the only error verdict."""
+    elongated to resize is refused by ``Detector.check`` before the batch is built, and gets the only error."""
     det = Detector.from_pretrained("mobilenet_v2", weights=str(SHARED_WEIGHTS["mobilenet_v2"]))
     calls = []
 
@@ -281,7 +281,7 @@ def test_detect_requests_batches_photos_of_any_size_together_and_isolates_bad_on
     calls.clear()
     out = detect_requests(Counting(), [reqs[0], strip, reqs[1]])
     assert calls == [2]  # the strip is refused before the batch is built, and the others still share one
-    assert "more elongated than 16:1" in out[1]["error"] and out[1]["score"] is None
+    assert "too elongated" in out[1]["error"] and out[1]["score"] is None
     alone = [det.detect(r.image) for r in (reqs[0], reqs[1])]
     for v, ref in zip((out[0], out[2]), alone, strict=True):
         assert "error" not in v and v["predicted_class"] == int(ref.predicted_class[0])

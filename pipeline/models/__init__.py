@@ -23,9 +23,9 @@ from pipeline.models.mnist import MnistNet, load_mnist_net
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_NAMES = ("mnist", "resnet18", "mobilenet_v2")
-# the most elongated photo ``prepare`` takes: resizing the short side first, a 1×4096 strip (4 KB on the wire)
-# would be blown up to 256×1,048,576 pixels (837 MB and 1.4 s, measured) before the centre crop kept 224 of them
-MAX_ASPECT = 16
+# the most pixels a photo may have once resized to its short side, before the centre crop: a 1×4096 strip (4 KB
+# on the wire) would become 256×1,048,576 pixels (837 MB and 1.4 s, measured); 4M allows panoramas up to 64:1
+MAX_RESIZED_PIXELS = 4 * 1024 * 1024
 
 
 class Normalize(nn.Module):
@@ -61,8 +61,8 @@ class TargetModel:
     def prepare(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) at any size -> uint8 (N, size, size, C) as the model expects.
 
-        Photos are resized (short side ``resize_to``) and centre-cropped, as torchvision preprocesses them; one
-        more elongated than ``MAX_ASPECT``:1 is refused with an :class:`InputError` (see there). An image
+        Photos are resized (short side ``resize_to``) and centre-cropped, as torchvision preprocesses them; one so
+        elongated that the resized image would exceed ``MAX_RESIZED_PIXELS`` is refused (see there). An image
         already at the model's input size passes through untouched: it has been prepared upstream (a camera
         pipeline, or an adversarial made at the model's resolution), and resizing it again would change the
         pixels being judged."""
@@ -78,23 +78,28 @@ class TargetModel:
                 continue
             self.check_size(h, w)
             scale = self.resize_to / min(h, w)
-            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+            nh, nw = self._resized(h, w)
             resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
             top, left = (nh - self.size) // 2, (nw - self.size) // 2
             out[i] = resized[top : top + self.size, left : left + self.size].reshape(self.size, self.size, -1)
         return out
 
+    def _resized(self, h: int, w: int) -> tuple[int, int]:
+        """(height, width) of an H×W photo resized to the short side ``resize_to``, before the centre crop."""
+        scale = self.resize_to / min(h, w)
+        return max(self.size, round(h * scale)), max(self.size, round(w * scale))
+
     def check_size(self, h: int, w: int) -> None:
-        """Raise :class:`InputError` unless an H×W image can be prepared: exactly ``size``×``size`` for a model
-        that does not resize, at most ``MAX_ASPECT``:1 for one that does (see there)."""
+        """Raise :class:`InputError` unless an H×W image can be prepared: a model that does not resize takes
+        exactly ``size``×``size``; one that resizes refuses only what would resize to over ``MAX_RESIZED_PIXELS``."""
         if self.resize_to is None:
             if (h, w) != (self.size, self.size):
-                raise InputError(
-                    f"wrong image size: {self.name} takes {self.size}×{self.size}, got {h}×{w}"
-                )
-        elif max(h, w) > MAX_ASPECT * min(h, w):
-            raise InputError(f"image of {w}×{h} pixels is more elongated than {MAX_ASPECT}:1; {self.name} "
-                             f"centre-crops a square from it, which would keep under 1/{MAX_ASPECT} of it")
+                raise InputError(f"wrong image size: {self.name} takes {self.size}×{self.size}, got {h}×{w}")
+            return
+        nh, nw = self._resized(h, w)
+        if (h, w) != (self.size, self.size) and nh * nw > MAX_RESIZED_PIXELS:
+            raise InputError(f"image of {w}×{h} pixels too elongated: resized to a short side of {self.resize_to} "
+                             f"it would be {nw}×{nh} pixels before the centre crop (limit {MAX_RESIZED_PIXELS})")
 
     def to(self, device: str | torch.device) -> TargetModel:
         self.net.to(device)
