@@ -28,7 +28,8 @@ def decode_image(data: bytes, source: str = "image") -> np.ndarray:
     if img is None:
         raise InputError(f"{source}: not a decodable PNG/JPEG image (corrupt, truncated or another format)")
     if img.dtype != np.uint8:
-        img = (img / 257).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
+        # integer division: the float64 copy of img / 257 was 4× a 16-bit image's own size
+        img = (img // 257).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = img[:, :, :3]

@@ -266,14 +266,24 @@ def test_what_would_decode_too_large_or_16_bit_is_refused_from_the_header():
     assert decode_request(_req(encoding="png", image=ok, shape=_DROP)).image.shape == (4096, 4096)
 
 
-def test_image_bytes_from_outside_are_decoded_under_the_same_checks(digit):
+def test_image_files_from_outside_are_bounded_from_their_header_and_otherwise_accepted(digit):
+    """What the HTTP route decodes: photos of any size up to 4096² pixels, 16-bit files scaled to 8 bits, bytes
+    after the image's end (a phone's motion-photo trailer); refused from the header: other formats, and what is
+    over the pixel limit (ImageTooLarge, which the route answers 413)."""
     png = cv2.imencode(".png", digit)[1].tobytes()
     np.testing.assert_array_equal(wire.decode_image_bytes(png), digit)
+    np.testing.assert_array_equal(wire.decode_image_bytes(png + b"\n"), digit)
     rgb = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
     np.testing.assert_array_equal(wire.decode_image_bytes(cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes()), rgb)
-    for data, message in [(b"", "empty"), (b"II*\x00" + b"\x00" * 40, "not a decodable PNG or JPEG"),
-                          (cv2.imencode(".png", np.zeros((64, 64), np.uint16))[1].tobytes(), "16-bit")]:
-        with pytest.raises(WireError, match=message):
+    deep = np.random.default_rng(2).integers(0, 65536, (6, 5), dtype=np.uint16)
+    np.testing.assert_array_equal(wire.decode_image_bytes(cv2.imencode(".png", deep)[1].tobytes()), deep // 257)
+    photo = cv2.imencode(".jpg", np.zeros((3024, 4032, 3), np.uint8))[1].tobytes()  # a 12 MP phone photo
+    assert wire.decode_image_bytes(photo).shape == (3024, 4032, 3)
+    for data, error, message in [
+        (b"", WireError, "empty"), (b"II*\x00" + b"\x00" * 40, WireError, "not a decodable PNG or JPEG"),
+        (cv2.imencode(".png", np.zeros((4097, 4096), np.uint8))[1].tobytes(), wire.ImageTooLarge, "too large"),
+    ]:
+        with pytest.raises(error, match=message):
             wire.decode_image_bytes(data)
 
 
@@ -282,6 +292,8 @@ def test_a_payload_of_many_tiny_containers_is_refused_before_it_is_built(digit):
     would build a million lists (found in review: 15.8 MB built 16 million, 1 GiB in 5.8 s)."""
     obj = msgpack.unpackb(encode_request("bomb", digit), raw=False)
     obj["junk"] = [[[] for _ in range(1024)] for _ in range(1024)]
-    _raises(msgpack.packb(obj, use_bin_type=True), "more than 1024 arrays and maps")
-    obj["junk"] = [[] for _ in range(1000)]  # under the bound (with the request's own shape and meta)
+    _raises(msgpack.packb(obj, use_bin_type=True), f"more than {wire.MAX_CONTAINERS} arrays and maps")
+    # a meta map at its limits (4 KiB) of small arrays is under the bound
+    obj["junk"], obj["meta"] = [], {"a": [[1, 2]] * 1000, "b": [[1, 2]] * 300}
+    assert len(msgpack.packb(obj["meta"])) <= wire.MAX_META_BYTES
     assert decode_request(msgpack.packb(obj, use_bin_type=True)).id == "bomb"

@@ -283,7 +283,7 @@ class Ingress:
         try:  # under the stream's checks (header first), and off the event loop the consumers share
             image = await asyncio.to_thread(wire.decode_image_bytes, bytes(body), "request body")
         except wire.WireError as exc:
-            raise HTTPException(413 if "limit" in str(exc) else 415, str(exc)) from exc
+            raise HTTPException(413 if isinstance(exc, wire.ImageTooLarge) else 415, str(exc)) from exc
         try:
             res = await self.remote.detect_async(image, rule, heatmap)
         except InputError as exc:

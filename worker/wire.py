@@ -30,10 +30,12 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024  # H*W*C of the decoded image (raw bytes, or 
 CHANNELS = (1, 3, 4)
 MAX_META_BYTES = 4096  # the meta map, re-packed
 MAX_META_KEYS = 32
+# arrays and maps in one payload, nested ones included: each packs to at least one byte and only meta may hold
+# many, so no valid request comes near it
+MAX_CONTAINERS = MAX_META_BYTES + 16
 MAX_STR_CHARS = 64 * 1024  # any string in a request/verdict (meta strings are bounded by MAX_META_BYTES)
 MAX_ERROR_CHARS = 2000  # verdict "error" messages are truncated to this
 MAX_DEAD_PAYLOAD_BYTES = 64 * 1024  # dead letters keep at most this much of the offending entry
-MAX_CONTAINERS = 1024  # arrays and maps in one payload, nested ones included (a request needs three)
 
 ENCODINGS = ("raw", "png", "jpeg")
 _UNPACK_LIMITS = dict(
@@ -52,6 +54,10 @@ class WireError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ImageTooLarge(WireError):
+    """An image over a size limit (the HTTP route answers 413 for it, 415 for other undecodable bodies)."""
 
 
 @dataclass
@@ -242,8 +248,8 @@ def _jpeg(mv: memoryview) -> ImageHeader | None:
                 return None
             bits = mv[i + 4]
             h, w = struct.unpack(">HH", mv[i + 5 : i + 9])
-            channels = mv[i + 9]
-            return ImageHeader("jpeg", h, w, channels, bits, channels)
+            channels = mv[i + 9]  # OpenCV decodes CMYK / YCCK (4 components) to BGR
+            return ImageHeader("jpeg", h, w, channels, bits, 1 if channels == 1 else 3)
         if seg_len < 2:
             return None
         i += 2 + seg_len
@@ -261,6 +267,19 @@ def read_image_header(data: bytes | bytearray | memoryview) -> ImageHeader | Non
     return None
 
 
+def _rgb(img: np.ndarray, fmt: str, what: str) -> np.ndarray:
+    """OpenCV's BGR(A) order as RGB(A); greyscale as it is."""
+    if img.ndim == 3:
+        if img.shape[2] == 3:
+            img = img[:, :, ::-1]
+        elif img.shape[2] == 4:
+            img = img[:, :, [2, 1, 0, 3]]
+        elif img.shape[2] != 1:
+            raise WireError(f"{what}: wrong channel count {img.shape[2]} in the {fmt.upper()}")
+        img = np.ascontiguousarray(img)
+    return img
+
+
 def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
     import cv2
 
@@ -275,13 +294,13 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
     if h == 0 or w == 0:
         raise WireError(f"{what}: zero-size {encoding.upper()} image {h}×{w}")
     if h > MAX_DIM or w > MAX_DIM:
-        raise WireError(f"{what}: {encoding.upper()} image {h}×{w} too large: each side must be ≤ {MAX_DIM}")
+        raise ImageTooLarge(f"{what}: {encoding.upper()} image {h}×{w} too large: each side must be ≤ {MAX_DIM}")
     if header.bits > 8:  # refused from the header: a 16-bit PNG is twice the pixels' bytes once decoded
         raise WireError(
             f"{what}: {encoding.upper()} has {header.bits}-bit samples; only 8-bit images are accepted"
         )
     if header.max_decoded_bytes > MAX_IMAGE_BYTES:
-        raise WireError(
+        raise ImageTooLarge(
             f"{what}: {encoding.upper()} image {h}×{w}×{header.max_channels} decodes to "
             f"{header.max_decoded_bytes} bytes, limit {MAX_IMAGE_BYTES}"
         )
@@ -302,14 +321,7 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
         raise WireError(
             f"{what}: {encoding.upper()} has sample type {img.dtype}; only 8-bit images are accepted"
         )
-    if img.ndim == 3:
-        if img.shape[2] == 3:
-            img = img[:, :, ::-1]  # BGR -> RGB
-        elif img.shape[2] == 4:
-            img = img[:, :, [2, 1, 0, 3]]  # BGRA -> RGBA
-        elif img.shape[2] != 1:
-            raise WireError(f"{what}: wrong channel count {img.shape[2]} in the {encoding.upper()}")
-        img = np.ascontiguousarray(img)
+    img = _rgb(img, encoding, what)
     if shape is not None:
         c_decl = shape[2] if len(shape) == 3 else 1
         c_img = img.shape[2] if img.ndim == 3 else 1
@@ -321,17 +333,32 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
     return img
 
 
-def decode_image_bytes(data: bytes, what: str = "image") -> np.ndarray:
-    """A PNG or JPEG from outside (an HTTP body) decoded under the stream's checks: the format from its signature,
-    its header read and its decoded size bounded before anything is decompressed; uint8 H×W or H×W×C (RGB/RGBA)."""
+def decode_image_bytes(data: bytes, what: str = "image", max_pixels: int = MAX_DIM * MAX_DIM) -> np.ndarray:
+    """One PNG or JPEG file from outside the stream (an HTTP body) as uint8 H×W or H×W×C (RGB/RGBA). Its header
+    is read first and a file of over ``max_pixels`` pixels is refused (:class:`ImageTooLarge`) before anything is
+    decompressed, so decoding allocates at most 128 MiB (16-bit RGBA at the limit). Unlike a stream request it
+    may be a photo of any size up to that (a photo model resizes it), 16-bit (scaled to 8 bits) or carry bytes
+    after its end (a phone's motion-photo trailer)."""
+    import cv2
+
     if len(data) == 0:
         raise WireError(f"{what}: empty image")
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise WireError(f"{what}: {len(data)} bytes too large (limit {MAX_PAYLOAD_BYTES})")
     header = read_image_header(data)
     if header is None:
         raise WireError(f"{what}: not a decodable PNG or JPEG image (another format, corrupt or truncated)")
-    return _decode_compressed(bytes(data), header.format, None, what)
+    h, w = header.height, header.width
+    if h == 0 or w == 0:
+        raise WireError(f"{what}: zero-size {header.format.upper()} image {h}×{w}")
+    if h * w > max_pixels:
+        raise ImageTooLarge(f"{what}: {header.format.upper()} image {h}×{w} too large (limit {max_pixels} pixels)")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise WireError(f"{what}: not a decodable PNG or JPEG image (corrupt or truncated)")
+    if img.dtype == np.uint16:
+        img = (img // 257).astype(np.uint8)  # as pipeline.decode_image scales 16-bit files
+    elif img.dtype != np.uint8:
+        raise WireError(f"{what}: {header.format.upper()} has sample type {img.dtype}; 8 or 16 bits are accepted")
+    return _rgb(img, header.format, what)
 
 
 # -- requests ---------------------------------------------------------------------------------------------

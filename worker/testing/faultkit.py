@@ -297,7 +297,7 @@ def bad_inputs(digit: np.ndarray, rng: random.Random) -> list[tuple[str, Callabl
          lambda i: d(_req(_png_bomb(), id=i, encoding="png", shape=_DROP))),
         ("16-bit PNG", lambda i: d(_req(cv2.imencode(".png", digit.astype(np.uint16) * 257)[1].tobytes(), id=i,
                                        encoding="png", shape=_DROP))),
-        ("thousands of tiny msgpack containers", lambda i: d(_req(raw, id=i, junk=[[] for _ in range(1100)]))),
+        ("thousands of tiny msgpack containers", lambda i: d(_req(raw, id=i, junk=[[] for _ in range(5000)]))),
     ]
     return cats
 
