@@ -75,18 +75,23 @@ def _as_nhwc(arr: np.ndarray, channels: int) -> np.ndarray:
         raise InputError(f"image array must have 2 to 4 dimensions (H×W[×C] or N×H×W[×C]), got shape {arr.shape}")
     if arr.shape[0] == 0:
         raise InputError("empty batch: no images given")
-    if arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise InputError(f"zero-size image: shape {arr.shape[1:3]}")
-    if arr.shape[1] * arr.shape[2] > MAX_PIXELS:
-        raise InputError(f"image too large: {arr.shape[1]}×{arr.shape[2]} exceeds {MAX_PIXELS} pixels")
+    _check_image(*arr.shape[1:], channels)
     c = arr.shape[-1]
     if c == 4:
         arr, c = arr[..., :3], 3
     if c == channels:
         return arr
-    if channels == 3 and c == 1:
-        return np.repeat(arr, 3, axis=-1)  # greyscale photo for an RGB model
-    raise InputError(f"wrong channel count: the model takes {channels}-channel images, got {c} channels")
+    return np.repeat(arr, 3, axis=-1)  # greyscale photo for an RGB model (the only other layout _check_image lets by)
+
+
+def _check_image(h: int, w: int, c: int, channels: int) -> None:
+    """The checks every image's size and channel count must pass, for a batch or one image alone."""
+    if h == 0 or w == 0:
+        raise InputError(f"zero-size image: shape {(h, w)}")
+    if h * w > MAX_PIXELS:
+        raise InputError(f"image too large: {h}×{w} exceeds {MAX_PIXELS} pixels")
+    if c > 4 or not (c == channels or (c == 4 and channels == 3) or (c == 1 and channels == 3)):
+        raise InputError(f"wrong channel count: the model takes {channels}-channel images, got {c} channels")
 
 
 def image_layout(image: np.ndarray, channels: int) -> tuple[int, int, int]:
@@ -101,12 +106,7 @@ def image_layout(image: np.ndarray, channels: int) -> tuple[int, int, int]:
         raise InputError(f"unsupported image dtype {arr.dtype}")
     h, w = arr.shape[:2]
     c = arr.shape[2] if arr.ndim == 3 else 1
-    if h == 0 or w == 0:
-        raise InputError(f"zero-size image: shape {(h, w)}")
-    if h * w > MAX_PIXELS:
-        raise InputError(f"image too large: {h}×{w} exceeds {MAX_PIXELS} pixels")
-    if c > 4 or not (c == channels or (c == 4 and channels == 3) or (c == 1 and channels == 3)):
-        raise InputError(f"wrong channel count: the model takes {channels}-channel images, got {c} channels")
+    _check_image(h, w, c, channels)
     return h, w, c
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.inputs import InputError
+from pipeline.errors import InputError
 from pipeline.models.imagenet import GRADCAM_LAYERS, load_imagenet_net
 from pipeline.models.mnist import MnistNet, load_mnist_net
 
