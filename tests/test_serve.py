@@ -188,3 +188,27 @@ def test_ingress_health_check_fails_when_a_consumer_thread_died():
         ingress.check_health()
     ingress.stop.set()  # drained on purpose: healthy
     ingress.check_health()
+
+
+def test_image_files_from_outside_are_bounded_from_their_header_and_otherwise_accepted(digits):
+    """What the HTTP route decodes (its decoder alone, no stack): photos of any size up to 4096² pixels, 16-bit
+    files scaled to 8 bits, bytes after the image's end (a phone's motion-photo trailer); refused from the
+    header: other formats, and what is over the pixel limit (ImageTooLarge, which the route answers 413)."""
+    from worker.serve_app import decode_body
+
+    digit = digits.images[0]
+    png = cv2.imencode(".png", digit)[1].tobytes()
+    np.testing.assert_array_equal(decode_body(png), digit)
+    np.testing.assert_array_equal(decode_body(png + b"\n"), digit)
+    rgb = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_body(cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes()), rgb)
+    deep = np.random.default_rng(2).integers(0, 65536, (6, 5), dtype=np.uint16)
+    np.testing.assert_array_equal(decode_body(cv2.imencode(".png", deep)[1].tobytes()), deep // 257)
+    photo = cv2.imencode(".jpg", np.zeros((3024, 4032, 3), np.uint8))[1].tobytes()  # a 12 MP phone photo
+    assert decode_body(photo).shape == (3024, 4032, 3)
+    for data, error, message in [
+        (b"", wire.WireError, "empty"), (b"II*\x00" + b"\x00" * 40, wire.WireError, "not a decodable PNG or JPEG"),
+        (cv2.imencode(".png", np.zeros((4097, 4096), np.uint8))[1].tobytes(), wire.ImageTooLarge, "too large"),
+    ]:
+        with pytest.raises(error, match=message):
+            decode_body(data)

@@ -24,7 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline import DetectionResult, Detector, Explained, InputError, keep_allocations_mapped
+from pipeline import DetectionResult, Detector, Explained, InputError, decode_image, keep_allocations_mapped
 from worker import wire
 from worker.detect import detect_requests
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
@@ -197,6 +197,13 @@ class RemoteDetector:
         return await self._chain(images, rule, return_maps)
 
 
+def decode_body(body: bytes) -> np.ndarray:
+    """An HTTP body as uint8 H×W or H×W×3 (RGB): its PNG/JPEG header read and bounded first
+    (:func:`worker.wire.check_image_file`), then decoded as files are (``pipeline.decode_image``)."""
+    wire.check_image_file(body, "request body")
+    return decode_image(body, "request body")
+
+
 http = FastAPI(title="explainer", description="Adversarial-image detection (EXPLAINER)")
 
 
@@ -280,10 +287,12 @@ class Ingress:
                 raise HTTPException(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
         if rule not in (None, "calibrated", "sign"):
             raise HTTPException(422, f"unknown rule {rule!r}; use calibrated or sign")
-        try:  # under the stream's checks (header first), and off the event loop the consumers share
-            image = await asyncio.to_thread(wire.decode_image_bytes, bytes(body), "request body")
+        try:  # off the event loop the consumers share
+            image = await asyncio.to_thread(decode_body, bytes(body))
         except wire.WireError as exc:
             raise HTTPException(413 if isinstance(exc, wire.ImageTooLarge) else 415, str(exc)) from exc
+        except InputError as exc:
+            raise HTTPException(415, str(exc)) from exc
         try:
             res = await self.remote.detect_async(image, rule, heatmap)
         except InputError as exc:

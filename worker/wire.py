@@ -267,19 +267,6 @@ def read_image_header(data: bytes | bytearray | memoryview) -> ImageHeader | Non
     return None
 
 
-def _rgb(img: np.ndarray, fmt: str, what: str) -> np.ndarray:
-    """OpenCV's BGR(A) order as RGB(A); greyscale as it is."""
-    if img.ndim == 3:
-        if img.shape[2] == 3:
-            img = img[:, :, ::-1]
-        elif img.shape[2] == 4:
-            img = img[:, :, [2, 1, 0, 3]]
-        elif img.shape[2] != 1:
-            raise WireError(f"{what}: wrong channel count {img.shape[2]} in the {fmt.upper()}")
-        img = np.ascontiguousarray(img)
-    return img
-
-
 def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
     import cv2
 
@@ -321,7 +308,14 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
         raise WireError(
             f"{what}: {encoding.upper()} has sample type {img.dtype}; only 8-bit images are accepted"
         )
-    img = _rgb(img, encoding, what)
+    if img.ndim == 3:
+        if img.shape[2] == 3:
+            img = img[:, :, ::-1]  # BGR -> RGB
+        elif img.shape[2] == 4:
+            img = img[:, :, [2, 1, 0, 3]]  # BGRA -> RGBA
+        elif img.shape[2] != 1:
+            raise WireError(f"{what}: wrong channel count {img.shape[2]} in the {encoding.upper()}")
+        img = np.ascontiguousarray(img)
     if shape is not None:
         c_decl = shape[2] if len(shape) == 3 else 1
         c_img = img.shape[2] if img.ndim == 3 else 1
@@ -333,14 +327,12 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
     return img
 
 
-def decode_image_bytes(data: bytes, what: str = "image", max_pixels: int = MAX_DIM * MAX_DIM) -> np.ndarray:
-    """One PNG or JPEG file from outside the stream (an HTTP body) as uint8 H×W or H×W×C (RGB/RGBA). Its header
-    is read first and a file of over ``max_pixels`` pixels is refused (:class:`ImageTooLarge`) before anything is
-    decompressed, so decoding allocates at most 128 MiB (16-bit RGBA at the limit). Unlike a stream request it
-    may be a photo of any size up to that (a photo model resizes it), 16-bit (scaled to 8 bits) or carry bytes
-    after its end (a phone's motion-photo trailer)."""
-    import cv2
-
+def check_image_file(data: bytes, what: str = "image", max_pixels: int = MAX_DIM * MAX_DIM) -> ImageHeader:
+    """Read the header of one PNG or JPEG file from outside the stream (an HTTP body) before anything is
+    decompressed: another format is refused, and so is a file of over ``max_pixels`` pixels
+    (:class:`ImageTooLarge`), so its decode allocates at most 128 MiB (16-bit RGBA at the limit). Unlike a
+    stream request it may be a photo of any size up to that (a photo model resizes it), 16-bit, or carry bytes
+    after its end (a phone's motion-photo trailer); ``pipeline.decode_image`` then decodes it."""
     if len(data) == 0:
         raise WireError(f"{what}: empty image")
     header = read_image_header(data)
@@ -351,14 +343,7 @@ def decode_image_bytes(data: bytes, what: str = "image", max_pixels: int = MAX_D
         raise WireError(f"{what}: zero-size {header.format.upper()} image {h}×{w}")
     if h * w > max_pixels:
         raise ImageTooLarge(f"{what}: {header.format.upper()} image {h}×{w} too large (limit {max_pixels} pixels)")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise WireError(f"{what}: not a decodable PNG or JPEG image (corrupt or truncated)")
-    if img.dtype == np.uint16:
-        img = (img // 257).astype(np.uint8)  # as pipeline.decode_image scales 16-bit files
-    elif img.dtype != np.uint8:
-        raise WireError(f"{what}: {header.format.upper()} has sample type {img.dtype}; 8 or 16 bits are accepted")
-    return _rgb(img, header.format, what)
+    return header
 
 
 # -- requests ---------------------------------------------------------------------------------------------

@@ -77,9 +77,9 @@ class TargetModel:
                 out[i] = img.reshape(self.size, self.size, -1)
                 continue
             self.check_size(h, w)
-            scale = self.resize_to / min(h, w)
             nh, nw = self._resized(h, w)
-            resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+            shrink = min(h, w) > self.resize_to
+            resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
             top, left = (nh - self.size) // 2, (nw - self.size) // 2
             out[i] = resized[top : top + self.size, left : left + self.size].reshape(self.size, self.size, -1)
         return out
