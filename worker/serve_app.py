@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's 
 # the model's cores stay busy (measured on 2 cores: 1 batch 1846-2050 images/s, 2 batches 2384-2618/s,
 # 3 batches 2088-2638/s; docs/method.md, "Streaming overlaps batches in the model stage")
 EXPLAIN_CONCURRENT_BATCHES = 2
+WARM_UP_PIXELS = 2**18  # input pixels per explain thread in a replica's warm-up: 256 digits, 5 photos
 
 
 def _detector(model: str, weights: str | None, calibration: str | None, device: str | None = None) -> Detector:
@@ -111,7 +113,21 @@ class Explainer(StageStats):
         device = "cuda" if torch.cuda.is_available() else None
         self.detector = _detector(model, weights, calibration, device)
         self.max_batch_size = EXPLAIN_MAX_BATCH
+        # the merged calls' own threads, the same ones for the replica's life (asyncio.to_thread would rotate
+        # through the loop's default pool, each new thread setting up its own OpenMP team)
+        self._pool = ThreadPoolExecutor(EXPLAIN_CONCURRENT_BATCHES, thread_name_prefix="explain")
         self._init_stats()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """A batch of zeros on each explain thread before the replica takes requests, so that the first real
+        batches do not pay for what a thread sets up once (its OpenMP team, oneDNN's kernels, the allocator's
+        growth); at most ``WARM_UP_PIXELS`` of input per thread, so a photo model's warm-up is a few images."""
+        m = self.detector.model
+        n = max(1, min(self.max_batch_size, WARM_UP_PIXELS // (m.size * m.size)))
+        x = np.zeros((n, m.channels, m.size, m.size), np.float32)
+        for f in [self._pool.submit(self.detector.explain_pair, x, x) for _ in range(EXPLAIN_CONCURRENT_BATCHES)]:
+            f.result()
 
     async def explain_any(self, x: np.ndarray, denoised: np.ndarray) -> Explained:
         """One request of any size. Serve's batcher refuses a single request above ``max_batch_size`` (a
@@ -140,7 +156,7 @@ class Explainer(StageStats):
                  max_concurrent_batches=EXPLAIN_CONCURRENT_BATCHES)
     async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray]) -> list[Explained]:
         sizes = [len(x) for x in originals]
-        out = await asyncio.to_thread(self._explain_merged, originals, denoised)
+        out = await asyncio.get_running_loop().run_in_executor(self._pool, self._explain_merged, originals, denoised)
         bounds = np.cumsum([0, *sizes])
         return [out.part(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
