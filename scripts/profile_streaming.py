@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,27 +30,10 @@ from worker.collect import collect_verdicts, last_id
 from worker.embedded import embedded_stack
 from worker.feed import push_images
 from worker.local_redis import free_port
+from worker.proc_cpu import REPLICAS, cpu_by_label, cpu_seconds, label
 from worker.streams import StreamNames, connect
 
-TICK = os.sysconf("SC_CLK_TCK")
-REPLICAS = ("Ingress", "Denoiser", "Explainer", "Scorer")
 RATE = 200  # py-spy samples per second
-
-
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, user+system CPU seconds) for every process we can read."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(entry.name)] = (cmd or stat.split("(", 1)[1].split(")")[0], (int(fields[11]) + int(fields[12])) / TICK)
-    return out
 
 
 def machine_ticks() -> dict[str, int]:
@@ -58,18 +41,6 @@ def machine_ticks() -> dict[str, int]:
     names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
     values = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
     return dict(zip(names, map(int, values), strict=True))
-
-
-def label(cmd: str) -> str:
-    for name in REPLICAS:
-        if f"ServeReplica:explainer:{name}" in cmd:
-            return name
-    for key, name in (("ServeController", "Serve controller"), ("ProxyActor", "Serve proxy"),
-                      ("redis-server", "redis-server"), ("raylet", "raylet"), ("gcs_server", "gcs_server"),
-                      ("profile_streaming", "this script (producer + collector)"), ("py-spy", "py-spy")):
-        if key in cmd:
-            return name
-    return "other Ray / system" if "ray" in cmd else "other"
 
 
 def hottest(raw: Path, top: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
@@ -146,10 +117,7 @@ def main() -> None:
             p.send_signal(signal.SIGINT)
         for p in samplers.values():
             p.wait(timeout=120)
-    by_label: dict[str, float] = defaultdict(float)
-    for pid, (cmd, secs) in after_cpu.items():
-        if pid in before:
-            by_label[label(cmd)] += secs - before[pid][1]
+    by_label = cpu_by_label(before, after_cpu, own="this script (producer + collector)")
     n = len(got)
     total_cpu = sum(v for k, v in by_label.items() if k != "py-spy")
     lines = ["# Streaming profile", "", __doc__.split("\n\n")[1], "",
@@ -162,7 +130,7 @@ def main() -> None:
              "Machine-wide (/proc/stat, all CPUs): " + ", ".join(
                  f"{k} {v:.0%}" for k, v in machine_shares(ticks_before, ticks_after).items() if v >= 0.005) + ".",
              "", "| process | CPU ms per image | share of one core |", "|---|---|---|"]
-    for name, secs in sorted(by_label.items(), key=lambda kv: -kv[1]):
+    for name, secs in by_label.items():
         if secs > 0:
             lines.append(f"| {name} | {1000 * secs / n:.3f} | {secs / wall:.0%} |")
     lines += ["", "Inside each stage's own call (worker.serve_app.StageStats): the share of the burst's wall time the "

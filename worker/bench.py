@@ -22,6 +22,7 @@ from worker.collect import collect_verdicts, last_id
 from worker.embedded import embedded_stack, load_config
 from worker.feed import push_images
 from worker.local_redis import LocalRedis, free_port
+from worker.proc_cpu import cpu_by_label, cpu_seconds
 from worker.streams import StreamConsumer, StreamNames, connect
 
 
@@ -52,7 +53,7 @@ def wire_and_redis(images: np.ndarray, data_dir: Path) -> dict:
 
 
 def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction: float = 0.6,
-              burst_factor: int = 4, app_overrides: dict | None = None,
+              burst_factor: int = 16, app_overrides: dict | None = None,
               deployment_overrides: dict[str, dict] | None = None,
               in_process: Callable[[], float] = lambda: float("nan"), rounds: int = 3) -> dict:
     """Burst throughput, then latency at ``steady_fraction`` of it, through Redis and the Serve application
@@ -75,15 +76,18 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
         push_images(client, names, images[:256], ids=warm)
         collect_verdicts(client, names, warm, after, timeout_s=120)
         burst = np.concatenate([images] * burst_factor)
-        rates, received, latency, local = [], [], [], []
+        rates, received, latency, local, cpu = [], [], [], [], []
         for r in range(rounds):
             local.append(in_process())
             after = last_id(client, names.verdicts)
             ids = [f"burst{replicas}-{r}-{i}" for i in range(len(burst))]
+            cpu_before = cpu_seconds()
             t = time.perf_counter()
             push_images(client, names, burst, ids=ids)
             got = collect_verdicts(client, names, ids, after, timeout_s=600)
             rates.append(len(got) / (time.perf_counter() - t))
+            cpu.append({k: 1000 * v / max(len(got), 1) for k, v in
+                        cpu_by_label(cpu_before, cpu_seconds(), own="bench (producer + collector)").items()})
             received.append(len(got))
             latency += [v["latency_ms"] for v in got.values()]
         local.append(in_process())
@@ -110,6 +114,10 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
         "steady_p99_ms": float(np.percentile(steady_latency, 99)), "pending_after": pending,
     }
     out["in_process_between"] = local
+    # CPU ms per image by part of the stack, the median over the bursts (read from /proc around each burst)
+    parts = {k for c in cpu for k in c}
+    out["cpu_ms_per_image"] = dict(sorted(((k, float(np.median([c.get(k, 0.0) for c in cpu]))) for k in parts),
+                                          key=lambda kv: -kv[1]))
     # each burst against the mean of the in-process runs just before and after it, median over bursts
     per_burst = [rate / ((local[i] + local[i + 1]) / 2) for i, rate in enumerate(rates)]
     out["ratio_to_in_process"] = float(np.median(per_burst))
@@ -220,6 +228,11 @@ def nlm_window_sweep(det: Detector, images: np.ndarray) -> dict[str, dict[str, f
 # medians are taken over enough rounds to be steadier than any one of them
 ROUNDS = 9
 STREAM_ROUNDS = 5
+# a burst repeats the bench's images this many times (16,000 digits, 7 s at 2,200 images/s): with 3 consumers'
+# batches in flight, filling and draining the stages costs a few hundred ms of part-idle cores, which in the
+# 4,000-digit bursts used until stop 15 (under 2 s) was a large share of the timing (same code, one run each:
+# 58% of in-process with bursts of 4,000, 69% with 16,000; docs/method.md, "Stop 16")
+BURST_FACTOR = 16
 # the batch every in-process figure is timed at, floors included: the batch a stream read carries (deploy/serve.yaml
 # ``batch: 256``) and the detector's fastest. Until stop 12 it was 64, where the detector's per-batch costs (its
 # NLM call, Python, thread hand-offs) weigh four times as much as at 256. Batch 256 used to be slow for floor and
@@ -282,12 +295,20 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
     results["batch_sweep"] = {b: detector_throughput(det, images[:512], b, repeat=2) for b in (1, 8, 32, 64, 128, 256)}
     results["nlm_window_sweep"] = nlm_window_sweep(det, images)
     if streaming_runs:
-        burst = np.concatenate([images] * 4)  # the images of one streaming burst, timed in-process between bursts
+        burst = np.concatenate([images] * BURST_FACTOR)  # one streaming burst's images, timed in-process between
         for replicas in (1, 2):
             log(f"streaming, {replicas} replica(s) of the CPU stages…")
-            results[f"streaming_{replicas}"] = streaming(
-                images, data_dir, replicas, in_process=lambda: detector_throughput(det, burst, BATCH, repeat=1),
-                rounds=STREAM_ROUNDS)
+            local_cpu: list[float] = []
+
+            def in_process(local_cpu: list[float] = local_cpu) -> float:
+                cpu = time.process_time()
+                rate = detector_throughput(det, burst, BATCH, repeat=1)
+                local_cpu.append(1000 * (time.process_time() - cpu) / len(burst))
+                return rate
+
+            results[f"streaming_{replicas}"] = streaming(images, data_dir, replicas, in_process=in_process,
+                                                         rounds=STREAM_ROUNDS, burst_factor=BURST_FACTOR)
+            results[f"streaming_{replicas}"]["in_process_cpu_ms_per_image"] = float(np.median(local_cpu))
             # a stricter peer: the in-process figure timed without the stack (the rounds above); the runs between
             # bursts share the machine with the idle stack's processes (Ray's and Serve's own loops)
             s = results[f"streaming_{replicas}"]
@@ -396,6 +417,13 @@ def write_report(out: Path, r: dict) -> None:
                       f"- steady load at {s['steady_rate']:.0f} images/s (60% of the burst rate), "
                       f"{s['steady_received']}/{s['steady_sent']} verdicts: **p50 {s['steady_p50_ms']:.0f} ms, "
                       f"p99 {s['steady_p99_ms']:.0f} ms**; pending after: {s['pending_after']}"]
+            if "cpu_ms_per_image" in s:
+                total = sum(s["cpu_ms_per_image"].values())
+                lines += ["", f"CPU per image under the bursts, by process (median over the bursts, from /proc): "
+                          f"**{total:.3f} ms** in all, against {s['in_process_cpu_ms_per_image']:.3f} ms for the "
+                          "in-process detector between them; 2 cores at 100% give 2,000 / that many images/s.", "",
+                          "| process | CPU ms per image |", "|---|---|"]
+                lines += [f"| {k} | {v:.3f} |" for k, v in s["cpu_ms_per_image"].items() if v >= 0.0005]
     if "throughput_after" in r["in_process"]:
         lines += ["", f"In-process again after the streaming runs: {r['in_process']['throughput_after']:.0f} "
                   "detections/s (machine drift check)."]
