@@ -101,16 +101,16 @@ def embedded_stack(
                          ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30"),
                          ("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")):
         os.environ.setdefault(var, seconds)
-    # on one machine a batch passes stage to stage faster inline (gRPC) than through the shared-memory object
-    # store, whose every put and get is a round trip to the raylet: a batch of 256 digits is 0.8-1.6 MB, above
-    # Ray's 100 KB default (measured on 2 cores: the raylet's CPU 0.033 -> 0.003 ms per image; docs/method.md,
-    # "Stop 16"). Read by every Ray process this ray.init starts; a cluster started otherwise keeps its own.
-    os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_OBJECT_BYTES))
     started_ray = not ray.is_initialized()
     try:
         if started_ray:
+            # on one machine a batch passes stage to stage faster inline (gRPC) than through the shared-memory
+            # object store, whose every put and get is a round trip to the raylet: a batch of 256 digits is
+            # 0.8-1.6 MB, above Ray's 100 KB default (measured on 2 cores: the raylet's CPU 0.033 -> 0.003 ms per
+            # image; docs/method.md, "Stop 16"). It reaches every process of the Ray this starts, and no other.
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=True)
+                     log_to_driver=False, configure_logging=True,
+                     _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})
         _start_serve(http_port)
         app = app_from_config(config, {**(overrides or {}), "redis_url": redis_url},
                               deployment_overrides=deployment_overrides)

@@ -38,7 +38,7 @@ EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's 
 # the model's cores stay busy (measured on 2 cores: 1 batch 1846-2050 images/s, 2 batches 2384-2618/s,
 # 3 batches 2088-2638/s; docs/method.md, "Streaming overlaps batches in the model stage")
 EXPLAIN_CONCURRENT_BATCHES = 2
-WARM_UP_PIXELS = 2**18  # input pixels per explain thread in a replica's warm-up: 256 digits, 5 photos
+WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a replica's warm-up: 256 digits, 5 photos
 
 
 def _detector(model: str, weights: str | None, calibration: str | None, device: str | None = None) -> Detector:
@@ -126,7 +126,13 @@ class Explainer(StageStats):
         m = self.detector.model
         n = max(1, min(self.max_batch_size, WARM_UP_PIXELS // (m.size * m.size)))
         x = np.zeros((n, m.channels, m.size, m.size), np.float32)
-        for f in [self._pool.submit(self.detector.explain_pair, x, x) for _ in range(EXPLAIN_CONCURRENT_BATCHES)]:
+        every_thread = threading.Barrier(EXPLAIN_CONCURRENT_BATCHES)  # so that no thread takes two of the batches
+
+        def one() -> None:
+            every_thread.wait(timeout=60)
+            self.detector.explain_pair(x, x)
+
+        for f in [self._pool.submit(one) for _ in range(EXPLAIN_CONCURRENT_BATCHES)]:
             f.result()
 
     async def explain_any(self, x: np.ndarray, denoised: np.ndarray) -> Explained:
