@@ -298,17 +298,18 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
     results["nlm_window_sweep"] = nlm_window_sweep(det, images)
     if streaming_runs:
         burst = np.concatenate([images] * BURST_FACTOR)  # one streaming burst's images, timed in-process between
+        local_cpu: list[float] = []  # CPU ms per image of each in-process run between the bursts
+
+        def in_process() -> float:
+            cpu = time.process_time()
+            rate = detector_throughput(det, burst, BATCH, repeat=1)
+            # detector_throughput runs the images twice: a warm-up, then the timed run
+            local_cpu.append(1000 * (time.process_time() - cpu) / (2 * len(burst)))
+            return rate
+
         for replicas in (1, 2):
             log(f"streaming, {replicas} replica(s) of the CPU stages…")
-            local_cpu: list[float] = []
-
-            def in_process(local_cpu: list[float] = local_cpu) -> float:
-                cpu = time.process_time()
-                rate = detector_throughput(det, burst, BATCH, repeat=1)
-                # detector_throughput runs the images twice: a warm-up, then the timed run
-                local_cpu.append(1000 * (time.process_time() - cpu) / (2 * len(burst)))
-                return rate
-
+            local_cpu.clear()
             results[f"streaming_{replicas}"] = streaming(images, data_dir, replicas, in_process=in_process,
                                                          rounds=STREAM_ROUNDS, burst_factor=BURST_FACTOR)
             results[f"streaming_{replicas}"]["in_process_cpu_ms_per_image"] = float(np.median(local_cpu))
