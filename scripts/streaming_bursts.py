@@ -3,7 +3,7 @@
 Starts the stack as ``explainer bench`` does (deploy/serve.yaml, local redis-server, local Ray, one replica of the
 CPU stages), warms it with 2,000 digits, then for each round times the in-process detector on the burst's digits
 and pushes the burst through the stream. Prints, per burst: images/s, the ratio to the in-process run just before
-it, the CPU each process used per image (from /proc, worker.proc_cpu) and the Explainer's minor page faults; then
+it, the CPU each process used per image (from /proc, worker.proc_cpu) and each replica's minor page faults; then
 the median ratio and CPU over the bursts. Run it alternating A and B (a lever on, off) to compare, since this
 machine's speed drifts by tens of percent within minutes.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from worker.collect import collect_verdicts, last_id
 from worker.embedded import embedded_stack
 from worker.feed import push_images
 from worker.local_redis import free_port
-from worker.proc_cpu import cpu_by_label, cpu_seconds, label
+from worker.proc_cpu import REPLICAS, cpu_by_label, cpu_seconds, label
 from worker.streams import StreamNames, connect
 
 
@@ -63,20 +64,23 @@ def main() -> None:
             after = last_id(client, names.verdicts)
             ids = [f"b{r}-{i}" for i in range(len(burst))]
             before = cpu_seconds()
-            explainer = [p for p, (cmd, _) in before.items() if label(cmd) == "Explainer"]
-            faults = [minor_faults(p) for p in explainer]
+            replicas = {p: label(cmd) for p, (cmd, _) in before.items() if label(cmd) in REPLICAS}
+            faults = {p: minor_faults(p) for p in replicas}
             t = time.perf_counter()
             push_images(client, names, burst, ids=ids)
             got = collect_verdicts(client, names, ids, after, timeout_s=600)
             rate = len(got) / (time.perf_counter() - t)
             used = {k: 1000 * v / len(got) for k, v in cpu_by_label(before, cpu_seconds(), own="this script").items()}
-            faulted = sum(minor_faults(p) for p in explainer) - sum(faults)
+            faulted = Counter()
+            for p, name in replicas.items():
+                faulted[name] += minor_faults(p) - faults[p]
             total = sum(v for k, v in used.items() if k != "other")
             ratios.append(rate / local)
             totals.append(total)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in used.items() if v >= 0.002)
             print(f"burst {r}: {rate:.0f} images/s, in-process {local:.0f}/s, ratio {rate / local:.0%}; CPU "
-                  f"{total:.3f} ms per image ({parts}); Explainer page faults {faulted}", flush=True)
+                  f"{total:.3f} ms per image ({parts}); page faults "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(faulted.items())), flush=True)
     print(f"median over {len(ratios)} bursts: ratio {np.median(ratios):.1%} (range {min(ratios):.0%}-"
           f"{max(ratios):.0%}), CPU {np.median(totals):.3f} ms per image")
 
