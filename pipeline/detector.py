@@ -21,7 +21,7 @@ from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.errors import InputError
 from pipeline.explain import GRADIENT_ONLY_METHODS, ExplainParams, predict_and_explain
-from pipeline.inputs import image_layout, to_float_batch, to_uint8_batch
+from pipeline.inputs import image_layout, pixels_to_float, to_float_batch, to_uint8_batch
 from pipeline.models import TargetModel, load_model
 from pipeline.occlude import occlude_top_relevance
 from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts, transplant_gain
@@ -260,25 +260,28 @@ class Detector:
 
     # -- the stages, usable one by one (the Ray Serve deployments run them on different workers) ---------------
 
-    def prepare(self, images: object) -> np.ndarray:
-        """Validate and convert user images to float32 (N, C, H, W) in [0, 1] at the model's resolution."""
+    def prepare(self, images: object, as_pixels: bool = False) -> np.ndarray:
+        """Validate and convert user images to float32 (N, C, H, W) in [0, 1] at the model's resolution.
+
+        ``as_pixels``: return uint8 images as the uint8 (N, C, H, W) pixels the float batch is made of, a quarter
+        of its bytes (the Serve stages pass those between them; :meth:`denoise` and :meth:`explain_pair` take
+        either, with the same results). Float images are returned as floats either way."""
         if self.model.resize_to is not None:
             # photos of any size: validate each, resize/centre-crop to the model's input, keep uint8 pixels
             singles = images if isinstance(images, (list, tuple)) else [images]
             if not singles:
                 raise InputError("empty batch: no images given")
             # each photo resized while still uint8, so only the model's input size is ever held as float
-            batch = np.concatenate(
-                [self.model.prepare(to_uint8_batch(im, self.model.channels)) for im in singles]
-            ).astype(np.float32)
-            batch /= 255.0
+            batch = np.concatenate([self.model.prepare(to_uint8_batch(im, self.model.channels)) for im in singles])
+            if not as_pixels:
+                batch = pixels_to_float(batch)
         else:
             # uint8 digits are laid out and size-checked before the float copy is made; floats are kept exact
             channels = self.model.channels
             batch = to_uint8_batch(images, channels) if _is_uint8(images) else to_float_batch(images, channels)
             self.model.check_size(*batch.shape[1:3])
-            if batch.dtype == np.uint8:
-                batch = to_float_batch(batch, channels)
+            if batch.dtype == np.uint8 and not as_pixels:
+                batch = pixels_to_float(batch)
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
     def check(self, image: np.ndarray) -> None:
@@ -289,9 +292,13 @@ class Detector:
 
     def denoise(self, x: np.ndarray, workers: int | None = None) -> np.ndarray:
         """NLM-denoised copy of a prepared batch (CPU, OpenCV thread pool of ``workers`` threads, default one
-        per core), float32 (N, C, H, W)."""
-        out = denoise_batch(to_uint8_hwc(x), self.config.nlm, workers=workers)
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2), np.float32) / 255.0
+        per core), (N, C, H, W): float32 for a float batch, uint8 pixels for pixels (``prepare(as_pixels=True)``;
+        NLM works on uint8 either way, so the two agree exactly)."""
+        pixels = x.dtype == np.uint8
+        out = denoise_batch(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if pixels else to_uint8_hwc(x),
+                            self.config.nlm, workers=workers)
+        out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+        return out if pixels else pixels_to_float(out)
 
     def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all
@@ -307,6 +314,7 @@ class Detector:
         the signals (its hook sits on the shared model), are serialised on the model's lock (shared by every
         Detector of that model)."""
         hooked = self.config.method not in GRADIENT_ONLY_METHODS or self._wants_activation_norm
+        x, xd = (pixels_to_float(a) if a.dtype == np.uint8 else a for a in (x, xd))  # pixels: the same floats
         with self.model.hooks_lock if hooked else nullcontext():
             return self._explain_pair(x, xd)
 

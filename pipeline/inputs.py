@@ -119,13 +119,19 @@ def to_uint8_batch(images: object, channels: int) -> np.ndarray:
     return np.round(to_float_batch(arr, channels) * 255).astype(np.uint8)
 
 
+def pixels_to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any layout) as float32 in [0, 1]: the one conversion every path uses, so that a batch
+    converted early (``Detector.prepare``) and one passed on as pixels and converted late agree bit for bit."""
+    out = pixels.astype(np.float32)
+    out /= 255.0  # in place: one float copy of the batch, not two
+    return out
+
+
 def to_float_batch(images: object, channels: int) -> np.ndarray:
     """Validate and convert to float32 (N, H, W, C) in [0, 1]; uint8 is divided by 255, floats kept exact."""
     arr = _to_numpy(images)
     if arr.dtype == np.uint8:
-        out = _as_nhwc(arr, channels).astype(np.float32)
-        out /= 255.0  # in place: one float copy of the batch, not two
-        return out
+        return pixels_to_float(_as_nhwc(arr, channels))
     if arr.dtype.kind == "f":
         arr = _as_nhwc(arr.astype(np.float32, copy=False), channels)
         if not np.isfinite(arr).all():

@@ -125,3 +125,26 @@ def test_explain_pair_from_two_threads_equals_serial(digits, method):
             for a, b in zip(serial, together, strict=True):
                 np.testing.assert_allclose(b.maps, a.maps, rtol=1e-4, atol=1e-6)
                 np.testing.assert_allclose(b.probs, a.probs, rtol=1e-4, atol=1e-6)
+
+
+def test_pixels_travel_the_stages_with_the_float_paths_results(detector, digits):
+    # the Serve stages pass uint8 pixels between them (a quarter of the bytes); every stage must give what the
+    # float path gives, bit for bit, so the stream's verdicts stay the in-process ones
+    images = digits.images[:64]
+    x, pixels = detector.prepare(images), detector.prepare(images, as_pixels=True)
+    assert pixels.dtype == np.uint8 and pixels.shape == x.shape
+    np.testing.assert_array_equal(pixels.astype(np.float32) / 255, x)
+    denoised, denoised_pixels = detector.denoise(x), detector.denoise(pixels)
+    assert denoised_pixels.dtype == np.uint8
+    np.testing.assert_array_equal(denoised_pixels.astype(np.float32) / 255, denoised)
+    a = detector.decide(detector.explain_pair(x, denoised))
+    b = detector.decide(detector.explain_pair(pixels, denoised_pixels))
+    for name in ("predicted_class", "confidence", "entropy_original", "entropy_denoised", "score", "is_adversarial"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_float_images_stay_floats_when_pixels_are_asked_for(detector, digits):
+    floats = digits.images[:4].astype(np.float32) / 255
+    out = detector.prepare(floats, as_pixels=True)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, detector.prepare(floats))

@@ -2,9 +2,10 @@
 composed with deployment handles behind an ``Ingress`` that consumes the Redis image stream and serves HTTP.
 
 Each stage runs the detection core's own stage functions (``Detector.denoise``, ``explain_pair``, ``decide``),
-so the verdicts equal the in-process ``Detector.detect`` on the same images. Batches travel as numpy arrays
-through Ray's object store; the Explainer merges concurrent batches (up to ``max_batch_size`` images) into one
-Captum call.
+so the verdicts equal the in-process ``Detector.detect`` on the same images. Batches travel as numpy arrays of
+uint8 pixels (``Detector.prepare(as_pixels=True)``), a quarter of the float batch's bytes: inline between the
+processes of the embedded stack (``worker.embedded``), through Ray's object store on a cluster. The Explainer
+merges concurrent batches (up to ``max_batch_size`` images) into one Captum call.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type.)
 """
@@ -125,7 +126,7 @@ class Explainer(StageStats):
         growth); at most ``WARM_UP_PIXELS`` of input per thread, so a photo model's warm-up is a few images."""
         m = self.detector.model
         n = max(1, min(self.max_batch_size, WARM_UP_PIXELS // (m.size * m.size)))
-        x = np.zeros((n, m.channels, m.size, m.size), np.float32)
+        x = np.zeros((n, m.channels, m.size, m.size), np.uint8)  # pixels, as the Ingress sends them
         every_thread = threading.Barrier(EXPLAIN_CONCURRENT_BATCHES)  # so that no thread takes two of the batches
 
         def one() -> None:
@@ -205,9 +206,10 @@ class RemoteDetector:
 
     def _chain(self, images: object, rule: str | None, return_maps: bool):
         """Denoiser → Explainer → Scorer as chained responses: each stage's output is passed to the next by
-        reference and resolved there, so the arrays travel replica to replica through the object store and
-        only the small verdicts come back here."""
-        x = self.local.prepare(images)  # validation here: a bad image fails before it costs a stage call
+        reference and resolved there, so no stage's output is deserialised here (Ray still relays an inline
+        one through this process, its owner), and only the small verdicts are read here."""
+        # validation here: a bad image fails before it costs a stage call; uint8 pixels travel, not floats
+        x = self.local.prepare(images, as_pixels=True)
         denoised = self.denoiser.remote(x)
         explained = self.explainer.explain_any.remote(x, denoised)
         return self.scorer.remote(explained, rule, return_maps)
