@@ -2,10 +2,11 @@
 
 Starts the stack as ``explainer bench`` does (deploy/serve.yaml, local redis-server, local Ray, one replica of the
 CPU stages), warms it with 2,000 digits, then for each round times the in-process detector on the burst's digits
-and pushes the burst through the stream. Prints, per burst: images/s, the ratio to the in-process run just before
-it, the CPU each process used per image (from /proc, worker.proc_cpu) and each replica's minor page faults; then
-the median ratio and CPU over the bursts. Run it alternating A and B (a lever on, off) to compare, since this
-machine's speed drifts by tens of percent within minutes.
+and pushes the burst through the stream. Prints, per burst: images/s, the ratio to the in-process runs just before
+and after it (their geometric mean; the run after one burst is the run before the next), the CPU each process
+used per image (from /proc, worker.proc_cpu) and each replica's minor page faults; then the median ratio and
+CPU over the bursts. Run it alternating A and B (a lever on, off) to compare, since this machine's speed drifts
+by tens of percent within minutes.
 
 Run: python scripts/streaming_bursts.py [--burst 16000] [--rounds 5] [--override key=value ...]
        [--deployment '{"Explainer": {...}}']   (application args and deployment options of deploy/serve.yaml)
@@ -59,8 +60,9 @@ def main() -> None:
         after = last_id(client, names.verdicts)
         push_images(client, names, images[np.arange(2000) % len(images)], ids=warm)
         collect_verdicts(client, names, warm, after, timeout_s=180)
+        local_after = detector_throughput(det, burst, 256, repeat=1)
         for r in range(args.rounds):
-            local = detector_throughput(det, burst, 256, repeat=1)
+            local_before = local_after
             after = last_id(client, names.verdicts)
             ids = [f"b{r}-{i}" for i in range(len(burst))]
             before = cpu_seconds()
@@ -75,10 +77,15 @@ def main() -> None:
             for p, name in replicas.items():
                 faulted[name] += minor_faults(p) - faults[p]
             total = sum(v for k, v in used.items() if k != "other")
+            # the in-process run after this burst is the one before the next: each burst is read against the
+            # geometric mean of the two around it, as the bench does, since the machine's speed drifts
+            local_after = detector_throughput(det, burst, 256, repeat=1)
+            local = float(np.sqrt(local_before * local_after))
             ratios.append(rate / local)
             totals.append(total)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in used.items() if v >= 0.002)
-            print(f"burst {r}: {rate:.0f} images/s, in-process {local:.0f}/s, ratio {rate / local:.0%}; CPU "
+            print(f"burst {r}: {rate:.0f} images/s, in-process {local_before:.0f}/s before and {local_after:.0f}/s "
+                  f"after, ratio {rate / local:.0%}; CPU "
                   f"{total:.3f} ms per image ({parts}); page faults "
                   + ", ".join(f"{k} {v}" for k, v in sorted(faulted.items())), flush=True)
     print(f"median over {len(ratios)} bursts: ratio {np.median(ratios):.1%} (range {min(ratios):.0%}-"
