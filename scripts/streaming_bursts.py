@@ -3,9 +3,9 @@
 Starts the stack as ``explainer bench`` does (deploy/serve.yaml, local redis-server, local Ray, one replica of the
 CPU stages), warms it with 2,000 digits, then for each round times the in-process detector on the burst's digits
 and pushes the burst through the stream. Prints, per burst: images/s, the ratio to the in-process runs just before
-and after it (their geometric mean; the run after one burst is the run before the next), the CPU each process
-used per image (from /proc, worker.proc_cpu) and each replica's minor page faults; then the median ratio and
-CPU over the bursts. Run it alternating A and B (a lever on, off) to compare, since this machine's speed drifts
+and after it (their mean, as the bench takes it; the run after one burst is the run before the next), the CPU
+each process used per image (from /proc, worker.proc_cpu) and each replica's minor page faults; then the median ratio
+and CPU over the bursts. Run it alternating A and B (a lever on, off) to compare, since this machine's speed drifts
 by tens of percent within minutes.
 
 Run: python scripts/streaming_bursts.py [--burst 16000] [--rounds 5] [--override key=value ...]
@@ -78,9 +78,9 @@ def main() -> None:
                 faulted[name] += minor_faults(p) - faults[p]
             total = sum(v for k, v in used.items() if k != "other")
             # the in-process run after this burst is the one before the next: each burst is read against the
-            # geometric mean of the two around it, as the bench does, since the machine's speed drifts
+            # mean of the two around it, as the bench does, since the machine's speed drifts
             local_after = detector_throughput(det, burst, 256, repeat=1)
-            local = float(np.sqrt(local_before * local_after))
+            local = (local_before + local_after) / 2
             ratios.append(rate / local)
             totals.append(total)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in used.items() if v >= 0.002)
