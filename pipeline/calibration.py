@@ -1,10 +1,11 @@
 """Turn per-image signals into one anomaly score calibrated on clean images only, and pick its threshold.
 
-Signals come from what one detection batch already computes (see :data:`SIGNALS`). Each is mapped to a tail
-probability under its clean distribution (the empirical CDF, stored as quantiles; two-sided for entropies, upper
-tail for the prediction shift). The score is -log10 of the smallest tail probability: large when any signal is
-unusual for a clean image. Beyond the calibrated range the score keeps growing linearly in the distance from the
-extreme quantile (in units of the central spread), so ranking and ROC-AUC stay meaningful there.
+Signals come from what one detection batch already computes (:data:`pipeline.signals.SIGNALS`). Each is mapped
+to a tail probability under its clean distribution (the empirical CDF, stored as quantiles; which tail is
+unusual comes from the signal's registration). The score is -log10 of the smallest tail probability: large when
+any signal is unusual for a clean image. Beyond the calibrated range the score keeps growing linearly in the
+distance from the extreme quantile (in units of the central spread), so ranking and ROC-AUC stay meaningful
+there.
 
 No adversarial example is used: the score says "unlike clean images", so attacks never seen at calibration are
 covered too. The empirical CDFs and the threshold come from disjoint halves of the calibration images, or are
@@ -19,36 +20,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-# name -> which tails count as unusual
-SIGNALS: dict[str, str] = {
-    "entropy_original": "two-sided",
-    "entropy_denoised": "two-sided",
-    "entropy_change": "two-sided",
-    "prediction_shift": "upper",
-    "map_shift": "upper",
-    # ImageNet (even-photo validation, reports/imagenet_patch_probe.md): a patch raises it, BIM lowers it
-    "occlusion_shift": "two-sided",
-    # MNIST (validation search of even digits): CW-L0's isolated saturated pixels are undone by a 2×2 median
-    "median_shift": "upper",
-    # ImageNet (even-photo validation, reports/imagenet_activation_probe.md): how hard the image drives the
-    # Grad-CAM layer's features (pipeline.detector.pooled_activation_norm); a patch and BIM/PGD raise it
-    "activation_norm": "upper",
-    # ImageNet (even-photo validation, reports/imagenet_transplant_probe.md): a universal patch pasted onto clean
-    # hosts pulls them towards its class (pipeline.transplant)
-    "transplant_gain": "upper",
-}
-# the signals the shipped score combines, chosen on a validation split of even-indexed digits
-# (reports/mnist_validation_search.md, reports/mnist_squeeze_search.md, docs/method.md): the first two compare
-# the image with its NLM-denoised copy, as the paper does. The shift of the explanation map catches L∞ attacks,
-# the prediction shift catches CW-L2 and most of CW-L0; the median shift (a second denoiser, a 2×2 median)
-# catches the CW-L0 digits whose few saturated pixels NLM keeps. The entropy change alone (the paper's own
-# signal) is weak, and adding the original map's entropy did not help.
-SCORE_SIGNALS = ("prediction_shift", "map_shift", "median_shift")
-# what a saved config without a "signals" entry meant (calibrations made before median_shift existed)
-LEGACY_SIGNALS = ("prediction_shift", "map_shift")
+from pipeline.config import DetectorConfig
+from pipeline.signals import SIGNALS
+
+CALIBRATION_VERSION = 2
 N_QUANTILES = 1001
 
 
@@ -103,12 +82,23 @@ class Calibration:
         return np.max([ref.tail_score(np.asarray(signals[name])) for name, ref in self.signals.items()], axis=0)
 
     def save(self, path: str | Path) -> None:
-        data = asdict(self)
+        data = {"version": CALIBRATION_VERSION, **asdict(self)}
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        data = json.loads(Path(path).read_text())
+        """Read a calibration file of any version (1: no ``version`` key, its config in version 1's layout)."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        data = dict(data)
+        version = data.pop("version", 1)
+        if version > CALIBRATION_VERSION:
+            raise ValueError(f"calibration version {version} is newer than this explainer reads "
+                             f"({CALIBRATION_VERSION}): upgrade explainer")
+        if version == 1 and data.get("config"):
+            data["config"] = DetectorConfig.from_dict(data["config"]).to_dict()
         data["signals"] = {k: SignalReference(**v) for k, v in data["signals"].items()}
         return cls(**data)
 
@@ -126,7 +116,8 @@ def _references(signals: dict[str, np.ndarray], rows: np.ndarray, use: tuple[str
 
 def fit_calibration(
     signals: dict[str, np.ndarray], target_fpr: float, *, model: str, method: str, entropy: str, images: str,
-    config: dict | None = None, use: tuple[str, ...] = SCORE_SIGNALS, confidence: float | None = None,
+    config: dict | None = None, use: tuple[str, ...] = ("prediction_shift", "map_shift"),
+    confidence: float | None = None,
     tails: dict[str, str] | None = None, folds: int | None = None,
 ) -> Calibration:
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other: the
@@ -134,14 +125,14 @@ def fit_calibration(
     image scores above it with probability at most the target (the plain (1 - target) quantile overshoots it by
     about 1/m: 6.3% instead of 5% at m = 62); or so that the target holds with ``confidence`` for the true FPR
     of this threshold (:func:`allowed_exceedances`).
-    ``tails`` overrides :data:`SIGNALS` for some signals ("upper" or "two-sided"; validation searches only).
+    ``tails`` overrides the registered tails of some signals ("upper" or "two-sided"; validation searches only).
 
     ``folds=K`` cross-fits instead, for small calibration sets: each image is scored against CDFs fitted on the
     other K-1 folds (rows ``i % K``), the threshold is set on all n of those out-of-fold scores, and the stored
     CDFs are fitted on all n images. Every image then serves both purposes, so the CDFs' tails and the threshold
     rest on about twice the images of the split in halves (the price: the CDFs used at detection time are not
     exactly the ones the threshold was set with, but fitted on n images rather than n (K-1) / K)."""
-    tails = {**SIGNALS, **(tails or {})}
+    tails = {**{name: s.tails for name, s in SIGNALS.items()}, **(tails or {})}
     if unknown := {t for t in tails.values()} - {"upper", "two-sided"}:
         raise ValueError(f"unknown tails {sorted(unknown)}; use upper or two-sided")
     n = len(next(iter(signals.values())))

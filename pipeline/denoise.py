@@ -20,19 +20,17 @@ from pipeline.threads import map_chunks
 @dataclass(frozen=True)
 class NLMParams:
     """Parameters of ``cv2.fastNlMeansDenoising[Colored]``: filter strength ``h`` (``h_color`` for chroma),
-    patch size ``template`` and search window ``search`` (both odd).
+    patch size ``template`` and search window ``search`` (both odd); ``pre_median``: odd kernel of a median
+    filter run before NLM (0: none).
 
-    Defaults are the shipped MNIST configuration, chosen on a validation split of even digits
-    (reports/mnist_validation_search.md, reports/mnist_nlm_window_search.md): h=50 removes much of an L∞
-    perturbation of up to ~76 grey levels (ε=0.3) while clean, near-binary digits pass almost unchanged. A 3×3
-    patch and 5×5 search window were the cheapest windows tried and separated the L∞ attacks best there (the
-    map shift's ROC-AUC 1.000 against 0.993-0.998 with 5×5 / 11×11), at a sixth of their NLM cost."""
+    The defaults are OpenCV's own. The presets (:mod:`pipeline.presets`) set what was chosen on validation: h=50
+    with a 3×3 patch and 5×5 window for digits, h=10 with 5×5 / 11×11 for photos (docs/method.md)."""
 
-    h: float = 50.0
-    h_color: float = 50.0
-    template: int = 3
-    search: int = 5
-    median: int = 0  # odd kernel of a median filter run before NLM (0: none); removes L0 spikes NLM keeps
+    h: float = 3.0
+    h_color: float = 3.0
+    template: int = 7
+    search: int = 21
+    pre_median: int = 0
 
 
 def _denoise_one(img: np.ndarray, p: NLMParams) -> np.ndarray:
@@ -46,8 +44,8 @@ def _denoise_one(img: np.ndarray, p: NLMParams) -> np.ndarray:
 
 def _denoise_chunk(chunk: np.ndarray, out: np.ndarray, p: NLMParams) -> None:
     """Denoise ``chunk`` (N, H, W, C) into ``out`` with one OpenCV call on a mosaic of reflect-padded tiles."""
-    if p.median:
-        chunk = np.stack([cv2.medianBlur(img, p.median).reshape(img.shape) for img in chunk])
+    if p.pre_median:
+        chunk = np.stack([cv2.medianBlur(img, p.pre_median).reshape(img.shape) for img in chunk])
     n, h, w, c = chunk.shape
     border = p.search // 2 + p.template // 2
     if n == 1 or border >= min(h, w):  # one image, or too small for a single reflection: no mosaic

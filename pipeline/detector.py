@@ -2,87 +2,34 @@
 
 One :meth:`Detector.detect` call handles a whole batch with one NLM pass over a thread pool, one forward pass
 for the predictions and one Captum call for the 2N explanation maps (originals and denoised copies together).
+What it measures is the registry of :mod:`pipeline.signals`; which signals its score combines, and with which
+parameters, is its :class:`pipeline.DetectorConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.baselines.feature_squeezing import median_filter
-from pipeline.calibration import LEGACY_SIGNALS, SCORE_SIGNALS, Calibration, fit_calibration
-from pipeline.denoise import NLMParams, denoise_batch
-from pipeline.entropy import map_entropy, map_shift
+from pipeline.calibration import Calibration, fit_calibration
+from pipeline.config import DetectorConfig
+from pipeline.denoise import denoise_batch
 from pipeline.errors import InputError
-from pipeline.explain import GRADIENT_ONLY_METHODS, ExplainParams, predict_and_explain
+from pipeline.explain import GRADIENT_ONLY_METHODS, predict_and_explain
 from pipeline.inputs import image_layout, pixels_to_float, to_float_batch, to_uint8_batch
 from pipeline.models import TargetModel, load_model
-from pipeline.occlude import occlude_top_relevance
-from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts, transplant_gain
+from pipeline.signals import SIGNALS, MapsPass, ModelPass
+from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 RULES = ("calibrated", "sign")
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """How to explain, denoise and measure. The shipped calibration records the config it was made with."""
-
-    method: str = "saliency"
-    explain: ExplainParams = field(default_factory=ExplainParams)
-    entropy: str = "spatial"
-    nlm: NLMParams = field(default_factory=NLMParams)
-    # fraction of the original's map inpainted before a second prediction (pipeline.occlude); 0 = off. It gives
-    # the ``occlusion_shift`` signal that sees a patch, which NLM cannot remove (docs/method.md, ImageNet).
-    occlusion: float = 0.0
-    # side of a median filter (2 = Feature Squeezing's 2×2 for MNIST) whose output the originals are classified on
-    # once more; 0 = off. It gives the ``median_shift`` signal: the second denoiser that catches CW-L0's few
-    # saturated pixels, which NLM keeps (docs/method.md; chosen on the validation split of even digits).
-    median: int = 2
-    # fraction of the original's map pasted onto ``transplant_hosts`` clean host images, which are classified
-    # again; 0 = off. It gives the ``transplant_gain`` signal (pipeline.transplant): a universal patch pulls the
-    # hosts towards its class (docs/method.md, ImageNet, stop 14; chosen on even photos only). Calibration picks
-    # the hosts; an uncalibrated detector (the sign rule, which does not use the signal) skips the check
-    transplant: float = 0.0
-    transplant_hosts: int = 8
-    # the signals the calibrated score combines (pipeline.calibration.SIGNALS); ``activation_norm`` is measured
-    # only when listed here (a hook on the Grad-CAM layer during the prediction's pass, no extra pass; it puts
-    # the explanation on the model's lock, see Detector.explain_pair)
-    signals: tuple[str, ...] = SCORE_SIGNALS
-
-    def __post_init__(self) -> None:
-        for signal, knob, on in (("median_shift", "median", self.median > 0),
-                                 ("occlusion_shift", "occlusion", self.occlusion > 0),
-                                 ("transplant_gain", "transplant", self.transplant > 0)):
-            if signal in self.signals and not on:
-                raise ValueError(f"the score uses {signal} but {knob} is off: set {knob} or drop {signal} "
-                                 "from signals")
-        if self.transplant and not (0.0 < self.transplant < 1.0 and self.transplant_hosts >= 1):
-            raise ValueError(f"the transplant pastes a fraction in (0, 1) of each map onto at least one host, got "
-                             f"transplant={self.transplant} and transplant_hosts={self.transplant_hosts}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DetectorConfig:
-        return cls(
-            method=data.get("method", cls.method),
-            explain=ExplainParams(**data.get("explain", {})),
-            entropy=data.get("entropy", "spatial"),
-            nlm=NLMParams(**data.get("nlm", {})),
-            occlusion=float(data.get("occlusion", 0.0)),
-            median=int(data.get("median", 0)),  # absent: a config saved before the median check existed
-            transplant=float(data.get("transplant", 0.0)),
-            transplant_hosts=int(data.get("transplant_hosts", cls.transplant_hosts)),
-            signals=tuple(data.get("signals", LEGACY_SIGNALS)),
-        )
+# the signals every detection measures (cheap, from the 2N predictions and maps): every verdict carries them
+BASE_SIGNALS = tuple(name for name, s in SIGNALS.items() if s.stage == "maps")
 
 
 def _is_uint8(images: object) -> bool:
@@ -96,25 +43,19 @@ def to_uint8_hwc(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Explained:
-    """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first;
-    with occlusion on, the softmax outputs (N, K) of the originals with their most relevant region inpainted;
-    with the median check on, those (N, K) of the median-filtered originals; with ``activation_norm`` among the
-    signals, that signal (N,) of the originals; with the transplant on, ``transplant_gain`` (N,) of the
-    originals."""
+    """What the explanation stage hands on: softmax outputs (2N, K) and maps (2N, C, H, W), originals first, and
+    the configured ``model`` signals of the originals (name -> (N,))."""
 
     probs: np.ndarray
     maps: np.ndarray
-    occluded_probs: np.ndarray | None = None
-    median_probs: np.ndarray | None = None
-    activation_norm: np.ndarray | None = None
-    transplant_gain: np.ndarray | None = None
+    signals: dict[str, np.ndarray] = field(default_factory=dict)
 
     def part(self, a: int, b: int) -> Explained:
         """The images a..b of the batch (their originals and their denoised copies)."""
         n = len(self.probs) // 2
         rows = np.r_[a:b, n + a : n + b]
-        checks = {k: None if (v := getattr(self, k)) is None else v[a:b] for k in _originals_only(Explained)}
-        return Explained(probs=self.probs[rows], maps=self.maps[rows], **checks)
+        return Explained(probs=self.probs[rows], maps=self.maps[rows],
+                         signals={k: v[a:b] for k, v in self.signals.items()})
 
     @classmethod
     def concat(cls, parts: list[Explained]) -> Explained:
@@ -126,93 +67,35 @@ class Explained:
             return np.concatenate([a[:n] for a, n in zip(arrays, halves, strict=True)]
                                   + [a[n:] for a, n in zip(arrays, halves, strict=True)])
 
-        def originals(name: str) -> np.ndarray | None:
-            arrays = [getattr(p, name) for p in parts]
-            return None if arrays[0] is None else np.concatenate(arrays)
-
-        return cls(probs=both("probs"), maps=both("maps"), **{k: originals(k) for k in _originals_only(cls)})
-
-
-def _originals_only(cls: type) -> list[str]:
-    """The fields of :class:`Explained` that hold the originals' rows only (the checks' outputs)."""
-    return [f.name for f in fields(cls) if f.name not in ("probs", "maps")]
-
-
-# the signals that only some configurations measure: a DetectionResult field each, None when not measured
-OPTIONAL_SIGNALS = ("occlusion_shift", "median_shift", "activation_norm", "transplant_gain")
+        return cls(probs=both("probs"), maps=both("maps"),
+                   signals={k: np.concatenate([p.signals[k] for p in parts]) for k in parts[0].signals})
 
 
 @dataclass
 class DetectionResult:
-    """Per-image arrays over the batch, plus the threshold and rule that produced ``is_adversarial``."""
+    """Per-image arrays over the batch, the threshold and rule that produced ``is_adversarial``, and every signal
+    measured (name -> (N,)): the base signals always, the configured ``model`` signals when measured."""
 
     predicted_class: np.ndarray
     confidence: np.ndarray
     denoised_class: np.ndarray
-    entropy_original: np.ndarray
-    entropy_denoised: np.ndarray
-    prediction_shift: np.ndarray
-    map_shift: np.ndarray
     score: np.ndarray
     is_adversarial: np.ndarray
     threshold: float
     rule: str
+    signals: dict[str, np.ndarray]
     maps: np.ndarray | None = None  # attribution maps of the originals (N, H, W), when asked for
-    occlusion_shift: np.ndarray | None = None  # with occlusion on (DetectorConfig.occlusion)
-    median_shift: np.ndarray | None = None  # with the median check on (DetectorConfig.median)
-    activation_norm: np.ndarray | None = None  # with "activation_norm" among DetectorConfig.signals
-    transplant_gain: np.ndarray | None = None  # with the transplant on (DetectorConfig.transplant)
 
     def __len__(self) -> int:
         return len(self.score)
 
-    @property
-    def entropy_change(self) -> np.ndarray:
-        return self.entropy_denoised - self.entropy_original
-
-    def signals(self) -> dict[str, np.ndarray]:
-        return {
-            "entropy_original": self.entropy_original,
-            "entropy_denoised": self.entropy_denoised,
-            "entropy_change": self.entropy_change,
-            "prediction_shift": self.prediction_shift,
-            "map_shift": self.map_shift,
-            **{k: v for k in OPTIONAL_SIGNALS if (v := getattr(self, k)) is not None},
-        }
-
     def rows(self) -> list[dict]:
-        """One plain-Python dict per image (for JSON and the wire)."""
-        names = [f.name for f in fields(self)
-                 if f.name not in ("threshold", "rule", "maps") and getattr(self, f.name) is not None]
-        cols = {n: getattr(self, n).tolist() for n in names}
-        return [
-            {**{n: cols[n][i] for n in names}, "threshold": self.threshold, "rule": self.rule}
-            for i in range(len(self))
-        ]
-
-
-@contextmanager
-def first_output(layer: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """A list that receives ``layer``'s output of the first forward pass run inside the block (detached): the
-    prediction pass, not the passes Captum runs after it."""
-    seen: list[torch.Tensor] = []
-
-    def keep(_module, _inputs, output) -> None:
-        if not seen:
-            seen.append(output.detach())
-
-    handle = layer.register_forward_hook(keep)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def pooled_activation_norm(activations: torch.Tensor) -> np.ndarray:
-    """The ``activation_norm`` signal of (N, C, h, w) activations: the L2 norm over channels of each channel's
-    spatial maximum. It says how hard the image drives the last block's features at their strongest; a patch
-    and iterative L∞ attacks drive them beyond clean photos (upper tail; docs/method.md, stop 13)."""
-    return activations.float().amax(dim=(2, 3)).norm(dim=1).cpu().numpy()
+        """One plain-Python dict per image (for JSON and the wire): classes, score, verdict and every signal."""
+        cols = {name: getattr(self, name).tolist()
+                for name in ("predicted_class", "confidence", "denoised_class", "score", "is_adversarial")}
+        cols.update({name: v.tolist() for name, v in self.signals.items()})
+        return [{**{k: v[i] for k, v in cols.items()}, "threshold": self.threshold, "rule": self.rule}
+                for i in range(len(self))]
 
 
 def _offset_progress(report, skipped: int, done: int) -> None:
@@ -223,10 +106,10 @@ class Detector:
     """Adversarial-image detector around one target model."""
 
     def __init__(
-        self, model: TargetModel, config: DetectorConfig = DetectorConfig(), calibration: Calibration | None = None
+        self, model: TargetModel, config: DetectorConfig | None = None, calibration: Calibration | None = None
     ) -> None:
         self.model = model
-        self.config = config
+        self.config = config if config is not None else DetectorConfig()
         self.calibration = calibration
         # the transplant's clean host images, uint8 (K, H, W, C), and their tensors on the device (made lazily)
         self.hosts = decode_hosts(calibration.hosts) if calibration and calibration.hosts else None
@@ -253,7 +136,7 @@ class Detector:
         if cal:
             config = DetectorConfig.from_dict(cal.config)
         else:
-            from pipeline.configs import default_config  # configs imports this module
+            from pipeline.presets import default_config  # presets import the config, which this module imports
 
             config = default_config(name)
         return cls(model, config, cal)
@@ -302,66 +185,48 @@ class Detector:
 
     def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all
-        explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``).
-        With ``config.occlusion`` the originals are also classified once more with their most relevant region
-        inpainted, and with ``config.median`` once more median-filtered (one inference-only forward pass each);
-        with ``config.transplant`` and hosts, their most relevant region is pasted onto each of the K hosts, which
-        are classified again (K inference-only passes per image; an uncalibrated detector has no hosts and skips
-        it, and a detector with hosts runs it whatever the rule).
+        explaining the class predicted on the original (the model-bound stage; see ``predict_and_explain``),
+        then the configured ``model`` signals of the originals (:mod:`pipeline.signals`): a median-filtered or
+        inpainted copy classified once more, the activation norm read from the prediction pass, the transplant
+        onto the calibration's hosts (skipped before a calibration picked them).
 
         Safe to call from several threads at once (the Serve Explainer overlaps batches): gradient-only methods
-        share nothing but the read-only weights; hook-based ones, and any method when ``activation_norm`` is among
-        the signals (its hook sits on the shared model), are serialised on the model's lock (shared by every
+        share nothing but the read-only weights; hook-based ones, and any method when a configured signal hooks
+        the model (its hook sits on the shared model), are serialised on the model's lock (shared by every
         Detector of that model)."""
-        hooked = self.config.method not in GRADIENT_ONLY_METHODS or self._wants_activation_norm
+        hooked = self.config.method not in GRADIENT_ONLY_METHODS or any(
+            SIGNALS[name].hook is not None for name in self.config.model_signals())
         x, xd = (pixels_to_float(a) if a.dtype == np.uint8 else a for a in (x, xd))  # pixels: the same floats
         with self.model.hooks_lock if hooked else nullcontext():
             return self._explain_pair(x, xd)
 
-    @property
-    def _wants_activation_norm(self) -> bool:
-        return "activation_norm" in self.config.signals
-
     def _explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         n = len(x)
-        device = self.model.device
-        both = torch.from_numpy(np.concatenate([x, xd])).to(device).contiguous(memory_format=torch.channels_last)
-        with (first_output(self.model.gradcam_layer) if self._wants_activation_norm else nullcontext()) as seen:
+        both = torch.from_numpy(np.concatenate([x, xd])).to(self.model.device).contiguous(
+            memory_format=torch.channels_last)
+        wanted = self.config.model_signals()
+        with ExitStack() as stack:
+            captured = {name: stack.enter_context(SIGNALS[name].hook(self.model))
+                        for name in wanted if SIGNALS[name].hook is not None}
             probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
                                               self.model.gradcam_layer)
-        activation_norm = None
-        if seen is not None:
-            if not seen or len(seen[0]) != 2 * n:  # another caller's pass, or none: never score a foreign tensor
-                raise RuntimeError("the Grad-CAM layer's hook did not see this batch's prediction pass")
-            activation_norm = pooled_activation_norm(seen[0][:n])
         maps = np.ascontiguousarray(attr.float().cpu().numpy())
-        occluded_probs = None
-        if self.config.occlusion > 0:
-            occluded = occlude_top_relevance(to_uint8_hwc(x), maps[:n], self.config.occlusion)
-            xo = torch.from_numpy(occluded).permute(0, 3, 1, 2).to(device).float() / 255  # a channels-last view
-            with torch.inference_mode():
-                occluded_probs = torch.softmax(self.model.net(xo).float(), dim=1).cpu().numpy()
-        median_probs = None
-        if self.config.median > 0:
-            with torch.inference_mode():
-                xm = median_filter(both[:n], self.config.median)  # the originals, already on the device
-                median_probs = torch.softmax(
-                    self.model.net(xm.contiguous(memory_format=torch.channels_last)).float(), dim=1).cpu().numpy()
-        gain = None
-        if self.config.transplant > 0 and self.hosts is not None:  # none before calibration: the sign rule only
-            hosts, host_probs = self._hosts_on_device()
-            gain = transplant_gain(self.model.net, both[:n], probs[:n].argmax(1), maps[:n], hosts, host_probs,
-                                   self.config.transplant)
-        return Explained(probs=probs.cpu().numpy(), maps=maps, occluded_probs=occluded_probs,
-                         median_probs=median_probs, activation_norm=activation_norm, transplant_gain=gain)
+        batch = ModelPass(model=self.model, x=x, both=both, probs=probs, maps=maps, captured=captured,
+                          hosts=lambda: None if self.hosts is None else self._hosts_on_device())
+        signals = {}
+        for name in wanted:
+            values = SIGNALS[name].compute(batch, self.config.params(name))
+            if values is not None:
+                signals[name] = values
+        return Explained(probs=probs.cpu().numpy(), maps=maps, signals=signals)
 
     def host_rows(self, n: int) -> np.ndarray:
         """Which of ``n`` clean calibration images :meth:`calibrate` makes the transplant's hosts (none when the
         transplant is off). An evaluation keeps them out of what its attacker trains on, as an operator keeps
         them private."""
-        if self.config.transplant <= 0:
+        if not self.config.uses("transplant_gain"):
             return np.zeros(0, dtype=int)
-        return pick_hosts(n, self.config.transplant_hosts)
+        return pick_hosts(n, self.config.params("transplant_gain").hosts)
 
     def use_hosts(self, images: object) -> None:
         """Make ``images`` (clean, any form :meth:`prepare` takes) the transplant's hosts; calibration picks them
@@ -378,25 +243,17 @@ class Detector:
         return self._host_tensors
 
     def measure(self, explained: Explained) -> dict[str, np.ndarray]:
-        """Per-image signals from the maps and predictions: entropies before/after, prediction shift."""
-        probs, n = explained.probs, len(explained.probs) // 2
-        maps = torch.from_numpy(explained.maps)
-        ent = map_entropy(maps, self.config.entropy).numpy().astype(np.float64)
+        """Per-image classes and signals: the base signals from the maps and predictions (the CPU stage after
+        explanation), and the ``model`` signals the explanation stage measured."""
+        probs = explained.probs
+        n = len(probs) // 2
+        batch = MapsPass(probs=probs, maps=torch.from_numpy(explained.maps), entropy=self.config.entropy)
         return {
             "predicted_class": probs[:n].argmax(1),
             "confidence": probs[:n].max(1).astype(np.float64),
             "denoised_class": probs[n:].argmax(1),
-            "entropy_original": ent[:n],
-            "entropy_denoised": ent[n:],
-            "prediction_shift": np.abs(probs[:n] - probs[n:]).sum(1).astype(np.float64),
-            "map_shift": map_shift(maps[:n], maps[n:]).numpy().astype(np.float64),
-            **({} if explained.occluded_probs is None else
-               {"occlusion_shift": np.abs(probs[:n] - explained.occluded_probs).sum(1).astype(np.float64)}),
-            **({} if explained.median_probs is None else
-               {"median_shift": np.abs(probs[:n] - explained.median_probs).sum(1).astype(np.float64)}),
-            **({} if explained.activation_norm is None else
-               {"activation_norm": explained.activation_norm.astype(np.float64)}),
-            **({} if explained.transplant_gain is None else {"transplant_gain": explained.transplant_gain}),
+            **{name: SIGNALS[name].compute(batch, None) for name in BASE_SIGNALS},
+            **explained.signals,
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
@@ -406,29 +263,28 @@ class Detector:
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         s = self.measure(explained)
-        change = s["entropy_denoised"] - s["entropy_original"]
         if rule == "sign":
-            score, threshold = change, 0.0
-            flagged = change >= 0
+            score, threshold = s["entropy_change"], 0.0
+            flagged = score >= 0
         else:
             if self.calibration is None:
                 raise ValueError("the calibrated rule needs a calibration: run calibrate() or load one")
-            if missing := [k for k in self.calibration.signals if k not in s and k != "entropy_change"]:
+            if missing := [k for k in self.calibration.signals if k not in s]:
                 hint = (" (the transplant check needs its clean host images, which calibration picks and stores: "
                         "calibrate with the transplant on, or load such a calibration)"
                         if "transplant_gain" in missing else "")
                 raise ValueError(f"the calibration scores {', '.join(missing)}, which this detector's configuration "
                                  f"does not measure{hint}")
-            score = self.calibration.score({**s, "entropy_change": change})
+            score = self.calibration.score(s)
             threshold = self.calibration.threshold
             flagged = score > threshold
         n = len(score)
+        classes = ("predicted_class", "confidence", "denoised_class")
         return DetectionResult(
-            predicted_class=s["predicted_class"], confidence=s["confidence"], denoised_class=s["denoised_class"],
-            entropy_original=s["entropy_original"], entropy_denoised=s["entropy_denoised"],
-            prediction_shift=s["prediction_shift"], map_shift=s["map_shift"], score=np.asarray(score, dtype=np.float64),
+            **{k: s[k] for k in classes}, score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
-            maps=explained.maps[:n].sum(1) if return_maps else None, **{k: s.get(k) for k in OPTIONAL_SIGNALS},
+            signals={k: v for k, v in s.items() if k not in classes},
+            maps=explained.maps[:n].sum(1) if return_maps else None,
         )
 
     # -- whole batches in-process ------------------------------------------------------------------------------
@@ -460,10 +316,10 @@ class Detector:
         the threshold so that the target FPR holds with that confidence, not just in expectation. ``folds``:
         cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``).
 
-        With the transplant on, ``config.transplant_hosts`` of the images (spread over the list) become its hosts:
+        With the transplant on, its ``hosts`` parameter of the images (spread over the list) become its hosts:
         they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
         hosts, before = None, (self.hosts, self._host_tensors)
-        if self.config.transplant > 0:
+        if self.config.uses("transplant_gain"):
             chosen = self.host_rows(len(clean_images))
             if isinstance(clean_images, (list, tuple)):  # photos of several sizes
                 self.use_hosts([clean_images[i] for i in chosen])
@@ -479,11 +335,10 @@ class Detector:
                 progress = partial(_offset_progress, progress, len(chosen))
         try:
             s = self.analyse_many(clean_images, batch_size, progress)
-            s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
             calibration = fit_calibration(
                 s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
                 images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
-                use=self.config.signals, confidence=confidence, folds=folds,
+                use=tuple(self.config.signals), confidence=confidence, folds=folds,
             )
         except Exception as e:
             self.hosts, self._host_tensors = before  # the detector stays as it was

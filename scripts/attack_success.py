@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.attacks import ATTACKS, AdversarialPatch
-from pipeline.data import PROJECT_ROOT, load_sample_digits
+from evaluation.attacks import ATTACKS, AdversarialPatch
+from evaluation.datasets import PROJECT_ROOT, load_sample_digits
 from pipeline.models import load_model
 
 
@@ -74,7 +74,7 @@ def main() -> None:
         "# Attack success on the shipped MNIST model",
         "",
         f"Written by `scripts/attack_success.py`: {len(x)} odd-indexed shipped test digits (clean accuracy "
-        f"{correct.float().mean():.3f}), each attack with its `pipeline.attacks.ATTACKS` defaults, outputs "
+        f"{correct.float().mean():.3f}), each attack with its `evaluation.attacks.ATTACKS` defaults, outputs "
         "quantised to uint8 (`round(x*255)/255`) before classification. Success = prediction differs from the "
         "label, over the originally correct digits. Norms are means over all attacked digits of the quantised "
         "perturbation (L0 = changed pixels of 784, L2 / L∞ on the [0, 1] scale). Seconds: wall time of "

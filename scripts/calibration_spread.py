@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_imagenet import WITHOUT_HOSTS, _photo_sets, config_signals  # noqa: E402
 
 from pipeline.calibration import fit_calibration  # noqa: E402
-from pipeline.configs import IMAGENET_CONFIG  # noqa: E402
 from pipeline.detector import Detector  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
+from pipeline.presets import IMAGENET_CONFIG  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "calibration_spread.md"
 TARGET = 0.05

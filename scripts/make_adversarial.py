@@ -2,7 +2,7 @@
 
 Run: python scripts/make_adversarial.py
 Source: the shipped odd-indexed test digits 1001..1999 (held out from calibration). Each attack (its default
-parameters from pipeline.attacks.ATTACKS) runs on 120 digits; images are quantised to uint8 as a camera would
+parameters from evaluation.attacks.ATTACKS) runs on 120 digits; images are quantised to uint8 as a camera would
 send them, and only those still misclassified after quantisation are kept, up to 100 per attack, interleaved.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from evaluation.attacks import ATTACKS
 from pipeline import load_model, load_sample_digits
-from pipeline.attacks import ATTACKS
-from pipeline.data import ADVERSARIAL_DIGITS
+from pipeline.samples import ADVERSARIAL_DIGITS
 
 ATTACK_NAMES = ("pgd", "bim", "mim", "cw-l2", "cw-linf", "cw-l0")
 PER_ATTACK = 100

@@ -5,7 +5,8 @@ Run: python scripts/make_sample.py   (reads ../shared/data/mnist)
 
 import numpy as np
 
-from pipeline.data import SAMPLE_DIGITS, load_mnist
+from evaluation.datasets import load_mnist
+from pipeline.samples import SAMPLE_DIGITS
 
 images, labels = load_mnist("test")
 idx = np.arange(2000)

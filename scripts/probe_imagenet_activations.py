@@ -37,13 +37,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_imagenet import _photo_sets, calibrated_cells, config_signals, photo_calibration  # noqa: E402
 
-from pipeline.configs import IMAGENET_CONFIG  # noqa: E402
-from pipeline.data import PROJECT_ROOT  # noqa: E402
+from evaluation.datasets import PROJECT_ROOT  # noqa: E402
+from evaluation.imagenet import IMAGENET_ATTACKS  # noqa: E402
+from evaluation.metrics import roc_auc, to_tensor  # noqa: E402
 from pipeline.detector import Detector  # noqa: E402
-from pipeline.evaluate_imagenet import IMAGENET_ATTACKS  # noqa: E402
-from pipeline.evaluation import roc_auc, to_tensor  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.occlude import top_relevance_masks  # noqa: E402
+from pipeline.presets import IMAGENET_CONFIG  # noqa: E402
 
 PATCH_STEPS = 200
 BLOCKS = (6, 10, 13, 16, 18)
@@ -84,7 +84,7 @@ def activation_signals(model, images: np.ndarray, batch: int = 32) -> dict[str, 
 
 
 def early_stopped_bim(model, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The photos' ``bim-early`` (pipeline.evaluate_imagenet.IMAGENET_ATTACKS) with each photo's clean prediction
+    """The photos' ``bim-early`` (evaluation.imagenet.IMAGENET_ATTACKS) with each photo's clean prediction
     as its label; uint8 photos and a mask of those whose quantised result still fools the model."""
     attack = IMAGENET_ATTACKS["bim-early"]()
     with torch.inference_mode():

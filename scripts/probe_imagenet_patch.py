@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
 
-from pipeline.evaluate_imagenet import even_photo_validation
-from pipeline.evaluation import roc_auc, to_tensor
+from evaluation.imagenet import even_photo_validation
+from evaluation.metrics import roc_auc, to_tensor
 from pipeline.models import load_model
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "imagenet_patch_probe.md"

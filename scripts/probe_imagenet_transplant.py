@@ -46,9 +46,9 @@ from search_imagenet import (  # noqa: E402
     photo_calibration,
 )
 
-from pipeline.data import PROJECT_ROOT  # noqa: E402
+from evaluation.datasets import PROJECT_ROOT  # noqa: E402
+from evaluation.metrics import roc_auc, to_tensor  # noqa: E402
 from pipeline.detector import Detector  # noqa: E402
-from pipeline.evaluation import roc_auc, to_tensor  # noqa: E402
 from pipeline.explain import explain  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.occlude import top_relevance_masks  # noqa: E402

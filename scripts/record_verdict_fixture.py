@@ -1,6 +1,8 @@
 """Record the shipped MNIST detector's verdicts on shipped digits (the refactor's regression fixture)."""
 import sys
+
 import numpy as np
+
 from pipeline import Detector, load_adversarial_digits, load_sample_digits
 
 clean = load_sample_digits().images[:300]

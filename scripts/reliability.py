@@ -4,7 +4,7 @@
     python scripts/reliability.py --only kill,bad --out /tmp/rel.md
 
 Every scenario uses a fresh password-protected redis-server (AOF on, loopback), real worker processes and/or a
-real Ray Serve app: see ``worker/testing/reliability.py`` and ``worker/testing/reliability_serve.py``.
+real Ray Serve app: see ``tests/faults/reliability.py`` and ``tests/faults/reliability_serve.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "faults"))  # the fault kit, which is not installed
 
-from worker.testing import reliability as rel  # noqa: E402
-from worker.testing import reliability_serve as rs  # noqa: E402
+import reliability as rel  # noqa: E402
+import reliability_serve as rs  # noqa: E402
 
 SCENARIOS = {
     "kill": (rel.kill_consumer, {"n": 2000, "kills": 2}),
@@ -224,7 +225,7 @@ def _details(figs: dict) -> list[str]:
                 "and the only other one on PyPI (`redis-server` 6.0.9 wheels) are both built without TLS "
                 "(`tls-port` → \"Bad directive\"), and this machine reaches no other package source for a TLS "
                 "build. So TLS is terminated by a small Python `ssl` proxy on loopback "
-                "(`worker.testing.faultkit.TlsProxy`, "
+                "(`faultkit.TlsProxy`, "
                 "TLS 1.2+, certificate for localhost signed by a throwaway CA) in front of the real redis-server: "
                 "the worker's side is real `rediss://` (redis-py `SSLConnection`, certificate verified against the "
                 "CA passed as `?ssl_ca_certs=` in the URL). Still untested: redis-server's own TLS settings "
@@ -284,8 +285,8 @@ def _details(figs: dict) -> list[str]:
             "python -m pytest tests/faults -q                   # the same scenarios, smaller (default suite)",
             "python -m pytest tests/faults -q -m slow           # + the Ray Serve replica kill and serve SIGTERM",
             "```", "",
-            "Scenario code: `worker/testing/reliability.py`, `worker/testing/reliability_serve.py`, "
-            "`worker/testing/faultkit.py`; the worker "
+            "Scenario code: `tests/faults/reliability.py`, `tests/faults/reliability_serve.py`, "
+            "`tests/faults/faultkit.py`; the worker "
             "process: `python -m worker.standalone --help`."]
     return out
 

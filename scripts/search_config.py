@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
+from evaluation.attacks import ATTACKS
+from evaluation.datasets import PROJECT_ROOT
+from evaluation.metrics import roc_auc, run_attack
 from pipeline import Detector, DetectorConfig, ExplainParams, NLMParams, load_model, load_test_digits
-from pipeline.attacks import ATTACKS
 from pipeline.calibration import fit_calibration
-from pipeline.data import PROJECT_ROOT
-from pipeline.evaluation import roc_auc, run_attack
 
 SIGNAL_SETS = (
     ("entropy_original", "entropy_denoised", "entropy_change", "prediction_shift"),

@@ -5,7 +5,7 @@ photos (clean) and train the universal patch (since stop 14 all but the 8 that t
 the transplant's hosts, as the evaluation trains it); the other 125 even photos are the validation photos, clean
 and attacked (patch, BIM, PGD and the early-stopped BIM at the evaluation's parameters). For each candidate
 configuration the signals are computed once; each candidate set of signals is calibrated at 5% FPR on the
-calibration photos only, cross-fitted over pipeline.configs.PHOTO_CALIBRATION_FOLDS folds as the evaluation does
+calibration photos only, cross-fitted over pipeline.presets.PHOTO_CALIBRATION_FOLDS folds as the evaluation does
 (until stop 12 this search split them in halves), and reported as validation FPR and detection rate / ROC-AUC
 per attack.
 Writes reports/imagenet_validation_search.md.
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.imagenet import even_photo_validation
+from evaluation.metrics import roc_auc
 from pipeline.calibration import fit_calibration
-from pipeline.configs import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS
 from pipeline.detector import Detector
-from pipeline.evaluate_imagenet import even_photo_validation
-from pipeline.evaluation import roc_auc
 from pipeline.models import load_model
+from pipeline.presets import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS
 from pipeline.transplant import pick_hosts
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "imagenet_validation_search.md"

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.baselines.magnet import AE1_WEIGHTS, AE2_WEIGHTS, MagNetAE, autoencoder_I, autoencoder_II
-from pipeline.data import PROJECT_ROOT, load_mnist
+from evaluation.baselines.magnet import AE1_WEIGHTS, AE2_WEIGHTS, MagNetAE, autoencoder_I, autoencoder_II
+from evaluation.datasets import PROJECT_ROOT, load_mnist
 
 NOISE_STD = 0.1
 REG_STRENGTH = 1e-9

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import PROJECT_ROOT, load_mnist
+from evaluation.datasets import PROJECT_ROOT, load_mnist
 from pipeline.models.mnist import MNIST_WEIGHTS, MnistNet
 
 torch.manual_seed(0)

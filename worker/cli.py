@@ -105,7 +105,7 @@ def calibrate(
     nlm_template: int | None = typer.Option(None, help="NLM patch size (odd; default: the model's)"),
     nlm_search: int | None = typer.Option(None, help="NLM search window (odd; default: the model's)"),
     median: int | None = typer.Option(
-        None, help="side of the median check's filter (2 for MNIST; 0 = off; default: the model's)"),
+        None, help="side of the median_shift signal's filter (2 for MNIST; 0 = off; default: the model's)"),
     confidence: float | None = typer.Option(
         None, help="set the threshold so that the target FPR holds with this confidence (e.g. 0.95), not only "
         "in expectation"),
@@ -120,23 +120,27 @@ def calibrate(
 ) -> None:
     """Calibrate the decision threshold at a target false-positive rate on clean images only.
 
-    Defaults are each model's shipped configuration (pipeline.configs: MNIST_CONFIG for digits,
-    IMAGENET_CONFIG for photos); the options replace parts of it."""
+    Defaults are each model's preset (pipeline.presets: digits for mnist, photos for the ImageNet models); the
+    options replace parts of it. Without --images-dir, the clean images are the reference data sets' calibration
+    halves (evaluation.datasets)."""
     from dataclasses import replace
 
-    from pipeline import Detector, ExplainParams, load_model
-    from pipeline.calibration_data import clean_calibration_images
-    from pipeline.configs import default_config, default_folds
+    from evaluation.datasets import clean_calibration_images
+    from pipeline import Detector, ExplainParams, default_config, default_folds, load_model
+
 
     base = default_config(model)
     nlm = base.nlm
     if nlm_h is not None:
         nlm = replace(nlm, h=nlm_h, h_color=nlm_h)
     nlm = replace(nlm, template=nlm_template or nlm.template, search=nlm_search or nlm.search)
-    median = base.median if median is None else median
-    signals = base.signals if median else tuple(s for s in base.signals if s != "median_shift")
+    signals = dict(base.signals)
+    if median == 0:
+        signals.pop("median_shift", None)
+    elif median is not None:
+        signals["median_shift"] = {"size": median}
     cfg = replace(base, method=method or base.method, explain=ExplainParams(steps=steps, samples=samples),
-                  entropy=entropy, nlm=nlm, median=median, signals=signals)
+                  entropy=entropy, nlm=nlm, signals=signals)
     try:
         det = Detector(load_model(model, weights), cfg)
         images, desc = clean_calibration_images(model, images_dir, n)
@@ -184,8 +188,8 @@ def evaluate(
     if model != "mnist":
         evaluate_photos(model, weights, names, n or 250, out or Path("reports/imagenet"))
         return
-    from pipeline.attacks import ATTACKS
-    from pipeline.evaluate_mnist import evaluate_mnist
+    from evaluation.attacks import ATTACKS
+    from evaluation.mnist import evaluate_mnist
 
     unknown = [a for a in names if a not in ATTACKS]
     if unknown:
@@ -209,7 +213,7 @@ def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, 
     """The ImageNet-size half of ``evaluate``: patch / BIM / PGD on the shared sample photos."""
     import sys
 
-    from pipeline.evaluate_imagenet import IMAGENET_ATTACKS, evaluate_imagenet
+    from evaluation.imagenet import IMAGENET_ATTACKS, evaluate_imagenet
 
     unknown = [a for a in names if a not in IMAGENET_ATTACKS]
     if unknown:
@@ -243,7 +247,7 @@ def bench(
     """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes results.json + report.
     With ``--model resnet18`` or ``mobilenet_v2``: that photo model's detections/s on ``--device``, beside its
     floor (``--n`` real photos)."""
-    from worker.bench import run_bench, run_photo_bench
+    from evaluation.streaming import run_bench, run_photo_bench
 
     if model == "mnist":
         given = [f"--{k}" for k, v in (("weights", weights), ("device", device), ("batch", batch),
@@ -334,8 +338,8 @@ def feed(
 def _attack_digits(attack: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     import torch
 
+    from evaluation.attacks import ATTACKS
     from pipeline import load_model
-    from pipeline.attacks import ATTACKS
 
     if attack not in ATTACKS:
         fail(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
@@ -392,7 +396,7 @@ def demo(
     data_dir: Path = typer.Option(Path(".explainer")),
 ) -> None:
     """The whole product end to end on embedded defaults: Redis stream → Ray Serve → verdicts and alerts."""
-    from worker.demo import run_demo
+    from evaluation.demo import run_demo
 
     report = run_demo(n, redis_url, config, http_port, data_dir, console)
     if report.received != report.sent or report.pending:

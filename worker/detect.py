@@ -57,10 +57,9 @@ def _verdicts(
 ) -> list[dict]:
     res = detector.detect(images, return_maps=with_maps)
     method = detector.config.method
-    # the detector's other signals (median_shift, occlusion_shift, activation_norm, transplant_gain, when
-    # configured), so that a subscriber sees every input of the score, not only the paper's
-    # (those without a verdict field of their own; entropy_change is the difference of two that have one)
-    extra = {k: v.tolist() for k, v in res.signals().items() if k not in VERDICT_FIELDS and k != "entropy_change"}
+    # the detector's configured signals without a verdict field of their own (median_shift, occlusion_shift, ...),
+    # so that a subscriber sees every input of the score; entropy_change is the difference of two that have one
+    extra = {k: v.tolist() for k, v in res.signals.items() if k not in VERDICT_FIELDS and k != "entropy_change"}
     out = []
     for i, req in enumerate(reqs):
         v = {
@@ -72,12 +71,12 @@ def _verdicts(
             "score": float(res.score[i]),
             "threshold": float(res.threshold),
             "rule": res.rule,
-            "entropy_original": float(res.entropy_original[i]),
-            "entropy_denoised": float(res.entropy_denoised[i]),
+            "entropy_original": float(res.signals["entropy_original"][i]),
+            "entropy_denoised": float(res.signals["entropy_denoised"][i]),
             "predicted_class": int(res.predicted_class[i]),
             "confidence": float(res.confidence[i]),
-            "prediction_shift": float(res.prediction_shift[i]),
-            "map_shift": float(res.map_shift[i]),
+            "prediction_shift": float(res.signals["prediction_shift"][i]),
+            "map_shift": float(res.signals["map_shift"][i]),
         }
         if extra:
             v["signals"] = {k: vals[i] for k, vals in extra.items()}

@@ -12,13 +12,13 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.data import PROJECT_ROOT
-
 # torchvision's published file names: what torch.hub caches after a download on a machine with internet.
 HUB_FILES = {
     "resnet18": "resnet18-f37072fd.pth",
     "mobilenet_v2": "mobilenet_v2-b0353104.pth",
 }
+# a checkout beside ../shared (the tests, CI): its pretrained MobileNetV2
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_WEIGHTS = {"mobilenet_v2": PROJECT_ROOT.parent / "shared" / "models" / "mobilenet_v2_imagenet.pth"}
 GRADCAM_LAYERS = {"resnet18": "layer4", "mobilenet_v2": "features.18"}
 

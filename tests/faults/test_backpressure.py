@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from worker.testing import reliability
+import reliability
 
 
 @pytest.mark.timeout(300)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis
+import reliability
 import torch
 
 from worker import wire
 from worker.streams import connect
-from worker.testing import reliability
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,7 @@ own Ray (a minute or more on 2 cores), so both are ``slow``: ``python -m pytest 
 from __future__ import annotations
 
 import pytest
-
-from worker.testing import reliability_serve
+import reliability_serve
 
 
 @pytest.mark.slow

@@ -1,0 +1,50 @@
+"""Adversarial attacks, batched, in torchattacks' shape: ``attack(model, x, y) -> x_adv``.
+
+``model`` is an ``nn.Module`` on [0, 1] pixels returning logits; ``x`` is float (N, C, H, W) in [0, 1]; ``y``
+holds int64 true labels. The result lies in [0, 1], has ``x``'s shape and is detached; the model runs in
+eval mode during the attack and its parameters never receive gradients.
+
+``ATTACKS`` maps a name to a factory with the usual MNIST parameters (``ATTACKS["pgd"]()``; keyword
+arguments override them):
+
+========  =========================================================================================
+fgsm      FGSM(eps=0.3)
+pgd       PGD(eps=0.3, alpha=0.01, steps=40, random_start=True)  (Madry et al.)
+bim       BIM(eps=0.3, alpha=0.01, steps=40)  (no random start)
+bim-early BIM(eps=0.3, alpha=0.01, steps=40, early_stop=True)  (each image frozen once misclassified)
+mim       MIM(eps=0.3, alpha=eps/steps=0.03, steps=10, decay=1.0)  (Dong et al.)
+cw-l2     CWL2(c=1.0 initial, kappa=0, steps=100, binary_search_steps=5, lr=0.1)
+cw-linf   CWLinf(eps=0.3, alpha=0.01, steps=100, kappa=50, random_start=True)  (PGD on the CW margin loss)
+cw-l0     CWL0(max_pixels=60, kappa=0, c=10, first_steps=100, steps=30, rounds=30, shrink=0.8, lr=0.1)
+patch     AdversarialPatch(patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64); needs fit()
+========  =========================================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from evaluation.attacks.base import Attack
+from evaluation.attacks.bim import BIM
+from evaluation.attacks.cw_l0 import CWL0
+from evaluation.attacks.cw_l2 import CWL2
+from evaluation.attacks.cw_linf import CWLinf
+from evaluation.attacks.fgsm import FGSM
+from evaluation.attacks.mim import MIM
+from evaluation.attacks.patch import AdversarialPatch
+from evaluation.attacks.pgd import PGD
+
+ATTACKS: dict[str, Callable[..., Attack]] = {
+    "fgsm": partial(FGSM, eps=0.3),
+    "pgd": partial(PGD, eps=0.3, alpha=0.01, steps=40, random_start=True),
+    "bim": partial(BIM, eps=0.3, alpha=0.01, steps=40),
+    "bim-early": partial(BIM, eps=0.3, alpha=0.01, steps=40, early_stop=True),
+    "mim": partial(MIM, eps=0.3, alpha=None, steps=10, decay=1.0),
+    "cw-l2": partial(CWL2, c=1.0, kappa=0.0, steps=100, binary_search_steps=5, lr=0.1),
+    "cw-linf": partial(CWLinf, eps=0.3, alpha=0.01, steps=100, kappa=50.0, random_start=True),
+    "cw-l0": partial(CWL0, max_pixels=60, kappa=0.0, c=10.0, first_steps=100, steps=30, rounds=30, shrink=0.8),
+    "patch": partial(AdversarialPatch, patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64),
+}
+
+__all__ = ["ATTACKS", "BIM", "CWL0", "CWL2", "FGSM", "MIM", "PGD", "AdversarialPatch", "Attack", "CWLinf"]

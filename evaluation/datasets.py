@@ -1,0 +1,115 @@
+"""The reference data sets the evaluations read, and which clean images calibrate which model.
+
+MNIST idx files and the ImageNet sample photos come from ``../shared/data`` beside the project (or a path given);
+nothing downloads. Even-indexed MNIST test digits and even-positioned ImageNet photos calibrate; the odd ones are
+kept for evaluation. MNIST's two test halves come from different writers, so the split is by index parity,
+never by halves.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.inputs import read_image_file
+from pipeline.samples import Digits, load_sample_digits
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+MNIST_FILES = {
+    "train_images": "train-images-first14262-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read a (possibly gzipped) idx file into a numpy array, shape from its header."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    return data[: int(np.prod(dims))].reshape(dims)
+
+
+def mnist_dir(root: str | Path | None = None) -> Path:
+    """The MNIST folder: ``root`` if given, else ``../shared/data/mnist``; a clear error if absent."""
+    folder = Path(root) if root is not None else SHARED_DATA / "mnist"
+    if not (folder / MNIST_FILES["test_images"]).exists():
+        raise FileNotFoundError(
+            f"MNIST idx files not found in {folder} (expected {MNIST_FILES['test_images']} and friends)"
+        )
+    return folder
+
+
+def load_mnist(split: str, root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) int64 of ``split`` in {"train", "test"}.
+
+    The training split holds the 14,262 real training images available here, with their labels.
+    """
+    folder = mnist_dir(root)
+    images = read_idx(folder / MNIST_FILES[f"{split}_images"])
+    labels = read_idx(folder / MNIST_FILES[f"{split}_labels"]).astype(np.int64)
+    return images, labels[: len(images)]
+
+
+def load_test_digits(root: str | Path | None = None) -> Digits:
+    """All 10,000 MNIST test digits from ``../shared`` (or ``root``), falling back to the shipped sample."""
+    try:
+        images, labels = load_mnist("test", root)
+    except FileNotFoundError:
+        if root is not None:
+            raise
+        return load_sample_digits()
+    return Digits(images, labels, np.arange(len(images)))
+
+
+def load_imagenet_sample(root: str | Path | None = None) -> list[tuple[Path, int]]:
+    """(photo path, ImageNet class index) pairs from ``imagenet-sample/labels.csv``, in file order."""
+    folder = Path(root) if root is not None else SHARED_DATA / "imagenet-sample"
+    labels_csv = folder / "labels.csv"
+    if not labels_csv.exists():
+        raise FileNotFoundError(f"ImageNet sample not found: {labels_csv}")
+    with open(labels_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [(folder / "images" / row["filename"], int(row["class_index"])) for row in rows]
+
+
+def load_photos(paths: list[Path]) -> list[np.ndarray]:
+    return [read_image_file(p) for p in paths]
+
+
+def clean_calibration_images(model: str, images_dir: Path | None = None, n: int | None = None) -> tuple[object, str]:
+    """(images, description) of the clean calibration set for ``model``; a user's folder if given."""
+    if images_dir is not None:
+        files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        files = files[:n] if n else files
+        if not files:
+            raise FileNotFoundError(f"no PNG/JPEG images in {images_dir}")
+        return _stack(load_photos(files)), f"{len(files)} images from {images_dir}"
+    if model == "mnist":
+        digits = load_test_digits().parity("even")
+        digits = digits.head(n) if n else digits
+        first, last = digits.indices[0], digits.indices[-1]
+        return digits.images, f"MNIST test digits with even index ({len(digits.images)} images, {first}..{last})"
+    rows = load_imagenet_sample()[0::2]
+    rows = rows[:n] if n else rows
+    return [
+        read_image_file(p) for p, _ in rows
+    ], f"ImageNet sample photos at even positions in labels.csv ({len(rows)})"
+
+
+def _stack(images: list[np.ndarray]) -> object:
+    shapes = {im.shape for im in images}
+    return np.stack(images) if len(shapes) == 1 else images

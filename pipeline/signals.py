@@ -1,0 +1,282 @@
+"""One registry of the per-image signals a detector can measure, behind one decorator, :func:`register`.
+
+A signal is defined in one place: its name, which tail of its clean distribution is unusual (``upper`` or
+``two-sided``: calibration reads it from here), its parameters (a frozen dataclass, or none), and how it is
+computed from one batch. Two stages compute signals, as the Serve deployments split the work:
+
+- ``maps``: from the softmax outputs and explanation maps of the 2N images (originals, then their NLM-denoised
+  copies) alone, on the CPU after explanation. They are cheap and always measured, so every verdict carries
+  them (the paper's entropies among them).
+- ``model``: they need the model once more (a filtered copy classified again, a forward hook), so they run in
+  the explanation stage, and only when the :class:`pipeline.DetectorConfig` names them.
+
+Why each signal exists, and on which validation split it was chosen: docs/method.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.entropy import map_entropy, map_shift
+from pipeline.filters import median_filter
+from pipeline.occlude import occlude_top_relevance
+from pipeline.transplant import transplant_gain
+
+TAILS = ("upper", "two-sided")
+STAGES = ("maps", "model")
+
+
+@dataclass
+class MapsPass:
+    """What a ``maps`` signal sees of one batch: softmax outputs (2N, K) and maps (2N, C, H, W), originals first."""
+
+    probs: np.ndarray
+    maps: torch.Tensor
+    entropy: str
+
+    @property
+    def n(self) -> int:
+        return len(self.probs) // 2
+
+    @cached_property
+    def entropies(self) -> np.ndarray:
+        """The entropy (bits, ``entropy`` variant) of all 2N maps, computed once for the signals that share it."""
+        return map_entropy(self.maps, self.entropy).numpy().astype(np.float64)
+
+
+@dataclass
+class ModelPass:
+    """What a ``model`` signal sees of one batch, inside the explanation stage.
+
+    ``x``: the originals, float32 (N, C, H, W) in [0, 1]; ``both``: originals then denoised copies on the model's
+    device (channels-last); ``probs``: their softmax outputs (2N, K) on the device; ``maps``: the attribution maps
+    (2N, C', H, W); ``hosts``: the transplant's clean hosts and their softmax outputs on the device, None before a
+    calibration picked them; ``captured``: per signal, what its :attr:`Signal.hook` kept of the prediction pass."""
+
+    model: Any  # pipeline.models.TargetModel
+    x: np.ndarray
+    both: torch.Tensor
+    probs: torch.Tensor
+    maps: np.ndarray
+    hosts: Callable[[], tuple[torch.Tensor, torch.Tensor] | None]
+    captured: dict[str, Any]
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    @cached_property
+    def original_probs(self) -> np.ndarray:
+        """The originals' softmax outputs (N, K) as float32 numpy (the signals compare against these)."""
+        return self.probs.cpu().numpy()[: self.n]
+
+    def classify(self, x: torch.Tensor) -> np.ndarray:
+        """Softmax outputs (M, K) of ``x`` (on the device), one inference-only pass."""
+        with torch.inference_mode():
+            return torch.softmax(self.model.net(x.contiguous(memory_format=torch.channels_last)).float(), dim=1
+                                 ).cpu().numpy()
+
+    def shift_to(self, probs: np.ndarray) -> np.ndarray:
+        """(N,) L1 distance between the originals' softmax outputs and ``probs`` (N, K)."""
+        return np.abs(self.original_probs - probs).sum(1).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One registered signal (see the module docstring). ``compute(batch, params)`` returns (N,) float64 values
+    of the originals, or None when it cannot be measured yet (the transplant before calibration). ``hook``
+    (``model`` signals only): a context manager factory ``hook(model)`` entered around the prediction pass,
+    whose value reaches ``compute`` as ``batch.captured[name]``; a hooked signal serialises explanations on the
+    model's lock."""
+
+    name: str
+    tails: str
+    stage: str
+    compute: Callable[..., np.ndarray | None]
+    params: type | None = None
+    hook: Callable[[Any], AbstractContextManager] | None = None
+    doc: str = ""
+
+    def make_params(self, given: object = None) -> object:
+        """This signal's parameters from ``given`` (None, a dict of fields, or an instance); None if it has none."""
+        if self.params is None:
+            if given not in (None, {}):
+                raise ValueError(f"signal {self.name!r} takes no parameters, got {given!r}")
+            return None
+        if isinstance(given, self.params):
+            return given
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"parameters of signal {self.name!r} must be a mapping, got {given!r}")
+        try:
+            return self.params(**(given or {}))
+        except TypeError as e:
+            raise ValueError(f"signal {self.name!r}: {e}") from None
+
+
+SIGNALS: dict[str, Signal] = {}
+
+
+def register(name: str, *, tails: str, stage: str, params: type | None = None,
+             hook: Callable[[Any], AbstractContextManager] | None = None) -> Callable:
+    """Register the decorated ``compute(batch, params)`` as the signal ``name``."""
+    if tails not in TAILS or stage not in STAGES:
+        raise ValueError(f"signal {name!r}: tails must be one of {TAILS} and stage one of {STAGES}")
+
+    def wrap(fn: Callable) -> Callable:
+        SIGNALS[name] = Signal(name, tails, stage, fn, params, hook, (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def signal(name: str) -> Signal:
+    """The registered signal ``name``; a clear error naming the known ones otherwise."""
+    if name not in SIGNALS:
+        raise ValueError(f"unknown signal {name!r}; choose from {', '.join(SIGNALS)}")
+    return SIGNALS[name]
+
+
+# -- parameters -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MedianParams:
+    """Side of the square median filter (2: Feature Squeezing's 2×2 for MNIST)."""
+
+    size: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 2:
+            raise ValueError(f"median_shift: size must be an integer >= 2, got {self.size!r}")
+
+
+@dataclass(frozen=True)
+class OcclusionParams:
+    """Fraction of the original's map inpainted before it is classified again."""
+
+    fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"occlusion_shift: fraction must be in (0, 1), got {self.fraction!r}")
+
+
+@dataclass(frozen=True)
+class TransplantParams:
+    """Fraction of the original's map pasted onto each of ``hosts`` clean host images."""
+
+    fraction: float = 0.15
+    hosts: int = 8
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.fraction < 1.0 and isinstance(self.hosts, int) and self.hosts >= 1):
+            raise ValueError(f"transplant_gain pastes a fraction in (0, 1) of each map onto at least one host, got "
+                             f"fraction={self.fraction!r} and hosts={self.hosts!r}")
+
+
+# -- maps: from the 2N predictions and maps -------------------------------------------------------------------
+
+
+@register("entropy_original", tails="two-sided", stage="maps")
+def _entropy_original(batch: MapsPass, params: None) -> np.ndarray:
+    """Entropy of the original's explanation map (the paper's H(original))."""
+    return batch.entropies[: batch.n]
+
+
+@register("entropy_denoised", tails="two-sided", stage="maps")
+def _entropy_denoised(batch: MapsPass, params: None) -> np.ndarray:
+    """Entropy of the denoised copy's explanation map (the paper's H(denoised))."""
+    return batch.entropies[batch.n :]
+
+
+@register("entropy_change", tails="two-sided", stage="maps")
+def _entropy_change(batch: MapsPass, params: None) -> np.ndarray:
+    """H(denoised) - H(original): the paper's own signal (its sign rule flags a change >= 0)."""
+    return batch.entropies[batch.n :] - batch.entropies[: batch.n]
+
+
+@register("prediction_shift", tails="upper", stage="maps")
+def _prediction_shift(batch: MapsPass, params: None) -> np.ndarray:
+    """L1 distance between the softmax outputs of the original and its denoised copy."""
+    n = batch.n
+    return np.abs(batch.probs[:n] - batch.probs[n:]).sum(1).astype(np.float64)
+
+
+@register("map_shift", tails="upper", stage="maps")
+def _map_shift(batch: MapsPass, params: None) -> np.ndarray:
+    """Total-variation distance between the relevance distributions of the two maps (where relevance moved)."""
+    n = batch.n
+    return map_shift(batch.maps[:n], batch.maps[n:]).numpy().astype(np.float64)
+
+
+# -- model: one more look with the model ---------------------------------------------------------------------
+
+
+@register("median_shift", tails="upper", stage="model", params=MedianParams)
+def _median_shift(batch: ModelPass, params: MedianParams) -> np.ndarray:
+    """L1 shift of the softmax when the original is median-filtered: a second denoiser, for the few saturated
+    pixels of an L0 attack that NLM keeps."""
+    return batch.shift_to(batch.classify(median_filter(batch.both[: batch.n], params.size)))
+
+
+@register("occlusion_shift", tails="two-sided", stage="model", params=OcclusionParams)
+def _occlusion_shift(batch: ModelPass, params: OcclusionParams) -> np.ndarray:
+    """L1 shift of the softmax when the most relevant region of the original is inpainted (SentiNet's first
+    test): it sees a patch, which NLM cannot remove; a patch raises it, BIM lowers it."""
+    pixels = np.ascontiguousarray(np.round(batch.x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+    occluded = occlude_top_relevance(pixels, batch.maps[: batch.n], params.fraction)
+    xo = torch.from_numpy(occluded).permute(0, 3, 1, 2).to(batch.both.device).float() / 255
+    with torch.inference_mode():
+        probs = torch.softmax(batch.model.net(xo).float(), dim=1).cpu().numpy()
+    return batch.shift_to(probs)
+
+
+@contextmanager
+def first_output(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """A list that receives ``layer``'s output of the first forward pass run inside the block (detached): the
+    prediction pass, not the passes Captum runs after it."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output) -> None:
+        if not seen:
+            seen.append(output.detach())
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def pooled_activation_norm(activations: torch.Tensor) -> np.ndarray:
+    """The L2 norm over channels of each channel's spatial maximum of (N, C, h, w) activations."""
+    return activations.float().amax(dim=(2, 3)).norm(dim=1).cpu().numpy()
+
+
+@register("activation_norm", tails="upper", stage="model", hook=lambda model: first_output(model.gradcam_layer))
+def _activation_norm(batch: ModelPass, params: None) -> np.ndarray:
+    """How hard the original drives the Grad-CAM layer's features at their strongest, read from the prediction
+    pass itself (no extra pass): a patch and iterative L∞ attacks drive them beyond clean photos."""
+    seen = batch.captured["activation_norm"]
+    if not seen or len(seen[0]) != 2 * batch.n:  # another caller's pass, or none: never score a foreign tensor
+        raise RuntimeError("the Grad-CAM layer's hook did not see this batch's prediction pass")
+    return pooled_activation_norm(seen[0][: batch.n]).astype(np.float64)
+
+
+@register("transplant_gain", tails="upper", stage="model", params=TransplantParams)
+def _transplant_gain(batch: ModelPass, params: TransplantParams) -> np.ndarray | None:
+    """Mean rise in clean hosts' probability of the original's class when its most relevant region is pasted
+    onto them (SentiNet's second test): a universal patch carries its class with it. None without hosts."""
+    hosts = batch.hosts()
+    if hosts is None:
+        return None
+    return transplant_gain(batch.model.net, batch.both[: batch.n], batch.probs[: batch.n].argmax(1),
+                           batch.maps[: batch.n], hosts[0], hosts[1], params.fraction)

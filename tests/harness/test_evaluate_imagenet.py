@@ -1,0 +1,54 @@
+"""The ImageNet evaluation path end to end on real photos and the real MobileNetV2 (small sizes; slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evaluation.datasets import load_imagenet_sample
+from pipeline.models.imagenet import SHARED_WEIGHTS
+
+needs_photos = pytest.mark.skipif(
+    not SHARED_WEIGHTS["mobilenet_v2"].exists(), reason="needs ../shared/models/mobilenet_v2_imagenet.pth"
+)
+
+
+@pytest.mark.slow
+@needs_photos
+def test_imagenet_evaluation_writes_metrics_and_report(tmp_path):
+    from evaluation.imagenet import evaluate_imagenet
+
+    load_imagenet_sample()  # raises if the photos are missing
+    m = evaluate_imagenet("mobilenet_v2", None, ["patch", "bim"], n=6, out=tmp_path, n_calibration=32,
+                          attack_options={"patch": {"steps": 3, "batch_size": 4}, "bim": {"steps": 3}})
+    assert m["n_clean_eval"] == 6 and 0 <= m["clean_fpr"] <= 1
+    assert "(32), 8 of them kept out" in m["calibration_images"]  # the transplant's hosts
+    bim = m["attacks"]["bim"]
+    assert bim["attempted"] >= 3 and bim["params"]["steps"] == 3
+    assert m["attacks"]["patch"]["params"]["steps"] == 3
+    targeted = m["attacks"]["patch"]["targeted"]  # Brown et al.'s success: classified as the target class
+    assert targeted["target_class"] == m["attacks"]["patch"]["params"]["target_class"]
+    assert 0 <= targeted["n_adv"] <= m["attacks"]["patch"]["n_adv"]
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(on_disk["attacks"]) == {"patch", "bim"}
+    for name in ("report.md", "roc.png", "entropy_distributions.png", "explanation_maps.png", "calibration.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "odd positions" in (tmp_path / "report.md").read_text()
+
+
+def test_targeted_breakdown_counts_only_photos_classified_as_the_target():
+    from evaluation.imagenet import targeted_breakdown
+    from evaluation.metrics import Scored
+
+    def scored(score, flagged, classes):
+        return Scored(score=np.array(score, float), flagged=np.array(flagged), sign_flagged=np.array(flagged),
+                      signals={}, seconds=1.0, predicted_class=np.array(classes))
+
+    clean = scored([0.1, 0.2, 0.3, 0.4], [False] * 4, [1, 2, 3, 4])
+    patched = scored([5.0, 6.0, 0.15, 7.0], [True, True, False, True], [859, 859, 3, 12])
+    t = targeted_breakdown(clean, patched, attempted=5, target_class=859)
+    assert t["n_adv"] == 2 and t["targeted_success_rate"] == 0.4
+    assert t["detection_rate"] == 1.0 and t["roc_auc"] == 1.0
+    assert t["detection_rate_other_misclassified"] == 0.5
