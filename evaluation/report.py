@@ -72,7 +72,7 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         f"- The score combines {', '.join(s.replace('_', ' ') for s in det.calibration.signals)} "
         "(the shifts after NLM, and after the median check's 2×2 median where it is on; docs/method.md); the "
         "signals, the method and NLM h were chosen on a validation split of even-indexed digits "
-        "(reports/mnist_validation_search.md, reports/mnist_squeeze_search.md), before this evaluation ran.",
+        "(reports/validation/mnist_validation_search.md, reports/validation/mnist_squeeze_search.md), before this evaluation ran.",
         "",
         "## Beside the paper's Table 1 (detection rate)",
         "",
@@ -218,10 +218,10 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         + f"; the score combines {', '.join(used)}, "
         f"calibrated on clean photos only at a target FPR of {m['target_fpr']:.0%}"
         + (f" (CDFs and threshold cross-fitted over {m['calibration_folds']} folds of the calibration photos, "
-           "reports/calibration_spread.md)" if m.get("calibration_folds") else "")
+           "reports/validation/calibration_spread.md)" if m.get("calibration_folds") else "")
         + f"; threshold {m['threshold']:.4f}. "
-        "The signals were chosen on even photos only (`reports/imagenet_validation_search.md`; "
-        "`reports/imagenet_activation_probe.md` for activation_norm, `reports/imagenet_transplant_probe.md` for "
+        "The signals were chosen on even photos only (`reports/validation/imagenet_validation_search.md`; "
+        "`reports/validation/imagenet_activation_probe.md` for activation_norm, `reports/validation/imagenet_transplant_probe.md` for "
         "transplant_gain); at stop 13 the configuration of that stop was kept over a second evaluated candidate "
         "on the odd photos' figures (`reports/imagenet_median_check/`).",
         "- Attacks run at 224 × 224 on correctly classified photos; adversarials are quantised to uint8 and only "

@@ -1,6 +1,6 @@
 """``explainer bench``: the floor, in-process throughput, stages, batch sizes, the wire, Redis, and the
 streaming path (throughput, latency at a steady load below saturation, 1 vs 2 replicas of the CPU stages), all
-in one run on one machine, written to results.json and a Markdown report with a plot."""
+in one run on one machine, written to metrics.json and a Markdown report with a plot."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def device_name(device: torch.device | str) -> str:
 def run_photo_bench(out: Path, model: str, weights: str | None = None, device: str | None = None, n: int = 64,
                     batch: int | None = 32, photos_dir: str | Path | None = None, log=print) -> dict:
     """``explainer bench --model resnet18|mobilenet_v2``: one photo model's detections/s on ``device`` beside its
-    floor, written to results.json and report.md. ResNet-18 without weights runs on random ones (timing only)."""
+    floor, written to metrics.json and report.md. ResNet-18 without weights runs on random ones (timing only)."""
     keep_allocations_mapped()
     out.mkdir(parents=True, exist_ok=True)
     random_init = weights is None and model == "resnet18"
@@ -188,7 +188,7 @@ def run_photo_bench(out: Path, model: str, weights: str | None = None, device: s
                "photo": {**r, "photos_dir": str(photos_dir) if photos_dir else "the shared ImageNet sample"}}
     r = results["photo"]
     flags = "".join(f" --{k} {v}" for k, v in (("weights", weights), ("photos", photos_dir)) if v)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Benchmark: one photo model", "",
              f"Command: `explainer bench --model {model} --device {device or 'cpu'} --n {n} --batch {r['batch']}"
              f"{flags} --out {out}` on {r['device']} ({platform.platform()}, {os.cpu_count()} CPU cores for NLM "
@@ -207,7 +207,7 @@ def run_photo_bench(out: Path, model: str, weights: str | None = None, device: s
     return results
 
 
-# NLM windows (template, search) of the validation search in reports/mnist_nlm_window_search.md
+# NLM windows (template, search) of the validation search in reports/validation/mnist_nlm_window_search.md
 NLM_WINDOWS = ((5, 11), (5, 7), (3, 7), (3, 5))
 
 
@@ -326,7 +326,7 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
             results["imagenet"].append(imagenet_timing("mobilenet_v2", None, False))
         except FileNotFoundError as exc:
             results["imagenet"].append({"model": "mobilenet_v2", "error": str(exc)})
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(out, results)
     return results
 
@@ -395,7 +395,7 @@ def write_report(out: Path, r: dict) -> None:
     lines += ["", "| batch size | detections/s |", "|---|---|"] + [f"| {b} | {v:.0f} |" for b, v in sweep.items()]
     if "nlm_window_sweep" in r:
         lines += ["", "NLM window (patch / search) against speed; the accuracy side is the validation search on even "
-                  "digits, reports/mnist_nlm_window_search.md (shipped: "
+                  "digits, reports/validation/mnist_nlm_window_search.md (shipped: "
                   f"{r['config']['nlm']['template']}/{r['config']['nlm']['search']}):", "",
                   "| NLM window | NLM ms per image | detections/s | share of the floor |", "|---|---|---|---|"]
         floor = r["floor"]["images_per_s"]

@@ -1,6 +1,6 @@
 """Success rate of each registered attack on 500 odd-indexed shipped MNIST digits, after uint8 quantisation.
 
-Run: python scripts/attack_success.py [--n 500] [--attacks fgsm,pgd,...]   (writes reports/attacks.md)
+Run: python scripts/attack_success.py [--n 500] [--attacks fgsm,pgd,...]   (writes reports/attacks/report.md)
 
 Every attack runs with its ``ATTACKS`` defaults on the first ``n`` odd-indexed (evaluation) digits shipped with
 the package. Its output is quantised as the detector will receive it, ``round(x * 255) / 255``, then success is
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "attacks.md"))
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "reports" / "attacks" / "report.md"))
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -6,7 +6,7 @@ times, into a calibration part and a test part. Each split fits the shipped phot
 calibration part, once with CDFs and threshold from two halves (what the evaluations before stop 11 used) and once
 cross-fitted over K folds, and measures the FPR on the test part and the detection of the validation patch, BIM
 and PGD photos (made from even photos by scripts/search_imagenet.py, whose cache this reads). The same splits
-serve every procedure, so their FPR spreads differ only by the procedure. Writes reports/calibration_spread.md.
+serve every procedure, so their FPR spreads differ only by the procedure. Writes reports/validation/calibration_spread.md.
 
 Run: python scripts/calibration_spread.py [--splits 400] [--n-cal 125 200] [--folds 5 10]
 """
@@ -29,7 +29,7 @@ from pipeline.detector import Detector  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.presets import IMAGENET_CONFIG  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "calibration_spread.md"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "validation" / "calibration_spread.md"
 TARGET = 0.05
 
 

@@ -20,7 +20,7 @@ as soon as the prediction flips (BIM at the same ε = 8/255 and step, each photo
 validation photos' own predictions as labels, the output quantised to uint8) leaves much less to see; the shipped
 three and the shipped four are compared on such photos, at the thresholds above.
 
-Run: python scripts/probe_imagenet_activations.py   (writes reports/imagenet_activation_probe.md)
+Run: python scripts/probe_imagenet_activations.py   (writes reports/validation/imagenet_activation_probe.md)
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main() -> None:
         lines.append(f"| {', '.join(use)} | {calibrated_cells(c, {'clean': clean, 'stopped': stopped}, ['stopped'])} |")
     lines += ["",
               f"Run time {(time.perf_counter() - start) / 60:.1f} min."]
-    out = PROJECT_ROOT / "reports" / "imagenet_activation_probe.md"
+    out = PROJECT_ROOT / "reports" / "validation" / "imagenet_activation_probe.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

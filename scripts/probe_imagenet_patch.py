@@ -8,7 +8,7 @@ of that map (a patch concentrates it), then the top-q fraction of the upsampled 
 and the photo classified again (prediction shift: L1 distance between the two softmax vectors).
 
 Split: even photos at even positions of that list (125) train the patch; the other 125 even photos are the
-validation photos, clean and attacked (patch, BIM). Writes reports/imagenet_patch_probe.md.
+validation photos, clean and attacked (patch, BIM). Writes reports/validation/imagenet_patch_probe.md.
 
 Run: python scripts/probe_imagenet_patch.py [--patch-steps 200]
 """
@@ -29,7 +29,7 @@ from evaluation.imagenet import even_photo_validation
 from evaluation.metrics import roc_auc, to_tensor
 from pipeline.models import load_model
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "imagenet_patch_probe.md"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "validation" / "imagenet_patch_probe.md"
 FRACTIONS = (0.05, 0.10, 0.15)
 
 

@@ -23,7 +23,7 @@ probability of that class (gain, what stop 14 ships as transplant_gain). The pat
 calibration photos, hosts included; scripts/search_imagenet.py re-checks the shipped row with a patch that never
 saw the hosts, as the evaluation trains it.
 
-Run: python scripts/probe_imagenet_transplant.py   (writes reports/imagenet_transplant_probe.md)
+Run: python scripts/probe_imagenet_transplant.py   (writes reports/validation/imagenet_transplant_probe.md)
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from pipeline.occlude import top_relevance_masks  # noqa: E402
 PATCH_STEPS = 200
 FRACTIONS = (0.05, 0.10, 0.15, 0.20)
 N_HOSTS = (4, 8)
-OUT = PROJECT_ROOT / "reports" / "imagenet_transplant_probe.md"
+OUT = PROJECT_ROOT / "reports" / "validation" / "imagenet_transplant_probe.md"
 
 
 def gradcam_maps(model, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:

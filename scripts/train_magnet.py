@@ -1,7 +1,7 @@
 """Train MagNet's two MNIST autoencoders (the baseline in pipeline/baselines/magnet.py).
 
 Run: python scripts/train_magnet.py [--epochs 100]   (reads ../shared/data/mnist, writes
-pipeline/assets/magnet_ae1.pt, pipeline/assets/magnet_ae2.pt and reports/magnet_training.json).
+pipeline/assets/magnet_ae1.pt, pipeline/assets/magnet_ae2.pt and reports/training/magnet_training.json).
 
 As in Meng & Chen's MNIST setup: denoising autoencoders trained with mean squared error on clean targets from
 inputs with Gaussian noise (std 0.1, clipped to [0, 1]), an L2 activity regulariser of strength 1e-9 on every

@@ -1,7 +1,7 @@
 """Train the shipped MNIST CNN on the 14,262 real training digits and measure it on the 10,000 test digits.
 
 Run: python scripts/train_mnist.py   (reads ../shared/data/mnist, writes pipeline/assets/mnist_cnn.pt and
-reports/mnist_model.json). Holds out the last 1,262 training digits for validation; the test set is touched
+reports/training/mnist_model.json). Holds out the last 1,262 training digits for validation; the test set is touched
 once, at the end, to report accuracy.
 """
 

@@ -1,6 +1,6 @@
 """Fault tests: real redis-server processes, real worker processes (``worker.standalone``) and a real Ray Serve
 app; loopback only. Sizes here are small so the default suite stays fast; ``scripts/reliability.py`` runs the
-same scenarios at full size and writes ``reports/reliability.md``."""
+same scenarios at full size and writes ``reports/reliability/report.md``."""
 
 from __future__ import annotations
 

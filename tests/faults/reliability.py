@@ -3,7 +3,7 @@
 Each scenario starts its own password-protected redis-server (AOF on, loopback), real worker processes
 (``worker.standalone``) or a real Ray Serve application, injects one kind of fault, and returns the
 :class:`Figures` that subscribers and Redis show afterwards. ``tests/faults`` runs them small and asserts;
-``scripts/reliability.py`` runs them at full size and writes ``reports/reliability.md``.
+``scripts/reliability.py`` runs them at full size and writes ``reports/reliability/report.md``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from evaluation.streaming import BATCH, FLOOR_PEER_BATCHES, ROUNDS, run_bench
 
 def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
     r = run_bench(tmp_path, n=128, streaming_runs=False, imagenet=False, log=lambda m: None)
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["in_process"]["throughput"] == r["in_process"]["throughput"] > 0
     rounds = r["in_process"]["ratio_to_floor_rounds"]
     assert len(rounds) == ROUNDS
@@ -41,7 +41,7 @@ def test_photo_bench_times_one_model_on_a_device_beside_its_floor(tmp_path):
     from evaluation.streaming import run_photo_bench
 
     r = run_photo_bench(tmp_path, "resnet18", device="cpu", n=3, batch=2, log=lambda m: None)["photo"]
-    saved = json.loads((tmp_path / "results.json").read_text())["photo"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())["photo"]
     assert saved["detections_per_s"] == r["detections_per_s"] > 0 and r["batch"] == 2 and r["photos"] == 3
     assert r["device"].startswith("CPU") and r["weights"] == "random (timing only)"
     assert r["ratio_to_floor"] == (r["floor_seconds_per_image"] / r["seconds_per_detection"])
