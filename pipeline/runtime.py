@@ -1,21 +1,18 @@
 """Process-wide settings for CPU inference: keep the memory of a batch mapped between passes.
 
 glibc's malloc serves a block above its mmap threshold with freshly mapped pages and unmaps it on free; the
-threshold starts at 128 KiB and moves up (to at most 32 MiB) only when such a block is freed, and the top of the
-heap is handed back to the kernel above a trim threshold. A batch's activations (a few MB to tens of MB) are
-allocated and freed on every forward and backward pass, so every pass faults its pages in again and the kernel
-zeroes them: 37,000-100,000 minor page faults per 1,000 MNIST detections at batch 256, measured. How many
-depends on what the process allocated before and on the order in which its threads freed (the moving
-threshold), which made the bench's figures depend on the order of its measurements. Fixing the mmap threshold
-at its maximum and trimming only above 1 GiB keeps the pages mapped: 0-6,300 faults per 1,000 detections
-(``tests/test_runtime.py``; docs/method.md, "Stop 12"). The rest come from the worker threads' arenas, whose
-heaps glibc frees whole regardless of the trim threshold.
+threshold starts low and moves up only when such a block is freed, and the top of the heap is handed back to the
+kernel above a trim threshold. A batch's activations are allocated and freed on every forward and backward pass,
+so every pass would fault its pages in again and the kernel would zero them, and how often depends on what the
+process allocated before (the moving threshold). Fixing the mmap threshold at its maximum and trimming only above
+1 GiB keeps the pages mapped (``tests/core/test_runtime.py`` counts the faults). The worker threads' arenas,
+whose heaps glibc frees whole regardless of the trim threshold, are left to ``MALLOC_ARENA_MAX``.
 
-The cost is resident memory: what a process freed stays mapped for its next batch (tens of MB for digits;
-blocks above the threshold, e.g. a big batch of photos, are still unmapped on free). ``explainer`` calls this at
-start, and so does every Ray Serve replica. An operator's own malloc settings win: with MALLOC_MMAP_THRESHOLD_,
-MALLOC_TRIM_THRESHOLD_ or a glibc.malloc tunable in GLIBC_TUNABLES set, or EXPLAINER_MALLOC_TUNING=0, nothing
-changes. (Under an LD_PRELOADed jemalloc or tcmalloc the call reaches glibc's unused malloc and has no effect.)
+The cost is resident memory: what a process freed stays mapped for its next batch (blocks above the threshold,
+e.g. a big batch of photos, are still unmapped on free). ``explainer`` calls this at start, and so does every
+Ray Serve replica. An operator's own malloc settings win: with MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or a
+glibc.malloc tunable in GLIBC_TUNABLES set, or EXPLAINER_MALLOC_TUNING=0, nothing changes. (Under an LD_PRELOADed
+jemalloc or tcmalloc the call reaches glibc's unused malloc and has no effect.)
 """
 
 from __future__ import annotations

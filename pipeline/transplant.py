@@ -11,7 +11,7 @@ after the paste, so that a clean photo of a host's own class does not look suspi
 
 The hosts are clean photos from the calibration set. :meth:`pipeline.Detector.calibrate` keeps them out of the
 fit and stores them, PNG-encoded, in the calibration file, so that a saved detector scores as it was calibrated.
-It was chosen on the even photos only (reports/validation/imagenet_transplant_probe.md, docs/method.md, stop 14).
+It was chosen on the even photos only (reports/validation/imagenet_transplant_probe.md).
 """
 
 from __future__ import annotations

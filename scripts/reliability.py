@@ -66,7 +66,7 @@ def main() -> None:
     args.out.with_name("metrics.json").write_text(json.dumps(
         {k: dataclasses.asdict(f) for k, f in figures.items()}, indent=1, default=str))
     args.out.write_text(render(figures, command))
-    print(f"wrote {args.out} and {args.out.with_name("metrics.json")}")
+    print(f"wrote {args.out} and {args.out.with_name('metrics.json')}")
 
 
 def data_command(args: argparse.Namespace, figures: dict) -> str:

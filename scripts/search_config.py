@@ -2,8 +2,8 @@
 
 Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:search[:median[:squeeze]]]] ...]
 (default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 and no median filter unless given;
-``median`` filters before NLM, ``squeeze`` > 0 adds the median_shift signal of a squeeze×squeeze median filter,
-DetectorConfig.median)
+``median`` filters before NLM (NLMParams.pre_median), ``squeeze`` > 0 adds the median_shift signal of a
+squeeze×squeeze median filter)
 Writes reports/validation/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are never read.
 
 Split: of the 5,000 even-indexed test digits, every 10th (500 digits, spread over both halves of the test set,
@@ -80,9 +80,10 @@ def main(specs: list[str], out_path: str = "") -> None:
     for spec in specs:
         method, steps, h, *window = spec.split(":")
         template, search, median, squeeze = ([int(w) for w in window] + [0, 0])[:4] if window else (5, 11, 0, 0)
-        nlm = NLMParams(h=float(h), h_color=float(h), template=template, search=search, median=median)
+        nlm = NLMParams(h=float(h), h_color=float(h), template=template, search=search, pre_median=median)
+        measured = {"prediction_shift": {}, **({"median_shift": {"size": squeeze}} if squeeze else {})}
         det = Detector(model, DetectorConfig(method=method, explain=ExplainParams(steps=int(steps)), nlm=nlm,
-                                             median=squeeze))
+                                             signals=measured))
         names = ALL_SIGNALS + (("median_shift",) if squeeze else ())
         start = time.perf_counter()
         cal = signals(det, cal_images)

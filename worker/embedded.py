@@ -105,9 +105,8 @@ def embedded_stack(
     try:
         if started_ray:
             # on one machine a batch passes stage to stage faster inline (gRPC) than through the shared-memory
-            # object store, whose every put and get is a round trip to the raylet: a batch of 256 digits is
-            # 0.8-1.6 MB, above Ray's 100 KB default (measured on 2 cores: the raylet's CPU 0.033 -> 0.003 ms per
-            # image; docs/method.md, "Stop 16"). It reaches every process of the Ray this starts, and no other.
+            # object store, whose every put and get is a round trip to the raylet; a batch of digits is above
+            # Ray's 100 KB default. It reaches every process of the Ray this starts, and no other.
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=True,
                      _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})

@@ -19,10 +19,9 @@ THP_ALWAYS = THP.exists() and "[always]" in THP.read_text()
 
 # a pass's activations, single-threaded: four 25 MiB tensors alive at once, then all freed (a batch of 256 digits
 # through the MNIST CNN allocates blocks of this size). By default glibc raises its mmap threshold after the first
-# pass but trims the heap's top above twice that, so later passes fault their memory in again: per pass, measured
-# in fresh interpreters at stop 14, 25,568 faults every pass (one pass's 100 MiB is 25,600 pages) or, in the other
-# mode, none from the third pass on. With the setting the heap grows within the first two passes (6,400-25,600
-# faults in the second) and rarely after. Two warm-up passes, then four counted.
+# pass but trims the heap's top above twice that, so later passes may fault their memory in again (one pass's
+# 100 MiB is 25,600 pages). With the setting the heap grows within the first two passes and rarely after. Two
+# warm-up passes, then four counted.
 PASSES = """
 import json, resource, sys
 import torch
@@ -100,18 +99,16 @@ def _run(script: str, *args: str, **extra_env: str) -> dict:
 def test_freed_pass_memory_is_not_faulted_in_again():
     tuned = _run(PASSES, "tuned")
     assert tuned["tuned"] is True
-    # under half of what re-faulting every pass costs (4 x 25,600 pages; the default's 102,000 mode): the freed
-    # blocks are reused, not faulted in again each pass. With the setting the four counted passes fault 0 as a
-    # rule and sometimes 19,200 (three 25 MiB blocks, 1 of 8 fresh interpreters at stop 14). The earlier bounds
-    # (half a pass, then one pass, counted from the second pass) were hit exactly by fresh-clone runs. The
-    # default's count is given for the record, not asserted (it sits on glibc's moving trim threshold, so it is
-    # bimodal, 12,800 in its other mode, and could move with another glibc or torch)
+    # under half of what re-faulting every pass costs (4 x 25,600 pages): the freed blocks are reused, not faulted
+    # in again each pass (now and then three 25 MiB blocks are, hence the margin). The default's count is given
+    # for the record, not asserted: it sits on glibc's moving trim threshold, so it is bimodal and could move
+    # with another glibc or torch
     assert tuned["faults"] < 51_200, {"tuned": tuned, "default": _run(PASSES, "default")}
 
 
 def test_detection_batches_fault_little_once_allocations_stay_mapped():
     # a guard on the setting's effect at the detector, not a comparison: by default the count depends on thread
-    # timing (37,000-100,000 measured on 2 cores, and once 0 in a full test run); 0-6,300 with the setting
+    # timing
     assert _run(DETECTIONS)["faults"] < 20_000
 
 
@@ -126,9 +123,8 @@ def test_operator_settings_win(monkeypatch):
 
 
 def test_explainer_threads_fault_little_with_the_shipped_arena_setting():
-    # the worker threads' own arenas are unmapped whenever a heap empties, whatever the trim threshold, so without
-    # one shared arena the same 8 batches faulted 19,000-122,000 pages (fresh interpreters, stop 16); with
-    # deploy/serve.yaml's setting 6,300-14,100
+    # the worker threads' own arenas are unmapped whenever a heap empties, whatever the trim threshold: one shared
+    # arena (deploy/serve.yaml's setting) keeps them mapped
     from worker.embedded import load_config
 
     explainer = next(d for d in load_config()["deployments"] if d["name"] == "Explainer")

@@ -63,7 +63,7 @@ def test_200_messages_give_200_verdicts_equal_to_in_process(stack, client, digit
     assert [v["is_adversarial"] for v in streamed] == expected.is_adversarial.tolist()
     assert np.allclose([v["score"] for v in streamed], expected.score, rtol=1e-4, atol=1e-4)
     # the verdict carries every input of the score: here the median check's shift beside the top-level fields
-    assert np.allclose([v["signals"]["median_shift"] for v in streamed], expected.median_shift, rtol=1e-4,
+    assert np.allclose([v["signals"]["median_shift"] for v in streamed], expected.signals["median_shift"], rtol=1e-4,
                        atol=1e-5)
     assert all(set(v["signals"]) == {"median_shift"} for v in streamed)
     assert all(v["latency_ms"] >= 0 and v["method"] == expected_method for v in streamed)

@@ -105,7 +105,7 @@ def test_200_digits_end_to_end(client, names, detector, digits, reference):
         assert v["predicted_class"] == int(reference.predicted_class[i])
         assert v["score"] == pytest.approx(float(reference.score[i]), rel=1e-4, abs=1e-5)
         assert v["entropy_original"] == pytest.approx(
-            float(reference.entropy_original[i]), rel=1e-4, abs=1e-5
+            float(reference.signals["entropy_original"][i]), rel=1e-4, abs=1e-5
         )
         assert v["threshold"] == reference.threshold and v["latency_ms"] >= 0 and "error" not in v
     flagged = {ids[i] for i in np.flatnonzero(reference.is_adversarial)}
@@ -374,8 +374,9 @@ def test_verdicts_carry_every_signal_the_score_combines(detector, digits):
     wire."""
     from pipeline import DetectorConfig
 
-    config = DetectorConfig(method="gradcam", occlusion=0.1, median=0, transplant=0.15, transplant_hosts=4,
-                            signals=("prediction_shift", "occlusion_shift", "activation_norm", "transplant_gain"))
+    config = DetectorConfig(method="gradcam", signals={
+        "prediction_shift": {}, "occlusion_shift": {"fraction": 0.1}, "activation_norm": {},
+        "transplant_gain": {"fraction": 0.15, "hosts": 4}})
     photo_like = Detector(detector.model, config)
     photo_like.calibrate(load_sample_digits().images[:100], 0.05)
     reqs = [wire.decode_request(wire.encode_request(f"s{i}", digits[i])) for i in range(6)]
@@ -383,6 +384,6 @@ def test_verdicts_carry_every_signal_the_score_combines(detector, digits):
     expected = photo_like.detect(digits[:6])
     assert all(set(v["signals"]) == {"occlusion_shift", "activation_norm", "transplant_gain"} for v in out)
     for name in ("occlusion_shift", "activation_norm", "transplant_gain"):
-        np.testing.assert_allclose([v["signals"][name] for v in out], getattr(expected, name), rtol=1e-5, atol=1e-7)
-    plain = Detector(detector.model, DetectorConfig(median=0, signals=("prediction_shift", "map_shift")))
+        np.testing.assert_allclose([v["signals"][name] for v in out], expected.signals[name], rtol=1e-5, atol=1e-7)
+    plain = Detector(detector.model, DetectorConfig(signals=("prediction_shift", "map_shift")))
     assert "signals" not in detect_requests(plain, reqs[:2])[0]  # nothing beyond the top-level fields
