@@ -145,6 +145,6 @@ def _print(console: Console, r: DemoReport, got: dict, ids: list[str]) -> None:
     t.add_row("streaming throughput", f"{r.stream_throughput:.1f} images/s")
     t.add_row("in-process Detector throughput", f"{r.inprocess_throughput:.1f} images/s")
     t.add_row("streaming / in-process", f"{r.ratio:.0%} (of {r.sent} images, most of it the pipeline filling and "
-              "draining: `explainer bench` times bursts of 4,000)")
+              "draining: `explainer bench` times longer bursts)")
     t.add_row("latency p50 / p99 (enqueue → verdict, burst load)", f"{r.p50_ms:.0f} / {r.p99_ms:.0f} ms")
     console.print(t)

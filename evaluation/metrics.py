@@ -144,7 +144,7 @@ def score_images(det: Detector, images: np.ndarray, batch: int = 256) -> Scored:
     seconds = time.perf_counter() - start
     cal = [p[0] for p in parts]
     sign = [p[1] for p in parts]
-    signals = {k: np.concatenate([r.signals()[k] for r in cal]) for k in cal[0].signals()}
+    signals = {k: np.concatenate([r.signals[k] for r in cal]) for k in cal[0].signals}
     return Scored(np.concatenate([r.score for r in cal]), np.concatenate([r.is_adversarial for r in cal]),
                   np.concatenate([r.is_adversarial for r in sign]), signals, seconds,
                   np.concatenate([r.predicted_class for r in cal]))

@@ -223,9 +223,9 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         + f"; threshold {m['threshold']:.4f}. "
         "The signals were chosen on even photos only (`reports/validation/imagenet_validation_search.md`; "
         "`reports/validation/imagenet_activation_probe.md` for activation_norm, "
-        "`reports/validation/imagenet_transplant_probe.md` for transplant_gain). One earlier choice used the odd photos: a candidate with a 2×2 median check in place of "
-        "the Grad-CAM entropy was evaluated once and reverted for its clean FPR (docs/method.md, \"How the "
-        "configuration was chosen\").",
+        "`reports/validation/imagenet_transplant_probe.md` for transplant_gain). One earlier choice used the odd "
+        "photos: a candidate with a 2×2 median check in place of the Grad-CAM entropy was evaluated once and "
+        "reverted for its clean FPR (docs/method.md, \"How the configuration was chosen\").",
         "- Attacks run at 224 × 224 on correctly classified photos; adversarials are quantised to uint8 and only "
         "those that still fool the model count. The paper's sign rule is reported beside ours.",
         f"- Cost: {1000 * m['seconds_per_detection']:.0f} ms per detection on this machine (scoring the clean "

@@ -58,12 +58,12 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
               in_process: Callable[[], float] = lambda: float("nan"), rounds: int = 3) -> dict:
     """Burst throughput, then latency at ``steady_fraction`` of it, through Redis and the Serve application
     configured by deploy/serve.yaml. Each burst repeats ``images`` ``burst_factor`` times, so that filling and
-    draining the stage pipeline (a few hundred ms) does not dominate a measurement of a few seconds.
+    draining the stage pipeline is a small share of the burst's time.
 
     ``rounds`` bursts are timed, and ``in_process`` (images/s of the in-process detector) is called before
-    each and after the last, while the stack sits idle: this machine's speed drifts by tens of percent within
-    a minute, so each burst is compared with the mean of the in-process runs just before and after it, and
-    the median of those ratios is reported. ``app_overrides`` replaces application args of deploy/serve.yaml
+    each and after the last, while the stack sits idle: a shared machine's speed drifts within a minute, so
+    each burst is compared with the mean of the in-process runs just before and after it, and the median of
+    those ratios is reported. ``app_overrides`` replaces application args of deploy/serve.yaml
     (e.g. torch_threads) and ``deployment_overrides`` deployment options (e.g. the Explainer's replicas), for
     experiments."""
     cpu_stage = {"num_replicas": replicas, "autoscaling_config": None}
@@ -133,9 +133,9 @@ def imagenet_timing(name: str, weights: str | None, random_init: bool, n: int = 
     (default: all n at once) on ``device`` (default: the CPU), beside its floor at the same batch. ``photos_dir``:
     a folder laid out as ``imagenet-sample/`` (labels.csv + images/), default the shared sample."""
     from evaluation.datasets import load_imagenet_sample
+    from pipeline import preset
     from pipeline.inputs import read_image_file
     from pipeline.models import load_model
-    from pipeline import preset
 
     model = load_model(name, weights, random_init=random_init)
     if device:
@@ -225,23 +225,20 @@ def nlm_window_sweep(det: Detector, images: np.ndarray) -> dict[str, dict[str, f
     return sweep
 
 
-# interleaved rounds of floor and detector, and streaming bursts: the machine's speed drifts between them (per-round
-# ratios of one run on this host spread from 69% to 80%, and from 76% to 97% across runs minutes apart), so the
-# medians are taken over enough rounds to be steadier than any one of them
+# interleaved rounds of floor and detector, and streaming bursts: a shared machine's speed drifts between them, so
+# every figure is a median over enough rounds to be steadier than any one of them (the per-round spread is printed
+# in the report, reports/bench/report.md)
 ROUNDS = 9
 STREAM_ROUNDS = 5
-# a burst repeats the bench's images this many times (16,000 digits, 7 s at 2,200 images/s): with 3 consumers'
-# batches in flight, filling and draining the stages costs a few hundred ms of part-idle cores, which in the
-# 4,000-digit bursts used until stop 15 (under 2 s) was a large share of the timing (same code, one run each:
-# 58% of in-process with bursts of 4,000, 69% with 16,000; docs/method.md, "Stop 16")
+# a burst repeats the bench's images this many times: filling and draining the stages (several consumers' batches
+# in flight, cores part idle) costs a fixed time per burst, so a burst must last long enough at the stream's rate
+# that this time is a small share of it; shorter bursts understate the stream against the in-process detector
 BURST_FACTOR = 16
-# the batch every in-process figure is timed at, floors included: the batch a stream read carries (deploy/serve.yaml
-# ``batch: 256``) and the detector's fastest. Until stop 12 it was 64, where the detector's per-batch costs (its
-# NLM call, Python, thread hand-offs) weigh four times as much as at 256. Batch 256 used to be slow for floor and
-# detector alike, largely because glibc faulted each pass's memory in again; with pipeline.runtime's allocator
-# setting (which ``explainer`` applies at start) ad-hoc paired rounds gave floor / detector 3,060 / 2,346
-# images/s at 64, 3,104 / 2,542 at 128 and 3,120 / 2,906 at 256 (docs/method.md, "Stop 12"). The best of the
-# floor's timings at FLOOR_PEER_BATCHES in each round is reported too, a stricter peer, and the floor by batch.
+# the batch every in-process figure is timed at, floors included: the batch a stream read carries (deploy/serve.yaml's
+# ``batch``), so the in-process and streamed figures compare like with like; smaller batches weigh the detector's
+# per-batch costs (its NLM call, Python, thread hand-offs) more. Large batches are fast only with pipeline.runtime's
+# allocator setting (allocations kept mapped), which ``explainer`` and run_bench apply. The best of the floor's
+# timings at FLOOR_PEER_BATCHES in each round is reported too, a stricter peer, and the floor by batch.
 BATCH = 256
 FLOOR_PEER_BATCHES = (64, 128, 256)
 
@@ -261,9 +258,9 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
         "n_images": len(images),
         "serve_args": {k: v for k, v in load_config()["args"].items() if k != "redis_url"},
     }
-    # interleaved rounds: this shared machine drifts by tens of percent within a minute, so each ratio is taken
-    # within a round (floors and detector timed one after another, over as many images each) and the median over
-    # the rounds is reported; a best-of-each ratio rewards whichever side happened to catch a fast moment
+    # interleaved rounds: a shared machine's speed drifts within a minute, so each ratio is taken within a round
+    # (floors and detector timed one after another, over as many images each) and the median over the rounds is
+    # reported; a best-of-each ratio rewards whichever side happened to catch a fast moment
     def one_round() -> tuple:
         # the floor at the other batches too: the best of its timings at FLOOR_PEER_BATCHES is a stricter peer
         others = {b: floor_throughput(det, batch=b, repeat=1, images=len(images))["images_per_s"]

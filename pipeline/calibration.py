@@ -123,7 +123,7 @@ def fit_calibration(
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other: the
     conformal quantile of those m held-out scores, the ⌈(1 - target)(m + 1)⌉-th smallest, so that a new clean
     image scores above it with probability at most the target (the plain (1 - target) quantile overshoots it by
-    about 1/m: 6.3% instead of 5% at m = 62); or so that the target holds with ``confidence`` for the true FPR
+    about 1/m); or so that the target holds with ``confidence`` for the true FPR
     of this threshold (:func:`allowed_exceedances`).
     ``tails`` overrides the registered tails of some signals ("upper" or "two-sided"; validation searches only).
 
@@ -175,8 +175,7 @@ def allowed_exceedances(n: int, target_fpr: float, confidence: float) -> int:
     ``target_fpr`` with ``confidence``: the largest k with P(Binomial(n, target_fpr) <= k) <= 1 - confidence.
 
     A threshold at the plain (1 - target) quantile has an *expected* FPR of the target, and its true FPR
-    scatters around it (0.7 points at 2,500 images, measured over random halves of the even digits in
-    docs/method.md); this one exceeds the target only with probability 1 - confidence."""
+    scatters around it; this one exceeds the target only with probability 1 - confidence."""
     if not (0.0 < confidence < 1.0 and 0.0 < target_fpr < 1.0):
         raise ValueError(f"confidence and target_fpr must be in (0, 1), got {confidence} and {target_fpr}")
     log_p, log_q = math.log(target_fpr), math.log1p(-target_fpr)

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from evaluation.attacks import ATTACKS, AdversarialPatch
-from evaluation.datasets import PROJECT_ROOT, load_sample_digits
+from evaluation.datasets import PROJECT_ROOT
 from pipeline.models import load_model
+from pipeline.samples import load_sample_digits
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

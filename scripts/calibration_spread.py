@@ -3,10 +3,10 @@ threshold (``fit_calibration(folds=K)``) keeps it nearer the target: even-positi
 
 The 250 even photos (the evaluation's calibration photos; the odd ones are never read) are split at random, many
 times, into a calibration part and a test part. Each split fits the shipped photo configuration's score on the
-calibration part, once with CDFs and threshold from two halves (what the evaluations before stop 11 used) and once
-cross-fitted over K folds, and measures the FPR on the test part and the detection of the validation patch, BIM
-and PGD photos (made from even photos by scripts/search_imagenet.py, whose cache this reads). The same splits
-serve every procedure, so their FPR spreads differ only by the procedure. Writes reports/validation/calibration_spread.md.
+calibration part, once with CDFs and threshold from two halves and once cross-fitted over K folds, and measures
+the FPR on the test part and the detection of the validation patch, BIM and PGD photos (made from even photos by
+scripts/search_imagenet.py, whose cache this reads). The same splits serve every procedure, so their FPR spreads
+differ only by the procedure. Writes reports/validation/calibration_spread.md.
 
 Run: python scripts/calibration_spread.py [--splits 400] [--n-cal 125 200] [--folds 5 10]
 """
@@ -22,22 +22,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_imagenet import WITHOUT_HOSTS, _photo_sets, config_signals  # noqa: E402
+from search_imagenet import PHOTOS, WITHOUT_HOSTS, _photo_sets, config_signals  # noqa: E402
 
 from pipeline.calibration import fit_calibration  # noqa: E402
 from pipeline.detector import Detector  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.presets import IMAGENET_CONFIG  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "validation" / "calibration_spread.md"
 TARGET = 0.05
+SCORED = tuple(PHOTOS.signals)  # the shipped photo score's signals
 
 
 def photo_signals(patch_steps: int) -> dict[str, dict[str, np.ndarray]]:
-    """Signals of the shipped photo configuration: "clean" (all 250 even photos) and each validation attack."""
+    """Signals of the shipped photo configuration: "clean" (the 250 even photos less the transplant's hosts) and
+    each validation attack."""
     model = load_model("mobilenet_v2")
-    photos = _photo_sets(model, patch_steps, use_cache=True, patch_without_hosts=True)  # as the search (stop 14)
-    sets = config_signals(Detector(model, IMAGENET_CONFIG), photos, patch_steps, use_cache=True, tag=WITHOUT_HOSTS)
+    photos = _photo_sets(model, patch_steps, use_cache=True, patch_without_hosts=True)  # as the search
+    sets = config_signals(Detector(model, PHOTOS), photos, patch_steps, use_cache=True, tag=WITHOUT_HOSTS)
     clean = {k: np.concatenate([sets["calibration"][k], sets["clean"][k]]) for k in sets["clean"]}
     return {"clean": clean, **{k: v for k, v in sets.items() if k not in ("calibration", "clean")}}
 
@@ -53,8 +54,8 @@ def spread(signals: dict, n_cal: int, procedures: dict[str, int | None], splits:
         cal_rows, test_rows = perm[:n_cal], perm[n_cal:]
         for label, folds in procedures.items():
             c = fit_calibration({k: v[cal_rows] for k, v in clean.items()}, TARGET, model="mobilenet_v2",
-                                method=IMAGENET_CONFIG.method, entropy=IMAGENET_CONFIG.entropy, images="",
-                                use=IMAGENET_CONFIG.signals, folds=folds)
+                                method=PHOTOS.method, entropy=PHOTOS.entropy, images="", use=SCORED,
+                                folds=folds)
             out[label]["fpr"].append(np.mean(c.score({k: v[test_rows] for k, v in clean.items()}) > c.threshold))
             for a in attacks:
                 out[label][a].append(np.mean(c.score(signals[a]) > c.threshold))
@@ -79,7 +80,7 @@ def main() -> None:
              f"{' '.join(map(str, args.n_cal))} --folds {' '.join(map(str, args.folds))}`. Clean even photos: "
              f"{n_clean}; validation adversarials: " + ", ".join(f"{a} {len(next(iter(signals[a].values())))}"
                                                                  for a in attacks)
-             + f". Target FPR {TARGET:.0%}; signals {', '.join(IMAGENET_CONFIG.signals)}.", ""]
+             + f". Target FPR {TARGET:.0%}; signals {', '.join(SCORED)}.", ""]
     for n_cal in args.n_cal:
         res = spread(signals, n_cal, procedures, args.splits)
         lines += [f"## {n_cal} calibration photos, FPR measured on the other {n_clean - n_cal}", "",

@@ -1,14 +1,15 @@
 """Validation probe for a patch signal on ImageNet, on the even-positioned photos only (never the evaluation ones).
 
-Why: saliency and IG maps do not separate patched photos (reports/imagenet_validation_probe.md), and NLM cannot
-remove a patch, so the paper's "denoise and explain again" has nothing to compare. A patch is local, so this asks
-whether the explanation can find it and whether removing what it points at changes the answer (the idea of
-SentiNet, Chou et al. 2020): Grad-CAM of the predicted class at the last convolutional block, the spatial entropy
-of that map (a patch concentrates it), then the top-q fraction of the upsampled map inpainted with OpenCV (Telea)
-and the photo classified again (prediction shift: L1 distance between the two softmax vectors).
+Why: saliency and IG maps do not separate patched photos, and NLM cannot remove a patch, so the paper's "denoise
+and explain again" has nothing to compare. A patch is local, so this asks whether the explanation can find it and
+whether removing what it points at changes the answer (the idea of SentiNet, Chou et al. 2020): Grad-CAM of the
+predicted class at the last convolutional block, the spatial entropy of that map (a patch concentrates it), then
+the top-q fraction of the upsampled map inpainted with OpenCV (Telea) and the photo classified again (prediction
+shift: L1 distance between the two softmax vectors).
 
-Split: even photos at even positions of that list (125) train the patch; the other 125 even photos are the
-validation photos, clean and attacked (patch, BIM). Writes reports/validation/imagenet_patch_probe.md.
+Split (evaluation.imagenet.even_photo_validation): of the even-positioned photos, those at even positions of that
+list (125) train the patch; the other 125 are the validation photos, clean and attacked (patch, BIM). Writes
+reports/validation/imagenet_patch_probe.md.
 
 Run: python scripts/probe_imagenet_patch.py [--patch-steps 200]
 """

@@ -1,11 +1,11 @@
 """Validation probe: does the region a photo's Grad-CAM points at hijack *other* clean photos? Even photos only.
 
-Why: the shipped photo score misses 6 of 82 patched validation photos, 4 of them photos the patch only disrupted
-(another class at low confidence) and 2 toasters (reports/imagenet_validation_misses.md). SentiNet (Chou et al.,
-2020) has two halves. The shipped occlusion shift is the first (remove the salient region, classify again). The
-second is asked here: paste the salient region onto clean host photos at the same place and see whether it takes
-them over. A universal patch moves every host, whatever class it made the suspect photo look like; the salient
-region of a clean photo (an object part) rarely moves a photo of something else.
+Why: the photo score without the transplant misses a few patched validation photos, most of them photos the
+patch only disrupted (another class at low confidence), the others toasters. SentiNet (Chou et al., 2020) has two
+halves. The shipped occlusion shift is the first (remove the salient region, classify again). The second is asked
+here: paste the salient region onto clean host photos at the same place and see whether it takes them over. A
+universal patch moves every host, whatever class it made the suspect photo look like; the salient region of a
+clean photo (an object part) rarely moves a photo of something else.
 
 Hosts: K clean calibration photos spread over the calibration list (the even photos at even positions, which
 also train the patch); a calibration photo is never its own host (K+1 are drawn, itself dropped). For each
@@ -17,11 +17,12 @@ host, and the hosts are classified again. Signals, each averaged over the hosts:
 
 Each signal alone: ROC-AUC and detection at the calibration photos' 95th percentile (with the validation clean
 FPR at that cut). Combined, calibrated as the evaluation is (cross-fitted over 5 folds, 5% target) on the
-calibration photos and scored on the validation photos: each added (upper tail) to stop 13's four signals, and
+calibration photos and scored on the validation photos: each added (upper tail) to the four signals of the
+configuration without the transplant (entropy_original, occlusion_shift, prediction_shift, activation_norm), and
 each in place of its Grad-CAM entropy, the level after the paste (adopt) beside the rise over the host's own
-probability of that class (gain, what stop 14 ships as transplant_gain). The patch here was trained on all 125
-calibration photos, hosts included; scripts/search_imagenet.py re-checks the shipped row with a patch that never
-saw the hosts, as the evaluation trains it.
+probability of that class (gain, shipped as transplant_gain). The patch here was trained on all 125 calibration
+photos, hosts included; scripts/search_imagenet.py re-checks the shipped row with a patch that never saw the
+hosts, as the evaluation trains it.
 
 Run: python scripts/probe_imagenet_transplant.py   (writes reports/validation/imagenet_transplant_probe.md)
 """
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_imagenet import (  # noqa: E402
     CACHE,
-    STOP12,
+    WITHOUT_TRANSPLANT,
     _cached,
     _photo_sets,
     calibrated_cells,
@@ -66,7 +67,7 @@ def gradcam_maps(model, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray
         x = to_tensor(images[i : i + batch])
         with torch.inference_mode():
             p = torch.softmax(model.net(x), 1)
-        a = explain(model.net, x, p.argmax(1), "gradcam", STOP12.explain, model.gradcam_layer)
+        a = explain(model.net, x, p.argmax(1), "gradcam", WITHOUT_TRANSPLANT.explain, model.gradcam_layer)
         probs.append(p.numpy())
         maps.append(a.float().numpy())
     return np.concatenate(probs), np.concatenate(maps)
@@ -130,7 +131,7 @@ def main() -> None:
     start = time.perf_counter()
     model = load_model("mobilenet_v2")
     photos = _photo_sets(model, PATCH_STEPS, True)
-    shipped = config_signals(Detector(model, STOP12), photos, PATCH_STEPS, True)  # stop 13's configuration
+    measured = config_signals(Detector(model, WITHOUT_TRANSPLANT), photos, PATCH_STEPS, True)
     cal = photos["calibration"]
     host_ids = np.linspace(0, len(cal) - 1, max(N_HOSTS) + 1).round().astype(int)
     hosts = cal[host_ids]
@@ -164,12 +165,13 @@ def main() -> None:
         cells = [f"{np.mean(extra[a][sig] > cut):.1%} / {roc_auc(extra['clean'][sig], extra[a][sig]):.3f}"
                  for a in attacks]
         lines.append(f"| {sig} | {np.mean(extra['clean'][sig] > cut):.1%} | " + " | ".join(cells) + " |")
-    four = tuple(STOP12.signals)
-    lines += ["", "## Added to stop 13's four (upper tail), calibrated as the evaluation is", "",
+    four = tuple(WITHOUT_TRANSPLANT.signals)  # entropy_original first: four[1:] drops it
+    lines += ["", "## Added to the four signals without the transplant (upper tail), calibrated as the evaluation "
+              "is", "",
               "| signals | validation FPR | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
-    merged = {k: {**shipped[k], **extra[k]} for k in photos}
+    merged = {k: {**measured[k], **extra[k]} for k in photos}
     c = photo_calibration(merged["calibration"], four)
-    lines.append(f"| stop 13's four | {calibrated_cells(c, merged, attacks)} |")
+    lines.append(f"| the four without the transplant | {calibrated_cells(c, merged, attacks)} |")
     for sig in singles:
         if "_flip_" in sig:
             continue  # a fraction of at most 8 hosts: too coarse for a quantile CDF

@@ -1,4 +1,8 @@
-"""Record the shipped MNIST detector's verdicts on shipped digits (the refactor's regression fixture)."""
+"""Record the shipped MNIST detector's verdicts on shipped digits: tests/fixtures/mnist_verdicts.npz, which
+tests/core/test_shipped_verdicts.py compares today's verdicts against.
+
+    python scripts/record_verdict_fixture.py tests/fixtures/mnist_verdicts.npz
+"""
 import sys
 
 import numpy as np
@@ -12,7 +16,7 @@ det = Detector.from_pretrained("mnist")
 res = det.detect(images)
 out = {"score": res.score, "is_adversarial": res.is_adversarial, "threshold": np.float64(res.threshold),
        "predicted_class": res.predicted_class, "confidence": res.confidence, "denoised_class": res.denoised_class}
-for k, v in res.signals().items():
+for k, v in res.signals.items():
     out["signal_" + k] = v
 np.savez_compressed(sys.argv[1], **out)
 print({k: (v.shape, v.dtype) for k, v in out.items()}, res.is_adversarial[:300].mean(), res.is_adversarial[300:].mean())

@@ -4,7 +4,8 @@ Run: python scripts/search_config.py [--out PATH] [method:steps:h[:template:sear
 (default: ig:8:30 ig:8:50 ig:4:50 ig:4:70; NLM template 5, search window 11 and no median filter unless given;
 ``median`` filters before NLM (NLMParams.pre_median), ``squeeze`` > 0 adds the median_shift signal of a
 squeeze×squeeze median filter)
-Writes reports/validation/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are never read.
+Writes reports/validation/mnist_validation_search.md, or PATH. The odd-indexed digits (the evaluation split) are
+never read.
 
 Split: of the 5,000 even-indexed test digits, every 10th (500 digits, spread over both halves of the test set,
 whose writers differ) is the validation set; the other 4,500 calibrate. Adversarials (PGD, BIM, MIM, CW-L∞,
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 
 from evaluation.attacks import ATTACKS
-from evaluation.datasets import PROJECT_ROOT
+from evaluation.datasets import PROJECT_ROOT, load_test_digits
 from evaluation.metrics import roc_auc, run_attack
-from pipeline import Detector, DetectorConfig, ExplainParams, NLMParams, load_model, load_test_digits
+from pipeline import Detector, DetectorConfig, ExplainParams, NLMParams, load_model
 from pipeline.calibration import fit_calibration
 
 SIGNAL_SETS = (
@@ -41,12 +42,9 @@ SQUEEZE_SETS = (
 
 
 def signals(det: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
-    parts = []
-    for i in range(0, len(images), 256):
-        s = det.analyse(images[i : i + 256])
-        s["entropy_change"] = s["entropy_denoised"] - s["entropy_original"]
-        parts.append(s)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    """Every signal ``det`` measures on ``images``: the base signals (entropy_change among them) and those its
+    configuration names."""
+    return det.analyse_many(images, batch_size=256)
 
 
 VALIDATION_ATTACKS = ("pgd", "bim", "mim", "cw-linf", "cw-l2", "cw-l0")

@@ -1,13 +1,12 @@
 """Choose the ImageNet detector's signals on the even-positioned photos only (never the evaluation ones).
 
-Split, as in scripts/probe_imagenet.py: the even photos at even positions of that list (125) are the calibration
-photos (clean) and train the universal patch (since stop 14 all but the 8 that the shipped configuration makes
-the transplant's hosts, as the evaluation trains it); the other 125 even photos are the validation photos, clean
-and attacked (patch, BIM, PGD and the early-stopped BIM at the evaluation's parameters). For each candidate
+Split, as evaluation.imagenet.even_photo_validation makes it: the even photos at even positions of that list (125)
+are the calibration photos (clean) and train the universal patch (all but the 8 that the shipped configuration
+makes the transplant's hosts, as the evaluation trains it); the other 125 even photos are the validation photos,
+clean and attacked (patch, BIM, PGD and the early-stopped BIM at the evaluation's parameters). For each candidate
 configuration the signals are computed once; each candidate set of signals is calibrated at 5% FPR on the
-calibration photos only, cross-fitted over pipeline.presets.PHOTO_CALIBRATION_FOLDS folds as the evaluation does
-(until stop 12 this search split them in halves), and reported as validation FPR and detection rate / ROC-AUC
-per attack.
+calibration photos only, cross-fitted over pipeline.presets.CALIBRATION_FOLDS["photos"] folds as the evaluation
+does, and reported as validation FPR and detection rate / ROC-AUC per attack.
 Writes reports/validation/imagenet_validation_search.md.
 
 The photos, the attacked photos and each configuration's signals are cached under .explainer/cache/ (keyed by
@@ -30,30 +29,44 @@ import torch
 
 from evaluation.imagenet import even_photo_validation
 from evaluation.metrics import roc_auc
+from pipeline import DetectorConfig, preset
 from pipeline.calibration import fit_calibration
 from pipeline.detector import Detector
 from pipeline.models import load_model
-from pipeline.presets import IMAGENET_CONFIG, PHOTO_CALIBRATION_FOLDS
-from pipeline.transplant import pick_hosts
+from pipeline.presets import CALIBRATION_FOLDS
+from pipeline.signals import SIGNALS
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "validation" / "imagenet_validation_search.md"
-CACHE = OUT.parents[1] / ".explainer" / "cache"
-# the configurations tried; each one's signals are computed once, whatever signal sets are then calibrated
-# (activation_norm only when listed in the config's signals)
-STOP12 = replace(IMAGENET_CONFIG, median=0, transplant=0.0,
-                 signals=("entropy_original", "occlusion_shift", "prediction_shift", "activation_norm"))
+CACHE = OUT.parents[2] / ".explainer" / "cache"
+# the shipped photo configuration
+PHOTOS = preset("photos")
+# the shipped configuration less the transplant: Grad-CAM entropy, the occlusion shift of the top 5%, the
+# prediction shift and the activation norm
+WITHOUT_TRANSPLANT = replace(PHOTOS, signals={"entropy_original": {}, "occlusion_shift": {"fraction": 0.05},
+                                              "prediction_shift": {}, "activation_norm": {}})
+
+
+def with_signals(config: DetectorConfig, **changed: dict) -> DetectorConfig:
+    """``config`` with the parameters of the named signals set (a signal not yet there is added)."""
+    return replace(config, signals={**config.signals, **changed})
+
+
+# the configurations tried; each one measures the signals its config names (and the base signals of
+# pipeline.signals, always), whatever signal sets are then calibrated on them
 CONFIGS = {
-    "Grad-CAM, NLM h=10, occlusion of the top 5%, the top 15% transplanted onto 8 hosts (stop 14; its signals: "
-    "the row marked shipped)": IMAGENET_CONFIG,
-    "Grad-CAM, NLM h=10, occlusion of the top 5%, no median check (the configuration of stop 13)": STOP12,
-    "Grad-CAM, NLM h=10, occlusion of the top 3%, no median check": replace(STOP12, occlusion=0.03),
-    # stop 13: a second denoiser for the attack that stops at its first success (Feature Squeezing's median, as
-    # the digits use), and a stronger NLM
+    "Grad-CAM, NLM h=10, occlusion of the top 5%, the top 15% transplanted onto 8 hosts (the shipped "
+    "configuration; its signals: the row marked shipped)": PHOTOS,
+    "Grad-CAM, NLM h=10, occlusion of the top 5%, no median check, no transplant": WITHOUT_TRANSPLANT,
+    "Grad-CAM, NLM h=10, occlusion of the top 3%, no median check, no transplant":
+        with_signals(WITHOUT_TRANSPLANT, occlusion_shift={"fraction": 0.03}),
+    # a second denoiser for the attack that stops at its first success (Feature Squeezing's median, as the digits
+    # use), and a stronger NLM
     "the same with a 2×2 median check (its row with occlusion_shift, prediction_shift, activation_norm and "
-    "median_shift was evaluated once at stop 13 and reverted: clean FPR 12.0% on the evaluation photos, "
-    "reports/imagenet_median_check/)": replace(STOP12, median=2),
-    "the same with a 3×3 median check": replace(STOP12, median=3),
-    "the same with NLM h=20, no median check": replace(STOP12, nlm=replace(STOP12.nlm, h=20.0, h_color=20.0)),
+    "median_shift was evaluated once on the evaluation photos and reverted, docs/history.md)":
+        with_signals(WITHOUT_TRANSPLANT, median_shift={"size": 2}),
+    "the same with a 3×3 median check": with_signals(WITHOUT_TRANSPLANT, median_shift={"size": 3}),
+    "the same with NLM h=20, no median check":
+        replace(WITHOUT_TRANSPLANT, nlm=replace(WITHOUT_TRANSPLANT.nlm, h=20.0, h_color=20.0)),
 }
 # (signals, tail overrides): occlusion_shift is two-sided in SIGNALS (a patch raises it, BIM lowers it);
 # "upper" asks whether counting only the patch's direction buys patch detection at the same FPR
@@ -67,7 +80,7 @@ SIGNAL_SETS = (
     (("occlusion_shift", "prediction_shift"), UPPER),
     (("entropy_original", "occlusion_shift", "prediction_shift"), {}),
     (("entropy_original", "occlusion_shift", "prediction_shift"), UPPER),
-    # stop 13: the activation norm (reports/validation/imagenet_activation_probe.md), alone and as a fourth signal
+    # the activation norm (reports/validation/imagenet_activation_probe.md), alone and as a fourth signal
     (("activation_norm",), {}),
     (("entropy_original", "occlusion_shift", "activation_norm"), {}),
     (("occlusion_shift", "prediction_shift", "activation_norm"), {}),
@@ -75,7 +88,7 @@ SIGNAL_SETS = (
     (("entropy_original", "occlusion_shift", "prediction_shift", "activation_norm", "median_shift"), {}),
     (("occlusion_shift", "prediction_shift", "activation_norm", "median_shift"), {}),
     (("entropy_original", "occlusion_shift", "activation_norm", "median_shift"), {}),
-    # stop 14: the transplant gain (reports/validation/imagenet_transplant_probe.md), in place of the entropy or beside it
+    # the transplant gain (reports/validation/imagenet_transplant_probe.md), in place of the entropy or beside it
     (("transplant_gain",), {}),
     (("occlusion_shift", "prediction_shift", "activation_norm", "transplant_gain"), {}),
     (("entropy_original", "occlusion_shift", "prediction_shift", "activation_norm", "transplant_gain"), {}),
@@ -98,43 +111,41 @@ def _cached(path: Path, use_cache: bool, make):
 
 def _photo_sets(model, patch_steps: int, use_cache: bool, patch_without_hosts: bool = False
                 ) -> dict[str, np.ndarray]:
-    """The validation photo sets. ``patch_without_hosts`` (stop 14, the search and calibration_spread.py): the
-    patch is trained without the calibration photos that the shipped configuration makes the transplant's hosts,
-    as the evaluation trains it, so that the hosts are photos the patch never saw; the probes of stop 14 and
-    before used a patch trained on every calibration photo."""
+    """The validation photo sets. ``patch_without_hosts`` (the search and calibration_spread.py): the patch is
+    trained without the calibration photos that the shipped configuration makes the transplant's hosts, as the
+    evaluation trains it, so that the hosts are photos the patch never saw; the probes use a patch trained on
+    every calibration photo."""
     def make():
         cal_images, val_images, runs = even_photo_validation(model, ("patch", "bim", "pgd"), patch_steps)
         return {"calibration": cal_images, "clean": val_images, **{k: r.images for k, r in runs.items()}}
 
-    def make_early():  # stop 13: the BIM that stops at its first success, on the same validation photos
+    def make_early():  # the BIM that stops at its first success, on the same validation photos
         return {"bim-early": even_photo_validation(model, ("bim-early",), patch_steps)[2]["bim-early"].images}
 
     def make_without_hosts():
-        hosts = Detector(model, IMAGENET_CONFIG).host_rows(len(sets["calibration"]))
+        hosts = Detector(model, PHOTOS).host_rows(len(sets["calibration"]))
         return {"patch": even_photo_validation(model, ("patch",), patch_steps, patch_holdout=hosts)[2]["patch"].images}
 
     sets = _cached(CACHE / f"imagenet_validation_sets_patch{patch_steps}.npz", use_cache, make)
     if patch_without_hosts:
-        name = f"imagenet_validation_patch{patch_steps}_without_hosts{IMAGENET_CONFIG.transplant_hosts}.npz"
+        name = f"imagenet_validation_patch{patch_steps}_without_hosts{PHOTOS.params('transplant_gain').hosts}.npz"
         sets = {**sets, **_cached(CACHE / name, use_cache, make_without_hosts)}
     return {**sets, **_cached(CACHE / "imagenet_validation_sets_bim_early.npz", use_cache, make_early)}
 
 
-def _config_key(config, sets=(), tag: str = "") -> str:
-    """The cache key of a configuration's signals on the named photo sets (the stop-12 keys had no set names);
-    ``tag`` names a variant of the sets (the patch trained without the hosts)."""
+def _config_key(config: DetectorConfig, sets=(), tag: str = "") -> str:
+    """The cache key of a configuration's signals on the named photo sets; ``tag`` names a variant of the sets
+    (the patch trained without the hosts)."""
     extra = sorted(s for s in sets if s not in ("calibration", "clean", "patch", "bim", "pgd"))
-    config = config.to_dict()
-    if not config["transplant"]:  # the keys of configurations from before the transplant existed
-        del config["transplant"], config["transplant_hosts"]
-    return hashlib.sha1(json.dumps(config, sort_keys=True).encode() + ",".join(extra).encode() + tag.encode()
-                        ).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode() + ",".join(extra).encode()
+                        + tag.encode()).hexdigest()[:12]
 
 
 def config_signals(det: Detector, photos: dict[str, np.ndarray], patch_steps: int, use_cache: bool,
                    timing: dict | None = None, tag: str = "") -> dict[str, dict[str, np.ndarray]]:
-    """Every signal of ``det``'s configuration on each set of ``photos`` (calibration, clean, each attack), as
-    {set: {signal: values}}, cached per configuration; ``timing["ms"]`` gets the cost per detection when computed."""
+    """Every signal ``det`` measures (the base signals and those its configuration names) on each set of
+    ``photos`` (calibration, clean, each attack), as {set: {signal: values}}, cached per configuration;
+    ``timing["ms"]`` gets the cost per detection when computed."""
     def make():
         t = time.perf_counter()
         out = {f"calibration/{k}": v for k, v in det.analyse_many(photos["calibration"], batch_size=16).items()}
@@ -145,8 +156,8 @@ def config_signals(det: Detector, photos: dict[str, np.ndarray], patch_steps: in
                 out |= {f"{name}/{k}": v for k, v in det.analyse_many(images, batch_size=16).items()}
         return out
 
-    if det.config.transplant > 0:  # its hosts are calibration photos, kept out of the calibration (Detector.calibrate)
-        chosen = pick_hosts(len(photos["calibration"]), det.config.transplant_hosts)
+    if det.config.uses("transplant_gain"):  # its hosts are calibration photos, kept out of the calibration
+        chosen = det.host_rows(len(photos["calibration"]))  # as Detector.calibrate picks them
         det.use_hosts(photos["calibration"][chosen])
         photos = {**photos, "calibration": np.delete(photos["calibration"], chosen, axis=0)}
     key = _config_key(det.config, photos, tag)
@@ -157,10 +168,18 @@ def config_signals(det: Detector, photos: dict[str, np.ndarray], patch_steps: in
 def photo_calibration(calibration_signals: dict[str, np.ndarray], use: tuple[str, ...],
                       tails: dict[str, str] | None = None):
     """The score over ``use``, calibrated on the calibration photos' signals as the evaluation calibrates photos
-    (5% target, cross-fitted over PHOTO_CALIBRATION_FOLDS folds)."""
-    return fit_calibration(calibration_signals, 0.05, model="mobilenet_v2", method=IMAGENET_CONFIG.method,
-                           entropy=IMAGENET_CONFIG.entropy, images="", use=use, tails=tails,
-                           folds=PHOTO_CALIBRATION_FOLDS)
+    (5% target, cross-fitted over CALIBRATION_FOLDS["photos"] folds)."""
+    return fit_calibration(calibration_signals, 0.05, model="mobilenet_v2", method=PHOTOS.method,
+                           entropy=PHOTOS.entropy, images="", use=use, tails=tails,
+                           folds=CALIBRATION_FOLDS["photos"])
+
+
+def scores_as_shipped(config: DetectorConfig, use: tuple[str, ...]) -> bool:
+    """Whether scoring ``use`` on ``config``'s measurements is the shipped photo detector (same denoiser, maps
+    and signals, each signal with the parameters ``config`` measured it with)."""
+    if any(SIGNALS[name].stage == "model" and not config.uses(name) for name in use):
+        return False  # ``config`` does not measure it
+    return replace(config, signals={name: config.params(name) for name in use}) == PHOTOS
 
 
 def calibrated_cells(cal, signals: dict[str, dict[str, np.ndarray]], attacks: list[str]) -> str:
@@ -185,7 +204,7 @@ def main() -> None:
              f"Command: `python scripts/search_imagenet.py --patch-steps {args.patch_steps}`. Validation: "
              f"{len(sets['clean'])} clean photos; adversarials: " + ", ".join(f"{k} {len(sets[k])}" for k in attacks),
              "", "Signals marked (upper) count only the upper tail of their clean distribution; the others use "
-             "the tails of pipeline.calibration.SIGNALS.", ""]
+             "the tails of pipeline.signals.SIGNALS.", ""]
     for label, config in CONFIGS.items():
         timing: dict = {}
         signals = config_signals(Detector(model, config), photos, args.patch_steps, not args.no_cache, timing,
@@ -198,7 +217,7 @@ def main() -> None:
                 continue
             c = photo_calibration(signals["calibration"], use, tails)
             names = ", ".join(f"{s} ({tails[s]})" if s in tails else s for s in use)
-            if replace(config, signals=use) == IMAGENET_CONFIG and not tails:
+            if scores_as_shipped(config, use) and not tails:
                 names += " **(shipped)**"
             lines.append(f"| {names} | {calibrated_cells(c, signals, attacks)} |")
         lines.append("")

@@ -1,7 +1,7 @@
-"""Train MagNet's two MNIST autoencoders (the baseline in pipeline/baselines/magnet.py).
+"""Train MagNet's two MNIST autoencoders (the baseline in evaluation/baselines/magnet.py).
 
 Run: python scripts/train_magnet.py [--epochs 100]   (reads ../shared/data/mnist, writes
-pipeline/assets/magnet_ae1.pt, pipeline/assets/magnet_ae2.pt and reports/training/magnet_training.json).
+evaluation/assets/magnet_ae1.pt, evaluation/assets/magnet_ae2.pt and reports/training/magnet_training.json).
 
 As in Meng & Chen's MNIST setup: denoising autoencoders trained with mean squared error on clean targets from
 inputs with Gaussian noise (std 0.1, clipped to [0, 1]), an L2 activity regulariser of strength 1e-9 on every
@@ -115,8 +115,9 @@ def main() -> None:
         "total_seconds": round(time.time() - start, 1),
         "command": "python " + " ".join(["scripts/train_magnet.py", *sys.argv[1:]]),
     }
-    (PROJECT_ROOT / "reports").mkdir(exist_ok=True)
-    (PROJECT_ROOT / "reports" / "magnet_training.json").write_text(json.dumps(report, indent=2) + "\n")
+    out = PROJECT_ROOT / "reports" / "training" / "magnet_training.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if not k.startswith("autoencoder")}, indent=2))
 
 

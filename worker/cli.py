@@ -244,7 +244,7 @@ def bench(
     batch: int | None = typer.Option(None, min=1, help="photo models: photos per detect call (default 32)"),
     photos: Path | None = typer.Option(None, help="photo models: a folder laid out as the shared imagenet-sample/"),
 ) -> None:
-    """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes results.json + report.
+    """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes metrics.json + report.
     With ``--model resnet18`` or ``mobilenet_v2``: that photo model's detections/s on ``--device``, beside its
     floor (``--n`` real photos)."""
     from evaluation.streaming import run_bench, run_photo_bench
@@ -257,7 +257,7 @@ def bench(
                  "bench runs on the CPU")
         r = run_bench(out, n or 1000, streaming, imagenet, log=lambda m: console.print(m))
         console.print(f"in-process {r['in_process']['throughput']:.0f}/s = {r['in_process']['ratio_to_floor']:.0%} "
-                      f"of the floor; wrote {out}/results.json and {out}/report.md")
+                      f"of the floor; wrote {out}/metrics.json and {out}/report.md")
         return
     from pipeline import MODEL_NAMES
 
@@ -273,7 +273,7 @@ def bench(
     except (FileNotFoundError, ValueError) as exc:  # missing photos or weights, an unreadable photo, a bad device
         fail(str(exc))
     console.print(f"{model} on {r['device']}: {r['detections_per_s']:.1f} detections/s = "
-                  f"{r['ratio_to_floor']:.0%} of the floor; wrote {out}/results.json and {out}/report.md")
+                  f"{r['ratio_to_floor']:.0%} of the floor; wrote {out}/metrics.json and {out}/report.md")
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"

@@ -96,7 +96,7 @@ def embedded_stack(
         local = LocalRedis(Path(data_dir) / "redis").start()
         redis_url = local.url
     # a loaded 2-core machine starts processes slowly: give Serve's proxy time to come up rather than kill it;
-    # and the controller's 0.1 s loop costs 7% of a core at idle (measured): 0.5 s is ample for one machine
+    # and the controller's default 0.1 s loop is a noticeable share of a core at idle: 0.5 s is ample for one machine
     for var, seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
                          ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30"),
                          ("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")):

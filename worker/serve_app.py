@@ -39,8 +39,7 @@ MAX_HTTP_BODY = 8 * 1024 * 1024
 EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's user_config says otherwise
 # merged calls one Explainer replica runs at once, each on a thread of its own: while one batch is in the
 # Python-bound parts of a call (autograd set-up, copies, the result's serialisation) the other one computes, so
-# the model's cores stay busy (measured on 2 cores: 1 batch 1846-2050 images/s, 2 batches 2384-2618/s,
-# 3 batches 2088-2638/s; docs/method.md, "Streaming overlaps batches in the model stage")
+# the model's cores stay busy (docs/method.md, "Streaming and performance")
 EXPLAIN_CONCURRENT_BATCHES = 2
 WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a replica's warm-up: 256 digits, 5 photos
 

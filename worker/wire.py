@@ -91,8 +91,8 @@ def _unpack(data: object, what: str) -> dict:
     containers = 0
 
     def counted(container: Any) -> Any:
-        # msgpack packs an empty array in one byte: without a bound on how many there are, 15.8 MB of nested
-        # empty arrays (within every per-array limit) built 16 million lists, 1 GiB in 5.8 s (found in review)
+        # msgpack packs an empty array in one byte: without a bound on how many there are, a payload within every
+        # per-array limit could build millions of lists and gigabytes of memory
         nonlocal containers
         containers += 1
         if containers > MAX_CONTAINERS:

@@ -153,7 +153,7 @@ class MagNet:
         ae2_weights: str | Path | None = None,
         **kwargs,
     ) -> MagNet:
-        """The shipped autoencoders (``pipeline/assets/magnet_ae{1,2}.pt``) around ``model`` (default: the
+        """The shipped autoencoders (``evaluation/assets/magnet_ae{1,2}.pt``) around ``model`` (default: the
         shipped MNIST CNN)."""
         if model is None:
             from pipeline.models import load_model

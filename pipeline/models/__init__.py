@@ -23,8 +23,8 @@ from pipeline.models.mnist import MnistNet, load_mnist_net
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_NAMES = ("mnist", "resnet18", "mobilenet_v2")
-# the most pixels a photo may have once resized to its short side, before the centre crop: a 1×4096 strip (4 KB
-# on the wire) would become 256×1,048,576 pixels (837 MB and 1.4 s, measured); 4M allows panoramas up to 64:1
+# the most pixels a photo may have once resized to its short side, before the centre crop: a thin strip of a few
+# KB on the wire would otherwise become hundreds of MB; 4M allows panoramas up to 64:1
 MAX_RESIZED_PIXELS = 4 * 1024 * 1024
 
 
@@ -116,8 +116,8 @@ def load_model(
     """Load a target model by name: ``mnist`` (shipped weights), ``resnet18`` or ``mobilenet_v2``.
 
     Weights are kept channels-last: oneDNN's convolutions run forward and backward faster in that layout on
-    CPU (15-45% on the MNIST CNN at batch 128, ``explainer bench`` reports both layouts' floors). The
-    detector feeds channels-last batches; results are the same numbers either way."""
+    CPU (``explainer bench`` reports both layouts' floors, reports/bench). The detector feeds channels-last
+    batches; results are the same numbers either way."""
     if name == "mnist":
         net = load_mnist_net(weights).to(memory_format=torch.channels_last)
         return TargetModel("mnist", net, channels=1, size=28, gradcam_layer=net.gradcam_layer)

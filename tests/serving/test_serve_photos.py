@@ -24,7 +24,7 @@ from worker.local_redis import free_port
 from worker.streams import StreamNames, connect
 
 WEIGHTS = SHARED_WEIGHTS["mobilenet_v2"]
-CALIBRATION = Path(__file__).resolve().parents[1] / "reports" / "imagenet" / "calibration.json"
+CALIBRATION = Path(__file__).resolve().parents[2] / "reports" / "imagenet" / "calibration.json"
 NAMES = StreamNames()
 
 pytestmark = pytest.mark.skipif(not WEIGHTS.exists(), reason="needs ../shared/models/ (MobileNetV2) and photos")
