@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from worker.embedded import DEFAULT_CONFIG
+from worker.local_redis import resolve_redis_url
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -276,7 +279,8 @@ def bench(
                   f"{r['ratio_to_floor']:.0%} of the floor; wrote {out}/metrics.json and {out}/report.md")
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
+REDIS_URL_HELP = ("Redis URL (default: $EXPLAINER_REDIS_URL, else the server `explainer serve` started from this "
+                  "folder, else redis://127.0.0.1:6379/0)")
 
 
 @app.command()
@@ -306,7 +310,7 @@ def serve(
 
 @app.command()
 def feed(
-    redis_url: str = typer.Option("redis://127.0.0.1:6379/0"),
+    redis_url: str | None = typer.Option(None, help=REDIS_URL_HELP),
     n: int = typer.Option(100, help="how many images"),
     source: str = typer.Option("mnist", help="mnist (held-out test digits) | adversarial (shipped) | a folder"),
     attack: str | None = typer.Option(None, help="make adversarials on the fly with this attack (pgd, bim, ...)"),
@@ -331,7 +335,8 @@ def feed(
 
         files = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:n]
         images, ids = [read_image_file(p) for p in files], [p.name for p in files]
-    stream_ids = push_images(connect(redis_url), StreamNames(), images, ids=ids, encoding=encoding)
+    stream_ids = push_images(connect(resolve_redis_url(redis_url)), StreamNames(), images, ids=ids,
+                             encoding=encoding)
     console.print(f"pushed {len(stream_ids)} images to explainer:images")
 
 
@@ -351,7 +356,7 @@ def _attack_digits(attack: str, images: np.ndarray, labels: np.ndarray) -> np.nd
 
 @app.command()
 def watch(
-    redis_url: str = typer.Option("redis://127.0.0.1:6379/0"),
+    redis_url: str | None = typer.Option(None, help=REDIS_URL_HELP),
     all_verdicts: bool = typer.Option(
         False, "--all", help="follow every verdict (the verdict stream), not only alerts"
     ),
@@ -360,7 +365,7 @@ def watch(
     from worker import wire
     from worker.streams import StreamNames, connect
 
-    client, names = connect(redis_url), StreamNames()
+    client, names = connect(resolve_redis_url(redis_url)), StreamNames()
 
     def show(v: dict) -> None:
         mark = "[red]ADVERSARIAL[/red]" if v.get("is_adversarial") else "[green]clean[/green]"

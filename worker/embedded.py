@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 
-from worker.local_redis import LocalRedis
+from worker.local_redis import LocalRedis, note_local_url
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve.yaml"  # deploy/serve.yaml links to it
 APP_NAME = "explainer"
 INLINE_OBJECT_BYTES = 8 * 1024 * 1024  # objects up to this size travel inline between Ray processes
 
@@ -32,31 +33,66 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
     return apps[0]
 
 
-def app_from_config(
+def app_config(
     path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, local: bool = True,
     deployment_overrides: dict[str, dict] | None = None,
-):
-    """Build the application as ``serve run`` would from ``path``, with ``args`` overridden.
+) -> dict:
+    """The explainer application's entry of the Serve config ``path``, as ``serve run`` reads it, with ``args``
+    overridden and per-deployment options merged (an option set to None is removed).
 
-    ``local=True`` caps every stage at one replica and sizes actors for a small machine (autoscaling stays
-    configured, bounded by what fits): a 2-core laptop cannot host the cluster's replica counts.
-    """
-    from worker.serve_app import build_app
-
-    app = load_config(path)
-    args = {**app.get("args", {}), **(overrides or {})}
-    options = {}
-    for dep in app.get("deployments", []):
-        opts = {k: v for k, v in dep.items() if k != "name"}
+    ``local=True`` caps every autoscaling stage at two replicas: a 2-core laptop cannot host the cluster's
+    replica counts."""
+    app = dict(load_config(path))
+    app["args"] = {**app.get("args", {}), **(overrides or {})}
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
+    for opts in options.values():
         if local and "autoscaling_config" in opts:
-            auto = dict(opts["autoscaling_config"])
-            auto["max_replicas"] = min(auto.get("max_replicas", 1), 2)
-            opts["autoscaling_config"] = auto
-        options[dep["name"]] = opts
+            opts["autoscaling_config"] = {**opts["autoscaling_config"],
+                                          "max_replicas": min(opts["autoscaling_config"].get("max_replicas", 1), 2)}
     for name, extra in (deployment_overrides or {}).items():
         merged = {**options.get(name, {}), **extra}
-        options[name] = {k: v for k, v in merged.items() if v is not None}  # None removes an option
-    return build_app(args, options)
+        options[name] = {k: v for k, v in merged.items() if v is not None}
+    app["deployments"] = [{"name": name, **opts} for name, opts in options.items()]
+    return app
+
+
+def deploy(app: dict, timeout_s: float = 600.0) -> None:
+    """Deploy ``app`` (a config file's application entry) through Serve's own config path, the one ``serve run
+    config.yaml`` and ``serve deploy`` take: the schema validates it, the controller imports the builder and
+    validates its args (:class:`worker.serve_app.AppArgs`). Waits until it runs; a failed deployment raises
+    with Serve's message."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate({"applications": [app]})
+    _get_global_client().deploy_apps(schema)
+    name, deadline = schema.applications[0].name, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploying application {name} failed: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"application {name} is not running after {timeout_s:.0f} s")
+
+
+def _password_to_file(redis_url: str, data_dir: Path) -> tuple[str, str | None]:
+    """A URL's password moved into a file only this user can read, so that it never enters the Serve config:
+    (the URL without it, the file's path) or (the URL, None) when it has none."""
+    parts = urlsplit(redis_url)
+    if not parts.password:
+        return redis_url, None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = data_dir / "redis.password"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(unquote(parts.password))
+    host = parts.hostname or "127.0.0.1"
+    netloc = (f"{parts.username}@" if parts.username else "") + (f"[{host}]" if ":" in host else host)
+    netloc += f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), str(secret)
 
 
 @dataclass
@@ -95,6 +131,7 @@ def embedded_stack(
     if redis_url is None:
         local = LocalRedis(Path(data_dir) / "redis").start()
         redis_url = local.url
+        noted = note_local_url(redis_url, data_dir)
     # a loaded 2-core machine starts processes slowly: give Serve's proxy time to come up rather than kill it;
     # and the controller's default 0.1 s loop is a noticeable share of a core at idle: 0.5 s is ample for one machine
     for var, seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
@@ -111,9 +148,11 @@ def embedded_stack(
                      log_to_driver=False, configure_logging=True,
                      _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})
         _start_serve(http_port)
-        app = app_from_config(config, {**(overrides or {}), "redis_url": redis_url},
-                              deployment_overrides=deployment_overrides)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        url, password_file = _password_to_file(redis_url, Path(data_dir))
+        args = {**(overrides or {}), "redis_url": url}
+        if password_file:
+            args["redis_password_file"] = password_file
+        deploy(app_config(config, args, deployment_overrides=deployment_overrides))
         yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local)
     finally:
         try:
@@ -133,3 +172,4 @@ def embedded_stack(
                 ray.shutdown()
             if local is not None:
                 local.stop()
+                noted.unlink(missing_ok=True)

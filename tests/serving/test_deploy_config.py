@@ -1,0 +1,70 @@
+"""The Serve configs as Ray reads them: deploy/serve.yaml and deploy/rayservice.yaml validate against Serve's own
+schema, point at the same builder, and their args validate against the builder's typed arguments through the
+function Serve's controller calls; a misspelt key or a password in the YAML is refused with a message that says
+so. (tests/serving/test_serve.py deploys deploy/serve.yaml through Serve's config path against a real Redis.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve.schema import ServeDeploySchema
+
+from worker.embedded import DEFAULT_CONFIG, app_config
+from worker.serve_app import AppArgs, build_app, redis_password
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _schema(path: Path) -> ServeDeploySchema:
+    data = yaml.safe_load(path.read_text())
+    if data.get("kind") == "RayService":
+        data = yaml.safe_load(data["spec"]["serveConfigV2"])
+    return ServeDeploySchema.model_validate(data)
+
+
+def test_the_shipped_config_is_the_one_deploy_points_at():
+    assert (DEPLOY / "serve.yaml").resolve() == DEFAULT_CONFIG.resolve()
+
+
+def test_serve_yaml_and_the_rayservice_use_one_builder_with_valid_args():
+    local, cluster = _schema(DEPLOY / "serve.yaml"), _schema(DEPLOY / "rayservice.yaml")
+    (app,), (kube,) = local.applications, cluster.applications
+    assert app.import_path == kube.import_path == "worker.serve_app:build_app"
+    assert {d.name for d in app.deployments} == {d.name for d in kube.deployments} == {
+        "Ingress", "Denoiser", "Explainer", "Scorer"}
+    for args in (app.args, kube.args):
+        built = call_user_app_builder_with_args_if_necessary(build_app, args)  # what Serve's controller runs
+        assert type(built).__name__ == "Application"
+
+
+def test_a_misspelt_or_unknown_arg_is_an_error_naming_it():
+    with pytest.raises(ValidationError, match="modle"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"modle": "mnist"})
+    with pytest.raises(ValidationError, match="consumers"):
+        AppArgs.model_validate({"consumers": 0})
+
+
+def test_a_password_in_the_yaml_is_refused_and_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    with pytest.raises(ValidationError, match="password never goes in the config"):
+        AppArgs.model_validate({"redis_url": "redis://:hunter2@127.0.0.1:6379/0"})
+    monkeypatch.delenv("EXPLAINER_REDIS_PASSWORD", raising=False)
+    assert redis_password(None) is None
+    monkeypatch.setenv("EXPLAINER_REDIS_PASSWORD", "from-env")
+    assert redis_password(None) == "from-env"
+    secret = tmp_path / "password"
+    secret.write_text("from/file#1\n")
+    assert redis_password(str(secret)) == "from/file#1"
+
+
+def test_local_overrides_keep_the_config_valid_for_serve():
+    app = app_config(overrides={"redis_url": "redis://127.0.0.1:1/0", "batch": 8},
+                     deployment_overrides={"Explainer": {"user_config": {"max_batch_size": 8}}})
+    schema = ServeDeploySchema.model_validate({"applications": [app]})
+    explainer = next(d for d in schema.applications[0].deployments if d.name == "Explainer")
+    assert explainer.user_config == {"max_batch_size": 8}
+    assert explainer.autoscaling_config["max_replicas"] <= 2  # a laptop's cap
+    AppArgs.model_validate(schema.applications[0].args)
