@@ -289,6 +289,7 @@ def serve(
     config: Path = typer.Option(DEFAULT_CONFIG, help="Ray Serve config file"),
     http_port: int = typer.Option(8000),
     data_dir: Path = typer.Option(Path(".explainer"), help="where the local redis-server keeps its AOF"),
+    metrics_port: int = typer.Option(8080, help="Ray's Prometheus metrics endpoint (when serve starts Ray)"),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
     import signal
@@ -297,11 +298,14 @@ def serve(
     from worker.embedded import embedded_stack
 
     stop = threading.Event()
-    with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port) as stack:
+    with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port,
+                                                          metrics_port=metrics_port) as stack:
         # installed after Ray starts: ray.init replaces SIGTERM's handler with one that aborts the process
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        console.print(f"serving: redis {stack.redis_url}  http {stack.http_url}  (Ctrl-C to stop)")
+        shown = stack.redis_url if stack.redis is not None else "the given Redis"  # a given URL may hold a password
+        console.print(f"serving: redis {shown}  http {stack.http_url}  metrics {stack.metrics_url or 'Ray cluster'}"
+                      "  (Ctrl-C to stop)")
         while not stop.wait(0.5):
             pass
         console.print("stopping: finishing batches in flight…")

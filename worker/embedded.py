@@ -17,11 +17,12 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 
-from worker.local_redis import LocalRedis, note_local_url
+from worker.local_redis import LocalRedis, free_port, note_local_url
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve.yaml"  # deploy/serve.yaml links to it
 APP_NAME = "explainer"
 INLINE_OBJECT_BYTES = 8 * 1024 * 1024  # objects up to this size travel inline between Ray processes
+METRICS_INTERVAL_MS = 5000  # how often Ray's processes report their metrics to the node's endpoint
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
@@ -100,6 +101,7 @@ class Stack:
     redis_url: str
     http_url: str
     redis: LocalRedis | None
+    metrics_url: str | None = None  # Ray's Prometheus endpoint of this node (when this stack started Ray)
 
 
 def _start_serve(http_port: int, attempts: int = 2) -> None:
@@ -121,9 +123,10 @@ def _start_serve(http_port: int, attempts: int = 2) -> None:
 def embedded_stack(
     redis_url: str | None = None, config: str | Path = DEFAULT_CONFIG, data_dir: str | Path = ".explainer",
     http_port: int = 8000, overrides: dict | None = None, num_cpus: int | None = None,
-    deployment_overrides: dict[str, dict] | None = None,
+    deployment_overrides: dict[str, dict] | None = None, metrics_port: int | None = None,
 ) -> Iterator[Stack]:
-    """Start (local redis) + Ray + the Serve app; tear all of it down on exit, gracefully."""
+    """Start (local redis) + Ray + the Serve app; tear all of it down on exit, gracefully. When it starts Ray,
+    Ray serves the metrics in Prometheus format on ``metrics_port`` (default: a free port)."""
     import ray
     from ray import serve
 
@@ -144,16 +147,19 @@ def embedded_stack(
             # on one machine a batch passes stage to stage faster inline (gRPC) than through the shared-memory
             # object store, whose every put and get is a round trip to the raylet; a batch of digits is above
             # Ray's 100 KB default. It reaches every process of the Ray this starts, and no other.
+            metrics_port = metrics_port or free_port()
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=True,
-                     _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})
+                     log_to_driver=False, configure_logging=True, _metrics_export_port=metrics_port,
+                     _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES,
+                                     "metrics_report_interval_ms": METRICS_INTERVAL_MS})
         _start_serve(http_port)
         url, password_file = _password_to_file(redis_url, Path(data_dir))
         args = {**(overrides or {}), "redis_url": url}
         if password_file:
             args["redis_password_file"] = password_file
         deploy(app_config(config, args, deployment_overrides=deployment_overrides))
-        yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if started_ray else None
+        yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local, metrics_url)
     finally:
         try:
             try:  # finish the batches in flight while every stage is still up, then delete the app

@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from pipeline import DetectionResult, Detector, Explained, InputError, decode_image, keep_allocations_mapped
 from worker import wire
 from worker.detect import detect_requests
-from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
+from worker.streams import StreamConsumer, StreamEvents, StreamNames, StreamWorker, connect
 
 log = logging.getLogger("explainer.serve")
 PASSWORD_ENV = "EXPLAINER_REDIS_PASSWORD"
@@ -247,6 +247,56 @@ class RemoteDetector:
         return await self._chain(images, rule, return_maps)
 
 
+LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000]
+BACKLOG_POLL_S = 5.0
+
+
+class ServeMetrics(StreamEvents):
+    """The stream's Prometheus metrics, through ``ray.serve.metrics`` (Ray exports them, prefixed ``ray_``, on
+    each node's metrics endpoint): verdicts by model and outcome, alerts, dead letters by kind, publish failures,
+    enqueue → verdict latency, and the stream's pending and waiting entries (deploy/grafana-dashboard.json)."""
+
+    def __init__(self, model: str) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.model = model
+        self.verdicts = Counter("explainer_verdicts", description="verdicts written, by model and outcome",
+                                tag_keys=("model", "outcome"))
+        self.alerts = Counter("explainer_alerts", description="adversarial verdicts published as alerts",
+                              tag_keys=("model",))
+        self.dead = Counter("explainer_dead_letters", description="entries moved to the dead-letter stream",
+                            tag_keys=("kind",))
+        self.failures = Counter("explainer_publish_failures", description="verdict batches that failed to land",
+                                tag_keys=("error",))
+        self.latency = Histogram("explainer_latency_ms", description="enqueue to verdict, milliseconds",
+                                 boundaries=LATENCY_BUCKETS_MS, tag_keys=("model",))
+        self.pending = Gauge("explainer_stream_pending", description="entries delivered but not yet acked")
+        self.waiting = Gauge("explainer_stream_waiting", description="entries not yet delivered to the group")
+
+    def published(self, verdicts, written) -> None:
+        for verdict, new in zip(verdicts, written, strict=True):
+            if not new:
+                continue
+            model = str(verdict.get("model") or self.model)
+            outcome = ("error" if verdict.get("error") else
+                       "adversarial" if verdict.get("is_adversarial") else "clean")
+            self.verdicts.inc(tags={"model": model, "outcome": outcome})
+            if outcome == "adversarial":
+                self.alerts.inc(tags={"model": model})
+            if isinstance(verdict.get("latency_ms"), (int, float)):
+                self.latency.observe(float(verdict["latency_ms"]), tags={"model": model})
+
+    def dead_lettered(self, kind: str) -> None:
+        self.dead.inc(tags={"kind": kind})
+
+    def publish_failed(self, error: str) -> None:
+        self.failures.inc(tags={"error": error})
+
+    def backlog(self, pending: int, waiting: int) -> None:
+        self.pending.set(pending)
+        self.waiting.set(waiting)
+
+
 def decode_body(body: bytes) -> np.ndarray:
     """An HTTP body as uint8 H×W or H×W×3 (RGB): its PNG/JPEG header read and bounded first
     (:func:`worker.wire.check_image_file`), then decoded as files are (``pipeline.decode_image``)."""
@@ -277,6 +327,7 @@ class Ingress:
         self.stop = threading.Event()
         self.workers: list[StreamWorker] = []
         self.threads: list[threading.Thread] = []
+        self.metrics = ServeMetrics(model)
         if redis_url:
             auth = {"password": pw} if (pw := redis_password(redis_password_file)) else {}
             names = StreamNames(**(streams or {}))
@@ -285,6 +336,7 @@ class Ingress:
                 consumer = StreamConsumer(
                     connect(redis_url, **auth), names, consumer=f"{tag}-{i}", count=batch, block_ms=block_ms,
                     max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms, verdict_maxlen=verdict_maxlen,
+                    events=self.metrics,
                 )
                 consumer.ensure_group()
                 worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remote, reqs))
@@ -292,6 +344,16 @@ class Ingress:
                 self.workers.append(worker)
                 self.threads.append(thread)
                 thread.start()
+            watch = StreamConsumer(connect(redis_url, **auth), names, consumer=f"{tag}-watch")
+            threading.Thread(target=self._watch_backlog, args=(watch,), name="backlog", daemon=True).start()
+
+    def _watch_backlog(self, consumer: StreamConsumer) -> None:
+        """Every ``BACKLOG_POLL_S``: the stream's pending and waiting entries into the metrics."""
+        while not self.stop.wait(BACKLOG_POLL_S):
+            try:
+                self.metrics.backlog(*consumer.backlog())
+            except Exception as exc:  # noqa: BLE001 - a metric must never take the replica down
+                log.warning("could not read the stream's backlog: %s", exc)
 
     def _drain(self, timeout_s: float = 50.0) -> int:
         self.stop.set()

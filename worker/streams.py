@@ -127,6 +127,20 @@ return out
 """
 
 
+class StreamEvents:
+    """What a consumer reports as it works, for metrics (the Serve Ingress exports them to Prometheus); this base
+    ignores it all. Consumer threads call it concurrently: an implementation must be thread-safe."""
+
+    def published(self, verdicts: Sequence[dict], written: Sequence[bool]) -> None:
+        """A batch's verdicts landed; ``written[i]`` is False for a redelivered entry that already had one."""
+
+    def dead_lettered(self, kind: str) -> None:
+        """An entry went to the dead-letter stream; ``kind``: no_data, undecodable or max_deliveries."""
+
+    def publish_failed(self, error: str) -> None:
+        """Writing a batch's verdicts failed (``error``: the exception's type); they are retried."""
+
+
 class StreamConsumer:
     """One consumer of the image stream's consumer group, plus the verdict/dead-letter writers."""
 
@@ -142,6 +156,7 @@ class StreamConsumer:
         verdict_maxlen: int = 100_000,
         dead_maxlen: int = 100_000,
         done_ttl_s: int = 24 * 3600,
+        events: StreamEvents | None = None,
     ) -> None:
         if count < 1 or max_deliveries < 1 or claim_idle_ms < 0 or block_ms < 0:
             raise ValueError("count and max_deliveries must be ≥ 1, claim_idle_ms and block_ms ≥ 0")
@@ -160,6 +175,7 @@ class StreamConsumer:
         self.verdict_maxlen = verdict_maxlen
         self.dead_maxlen = dead_maxlen
         self.done_ttl_s = done_ttl_s
+        self.events = events or StreamEvents()
         self._claim_cursor = "0-0"
         self._publish_script = client.register_script(_PUBLISH_LUA)
         self.stats = {
@@ -214,6 +230,7 @@ class StreamConsumer:
                     raw,
                     f"delivered {deliveries} times, over max_deliveries={self.max_deliveries}"
                     " (the worker kept failing or dying on it)",
+                    kind="max_deliveries",
                     deliveries=deliveries,
                 )
             else:
@@ -283,22 +300,29 @@ class StreamConsumer:
         for sid, verdict in results:
             keys.append(f"{n.done_prefix}{sid}")
             args += [sid, wire.encode_verdict(verdict), "1" if verdict.get("is_adversarial") else "0"]
-        written = [bool(x) for x in self._publish_script(keys=keys, args=args)]
+        try:
+            written = [bool(x) for x in self._publish_script(keys=keys, args=args)]
+        except Exception as exc:
+            self.events.publish_failed(type(exc).__name__)
+            raise
+        self.events.published([v for _, v in results], written)
         self.stats["published"] += sum(written)
         self.stats["duplicates"] += len(written) - sum(written)
         return written
 
-    def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, **extra: Any) -> str:
-        """Move one entry to the dead-letter stream (reason + payload truncated to a limit) and ack it."""
+    def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, kind: str = "other", **extra: Any) -> str:
+        """Move one entry to the dead-letter stream (reason + payload truncated to a limit) and ack it. ``kind``
+        names the reason's class (no_data, undecodable, max_deliveries) for metrics and the record."""
         n = self.names
         data = wire.encode_dead_letter(
-            stream_id, raw, reason, consumer=self.consumer, images=n.images, at=time.time(), **extra
+            stream_id, raw, reason, consumer=self.consumer, images=n.images, at=time.time(), kind=kind, **extra
         )
         with self.client.pipeline(transaction=True) as p:
             p.xadd(n.dead, {"data": data}, maxlen=self.dead_maxlen, approximate=True)
             p.xack(n.images, n.group, stream_id)
             dead_id, _ = p.execute()
         self.stats["dead"] += 1
+        self.events.dead_lettered(kind)
         log.warning("dead-lettered %s: %s", stream_id, reason)
         return _s(dead_id)
 
@@ -308,6 +332,23 @@ class StreamConsumer:
         """Entries delivered to the group but not yet acked."""
         info = self.client.xpending(self.names.images, self.names.group)
         return int(info["pending"]) if isinstance(info, dict) else int(info[0])
+
+    def backlog(self) -> tuple[int, int]:
+        """(pending, waiting): entries delivered to the group but not yet acked, and entries not yet delivered
+        to it. ``waiting`` is the group's ``lag`` where Redis reports one (7.0 and later), else the stream's
+        length less the pending entries (exact once acked entries are trimmed, which the workers do)."""
+        n = self.names
+        try:
+            groups = self.client.xinfo_groups(n.images)
+            length = int(self.client.xlen(n.images))
+        except redis.ResponseError:  # no stream yet
+            return 0, 0
+        group = next((g for g in groups if _s(g["name"]) == n.group), None)
+        if group is None:
+            return 0, length
+        pending = int(group["pending"])
+        lag = group.get("lag")
+        return pending, int(lag) if lag is not None else max(0, length - pending)
 
     # -- retention ------------------------------------------------------------------------------------------
 
@@ -383,14 +424,14 @@ class StreamWorker:
         sids: list[str] = []
         for sid, raw in entries:
             if raw is None:
-                self.consumer.dead_letter(sid, None, "stream entry has no 'data' field")
+                self.consumer.dead_letter(sid, None, "stream entry has no 'data' field", kind="no_data")
                 handled += 1
                 continue
             try:
                 reqs.append(wire.decode_request(raw))
                 sids.append(sid)
             except wire.WireError as e:
-                self.consumer.dead_letter(sid, raw, f"undecodable request: {e.reason}")
+                self.consumer.dead_letter(sid, raw, f"undecodable request: {e.reason}", kind="undecodable")
                 handled += 1
         if not reqs:
             return handled

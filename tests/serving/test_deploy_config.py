@@ -68,3 +68,18 @@ def test_local_overrides_keep_the_config_valid_for_serve():
     assert explainer.user_config == {"max_batch_size": 8}
     assert explainer.autoscaling_config["max_replicas"] <= 2  # a laptop's cap
     AppArgs.model_validate(schema.applications[0].args)
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_ingress_exports():
+    import json
+    import re
+
+    from worker import serve_app
+
+    source = Path(serve_app.__file__).read_text()
+    exported = set(re.findall(r'(?:Counter|Gauge|Histogram)\("(explainer_\w+)"', source))
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    queried = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"ray_(explainer_\w+?)(?:_total|_bucket|_count|_sum)?\b", t["expr"])}
+    assert queried and queried <= exported, queried - exported
+    assert exported <= queried, f"exported but not on the dashboard: {exported - queried}"

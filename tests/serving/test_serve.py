@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -115,6 +116,48 @@ def test_poison_messages_go_to_the_dead_letters_and_others_get_verdicts(stack, c
     dead = [wire.decode_dead_letter(d) for _, d in iter_stream(client, NAMES.dead)][dead_before:]
     assert len(dead) == 2 and all(d["reason"] for d in dead)
     assert int(client.xpending(NAMES.images, NAMES.group)["pending"]) == 0
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Prometheus text: the sum of each metric name's samples with the given labels, e.g.
+    ``ray_explainer_verdicts_total{outcome="clean"}``, as {name{label="value"}: total}."""
+    totals: dict[str, float] = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if not line.startswith("ray_explainer_"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        name, _, labels = series.partition("{")
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        for key in [name, *(f'{name}{{{k}="{v}"}}' for k, v in pairs.items() if k in ("outcome", "kind", "le"))]:
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def test_the_stream_metrics_reach_rays_prometheus_endpoint_and_move(stack, client, digits):
+    """Verdicts by outcome, alerts, dead letters by kind, latency and the backlog gauges, scraped from the
+    endpoint `explainer serve` exposes; the earlier tests of this module published verdicts and dead letters."""
+    assert stack.metrics_url
+    deadline, seen = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        seen = _scrape(stack.metrics_url)
+        dead = seen.get('ray_explainer_dead_letters_total{kind="undecodable"}', 0)
+        if dead >= 2 and "ray_explainer_stream_pending" in seen:
+            break
+        time.sleep(2)
+    assert seen.get('ray_explainer_verdicts_total{outcome="clean"}', 0) >= 100, seen
+    assert seen.get('ray_explainer_verdicts_total{outcome="adversarial"}', 0) >= 50, seen
+    assert seen.get("ray_explainer_alerts_total", 0) == seen['ray_explainer_verdicts_total{outcome="adversarial"}']
+    assert seen.get('ray_explainer_dead_letters_total{kind="undecodable"}', 0) >= 2, seen
+    assert seen.get("ray_explainer_latency_ms_count", 0) == seen["ray_explainer_verdicts_total"], seen
+    before = seen["ray_explainer_verdicts_total"]
+    after = last_id(client, NAMES.verdicts)
+    ids = [f"metrics-{i}" for i in range(20)]
+    push_images(client, NAMES, digits.images[:20], ids=ids)
+    assert len(collect_verdicts(client, NAMES, ids, after, timeout_s=60)) == 20
+    until = time.monotonic() + 60
+    while time.monotonic() < until and _scrape(stack.metrics_url)["ray_explainer_verdicts_total"] < before + 20:
+        time.sleep(2)
+    assert _scrape(stack.metrics_url)["ray_explainer_verdicts_total"] >= before + 20
 
 
 def test_entries_of_a_consumer_that_died_mid_batch_are_reclaimed(stack, client, digits):
