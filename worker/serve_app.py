@@ -122,11 +122,18 @@ class Explainer(StageStats):
 
     def __init__(
         self, scorer: DeploymentHandle | None = None, model: str = "mnist", weights: str | None = None,
-        calibration: str | None = None, torch_threads: int | None = None,
+        calibration: str | None = None, torch_threads: int | None = None, redis_url: str | None = None,
+        redis_password_file: str | None = None, streams: dict | None = None,
     ) -> None:
         import torch
 
         self.scorer = scorer
+        # the stream this stage's replicas serve: its backlog drives their autoscaling (worker.autoscale)
+        self._backlog = None
+        if redis_url:
+            auth = {"password": pw} if (pw := redis_password(redis_password_file)) else {}
+            self._backlog = StreamConsumer(connect(redis_url, **auth), StreamNames(**(streams or {})),
+                                           consumer="autoscaling")
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         device = "cuda" if torch.cuda.is_available() else None
@@ -177,6 +184,15 @@ class Explainer(StageStats):
         """One Captum call over the merged requests, on a worker thread (``explain_pair`` is thread-safe)."""
         with self._timed(sum(len(x) for x in originals)):
             return self.detector.explain_pair(np.concatenate(originals), np.concatenate(denoised))
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics Serve collects from each replica (worker.autoscale.backlog_policy reads
+        them): the images waiting in the stream or in flight, and how many images one replica takes at once."""
+        capacity = float(self.max_batch_size * EXPLAIN_CONCURRENT_BATCHES)
+        if self._backlog is None:
+            return {"replica_capacity": capacity}
+        pending, waiting = await asyncio.to_thread(self._backlog.backlog)
+        return {"stream_backlog": float(pending + waiting), "replica_capacity": capacity}
 
     def reconfigure(self, config: dict) -> None:
         """``user_config``: max_batch_size (images) and batch_wait_timeout_s of the merged Captum call."""
@@ -457,11 +473,11 @@ def build_app(args: AppArgs) -> serve.Application:
     if isinstance(args, dict):  # a direct call from Python; Serve validates the YAML's args itself
         args = AppArgs.model_validate(args)
     common = {"model": args.model, "weights": args.weights, "calibration": args.calibration}
-    ingress = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams", "consumers", "batch",
-                                               "block_ms", "claim_idle_ms", "max_deliveries", "verdict_maxlen",
-                                               "max_body_bytes")}
+    stream = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams")}
+    ingress = {k: getattr(args, k) for k in ("consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
+                                               "verdict_maxlen", "max_body_bytes")}
     return Ingress.bind(
         Denoiser.bind(**common, nlm_threads=args.nlm_threads),
-        Explainer.bind(Scorer.bind(**common), **common, torch_threads=args.torch_threads),
-        **common, **ingress,
+        Explainer.bind(Scorer.bind(**common), **common, **stream, torch_threads=args.torch_threads),
+        **common, **stream, **ingress,
     )

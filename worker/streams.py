@@ -446,6 +446,10 @@ class StreamWorker:
             v["stream_id"] = sid
             start = req.enqueued_at if req.enqueued_at is not None and req.enqueued_at <= now else t_read
             v["latency_ms"] = round((now - start) * 1000.0, 3)
+            # where it went: waiting in the stream (enqueue → read), then the detection (read → verdict); the
+            # write is the verdict stream entry's id (Redis's clock at XADD) less done_at
+            v["queued_ms"] = round(max(0.0, t_read - start) * 1000.0, 3)
+            v["done_at"] = now
             results.append((sid, v))
         try:
             self.consumer.publish(results)

@@ -83,3 +83,13 @@ def test_the_grafana_dashboard_queries_only_metrics_the_ingress_exports():
                for m in re.findall(r"ray_(explainer_\w+?)(?:_total|_bucket|_count|_sum)?\b", t["expr"])}
     assert queried and queried <= exported, queried - exported
     assert exported <= queried, f"exported but not on the dashboard: {exported - queried}"
+
+
+@pytest.mark.parametrize("config", ["serve.yaml", "rayservice.yaml"])
+def test_the_ingress_can_feed_every_explainer_the_backlog_policy_may_start(config):
+    (app,) = _schema(DEPLOY / config).applications
+    deployments = {d.name: d for d in app.deployments}
+    ingress_replicas = deployments["Ingress"].num_replicas or 1
+    explainer = deployments["Explainer"].autoscaling_config
+    assert explainer["policy"]["policy_function"] == "worker.autoscale:backlog_policy"
+    assert AppArgs.model_validate(app.args).consumers * ingress_replicas >= explainer["max_replicas"]
