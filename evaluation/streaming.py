@@ -52,8 +52,42 @@ def wire_and_redis(images: np.ndarray, data_dir: Path) -> dict:
     return {"wire_encode_ms": encode_ms, "wire_decode_ms": decode_ms, "redis_io_ms": redis_ms}
 
 
+def steady_load(client, names: StreamNames, images: np.ndarray, rate: float, tag: str,
+                seconds: float = 10.0, min_images: int = 100) -> dict:
+    """Latency at a fixed offered load: ``rate`` images/s for ``seconds`` (at least ``min_images``; ``images``
+    repeated as needed), pushed in
+    small bursts every 50 ms (one image at a time below 20/s). Percentiles of enqueue → verdict and of its
+    hops: waiting in the stream (``queued_ms``), the detection (read → verdict ready) and the write (verdict
+    ready → Redis's XADD time, from the verdict entry's id)."""
+    n = max(min_images, int(rate * seconds))
+    images, ids = images[np.arange(n) % len(images)], [f"{tag}-{i}" for i in range(n)]
+    chunk = max(1, int(rate * 0.05))
+    after = last_id(client, names.verdicts)
+    start = time.perf_counter()
+    for k in range(0, n, chunk):
+        time.sleep(max(0.0, start + k / rate - time.perf_counter()))
+        push_images(client, names, images[k : k + chunk], ids=ids[k : k + chunk])
+    got = list(collect_verdicts(client, names, ids, after, timeout_s=300).values())
+    hops = {
+        "total": [v["latency_ms"] for v in got],
+        "queued": [v["queued_ms"] for v in got],
+        "detect": [v["latency_ms"] - v["queued_ms"] for v in got],
+        "write": [max(0.0, 1000 * (v["written_at"] - v["done_at"])) for v in got],
+    }
+    out = {"rate": rate, "sent": n, "received": len(got)}
+    for hop, values in hops.items():
+        prefix = "" if hop == "total" else f"{hop}_"
+        out[f"{prefix}p50_ms"] = float(np.percentile(values, 50)) if values else float("nan")
+        out[f"{prefix}p99_ms"] = float(np.percentile(values, 99)) if values else float("nan")
+    return out
+
+
+LOAD_FRACTIONS = (0.01, 0.05, 0.3, 0.6)  # of the burst rate: where latency is reported
+
+
 def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction: float = 0.6,
               burst_factor: int = 16, app_overrides: dict | None = None,
+              load_fractions: tuple[float, ...] = LOAD_FRACTIONS,
               deployment_overrides: dict[str, dict] | None = None,
               in_process: Callable[[], float] = lambda: float("nan"), rounds: int = 3) -> dict:
     """Burst throughput, then latency at ``steady_fraction`` of it, through Redis and the Serve application
@@ -91,27 +125,19 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
             received.append(len(got))
             latency += [v["latency_ms"] for v in got.values()]
         local.append(in_process())
-        # steady load: a producer at a fixed rate below saturation, in small bursts every 50 ms
-        rate = steady_fraction * float(np.median(rates))
-        n_steady = min(len(images), int(rate * 20))
-        after = last_id(client, names.verdicts)
-        ids = [f"steady{replicas}-{i}" for i in range(n_steady)]
-        chunk = max(1, int(rate * 0.05))
-        start = time.perf_counter()
-        for k in range(0, n_steady, chunk):
-            time.sleep(max(0.0, start + k / rate - time.perf_counter()))
-            push_images(client, names, images[k : k + chunk], ids=ids[k : k + chunk])
-        got_steady = collect_verdicts(client, names, ids, after, timeout_s=300)
-        steady_latency = np.array([v["latency_ms"] for v in got_steady.values()])
+        saturation = float(np.median(rates))
+        loads = {f: steady_load(client, names, images, f * saturation, f"steady{replicas}-{f}")
+                 for f in sorted({*load_fractions, steady_fraction})}
+        steady = loads[steady_fraction]
         pending = int(client.xpending(names.images, names.group)["pending"])
     out = {
         "replicas_cpu_stages": replicas, "burst_images": len(burst), "bursts": rates,
         "burst_received": min(received),
         "throughput": float(np.median(rates)), "burst_p50_ms": float(np.percentile(latency, 50)),
-        "burst_p99_ms": float(np.percentile(latency, 99)), "steady_rate": rate,
-        "steady_received": len(got_steady), "steady_sent": n_steady,
-        "steady_p50_ms": float(np.percentile(steady_latency, 50)),
-        "steady_p99_ms": float(np.percentile(steady_latency, 99)), "pending_after": pending,
+        "burst_p99_ms": float(np.percentile(latency, 99)), "steady_rate": steady["rate"],
+        "steady_received": steady["received"], "steady_sent": steady["sent"],
+        "steady_p50_ms": steady["p50_ms"], "steady_p99_ms": steady["p99_ms"], "pending_after": pending,
+        "latency_by_load": {str(f): v for f, v in loads.items()},
     }
     out["in_process_between"] = local
     # CPU ms per image by part of the stack, the median over the bursts (read from /proc around each burst), and the
@@ -418,6 +444,15 @@ def write_report(out: Path, r: dict) -> None:
                       f"- steady load at {s['steady_rate']:.0f} images/s (60% of the burst rate), "
                       f"{s['steady_received']}/{s['steady_sent']} verdicts: **p50 {s['steady_p50_ms']:.0f} ms, "
                       f"p99 {s['steady_p99_ms']:.0f} ms**; pending after: {s['pending_after']}"]
+            if "latency_by_load" in s:
+                lines += ["", "Latency by offered load (enqueue → verdict, and its hops: waiting in the stream, the "
+                          "detection from read to verdict, the write to Redis), ms:", "",
+                          "| load | images/s | verdicts | p50 | p99 | queued p50 / p99 | detect p50 / p99 | "
+                          "write p50 / p99 |", "|---|---|---|---|---|---|---|---|"]
+                lines += [f"| {float(f):.0%} | {v['rate']:.0f} | {v['received']}/{v['sent']} | **{v['p50_ms']:.0f}** | "
+                          f"**{v['p99_ms']:.0f}** | {v['queued_p50_ms']:.1f} / {v['queued_p99_ms']:.1f} | "
+                          f"{v['detect_p50_ms']:.1f} / {v['detect_p99_ms']:.1f} | {v['write_p50_ms']:.1f} / "
+                          f"{v['write_p99_ms']:.1f} |" for f, v in s["latency_by_load"].items()]
             if "cpu_ms_per_image_total" in s:
                 cpus = r["machine"]["cpus"]
                 lines += ["", f"CPU per image under the bursts, by process (medians over the bursts, from /proc): "

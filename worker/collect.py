@@ -23,7 +23,8 @@ def collect_verdicts(
 ) -> dict[str, dict]:
     """Verdicts by message id for ``ids``, read from the verdict stream after entry ``after``.
 
-    Duplicates (same id twice, which the worker's idempotency keys prevent) keep the first verdict. Stops
+    Each verdict gains ``written_at``, when Redis wrote it (its entry id's milliseconds). Duplicates (same id
+    twice, which the worker's idempotency keys prevent) keep the first verdict. Stops
     when every id has a verdict or ``timeout_s`` passes; the caller compares the counts.
     """
     wanted = set(ids)
@@ -37,6 +38,7 @@ def collect_verdicts(
                 cursor = sid.decode()
                 verdict = wire.decode_verdict(fields[b"data"])
                 if verdict["id"] in wanted and verdict["id"] not in got:
+                    verdict["written_at"] = int(cursor.split("-")[0]) / 1000  # Redis's clock at XADD
                     got[verdict["id"]] = verdict
         if progress:
             progress(len(got))
