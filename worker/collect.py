@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import redis
 
 from worker import wire
+from worker.feed import push_images
 from worker.streams import StreamNames
 
 
@@ -43,3 +44,13 @@ def collect_verdicts(
         if progress:
             progress(len(got))
     return got
+
+
+def round_trip(client: redis.Redis, names: StreamNames, images, prefix: str, timeout_s: float = 300.0
+               ) -> tuple[list[str], dict[str, dict]]:
+    """Push ``images`` with ids ``prefix-0``, ``prefix-1``, ... and wait for their verdicts: (ids, verdicts by
+    id): the smoke test of a deployment."""
+    ids = [f"{prefix}-{i}" for i in range(len(images))]
+    after = last_id(client, names.verdicts)
+    push_images(client, names, images, ids=ids)
+    return ids, collect_verdicts(client, names, ids, after, timeout_s=timeout_s)

@@ -12,9 +12,8 @@ from ray.cluster_utils import Cluster
 from ray.serve.context import _get_global_client
 
 from pipeline import Detector, load_sample_digits
-from worker.collect import collect_verdicts, last_id
+from worker.collect import round_trip
 from worker.embedded import APP_NAME, embedded_stack
-from worker.feed import push_images
 from worker.local_redis import free_port
 from worker.streams import StreamNames, connect
 
@@ -51,10 +50,7 @@ def test_the_model_stage_lands_on_the_gpu_node_and_verdicts_flow(cluster, tmp_pa
             assert nodes[name] == {cluster["cpu"]}, nodes
         client, names = connect(stack.redis_url), StreamNames()
         digits = load_sample_digits().images[:64]
-        ids = [f"cluster-{i}" for i in range(len(digits))]
-        after = last_id(client, names.verdicts)
-        push_images(client, names, digits, ids=ids)
-        got = collect_verdicts(client, names, ids, after, timeout_s=180)
+        ids, got = round_trip(client, names, digits, "cluster", timeout_s=180)
         expected = Detector.from_pretrained("mnist").detect(digits)
         assert [got[i]["is_adversarial"] for i in ids] == expected.is_adversarial.tolist()
         assert int(client.xpending(names.images, names.group)["pending"]) == 0

@@ -22,8 +22,7 @@ import pytest
 import yaml
 
 from pipeline import load_sample_digits
-from worker.collect import collect_verdicts, last_id
-from worker.feed import push_images
+from worker.collect import round_trip
 from worker.local_redis import LocalRedis, free_port
 from worker.streams import StreamNames, connect
 
@@ -69,10 +68,7 @@ def test_serve_run_of_the_installed_config_gives_every_verdict(installed, tmp_pa
         _wait_healthy(port, proc, tmp_path / "serve.log")
         client, names = connect(redis.url), StreamNames()
         digits = load_sample_digits().images[:200]
-        ids = [f"plain-{i}" for i in range(len(digits))]
-        after = last_id(client, names.verdicts)
-        push_images(client, names, digits, ids=ids)
-        got = collect_verdicts(client, names, ids, after, timeout_s=180)
+        ids, got = round_trip(client, names, digits, "plain", timeout_s=180)
         assert len(got) == 200 and all("error" not in v for v in got.values())
         assert int(client.xpending(names.images, names.group)["pending"]) == 0
         ok, png = cv2.imencode(".png", digits[0])
