@@ -8,6 +8,8 @@ of ``explainer calibrate`` and of a model without a calibration.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pipeline.config import DetectorConfig
 from pipeline.denoise import NLMParams
 
@@ -44,12 +46,12 @@ def preset(name: str) -> DetectorConfig:
     """The preset ``name`` (``digits`` or ``photos``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return replace(PRESETS[name])  # a copy: its signals mapping is its own
 
 
 def default_config(model: str) -> DetectorConfig:
     """The preset of built-in model ``model``: ``digits`` for mnist, ``photos`` for the ImageNet models."""
-    return PRESETS[MODEL_PRESETS.get(model, "photos")]
+    return preset(MODEL_PRESETS.get(model, "photos"))
 
 
 def default_folds(model: str) -> int | None:

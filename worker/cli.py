@@ -289,7 +289,8 @@ def serve(
     config: Path = typer.Option(DEFAULT_CONFIG, help="Ray Serve config file"),
     http_port: int = typer.Option(8000),
     data_dir: Path = typer.Option(Path(".explainer"), help="where the local redis-server keeps its AOF"),
-    metrics_port: int = typer.Option(8080, help="Ray's Prometheus metrics endpoint (when serve starts Ray)"),
+    metrics_port: int | None = typer.Option(
+        None, help="port of Ray's Prometheus metrics endpoint when serve starts Ray (default: a free one, printed)"),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
     import signal

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
 
@@ -61,7 +61,8 @@ def deploy(app: dict, timeout_s: float = 600.0) -> None:
     """Deploy ``app`` (a config file's application entry) through Serve's own config path, the one ``serve run
     config.yaml`` and ``serve deploy`` take: the schema validates it, the controller imports the builder and
     validates its args (:class:`worker.serve_app.AppArgs`). Waits until it runs; a failed deployment raises
-    with Serve's message."""
+    with Serve's message. As with ``serve deploy``, the config is the whole of Serve's declared state: other
+    applications deployed from a config are removed."""
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
@@ -83,17 +84,22 @@ def _password_to_file(redis_url: str, data_dir: Path) -> tuple[str, str | None]:
     """A URL's password moved into a file only this user can read, so that it never enters the Serve config:
     (the URL without it, the file's path) or (the URL, None) when it has none."""
     parts = urlsplit(redis_url)
-    if not parts.password:
+    query = parse_qs(parts.query, keep_blank_values=True)
+    from_query = query.pop("password", [None])[0]
+    password = unquote(parts.password) if parts.password else from_query
+    if not password:
         return redis_url, None
+    data_dir = Path(data_dir).resolve()  # the replicas do not share the driver's working directory
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = data_dir / "redis.password"
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as fh:
-        fh.write(unquote(parts.password))
+        fh.write(password)
     host = parts.hostname or "127.0.0.1"
     netloc = (f"{parts.username}@" if parts.username else "") + (f"[{host}]" if ":" in host else host)
     netloc += f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), str(secret)
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, doseq=True), parts.fragment)), str(secret)
 
 
 @dataclass
@@ -130,7 +136,7 @@ def embedded_stack(
     import ray
     from ray import serve
 
-    local = None
+    local, password_file = None, None
     if redis_url is None:
         local = LocalRedis(Path(data_dir) / "redis").start()
         redis_url = local.url
@@ -174,8 +180,13 @@ def embedded_stack(
                 time.sleep(0.2)
             serve.shutdown()
         finally:
-            if started_ray:
-                ray.shutdown()
-            if local is not None:
-                local.stop()
-                noted.unlink(missing_ok=True)
+            try:
+                if started_ray:
+                    ray.shutdown()
+                if local is not None:
+                    local.stop()
+            finally:
+                if local is not None:
+                    noted.unlink(missing_ok=True)
+                if password_file:
+                    Path(password_file).unlink(missing_ok=True)

@@ -57,15 +57,24 @@ def note_local_url(url: str, data_dir: str | Path) -> Path:
 
 
 def resolve_redis_url(given: str | None) -> str:
-    """The Redis to use: ``given``, else ``$EXPLAINER_REDIS_URL``, else the one ``explainer serve`` started and
-    noted in ``.explainer/redis.url`` (run from the same folder), else redis://127.0.0.1:6379/0."""
+    """The Redis to use: ``given``, else ``$EXPLAINER_REDIS_URL``, else the one ``explainer serve`` started with
+    its default ``--data-dir`` and noted in ``.explainer/redis.url`` (run from the same folder) if it answers,
+    else redis://127.0.0.1:6379/0."""
     if given:
         return given
     if env := os.environ.get("EXPLAINER_REDIS_URL"):
         return env
-    if URL_FILE.is_file() and (noted := URL_FILE.read_text().strip()):
+    if URL_FILE.is_file() and (noted := URL_FILE.read_text().strip()) and _answers(noted):
         return noted
     return DEFAULT_URL
+
+
+def _answers(url: str) -> bool:
+    """Whether a Redis answers PING at ``url`` within half a second (a note left by a killed server does not)."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -130,10 +130,13 @@ class Explainer(StageStats):
         self.scorer = scorer
         # the stream this stage's replicas serve: its backlog drives their autoscaling (worker.autoscale)
         self._backlog = None
+        self._probing = False
         if redis_url:
             auth = {"password": pw} if (pw := redis_password(redis_password_file)) else {}
-            self._backlog = StreamConsumer(connect(redis_url, **auth), StreamNames(**(streams or {})),
-                                           consumer="autoscaling")
+            # a client that fails fast: Serve gives up on the call after a few seconds anyway
+            self._backlog = StreamConsumer(connect(redis_url, retries=0, socket_timeout=2.0, **auth),
+                                           StreamNames(**(streams or {})), consumer="autoscaling", block_ms=0)
+            self._last_backlog = 0.0
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         device = "cuda" if torch.cuda.is_available() else None
@@ -191,8 +194,14 @@ class Explainer(StageStats):
         capacity = float(self.max_batch_size * EXPLAIN_CONCURRENT_BATCHES)
         if self._backlog is None:
             return {"replica_capacity": capacity}
-        pending, waiting = await asyncio.to_thread(self._backlog.backlog)
-        return {"stream_backlog": float(pending + waiting), "replica_capacity": capacity}
+        if not self._probing:  # one probe at a time: a slow Redis must not pile up threads
+            self._probing = True
+            try:
+                pending, waiting = await asyncio.to_thread(self._backlog.backlog)
+                self._last_backlog = float(pending + waiting)
+            finally:
+                self._probing = False
+        return {"stream_backlog": self._last_backlog, "replica_capacity": capacity}
 
     def reconfigure(self, config: dict) -> None:
         """``user_config``: max_batch_size (images) and batch_wait_timeout_s of the merged Captum call."""
@@ -439,7 +448,7 @@ class AppArgs(BaseModel):
     the replicas read it from the environment variable ``EXPLAINER_REDIS_PASSWORD`` or from
     ``redis_password_file``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a bad value may hold a secret
 
     model: str = Field("mnist", description="built-in model name (pipeline.MODEL_NAMES)")
     weights: str | None = Field(None, description="model weights file (the photo models)")
@@ -460,7 +469,7 @@ class AppArgs(BaseModel):
     @field_validator("redis_url")
     @classmethod
     def _no_password_in_url(cls, url: str | None) -> str | None:
-        if url and urlsplit(url).password:
+        if url and (urlsplit(url).password or "password" in parse_qs(urlsplit(url).query)):
             raise ValueError("redis_url carries a password: the password never goes in the config; set "
                              f"{PASSWORD_ENV} in the replicas' environment or give redis_password_file")
         return url

@@ -127,6 +127,9 @@ return out
 """
 
 
+WAITING_SCAN_CAP = 256  # entries a backlog probe reads before Redis 7 reports the group's lag itself
+
+
 class StreamEvents:
     """What a consumer reports as it works, for metrics (the Serve Ingress exports them to Prometheus); this base
     ignores it all. Consumer threads call it concurrently: an implementation must be thread-safe."""
@@ -303,9 +306,9 @@ class StreamConsumer:
         try:
             written = [bool(x) for x in self._publish_script(keys=keys, args=args)]
         except Exception as exc:
-            self.events.publish_failed(type(exc).__name__)
+            self._report(self.events.publish_failed, type(exc).__name__)
             raise
-        self.events.published([v for _, v in results], written)
+        self._report(self.events.published, [v for _, v in results], written)
         self.stats["published"] += sum(written)
         self.stats["duplicates"] += len(written) - sum(written)
         return written
@@ -322,9 +325,17 @@ class StreamConsumer:
             p.xack(n.images, n.group, stream_id)
             dead_id, _ = p.execute()
         self.stats["dead"] += 1
-        self.events.dead_lettered(kind)
+        self._report(self.events.dead_lettered, kind)
         log.warning("dead-lettered %s: %s", stream_id, reason)
         return _s(dead_id)
+
+    @staticmethod
+    def _report(event: Callable[..., None], *args: Any) -> None:
+        """Tell the events hook; a failing metric is logged and never fails the write it reports."""
+        try:
+            event(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("a stream events hook failed")
 
     # -- inspection -----------------------------------------------------------------------------------------
 
@@ -333,10 +344,11 @@ class StreamConsumer:
         info = self.client.xpending(self.names.images, self.names.group)
         return int(info["pending"]) if isinstance(info, dict) else int(info[0])
 
-    def backlog(self) -> tuple[int, int]:
+    def backlog(self, scan_cap: int = WAITING_SCAN_CAP) -> tuple[int, int]:
         """(pending, waiting): entries delivered to the group but not yet acked, and entries not yet delivered
-        to it. ``waiting`` is the group's ``lag`` where Redis reports one (7.0 and later), else the stream's
-        length less the pending entries (exact once acked entries are trimmed, which the workers do)."""
+        to it. ``waiting`` is the group's ``lag`` where Redis reports one (7.0 and later); before 7.0, the entries
+        after the group's last-delivered id, counted by a range read of at most ``scan_cap`` entries (so it
+        saturates there: run Redis 7 where the exact figure matters, e.g. for autoscaling a large cluster)."""
         n = self.names
         try:
             groups = self.client.xinfo_groups(n.images)
@@ -348,7 +360,12 @@ class StreamConsumer:
             return 0, length
         pending = int(group["pending"])
         lag = group.get("lag")
-        return pending, int(lag) if lag is not None else max(0, length - pending)
+        if lag is not None:
+            return pending, int(lag)
+        if length == 0:
+            return pending, 0
+        last = _s(group["last-delivered-id"])
+        return pending, len(self.client.xrange(n.images, min=f"({last}", max="+", count=scan_cap))
 
     # -- retention ------------------------------------------------------------------------------------------
 
