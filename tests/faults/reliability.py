@@ -294,7 +294,9 @@ def backpressure(workdir: Path, n: int = 4000, pad_kib: int = 32, log: Log = pri
     worker's trimming leaves only a few acked entries, and no unread entry was ever trimmed (nothing lost)."""
     fig, t0 = Figures("backpressure: a producer faster than the worker"), time.monotonic()
     with environment(workdir) as env:
-        w = env.worker("w0", "--trim-interval-s", "1").wait_ready()
+        # a worker held to one torch thread and small reads, so that the producer outruns it on any host (on a
+        # fast one a full-speed worker nearly keeps up with a producer limited by Redis's memory copies)
+        w = env.worker("w0", "--trim-interval-s", "1", "--torch-threads", "1", "--batch", "16").wait_ready()
         subs = fk.Subscribers(env.server.url, env.names)
         pad = b"\x00" * (pad_kib * 1024)
 

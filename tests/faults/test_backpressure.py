@@ -8,7 +8,7 @@ import reliability
 
 @pytest.mark.timeout(300)
 def test_fast_producer_keeps_worker_memory_flat_and_loses_nothing(tmp_path, nothing_lost):
-    fig = reliability.backpressure(tmp_path, n=1500, pad_kib=128)
+    fig = reliability.backpressure(tmp_path, n=3000, pad_kib=64)
     nothing_lost(fig)
     x = fig.extra
     assert x["max_stream_len"] >= 500, x  # the producer outran the worker: a real backlog built up (in Redis) ...
