@@ -21,7 +21,7 @@ from pipeline.config import DetectorConfig
 from pipeline.denoise import denoise_batch
 from pipeline.errors import InputError
 from pipeline.explain import GRADIENT_ONLY_METHODS, predict_and_explain
-from pipeline.inputs import image_layout, pixels_to_float, to_float_batch, to_uint8_batch
+from pipeline.inputs import image_layout, pixels_to_float, to_float_batch, to_uint8_batch, to_uint8_hwc
 from pipeline.models import TargetModel, load_model
 from pipeline.signals import SIGNALS, MapsPass, ModelPass
 from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts
@@ -34,11 +34,6 @@ BASE_SIGNALS = tuple(name for name, s in SIGNALS.items() if s.stage == "maps")
 
 def _is_uint8(images: object) -> bool:
     return isinstance(images, np.ndarray) and images.dtype == np.uint8
-
-
-def to_uint8_hwc(x: np.ndarray) -> np.ndarray:
-    """A prepared float batch (N, C, H, W) in [0, 1] as the uint8 (N, H, W, C) images OpenCV takes."""
-    return np.ascontiguousarray(np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 @dataclass

@@ -119,6 +119,11 @@ def to_uint8_batch(images: object, channels: int) -> np.ndarray:
     return np.round(to_float_batch(arr, channels) * 255).astype(np.uint8)
 
 
+def to_uint8_hwc(x: np.ndarray) -> np.ndarray:
+    """A prepared float batch (N, C, H, W) in [0, 1] as the uint8 (N, H, W, C) images OpenCV takes."""
+    return np.ascontiguousarray(np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
 def pixels_to_float(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels (any layout) as float32 in [0, 1]: the one conversion every path uses, so that a batch
     converted early (``Detector.prepare``) and one passed on as pixels and converted late agree bit for bit."""

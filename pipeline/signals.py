@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.entropy import map_entropy, map_shift
 from pipeline.filters import median_filter
+from pipeline.inputs import to_uint8_hwc
 from pipeline.occlude import occlude_top_relevance
 from pipeline.transplant import transplant_gain
 
@@ -231,8 +232,7 @@ def _median_shift(batch: ModelPass, params: MedianParams) -> np.ndarray:
 def _occlusion_shift(batch: ModelPass, params: OcclusionParams) -> np.ndarray:
     """L1 shift of the softmax when the most relevant region of the original is inpainted (SentiNet's first
     test): it sees a patch, which NLM cannot remove; a patch raises it, BIM lowers it."""
-    pixels = np.ascontiguousarray(np.round(batch.x * 255).astype(np.uint8).transpose(0, 2, 3, 1))
-    occluded = occlude_top_relevance(pixels, batch.maps[: batch.n], params.fraction)
+    occluded = occlude_top_relevance(to_uint8_hwc(batch.x), batch.maps[: batch.n], params.fraction)
     xo = torch.from_numpy(occluded).permute(0, 3, 1, 2).to(batch.both.device).float() / 255
     with torch.inference_mode():
         probs = torch.softmax(batch.model.net(xo).float(), dim=1).cpu().numpy()

@@ -50,6 +50,13 @@ EXPLAIN_CONCURRENT_BATCHES = 2
 WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a replica's warm-up: 256 digits, 5 photos
 
 
+def stream_client(redis_url: str, password_file: str | None, **kwargs):
+    """A Redis client for the stream at ``redis_url``, authenticated with :func:`redis_password`."""
+    if password := redis_password(password_file):
+        kwargs["password"] = password
+    return connect(redis_url, **kwargs)
+
+
 def redis_password(password_file: str | None) -> str | None:
     """The Redis password: ``password_file``'s content (trailing newline dropped) when given, else the
     ``EXPLAINER_REDIS_PASSWORD`` environment variable, else None."""
@@ -132,9 +139,8 @@ class Explainer(StageStats):
         self._backlog = None
         self._probing = False
         if redis_url:
-            auth = {"password": pw} if (pw := redis_password(redis_password_file)) else {}
             # a client that fails fast: Serve gives up on the call after a few seconds anyway
-            self._backlog = StreamConsumer(connect(redis_url, retries=0, socket_timeout=2.0, **auth),
+            self._backlog = StreamConsumer(stream_client(redis_url, redis_password_file, retries=0, socket_timeout=2.0),
                                            StreamNames(**(streams or {})), consumer="autoscaling", block_ms=0)
             self._last_backlog = 0.0
 
@@ -354,12 +360,12 @@ class Ingress:
         self.threads: list[threading.Thread] = []
         self.metrics = ServeMetrics(model)
         if redis_url:
-            auth = {"password": pw} if (pw := redis_password(redis_password_file)) else {}
             names = StreamNames(**(streams or {}))
             tag = f"{socket.gethostname()}-{os.getpid()}"
             for i in range(consumers):
                 consumer = StreamConsumer(
-                    connect(redis_url, **auth), names, consumer=f"{tag}-{i}", count=batch, block_ms=block_ms,
+                    stream_client(redis_url, redis_password_file), names, consumer=f"{tag}-{i}", count=batch,
+                    block_ms=block_ms,
                     max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms, verdict_maxlen=verdict_maxlen,
                     events=self.metrics,
                 )
@@ -369,7 +375,7 @@ class Ingress:
                 self.workers.append(worker)
                 self.threads.append(thread)
                 thread.start()
-            watch = StreamConsumer(connect(redis_url, **auth), names, consumer=f"{tag}-watch")
+            watch = StreamConsumer(stream_client(redis_url, redis_password_file), names, consumer=f"{tag}-watch")
             threading.Thread(target=self._watch_backlog, args=(watch,), name="backlog", daemon=True).start()
 
     def _watch_backlog(self, consumer: StreamConsumer) -> None:
