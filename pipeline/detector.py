@@ -22,12 +22,17 @@ from pipeline.denoise import denoise_batch
 from pipeline.errors import InputError
 from pipeline.explain import GRADIENT_ONLY_METHODS, predict_and_explain
 from pipeline.inputs import image_layout, pixels_to_float, to_float_batch, to_uint8_batch, to_uint8_hwc
-from pipeline.models import TargetModel, load_model
+from pipeline.models import TargetModel, load_model, wrap_network
+from pipeline.models.source import source_of
 from pipeline.signals import SIGNALS, MapsPass, ModelPass
 from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# the shipped detectors, one bundle per built-in model that has a calibration (pipeline.bundle)
+SHIPPED_BUNDLES = ASSETS / "detectors"
 RULES = ("calibrated", "sign")
+# explanation methods that read a layer of the model (its Grad-CAM layer)
+LAYER_METHODS = frozenset({"gradcam", "guided_gradcam"})
 # the signals every detection measures (cheap, from the 2N predictions and maps): every verdict carries them
 BASE_SIGNALS = tuple(name for name, s in SIGNALS.items() if s.stage == "maps")
 
@@ -97,6 +102,26 @@ def _offset_progress(report, skipped: int, done: int) -> None:
     report(done + skipped)
 
 
+def _check_model_supports(model: TargetModel, config: DetectorConfig) -> None:
+    """Refuse, when the detector is made, a config whose method or signals the model cannot run: a layer method
+    without a layer, or any hook in a network that runs none (an exported program, TorchScript)."""
+    hooked = [name for name in config.signals if SIGNALS[name].hook is not None]
+    if not model.hookable and (config.method not in GRADIENT_ONLY_METHODS or hooked):
+        what = [f"method {config.method}"] if config.method not in GRADIENT_ONLY_METHODS else []
+        raise ValueError(
+            f"{' and '.join(what + [f'the {h} signal' for h in hooked])} hook a layer of the network, and "
+            f"{model.name}'s network ({model.source.kind}) runs as one compiled graph that fires no hooks: use a "
+            f"gradient method ({', '.join(sorted(GRADIENT_ONLY_METHODS))})"
+            + (f" without {', '.join(hooked)}" if hooked else "")
+            + ", e.g. explainer calibrate --method saliency"
+            + (" --signals " + ",".join(n for n in config.signals if n not in hooked) if hooked else "")
+            + "; or load the network from module:callable, whose layers run hooks")
+    needs_layer = config.method in LAYER_METHODS or "activation_norm" in config.signals
+    if needs_layer and model.gradcam_layer is None:
+        raise ValueError(f"method {config.method} and the activation_norm signal read a layer of the network, and "
+                         f"{model.name} has none to read: name one (explain_layer=, --explain-layer)")
+
+
 class Detector:
     """Adversarial-image detector around one target model."""
 
@@ -106,6 +131,7 @@ class Detector:
         self.model = model
         self.config = config if config is not None else DetectorConfig()
         self.calibration = calibration
+        _check_model_supports(model, self.config)
         # the transplant's clean host images, uint8 (K, H, W, C), and their tensors on the device (made lazily)
         self.hosts = decode_hosts(calibration.hosts) if calibration and calibration.hosts else None
         self._host_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -119,15 +145,21 @@ class Detector:
         cls, name: str = "mnist", weights: str | Path | None = None, calibration: str | Path | None = None,
         random_init: bool = False, device: str | None = None,
     ) -> Detector:
-        """The model ``name`` with its calibration: ``calibration`` if given, else the shipped one
-        (``pipeline/assets/<name>_calibration.json``) if it exists. Its config is the calibration's config."""
+        """The built-in model ``name`` as shipped: its bundle (``pipeline/assets/detectors/<name>``: mnist,
+        mobilenet_v2) with ``weights`` if given. With ``calibration``, that file's calibration and config instead;
+        a model with neither (resnet18, or ``random_init`` for timing) is uncalibrated, on its preset, and decides
+        only with the sign rule asked for by name."""
+        bundle = SHIPPED_BUNDLES / name
+        if calibration is None and not random_init and (bundle / "detector.json").is_file():
+            return cls.load(bundle, weights=weights, device=device)
         model = load_model(name, weights, random_init=random_init)
         if device:
             model.to(device)
-        path = Path(calibration) if calibration is not None else ASSETS / f"{name}_calibration.json"
-        if calibration is not None and not path.exists():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        cal = Calibration.load(path) if path.exists() else None
+        cal = None
+        if calibration is not None:
+            if not Path(calibration).exists():
+                raise FileNotFoundError(f"calibration file not found: {calibration}")
+            cal = Calibration.load(calibration)
         if cal:
             config = DetectorConfig.from_dict(cal.config)
         else:
@@ -135,6 +167,55 @@ class Detector:
 
             config = default_config(name)
         return cls(model, config, cal)
+
+    @classmethod
+    def from_model(
+        cls, net: torch.nn.Module | torch.export.ExportedProgram, *, input_size: int, channels: int,
+        normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        explain_layer: str | torch.nn.Module | None = None, resize_to: int | None = None,
+        preset: str | DetectorConfig | None = None, name: str = "custom", factory: str | None = None,
+        factory_kwargs: dict | None = None, device: str | None = None,
+    ) -> Detector:
+        """A detector around any classifier that maps images to logits: a ``torch.nn.Module``, a
+        ``torch.export`` program or a TorchScript module. It is uncalibrated: :meth:`calibrate` it on clean
+        images, then :meth:`save` it as a bundle that :meth:`load` reads back.
+
+        ``input_size``, ``channels``: the square input the network takes (1 = greyscale, 3 = RGB); images are
+        floats in [0, 1], and ``normalize`` = (mean, std) per channel is applied inside the model when given.
+        ``resize_to``: resize photos to this short side and centre-crop ``input_size`` (torchvision's
+        preprocessing; None: images must come at the input size). ``explain_layer``: Grad-CAM's layer (a name or
+        the module; default the last ``Conv2d``). ``preset``: ``digits``, ``photos`` (default: digits for one
+        channel, photos for three) or a :class:`DetectorConfig`. ``factory``: ``package.module:callable`` that
+        builds ``net``'s architecture (called with ``factory_kwargs``), so that a bundle can rebuild a plain module
+        from its state dict. ``name``: the name requests pick the detector by."""
+        from pipeline.bundle import check_name
+        from pipeline.presets import preset as named_preset  # presets import the config, which this module imports
+
+        source = source_of(net, factory, factory_kwargs)
+        if isinstance(net, torch.export.ExportedProgram):
+            net = net.module()
+        model = wrap_network(net, name=check_name(name), input_size=input_size, channels=channels,
+                             normalize=normalize, explain_layer=explain_layer, resize_to=resize_to, source=source)
+        if device:
+            model.to(device)
+        if preset is None:
+            preset = "digits" if channels == 1 else "photos"
+        return cls(model, preset if isinstance(preset, DetectorConfig) else named_preset(preset))
+
+    @classmethod
+    def load(cls, folder: str | Path, weights: str | Path | None = None, device: str | None = None) -> Detector:
+        """The detector a bundle folder holds (:meth:`save`, ``explainer calibrate --out``; docs/bundle.md).
+        ``weights``: a built-in model's weights file (a user's model carries its own)."""
+        from pipeline.bundle import load_bundle
+
+        return load_bundle(folder, weights=weights, device=device)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write this detector as a bundle (docs/bundle.md): its config, its calibration (with the transplant's
+        host images) and its network, or how to load it. Loading it runs no pickled code."""
+        from pipeline.bundle import save_bundle
+
+        return save_bundle(self, folder)
 
     # -- the stages, usable one by one (the Ray Serve deployments run them on different workers) ---------------
 
@@ -252,9 +333,10 @@ class Detector:
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
-        """Entropy and decision (the CPU stage after explanation). ``rule``: "calibrated" (default when a
-        calibration exists) or "sign" (the paper's: adversarial when entropy did not decrease)."""
-        rule = rule or ("calibrated" if self.calibration else "sign")
+        """Entropy and decision (the CPU stage after explanation). ``rule``: "calibrated" (the default) or
+        "sign" (the paper's: adversarial when entropy did not decrease; it flags most clean images of some
+        models, so it is used only when asked for by name)."""
+        rule = rule or "calibrated"
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         s = self.measure(explained)
@@ -263,7 +345,11 @@ class Detector:
             flagged = score >= 0
         else:
             if self.calibration is None:
-                raise ValueError("the calibrated rule needs a calibration: run calibrate() or load one")
+                raise ValueError(
+                    f"detector {self.model.name} has no calibration, so it cannot decide with the calibrated rule: "
+                    "calibrate it on clean images (explainer calibrate --images-dir CLEAN --out BUNDLE, or "
+                    "detector.calibrate(clean_images)) or load a calibrated bundle; the paper's sign rule, which "
+                    "flags most clean images of some models, only when asked for by name (rule='sign')")
             if missing := [k for k in self.calibration.signals if k not in s]:
                 hint = (" (the transplant check needs its clean host images, which calibration picks and stores: "
                         "calibrate with the transplant on, or load such a calibration)"

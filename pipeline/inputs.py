@@ -7,6 +7,7 @@ N×C×H×W (torch layout); encoded PNG/JPEG bytes or files. Floats are kept exac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,26 @@ def read_image_file(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     return decode_image(path.read_bytes(), str(path))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def image_files(paths: Iterable[str | Path], split: str = "all") -> list[Path]:
+    """The PNG/JPEG files among ``paths``, a folder standing for every image under it (recursively, sorted), in
+    the order given. ``split``: ``all``, or ``even`` / ``odd`` positions of that list (a calibration half and an
+    evaluation half of one folder). A path that does not exist is an error."""
+    if split not in ("all", "even", "odd"):
+        raise ValueError(f"split must be all, even or odd, got {split!r}")
+    found: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found += sorted(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif given.exists():
+            found.append(given)
+        else:
+            raise FileNotFoundError(f"{given}: no such file or folder")
+    return found if split == "all" else found[0 if split == "even" else 1 :: 2]
 
 
 def _to_numpy(images: object) -> np.ndarray:

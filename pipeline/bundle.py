@@ -1,0 +1,144 @@
+"""Detector bundles: one folder that holds everything a detector is, readable without unpickling anything.
+
+::
+
+    my-detector/
+      detector.json      format, version, name, the model (how to load it, its input), the DetectorConfig
+      calibration.json   the calibrated rule (pipeline.calibration; the transplant's host images inside it)
+      model.pt2 | model.ts | weights.pt    the network, for the kinds that carry it (pipeline.models.source)
+
+Every file is JSON, a ``torch.export`` or TorchScript archive, or a state dict read with
+``torch.load(weights_only=True)``; each file's SHA-256 is recorded and checked when the bundle loads.
+docs/bundle.md is the format's reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.calibration import Calibration
+from pipeline.config import DetectorConfig
+from pipeline.models import TargetModel, load_model, wrap_network
+from pipeline.models.source import load_network, save_network, source_from_record
+
+if TYPE_CHECKING:
+    from pipeline.detector import Detector
+
+BUNDLE_FORMAT = "explainer-detector"
+BUNDLE_VERSION = 1
+MANIFEST = "detector.json"
+CALIBRATION_FILE = "calibration.json"
+MAX_NAME_CHARS = 64  # a request's ``model`` field picks a detector by this name (worker.wire's limit)
+
+
+def check_name(name: str) -> str:
+    if not name or len(name) > MAX_NAME_CHARS or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"detector name {name!r}: 1 to {MAX_NAME_CHARS} letters, digits, '-', '_' or '.'")
+    return name
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The bundle's ``detector.json``, its format and version checked."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a detector bundle (no {MANIFEST} in it)")
+    data = json.loads(path.read_text())
+    if data.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: not an explainer detector bundle (format {data.get('format')!r})")
+    version = data.get("version")
+    if not isinstance(version, int) or version > BUNDLE_VERSION:
+        raise ValueError(f"{path}: bundle version {version} is newer than this explainer reads ({BUNDLE_VERSION}): "
+                         "upgrade explainer")
+    return data
+
+
+def save_bundle(detector: Detector, folder: str | Path) -> Path:
+    """Write ``detector`` as a bundle. An existing bundle at ``folder`` is replaced whole; any other existing,
+    non-empty folder is refused. The folder is written beside and renamed into place, so a reader never sees
+    half a bundle."""
+    folder = Path(folder)
+    model = detector.model
+    if model.source is None:
+        raise ValueError(
+            "this detector's network was built in Python and nothing says how to build it again: pass "
+            "factory='package.module:callable' to Detector.from_model (its state dict is saved in the bundle), or "
+            "give a torch.export program or a TorchScript module")
+    if folder.exists() and not is_bundle(folder) and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} exists and is not a detector bundle: not overwriting it")
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        net = model.net[1] if model.normalize is not None and model.source.kind != "builtin" else model.net
+        record = save_network(model.source, net, staging)
+        if detector.calibration is not None:
+            detector.calibration.save(staging / CALIBRATION_FILE)
+        normalize = None if model.normalize is None else {"mean": list(model.normalize[0]),
+                                                           "std": list(model.normalize[1])}
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "name": check_name(model.name),
+            "model": {"source": record, "input_size": model.size, "channels": model.channels,
+                      "normalize": normalize, "resize_to": model.resize_to, "explain_layer": model.explain_layer},
+            "config": detector.config.to_dict(),
+            "calibration": CALIBRATION_FILE if detector.calibration is not None else None,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None) -> Detector:
+    """The detector a bundle holds. ``weights``: a built-in model's weights file (a bundle of a user's model
+    carries its own); ``device``: where the model runs (default CPU)."""
+    from pipeline.detector import Detector  # the detector module imports this one
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    name = check_name(manifest["name"])
+    spec = manifest["model"]
+    source = source_from_record(spec["source"], folder, weights)
+    if source.kind == "builtin":
+        model = load_model(source.ref, source.weights)
+        model.name = name
+    else:
+        normalize = spec.get("normalize")
+        model = wrap_network(
+            load_network(source), name=name, input_size=int(spec["input_size"]), channels=int(spec["channels"]),
+            normalize=None if normalize is None else (normalize["mean"], normalize["std"]),
+            explain_layer=spec.get("explain_layer"), resize_to=spec.get("resize_to"), source=source)
+    if device:
+        model.to(device)
+    config = DetectorConfig.from_dict(manifest["config"])
+    calibration = None
+    if manifest.get("calibration"):
+        calibration = Calibration.load(folder / manifest["calibration"])
+        if calibration.config and DetectorConfig.from_dict(calibration.config) != config:
+            raise ValueError(f"{folder}: the calibration was made with another configuration than the bundle's "
+                             "(recalibrate and save the bundle again)")
+    return Detector(model, config, calibration)
+
+
+def bundle_name(folder: str | Path) -> str:
+    """The name requests use to pick this bundle's detector (its ``detector.json``'s ``name``)."""
+    return check_name(read_manifest(folder)["name"])
+
+
+def describe(model: TargetModel) -> str:
+    """One line on where a model comes from, for the CLI."""
+    s = model.source
+    return f"{model.name} ({'python module' if s is None else s.kind}, {model.channels}×{model.size}×{model.size})"

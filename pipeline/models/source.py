@@ -1,0 +1,226 @@
+"""Where a target model's network comes from, and how it is loaded without unpickling anyone's code.
+
+Four kinds of source, each loaded by a loader that runs no code from the file it reads:
+
+- ``builtin``: a model this package defines (:data:`pipeline.models.MODEL_NAMES`), with optional weights.
+- ``factory``: ``package.module:callable`` (imported by name, so it must be installed or on the path of every
+  process that loads it) called with keyword arguments, then its state dict read with
+  ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+- ``exported``: a ``torch.export`` program (``.pt2``, ``torch.export.save``), the format PyTorch recommends.
+- ``torchscript``: a TorchScript archive (``torch.jit.save``); PyTorch deprecates TorchScript, so it is read
+  for the models that exist in it.
+
+Refused, each with an error that says what to do instead: a whole pickled module (``torch.save(model)``: loading
+it runs code stored in the file), a bare state dict given as a model (it holds no architecture), ONNX (no
+gradients in PyTorch, and the explanations need them) and anything else.
+
+An exported program or a TorchScript module runs as one compiled graph: Python hooks on its layers never fire.
+Methods and signals that hook a layer (Grad-CAM, DeepLift, the activation norm) need a ``builtin`` or ``factory``
+model; gradient methods (saliency, integrated gradients, gradient SHAP, SmoothGrad) work with every kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+KINDS = ("builtin", "factory", "exported", "torchscript")
+HOOKLESS_KINDS = frozenset({"exported", "torchscript"})
+MODEL_FILE_SUFFIXES = {".pt2": "exported", ".ts": "torchscript"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to load one network: ``kind`` (one of :data:`KINDS`) and ``ref``: the builtin name, the factory's
+    ``module:callable``, or the model file's path. ``weights``: a state-dict file (builtin, factory);
+    ``kwargs``: the factory's keyword arguments. ``live``: the in-memory TorchScript module or exported program
+    a :meth:`pipeline.Detector.from_model` was given, so that a bundle can serialise it (no file yet)."""
+
+    kind: str
+    ref: str | None
+    weights: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    live: object | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown model source kind {self.kind!r}; one of {', '.join(KINDS)}")
+
+    @property
+    def hookable(self) -> bool:
+        """Whether Python hooks on the network's layers fire (Grad-CAM, DeepLift and the activation norm need them)."""
+        return self.kind not in HOOKLESS_KINDS
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_factory_ref(ref: str) -> bool:
+    """``package.module:callable`` (not a path: no slash, no file suffix before the colon)."""
+    module, sep, attr = ref.partition(":")
+    return bool(sep and module and attr) and "/" not in ref and "\\" not in ref and not Path(module).suffix == ".py"
+
+
+def parse_model_ref(ref: str, weights: str | Path | None = None, kwargs: dict[str, Any] | None = None) -> ModelSource:
+    """The source named on a command line: a builtin model name, ``module:callable``, or a model file (its kind
+    read from the file itself). A file of a refused format raises ``ValueError`` saying why and what to give."""
+    from pipeline.models import MODEL_NAMES
+
+    if ref in MODEL_NAMES:
+        return ModelSource("builtin", ref, str(weights) if weights else None)
+    if is_factory_ref(ref):
+        return ModelSource("factory", ref, str(weights) if weights else None, dict(kwargs or {}))
+    path = Path(ref)
+    if not path.exists():
+        raise FileNotFoundError(f"model {ref!r} is neither a built-in model ({', '.join(MODEL_NAMES)}), nor "
+                                "module:callable, nor an existing file")
+    kind = sniff_model_file(path)
+    if weights:
+        raise ValueError(f"{path} is a {kind} model that carries its weights: --weights applies to module:callable")
+    return ModelSource(kind, str(path))
+
+
+def sniff_model_file(path: Path) -> str:
+    """``exported`` or ``torchscript`` from the archive's own layout (not its name); ``ValueError`` otherwise."""
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(f"{path}: ONNX models are refused: the explanations need gradients through the model, "
+                         "which PyTorch does not give for ONNX. Export the PyTorch model with torch.export.save "
+                         "(.pt2) instead, or give its module:callable and a state dict")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a PyTorch model archive; give a torch.export program (.pt2), a TorchScript "
+                         "file, or module:callable with --weights STATE_DICT")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any("/models/" in n and n.endswith(".json") for n in names) or any("archive_format" in n for n in names):
+        return "exported"
+    if any(n.endswith("data.pkl") for n in names):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any failure means the pickle holds more than tensors
+            raise ValueError(
+                f"{path}: a pickled Python object (torch.save of a whole module) is refused: loading it would "
+                "run code stored in the file. Save model.state_dict() and give module:callable with --weights, "
+                "or export the model with torch.export.save (.pt2)") from None
+        raise ValueError(f"{path}: a state dict holds weights but no architecture; give module:callable that "
+                         "builds the network, with --weights pointing at this file")
+    raise ValueError(f"{path}: an archive PyTorch cannot load as a model (neither torch.export nor TorchScript)")
+
+
+def _import_factory(ref: str):
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} for model factory {ref!r}: {e}. The module must be "
+                         "installed or on PYTHONPATH wherever the detector loads (on a cluster: the runtime "
+                         "environment's py_modules or working_dir)") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ValueError(f"model factory {ref!r}: {module_name} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ValueError(f"model factory {ref!r} is not callable")
+    return factory
+
+
+def load_network(source: ModelSource) -> nn.Module:
+    """The network of ``source`` (builtin models are loaded by :func:`pipeline.models.load_model` instead)."""
+    if source.live is not None:
+        return source.live.module() if source.kind == "exported" else source.live
+    if source.kind == "factory":
+        net = _import_factory(source.ref)(**source.kwargs)
+        if isinstance(net, torch.export.ExportedProgram):
+            net = net.module()
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"model factory {source.ref!r} returned {type(net).__name__}, not a torch.nn.Module")
+        if source.weights:
+            state = torch.load(source.weights, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"{source.weights}: not a state dict (a mapping of names to tensors)")
+            net.load_state_dict(state, strict=True)
+        return net.eval()
+    if source.kind == "exported":
+        return torch.export.load(source.ref).module()
+    if source.kind == "torchscript":
+        import warnings
+
+        with warnings.catch_warnings():  # PyTorch's deprecation notice on every load; docs say so once
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(source.ref, map_location="cpu").eval()
+    raise ValueError(f"load_network does not load {source.kind} models")
+
+
+def save_network(source: ModelSource, net: nn.Module, folder: Path) -> dict[str, Any]:
+    """Write what :func:`load_network` needs into ``folder``; returns the bundle's ``model.source`` record."""
+    if source.kind == "builtin":
+        return {"kind": "builtin", "name": source.ref}
+    if source.kind == "factory":
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "weights.pt")
+        return {"kind": "factory", "factory": source.ref, "kwargs": source.kwargs, "weights": "weights.pt",
+                "sha256": sha256(folder / "weights.pt")}
+    target = folder / ("model.pt2" if source.kind == "exported" else "model.ts")
+    if source.live is not None:
+        if source.kind == "exported":
+            torch.export.save(source.live, target)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(source.live, str(target))
+    else:
+        target.write_bytes(Path(source.ref).read_bytes())
+    return {"kind": source.kind, "file": target.name, "sha256": sha256(target)}
+
+
+def source_from_record(record: dict[str, Any], folder: Path, weights: str | Path | None = None) -> ModelSource:
+    """The :class:`ModelSource` a bundle's ``model.source`` record describes, its files checked against their
+    digests. ``weights`` replaces a builtin model's (e.g. the shared MobileNetV2 file)."""
+    kind = record.get("kind")
+    if kind == "builtin":
+        return ModelSource("builtin", record["name"], str(weights) if weights else record.get("weights"))
+    if weights is not None:
+        raise ValueError(f"this bundle's model ({kind}) carries its own weights: weights= applies to built-in models")
+    if kind not in KINDS:
+        raise ValueError(f"{folder}: unknown model source kind {kind!r}")
+    name = record["weights"] if kind == "factory" else record["file"]
+    path = (folder / name).resolve()
+    if folder.resolve() not in path.parents:
+        raise ValueError(f"{folder}: the bundle's model file {name!r} lies outside the bundle")
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: the bundle's model file {name} is missing")
+    if record.get("sha256") and sha256(path) != record["sha256"]:
+        raise ValueError(f"{path}: content does not match the digest recorded in the bundle (corrupt or replaced)")
+    if kind == "factory":
+        return ModelSource("factory", record["factory"], str(path), dict(record.get("kwargs") or {}))
+    return ModelSource(kind, str(path))
+
+
+def source_of(net: object, factory: str | None = None, kwargs: dict[str, Any] | None = None) -> ModelSource | None:
+    """How to rebuild a network handed over in Python: its factory when named, else a TorchScript module or an
+    exported program serialises itself; None for a plain module (a bundle then needs ``factory``)."""
+    if factory is not None:
+        if not is_factory_ref(factory):
+            raise ValueError(f"factory must be 'package.module:callable', got {factory!r}")
+        return ModelSource("factory", factory, None, dict(kwargs or {}))
+    if isinstance(net, torch.export.ExportedProgram):
+        return ModelSource("exported", None, live=net)
+    if isinstance(net, torch.jit.ScriptModule):
+        return ModelSource("torchscript", None, live=net)
+    return None
+
