@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline import InputError
+from worker import wire
 from worker.embedded import DEFAULT_CONFIG
 from worker.local_redis import resolve_redis_url
 
@@ -40,133 +42,320 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
-def detect(
-    files: list[Path] = typer.Argument(..., help="PNG/JPEG images"),
-    model: str = typer.Option("mnist", help="mnist | resnet18 | mobilenet_v2"),
-    weights: Path | None = typer.Option(None, help="model weights (state_dict)"),
-    calibration: Path | None = typer.Option(None, help="calibration JSON (default: the shipped one)"),
-    method: str | None = typer.Option(None, help="explanation method (default: the calibration's)"),
-    rule: str | None = typer.Option(None, help="calibrated | sign"),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
-) -> None:
-    """Print one verdict per image file."""
-    from pipeline import Detector, InputError, read_image_file
+DEVICE_HELP = "torch device of the model, e.g. cuda or cuda:1 (default: cpu; NLM runs on the CPU either way)"
+MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:callable that builds your network, or "
+              "your model file: a torch.export program (.pt2) or TorchScript")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
 
     try:
-        det = Detector.from_pretrained(model, weights=weights, calibration=calibration)
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        fail(f"--device {device}: {exc}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: CUDA is not available on this machine")
+
+
+def _open_detector(detector: Path | None, model: str, weights: Path | None, calibration: Path | None,
+                   device: str | None):
+    """The detector a bundle holds, or a built-in model's (its shipped bundle, or a calibration file)."""
+    from pipeline import Detector
+
+    _check_device(device)
+    try:
+        if detector is not None:
+            if calibration is not None:
+                fail("--calibration applies to a built-in --model; a bundle carries its own calibration")
+            return Detector.load(detector, weights=weights, device=device)
+        return Detector.from_pretrained(model, weights=weights, calibration=calibration, device=device)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+
+
+@app.command()
+def detect(
+    paths: list[Path] = typer.Argument(..., help="PNG/JPEG files, or folders searched recursively"),
+    detector: Path | None = typer.Option(None, help="a detector bundle (explainer calibrate --out BUNDLE)"),
+    model: str = typer.Option("mnist", help="a built-in model, when no --detector: mnist | resnet18 | mobilenet_v2"),
+    weights: Path | None = typer.Option(None, help="a built-in model's weights (state dict)"),
+    calibration: Path | None = typer.Option(None, help="a built-in model's calibration JSON (default: the shipped)"),
+    method: str | None = typer.Option(None, help="explanation method (default: the calibration's)"),
+    rule: str | None = typer.Option(None, help="calibrated (default) | sign (the paper's rule, by name only)"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout, one verdict per image"),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout, one verdict per image"),
+    out: Path | None = typer.Option(None, help="write the verdicts to this file: .jsonl or .csv"),
+    batch: int = typer.Option(64, min=1, help="images per detection call"),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """One verdict per image: a table, JSON lines or CSV. Exit status 1 when some image could not be judged."""
+    from pipeline import read_image_file
+    from pipeline.inputs import image_files
+    from worker.detect import detect_requests
+    from worker.verdicts import VerdictWriter
+
+    det = _open_detector(detector, model, weights, calibration, device)
     if method:
         from dataclasses import replace
 
-        det.config = replace(det.config, method=method)
         if det.calibration and det.calibration.method != method and rule != "sign":
             fail(f"the calibration was made for method {det.calibration.method!r}; use --rule sign or recalibrate")
-    table = Table("file", "class", "conf", "H(orig)", "H(denoised)", "score", "verdict")
-    status = 0
-    for path in files:
+        det.config = replace(det.config, method=method)
+    if rule not in (None, "calibrated", "sign"):
+        fail(f"unknown rule {rule!r}; use calibrated or sign")
+    if rule != "sign" and det.calibration is None:
+        fail(f"{det.model.name} has no calibration: calibrate it (explainer calibrate --model {det.model.name} "
+             "--images-dir CLEAN --out BUNDLE) or ask for the paper's sign rule by name (--rule sign)")
+    if as_json + as_csv + (out is not None) > 1:
+        fail("give one of --json, --csv and --out")
+    try:
+        files = image_files(paths)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if not files:
+        fail("no PNG/JPEG images in the paths given")
+    fmt = "jsonl" if as_json else "csv" if as_csv else None
+    if out is not None:
+        fmt = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(out.suffix.lower())
+        if fmt is None:
+            fail(f"--out {out}: give a .jsonl or .csv file")
+    name, failed = det.model.name, 0
+    status_console = Console(stderr=True)
+    with VerdictWriter(fmt, out, det.config.signals) as writer, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=status_console, disable=len(files) <= batch,
+    ) as bar:
+        task = bar.add_task("detecting", total=len(files))
+        for start in range(0, len(files), batch):
+            chunk = files[start : start + batch]
+            reqs, verdicts = [], {}
+            for path in chunk:
+                try:
+                    reqs.append(wire.Request(id=str(path), image=read_image_file(path), model=name))
+                except InputError as exc:
+                    verdicts[str(path)] = {"id": str(path), "model": name, "error": str(exc)}
+            for v in detect_requests({name: _RuleDetector(det, rule)}, reqs):
+                verdicts[v["id"]] = v
+            for path in chunk:
+                v = verdicts[str(path)]
+                failed += bool(v.get("error"))
+                writer.write(str(path), v)
+            bar.update(task, advance=len(chunk))
+    if fmt is None:
+        console.print(writer.table())
+    if failed:
+        status_console.print(f"[yellow]{failed} of {len(files)} images could not be judged[/yellow]")
+    raise typer.Exit(1 if failed else 0)
+
+
+class _RuleDetector:
+    """A detector whose ``detect`` uses the rule given on the command line (detect_requests passes none)."""
+
+    def __init__(self, det, rule: str | None) -> None:
+        self.det, self.rule = det, rule
+        self.model, self.config, self.check = det.model, det.config, det.check
+
+    def detect(self, images, return_maps: bool = False):
+        return self.det.detect(images, rule=self.rule, return_maps=return_maps)
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--{what}: comma-separated numbers, got {text!r}")
+
+
+def _own_model(model: str, weights: Path | None, model_kwargs: str | None, input_size: int | None,
+               channels: int | None, mean: str | None, std: str | None, resize_to: int | None,
+               explain_layer: str | None, name: str, preset_name: str | None, device: str | None):
+    """A detector around the user's network (module:callable or a model file), on its preset."""
+    from pipeline import Detector, preset
+    from pipeline.models import load_network, parse_model_ref, wrap_network
+
+    if input_size is None or channels is None:
+        fail(f"--model {model}: give the input it takes, --input-size PIXELS and --channels 1|3")
+    if (mean is None) != (std is None):
+        fail("give --mean and --std together (the normalisation inside your model's input)")
+    kwargs = {}
+    if model_kwargs:
         try:
-            res = det.detect(read_image_file(path), rule=rule)
-        except InputError as exc:
-            status = 1
-            if as_json:
-                print(json.dumps({"file": str(path), "error": str(exc)}))
-            else:
-                table.add_row(str(path), "-", "-", "-", "-", "-", f"[red]error: {exc}[/red]")
-            continue
-        row = res.rows()[0]
-        if as_json:
-            print(json.dumps({"file": str(path), **row}))
-        else:
-            verdict = "[red]ADVERSARIAL[/red]" if row["is_adversarial"] else "[green]clean[/green]"
-            table.add_row(
-                str(path),
-                str(row["predicted_class"]),
-                f"{row['confidence']:.3f}",
-                f"{row['entropy_original']:.3f}",
-                f"{row['entropy_denoised']:.3f}",
-                f"{row['score']:.3f} / {row['threshold']:.3f}",
-                verdict,
-            )
-    if not as_json:
-        console.print(table)
-    raise typer.Exit(status)
+            kwargs = json.loads(model_kwargs)
+        except json.JSONDecodeError as exc:
+            fail(f"--model-kwargs is not JSON: {exc}")
+        if not isinstance(kwargs, dict):
+            fail("--model-kwargs must be a JSON object of keyword arguments")
+    source = parse_model_ref(model, weights, kwargs)
+    normalize = None if mean is None else (_floats(mean, "mean"), _floats(std, "std"))
+    target = wrap_network(load_network(source), name=name, input_size=input_size, channels=channels,
+                          normalize=normalize, explain_layer=explain_layer, resize_to=resize_to, source=source)
+    if device:
+        target.to(device)
+    config = preset(preset_name or ("digits" if channels == 1 else "photos"))
+    return Detector(target, config), preset_name or ("digits" if channels == 1 else "photos")
 
 
 @app.command()
 def calibrate(
-    model: str = typer.Option("mnist"),
-    weights: Path | None = typer.Option(None),
-    out: Path = typer.Option(..., help="where to write the calibration JSON"),
+    model: str = typer.Option("mnist", help=MODEL_HELP),
+    weights: Path | None = typer.Option(None, help="state dict of a built-in model or of module:callable"),
+    model_kwargs: str | None = typer.Option(None, help="JSON keyword arguments for module:callable"),
+    input_size: int | None = typer.Option(None, help="your model's square input side in pixels"),
+    channels: int | None = typer.Option(None, help="your model's input channels: 1 (greyscale) or 3 (RGB)"),
+    mean: str | None = typer.Option(None, help="per-channel mean your model normalises by, e.g. 0.485,0.456,0.406"),
+    std: str | None = typer.Option(None, help="per-channel std your model normalises by, e.g. 0.229,0.224,0.225"),
+    resize_to: int | None = typer.Option(
+        None, help="resize photos to this short side and centre-crop the input size (default: images come at it)"),
+    explain_layer: str | None = typer.Option(None, help="Grad-CAM's layer, e.g. layer4 (default: the last Conv2d)"),
+    preset_name: str | None = typer.Option(None, "--preset", help="digits | photos (default: by the model)"),
+    name: str | None = typer.Option(None, help="the name requests pick the detector by (default: the --out folder's)"),
+    out: Path = typer.Option(..., help="the detector bundle to write (a folder); a .json path writes the "
+                             "calibration alone, for a built-in model"),
     target_fpr: float = typer.Option(0.05),
-    method: str | None = typer.Option(None, help="explanation method (see pipeline.explain); default: the model's"),
+    method: str | None = typer.Option(None, help="explanation method (see pipeline.explain); default: the preset's"),
+    signals: str | None = typer.Option(None, help="comma-separated signals the score combines (default: the "
+                                       "preset's; see pipeline.signals)"),
     steps: int = typer.Option(4, help="integration steps (IG, SmoothGrad-IG; ignored by saliency)"),
     samples: int = typer.Option(8, help="samples for SHAP / SmoothGrad"),
     entropy: str = typer.Option("spatial", help="spatial | histogram | paper"),
-    nlm_h: float | None = typer.Option(None, help="NLM filter strength (default: the model's, 50 for MNIST)"),
-    nlm_template: int | None = typer.Option(None, help="NLM patch size (odd; default: the model's)"),
-    nlm_search: int | None = typer.Option(None, help="NLM search window (odd; default: the model's)"),
+    nlm_h: float | None = typer.Option(None, help="NLM filter strength (default: the preset's, 50 for digits)"),
+    nlm_template: int | None = typer.Option(None, help="NLM patch size (odd; default: the preset's)"),
+    nlm_search: int | None = typer.Option(None, help="NLM search window (odd; default: the preset's)"),
     median: int | None = typer.Option(
-        None, help="side of the median_shift signal's filter (2 for MNIST; 0 = off; default: the model's)"),
+        None, help="side of the median_shift signal's filter (2 for digits; 0 = off; default: the preset's)"),
     confidence: float | None = typer.Option(
         None, help="set the threshold so that the target FPR holds with this confidence (e.g. 0.95), not only "
         "in expectation"),
     folds: int | None = typer.Option(
-        None, help="cross-fit the CDFs and the threshold over K folds (0: two halves; default: the model's, "
-        "two halves for MNIST, 5 folds for photos)"),
+        None, help="cross-fit the CDFs and the threshold over K folds (0: two halves; default: the preset's, "
+        "two halves for digits, 5 folds for photos)"),
     n: int | None = typer.Option(None, help="use only the first N calibration images"),
     images_dir: Path | None = typer.Option(
-        None,
-        help="folder of clean PNG/JPEG images (default: even MNIST test digits / even-position ImageNet photos)",
-    ),
+        None, help="folder of clean PNG/JPEG images, searched recursively (required for your own model; default "
+        "for a built-in one: even MNIST test digits / even-position ImageNet sample photos)"),
+    split: str = typer.Option("all", help="which of --images-dir's sorted images: all | even | odd"),
+    batch: int | None = typer.Option(None, min=1, help="images per detection call (default 128 digits, 8 photos)"),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
-    """Calibrate the decision threshold at a target false-positive rate on clean images only.
+    """Calibrate a detector at a target false-positive rate on clean images only, and save it as a bundle.
 
-    Defaults are each model's preset (pipeline.presets: digits for mnist, photos for the ImageNet models); the
-    options replace parts of it. Without --images-dir, the clean images are the reference data sets' calibration
-    halves (evaluation.datasets)."""
+    A built-in model starts from its preset (pipeline.presets: digits for mnist, photos for the ImageNet
+    models); your own model from --preset (digits for one channel, photos for three). The options replace parts
+    of it. The bundle (docs/bundle.md) is what explainer detect --detector, explainer serve --detector and
+    Detector.load read."""
     from dataclasses import replace
 
-    from evaluation.datasets import clean_calibration_images
-    from pipeline import Detector, ExplainParams, default_config, default_folds, load_model
+    from pipeline import MODEL_NAMES, Detector, ExplainParams, InputError, default_config, default_folds, load_model
+    from pipeline.bundle import check_name
+    from pipeline.presets import CALIBRATION_FOLDS
 
-
-    base = default_config(model)
+    _check_device(device)
+    builtin = model in MODEL_NAMES
+    as_file = out.suffix.lower() == ".json"
+    if as_file and not builtin:
+        fail("--out: your own model's calibration is saved as a bundle (a folder), which also records how to load "
+             "the model; give a folder")
+    try:
+        name = check_name(name or (model if builtin and as_file else out.name))
+    except ValueError as exc:
+        fail(f"{exc}; give --name")
+    if not builtin and images_dir is None:
+        fail("--images-dir: your own model calibrates on your clean images (a folder of PNG/JPEG)")
+    try:
+        if builtin:
+            given = [f"--{k.replace('_', '-')}" for k, v in (("input_size", input_size), ("channels", channels),
+                     ("mean", mean), ("std", std), ("resize_to", resize_to), ("explain_layer", explain_layer),
+                     ("model_kwargs", model_kwargs)) if v is not None]
+            if given:
+                fail(f"{', '.join(given)}: a built-in model knows its input; these apply to your own model")
+            target = load_model(model, weights)
+            target.name = name
+            if device:
+                target.to(device)
+            base, base_folds = (preset_config(preset_name) if preset_name else default_config(model),
+                                CALIBRATION_FOLDS[preset_name] if preset_name else default_folds(model))
+            det = Detector(target, base)
+        else:
+            det, used = _own_model(model, weights, model_kwargs, input_size, channels, mean, std, resize_to,
+                                   explain_layer, name, preset_name, device)
+            base, base_folds = det.config, CALIBRATION_FOLDS[used]
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
     nlm = base.nlm
     if nlm_h is not None:
         nlm = replace(nlm, h=nlm_h, h_color=nlm_h)
     nlm = replace(nlm, template=nlm_template or nlm.template, search=nlm_search or nlm.search)
-    signals = dict(base.signals)
+    chosen = dict(base.signals) if signals is None else {s.strip(): base.signals.get(s.strip())
+                                                         for s in signals.split(",") if s.strip()}
     if median == 0:
-        signals.pop("median_shift", None)
+        chosen.pop("median_shift", None)
     elif median is not None:
-        signals["median_shift"] = {"size": median}
-    cfg = replace(base, method=method or base.method, explain=ExplainParams(steps=steps, samples=samples),
-                  entropy=entropy, nlm=nlm, signals=signals)
+        chosen["median_shift"] = {"size": median}
     try:
-        det = Detector(load_model(model, weights), cfg)
-        images, desc = clean_calibration_images(model, images_dir, n)
-    except (FileNotFoundError, ValueError) as exc:
+        det = Detector(det.model, replace(base, method=method or base.method, explain=ExplainParams(steps=steps,
+                       samples=samples), entropy=entropy, nlm=nlm, signals=chosen))
+        images, desc = _calibration_images(model if builtin else None, images_dir, split, n)
+    except (FileNotFoundError, ValueError, InputError) as exc:
         fail(str(exc))
+    if folds is None:
+        folds = None if confidence is not None else base_folds
+    digits_like = det.model.resize_to is None and det.model.size <= 64
     with progress_bar() as bar:
         task = bar.add_task("calibrating", total=len(images))
-        cal = det.calibrate(
-            images,
-            target_fpr,
-            images=desc,
-            batch_size=128 if model == "mnist" else 8,
-            progress=lambda k: bar.update(task, completed=k),
-            confidence=confidence,
-            folds=default_folds(model) if folds is None else (folds or None),
-        )
-    cal.save(out)
+        try:
+            cal = det.calibrate(images, target_fpr, images=desc, batch_size=batch or (128 if digits_like else 8),
+                                progress=lambda k: bar.update(task, completed=k), confidence=confidence,
+                                folds=folds or None)
+        except (ValueError, InputError) as exc:
+            fail(str(exc))
+    if as_file:
+        cal.save(out)
+    else:
+        det.save(out)
     console.print(
         f"threshold {cal.threshold:.4f} at target FPR {target_fpr} "
         f"(held-out FPR {cal.threshold_fpr:.4f}, "
         + (f"{cal.n_reference} images cross-fitted over {cal.folds} folds" if cal.folds else
            f"{cal.n_reference}+{cal.n_threshold} images") + f") -> {out}"
+        + ("" if as_file else f"  (detector {name!r})")
     )
+
+
+def preset_config(name: str):
+    from pipeline import preset
+
+    try:
+        return preset(name)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _calibration_images(model: str | None, images_dir: Path | None, split: str, n: int | None):
+    """(images, description): the folder's clean images (stacked when all of one size), or a built-in model's
+    reference calibration half."""
+    if images_dir is None:
+        from evaluation.datasets import clean_calibration_images
+
+        return clean_calibration_images(model, None, n)
+    from pipeline import read_image_file
+    from pipeline.inputs import image_files
+
+    if not Path(images_dir).is_dir():
+        raise FileNotFoundError(f"--images-dir {images_dir}: not a folder")
+    files = image_files([images_dir], split)
+    files = files[:n] if n else files
+    if not files:
+        raise FileNotFoundError(f"no PNG/JPEG images in {images_dir}" + (f" ({split} positions)" if split != "all"
+                                                                         else ""))
+    images = [read_image_file(p) for p in files]
+    stacked = np.stack(images) if len({im.shape for im in images}) == 1 else images
+    which = "" if split == "all" else f" at {split} positions"
+    return stacked, f"{len(files)} images from {images_dir}{which}"
 
 
 @app.command()

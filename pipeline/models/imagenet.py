@@ -52,6 +52,7 @@ def load_imagenet_net(name: str, weights: str | Path | None = None, random_init:
                 f"({HUB_FILES[name]}), or random_init=True for timing only."
             )
         path = found[0]
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state, strict=True)
+    from pipeline.models.source import load_state_dict  # the package's __init__ imports this module
+
+    load_state_dict(net, path, f"torchvision's {name}")
     return net.eval()

@@ -42,7 +42,9 @@ def load_weights(module: nn.Module, path: str | Path, what: str, script: str) ->
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} weights not found: {path} (train them with {script})")
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    from pipeline.models.source import load_state_dict  # the package's __init__ imports this module
+
+    load_state_dict(module, path, what)
     return module.eval()
 
 

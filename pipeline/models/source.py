@@ -138,6 +138,30 @@ def _import_factory(ref: str):
     return factory
 
 
+def load_state_dict(net: nn.Module, path: str | Path, what: str) -> None:
+    """``path``'s state dict into ``net`` (``weights_only=True``, strict), or ``ValueError`` naming the keys that
+    do not fit: the usual mistake is weights of another architecture."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a file it cannot read as weights
+        raise ValueError(f"{path}: cannot be read as a state dict ({type(e).__name__}): save model.state_dict() "
+                         "with torch.save") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ValueError(f"{path}: these weights do not fit {what}: {str(e).splitlines()[-1].strip()}") from None
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+        raise ValueError(f"{path}: these weights do not fit {what}: {len(missing)} of its tensors missing"
+                         + (f" ({some(missing)})" if missing else "") + f", {len(unexpected)} unexpected"
+                         + (f" ({some(unexpected)})" if unexpected else ""))
+
+
 def load_network(source: ModelSource) -> nn.Module:
     """The network of ``source`` (builtin models are loaded by :func:`pipeline.models.load_model` instead)."""
     if source.live is not None:
@@ -149,10 +173,7 @@ def load_network(source: ModelSource) -> nn.Module:
         if not isinstance(net, nn.Module):
             raise ValueError(f"model factory {source.ref!r} returned {type(net).__name__}, not a torch.nn.Module")
         if source.weights:
-            state = torch.load(source.weights, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError(f"{source.weights}: not a state dict (a mapping of names to tensors)")
-            net.load_state_dict(state, strict=True)
+            load_state_dict(net, source.weights, source.ref)
         return net.eval()
     if source.kind == "exported":
         return torch.export.load(source.ref).module()

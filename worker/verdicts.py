@@ -1,0 +1,72 @@
+"""Verdicts of ``explainer detect`` written as they come: JSON lines, CSV, or rows of a table printed at the end.
+
+A verdict here is the dict the stream publishes (:func:`worker.detect.detect_requests`), so a file judged by
+``explainer detect`` and the same image sent through the stream carry the same fields and numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+from rich.markup import escape
+from rich.table import Table
+
+COLUMNS = ("file", "model", "is_adversarial", "score", "threshold", "rule", "predicted_class", "confidence",
+           "entropy_original", "entropy_denoised", "prediction_shift", "map_shift")
+
+
+class VerdictWriter:
+    """``fmt``: "jsonl", "csv" or None (a table, :meth:`table`); to ``path``, or stdout when None. CSV has one
+    column per field of :data:`COLUMNS`, one per configured signal without a field of its own, and ``error``."""
+
+    def __init__(self, fmt: str | None, path: Path | None, signals: Iterable[str] = ()) -> None:
+        self.fmt, self.path = fmt, path
+        self.extra = [s for s in signals if s not in COLUMNS]
+        self.rows: list[tuple[str, dict]] = []
+        self._fh: IO[str] | None = None
+        self._csv: Any = None
+
+    def __enter__(self) -> VerdictWriter:
+        if self.fmt is not None:
+            self._fh = open(self.path, "w", newline="") if self.path is not None else sys.stdout  # noqa: SIM115
+            if self.fmt == "csv":
+                self._csv = csv.writer(self._fh)
+                self._csv.writerow([*COLUMNS, *self.extra, "error"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None and self._fh is not sys.stdout:
+            self._fh.close()
+        elif self._fh is not None:
+            self._fh.flush()
+
+    def write(self, file: str, verdict: dict) -> None:
+        """One image's verdict (an ``error`` verdict for an image that could not be judged)."""
+        if self.fmt == "jsonl":
+            row = {"file": file, **{k: v for k, v in verdict.items() if k not in ("v", "id")}}
+            self._fh.write(json.dumps(row) + "\n")
+        elif self.fmt == "csv":
+            signals = verdict.get("signals") or {}
+            values = [file, *(verdict.get(k) for k in COLUMNS[1:])]
+            self._csv.writerow([*values, *(signals.get(s) for s in self.extra), verdict.get("error") or ""])
+        else:
+            self.rows.append((file, verdict))
+
+    def table(self) -> Table:
+        """The table of every verdict written (``fmt`` None). File names and errors are shown as text, never
+        read as Rich markup."""
+        table = Table("file", "class", "conf", "H(orig)", "H(denoised)", "score", "verdict")
+        for file, v in self.rows:
+            if v.get("error"):
+                table.add_row(escape(file), "-", "-", "-", "-", "-", f"[red]error: {escape(v['error'])}[/red]")
+                continue
+            verdict = "[red]ADVERSARIAL[/red]" if v["is_adversarial"] else "[green]clean[/green]"
+            table.add_row(escape(file), str(v["predicted_class"]), f"{v['confidence']:.3f}",
+                          f"{v['entropy_original']:.3f}", f"{v['entropy_denoised']:.3f}",
+                          f"{v['score']:.3f} / {v['threshold']:.3f}", verdict)
+        return table
