@@ -480,15 +480,27 @@ def serve(
     data_dir: Path = typer.Option(Path(".explainer"), help="where the local redis-server keeps its AOF"),
     metrics_port: int | None = typer.Option(
         None, help="port of Ray's Prometheus metrics endpoint when serve starts Ray (default: a free one, printed)"),
+    detector: list[str] | None = typer.Option(
+        None, help="a detector bundle or built-in model name to serve, instead of the config's (repeatable: a "
+        "request's model field picks one by name)"),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
     import signal
     import threading
 
+    from pipeline import MODEL_NAMES
     from worker.embedded import embedded_stack
 
+    overrides = None
+    if detector:
+        missing = [d for d in detector if d not in MODEL_NAMES and not (Path(d) / "detector.json").is_file()]
+        if missing:
+            fail(f"--detector {', '.join(missing)}: neither a built-in model ({', '.join(MODEL_NAMES)}) nor a "
+                 "detector bundle (a folder with detector.json; explainer calibrate --out makes one)")
+        # absolute: the replicas do not share this process's working directory
+        overrides = {"detector": [d if d in MODEL_NAMES else str(Path(d).resolve()) for d in detector]}
     stop = threading.Event()
-    with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port,
+    with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port, overrides=overrides,
                                                           metrics_port=metrics_port) as stack:
         # installed after Ray starts: ray.init replaces SIGTERM's handler with one that aborts the process
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

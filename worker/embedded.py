@@ -23,6 +23,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "serve.yaml"  # deploy/serve.
 APP_NAME = "explainer"
 INLINE_OBJECT_BYTES = 8 * 1024 * 1024  # objects up to this size travel inline between Ray processes
 METRICS_INTERVAL_MS = 5000  # how often Ray's processes report their metrics to the node's endpoint
+DETECTOR_ARGS, MODEL_ARGS = {"detector"}, {"model", "weights", "calibration"}  # AppArgs: one or the other
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
@@ -44,7 +45,14 @@ def app_config(
     ``local=True`` caps every autoscaling stage at two replicas: a 2-core laptop cannot host the cluster's
     replica counts."""
     app = dict(load_config(path))
-    app["args"] = {**app.get("args", {}), **(overrides or {})}
+    args = dict(app.get("args", {}))
+    given = set(overrides or {})
+    # the overrides name the detectors one way (bundles/names, or a built-in model with its files): the config's
+    # other way goes
+    for way, other in ((DETECTOR_ARGS, MODEL_ARGS), (MODEL_ARGS, DETECTOR_ARGS)):
+        if given & way:
+            args = {k: v for k, v in args.items() if k not in other}
+    app["args"] = {**args, **(overrides or {})}
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
     for opts in options.values():
         if local and "autoscaling_config" in opts:

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -65,10 +65,28 @@ def redis_password(password_file: str | None) -> str | None:
     return os.environ.get(PASSWORD_ENV) or None
 
 
-def _detector(model: str, weights: str | None, calibration: str | None, device: str | None = None) -> Detector:
-    """The stage's detector; every replica process also keeps its batches' memory mapped (pipeline.runtime)."""
+def _detectors(refs: list[dict], device: str | None = None) -> dict[str, Detector]:
+    """The stage's detectors by the name requests pick them with, from :meth:`AppArgs.detector_refs`; every
+    replica process also keeps its batches' memory mapped (pipeline.runtime). A served detector decides with
+    its calibration, so one without is refused here, when the deployment starts."""
     keep_allocations_mapped()
-    return Detector.from_pretrained(model, weights=weights, calibration=calibration, device=device)
+    out: dict[str, Detector] = {}
+    for ref in refs:
+        if "bundle" in ref:
+            det = Detector.load(ref["bundle"], device=device)
+        else:
+            det = Detector.from_pretrained(ref["model"], weights=ref.get("weights"),
+                                           calibration=ref.get("calibration"), device=device)
+        name = det.model.name
+        if name in out:
+            raise ValueError(f"two served detectors are named {name!r}: requests pick a detector by name, so each "
+                             "needs its own (explainer calibrate --name)")
+        if det.calibration is None:
+            raise ValueError(f"detector {name!r} has no calibration, and a served detector decides with it: "
+                             f"calibrate it (explainer calibrate --model {name} --images-dir CLEAN --out BUNDLE) "
+                             "and serve the bundle")
+        out[name] = det
+    return out
 
 
 class StageStats:
@@ -103,17 +121,14 @@ class StageStats:
 class Denoiser(StageStats):
     """OpenCV non-local means over a whole prepared batch (CPU; OpenCV's threads release the GIL)."""
 
-    def __init__(
-        self, model: str = "mnist", weights: str | None = None, calibration: str | None = None,
-        nlm_threads: int | None = None,
-    ) -> None:
-        self.detector = _detector(model, weights, calibration)
+    def __init__(self, detectors: list[dict], nlm_threads: int | None = None) -> None:
+        self.detectors = _detectors(detectors)
         self.nlm_threads = nlm_threads
         self._init_stats()
 
-    async def __call__(self, x: np.ndarray) -> np.ndarray:
+    async def __call__(self, x: np.ndarray, model: str) -> np.ndarray:
         with self._timed(len(x)):
-            return self.detector.denoise(x, workers=self.nlm_threads)
+            return self.detectors[model].denoise(x, workers=self.nlm_threads)
 
 
 def _images_in(originals: list[np.ndarray]) -> int:
@@ -128,9 +143,8 @@ class Explainer(StageStats):
     and up to ``EXPLAIN_CONCURRENT_BATCHES`` such calls run at once, each on a thread."""
 
     def __init__(
-        self, scorer: DeploymentHandle | None = None, model: str = "mnist", weights: str | None = None,
-        calibration: str | None = None, torch_threads: int | None = None, redis_url: str | None = None,
-        redis_password_file: str | None = None, streams: dict | None = None,
+        self, scorer: DeploymentHandle | None, detectors: list[dict], torch_threads: int | None = None,
+        redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
     ) -> None:
         import torch
 
@@ -146,7 +160,7 @@ class Explainer(StageStats):
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         device = "cuda" if torch.cuda.is_available() else None
-        self.detector = _detector(model, weights, calibration, device)
+        self.detectors = _detectors(detectors, device)
         self.max_batch_size = EXPLAIN_MAX_BATCH
         # the merged calls' own threads, the same ones for the replica's life (asyncio.to_thread would rotate
         # through the loop's default pool, each new thread setting up its own OpenMP team)
@@ -157,42 +171,54 @@ class Explainer(StageStats):
     def _warm_up(self) -> None:
         """A batch of zeros on each explain thread before the replica takes requests, so that the first real
         batches do not pay for what a thread sets up once (its OpenMP team, oneDNN's kernels, the allocator's
-        growth); at most ``WARM_UP_PIXELS`` of input per thread, so a photo model's warm-up is a few images."""
-        m = self.detector.model
-        n = max(1, min(self.max_batch_size, WARM_UP_PIXELS // (m.size * m.size)))
-        x = np.zeros((n, m.channels, m.size, m.size), np.uint8)  # pixels, as the Ingress sends them
-        every_thread = threading.Barrier(EXPLAIN_CONCURRENT_BATCHES)  # so that no thread takes two of the batches
+        growth); at most ``WARM_UP_PIXELS`` of input per thread and model, so a photo model's warm-up is a few
+        images."""
+        for detector in self.detectors.values():
+            m = detector.model
+            n = max(1, min(self.max_batch_size, WARM_UP_PIXELS // (m.size * m.size)))
+            x = np.zeros((n, m.channels, m.size, m.size), np.uint8)  # pixels, as the Ingress sends them
+            every_thread = threading.Barrier(EXPLAIN_CONCURRENT_BATCHES)  # so that no thread takes two batches
 
-        def one() -> None:
-            every_thread.wait(timeout=60)
-            self.detector.explain_pair(x, x)
+            def one(detector=detector, x=x, every_thread=every_thread) -> None:
+                every_thread.wait(timeout=60)
+                detector.explain_pair(x, x)
 
-        for f in [self._pool.submit(one) for _ in range(EXPLAIN_CONCURRENT_BATCHES)]:
-            f.result()
+            for f in [self._pool.submit(one) for _ in range(EXPLAIN_CONCURRENT_BATCHES)]:
+                f.result()
 
-    async def explain_and_score(self, x: np.ndarray, denoised: np.ndarray, rule: str | None = None,
+    async def explain_and_score(self, x: np.ndarray, denoised: np.ndarray, model: str, rule: str | None = None,
                                 return_maps: bool = False) -> DetectionResult:
         """One request explained (merged with others, :meth:`explain`) and then scored by the Scorer: the maps
         travel from here to the Scorer and only the verdicts go back to the caller. The request's slot here is
         held while the Scorer works, about a tenth of the explanation's time on digits."""
         if self.scorer is None:
             raise RuntimeError("this Explainer was built without a Scorer handle (build_app binds one)")
-        return await self.scorer.remote(await self.explain_any(x, denoised), rule, return_maps)
+        return await self.scorer.remote(await self.explain_any(x, denoised, model), model, rule, return_maps)
 
-    async def explain_any(self, x: np.ndarray, denoised: np.ndarray) -> Explained:
+    async def explain_any(self, x: np.ndarray, denoised: np.ndarray, model: str) -> Explained:
         """One request of any size. Serve's batcher refuses a single request above ``max_batch_size`` (a
         RuntimeError on every call, so a stream read larger than it would be retried until dead-lettered), so a
         larger one is split into pieces that :meth:`explain` merges with other requests like any other."""
         step = self.max_batch_size
         if len(x) <= step:
-            return await self.explain(x, denoised)
-        pieces = [self.explain(x[i : i + step], denoised[i : i + step]) for i in range(0, len(x), step)]
+            return await self.explain(x, denoised, model)
+        pieces = [self.explain(x[i : i + step], denoised[i : i + step], model) for i in range(0, len(x), step)]
         return Explained.concat(list(await asyncio.gather(*pieces)))
 
-    def _explain_merged(self, originals: list[np.ndarray], denoised: list[np.ndarray]) -> Explained:
-        """One Captum call over the merged requests, on a worker thread (``explain_pair`` is thread-safe)."""
+    def _explain_merged(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
+                        ) -> list[Explained]:
+        """One Captum call per model over the merged requests, on a worker thread (``explain_pair`` is
+        thread-safe); one :class:`Explained` per request, in order."""
         with self._timed(sum(len(x) for x in originals)):
-            return self.detector.explain_pair(np.concatenate(originals), np.concatenate(denoised))
+            out: list[Explained | None] = [None] * len(originals)
+            for model in dict.fromkeys(models):
+                rows = [i for i, m in enumerate(models) if m == model]
+                merged = self.detectors[model].explain_pair(np.concatenate([originals[i] for i in rows]),
+                                                            np.concatenate([denoised[i] for i in rows]))
+                bounds = np.cumsum([0, *(len(originals[i]) for i in rows)])
+                for i, a, b in zip(rows, bounds[:-1], bounds[1:], strict=True):
+                    out[i] = merged.part(a, b)
+            return out
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics Serve collects from each replica (worker.autoscale.backlog_policy reads
@@ -219,24 +245,24 @@ class Explainer(StageStats):
 
     @serve.batch(max_batch_size=EXPLAIN_MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_images_in,
                  max_concurrent_batches=EXPLAIN_CONCURRENT_BATCHES)
-    async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray]) -> list[Explained]:
-        sizes = [len(x) for x in originals]
-        out = await asyncio.get_running_loop().run_in_executor(self._pool, self._explain_merged, originals, denoised)
-        bounds = np.cumsum([0, *sizes])
-        return [out.part(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
+                      ) -> list[Explained]:
+        """Requests merged by Serve, whichever detector each names: one Captum call per model among them."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._explain_merged, originals,
+                                                                denoised, models)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
 class Scorer(StageStats):
     """Entropy of every map, the calibrated score and the decision (CPU)."""
 
-    def __init__(self, model: str = "mnist", weights: str | None = None, calibration: str | None = None) -> None:
-        self.detector = _detector(model, weights, calibration)
+    def __init__(self, detectors: list[dict]) -> None:
+        self.detectors = _detectors(detectors)
         self._init_stats()
 
-    async def __call__(self, explained: Explained, rule: str | None = None, return_maps: bool = False):
+    async def __call__(self, explained: Explained, model: str, rule: str | None = None, return_maps: bool = False):
         with self._timed(len(explained.probs) // 2):
-            return self.detector.decide(explained, rule, return_maps)
+            return self.detectors[model].decide(explained, rule, return_maps)
 
 
 @dataclass
@@ -250,6 +276,10 @@ class RemoteDetector:
     local: Detector
     denoiser: DeploymentHandle
     explainer: DeploymentHandle
+
+    @property
+    def name(self) -> str:
+        return self.local.model.name
 
     @property
     def config(self):
@@ -268,8 +298,8 @@ class RemoteDetector:
         this process, its owner); the maps go from the Explainer to the Scorer, and only the verdicts come back."""
         # validation here: a bad image fails before it costs a stage call; uint8 pixels travel, not floats
         x = self.local.prepare(images, as_pixels=True)
-        denoised = self.denoiser.remote(x)
-        return self.explainer.explain_and_score.remote(x, denoised, rule, return_maps)
+        denoised = self.denoiser.remote(x, self.name)
+        return self.explainer.explain_and_score.remote(x, denoised, self.name, rule, return_maps)
 
     def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
         return self._chain(images, rule, return_maps).result()
@@ -345,20 +375,19 @@ class Ingress:
     overlap across stages) and answers HTTP: ``POST /detect`` (a PNG/JPEG body) and ``GET /healthz``."""
 
     def __init__(
-        self, denoiser: DeploymentHandle, explainer: DeploymentHandle, model: str = "mnist",
-        weights: str | None = None, calibration: str | None = None,
+        self, denoiser: DeploymentHandle, explainer: DeploymentHandle, detectors: list[dict],
         redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
         consumers: int = 2, batch: int = 64,
         block_ms: int = 200, claim_idle_ms: int = 30_000, max_deliveries: int = 5, verdict_maxlen: int = 100_000,
         max_body_bytes: int = MAX_HTTP_BODY,
     ) -> None:
-        self.remote = RemoteDetector(_detector(model, weights, calibration), denoiser, explainer)
-        self.model_name = model
+        self.remotes = {name: RemoteDetector(det, denoiser, explainer) for name, det in _detectors(detectors).items()}
+        self.default_model = next(iter(self.remotes))  # what POST /detect uses when no ?model= is given
         self.max_body_bytes = max_body_bytes
         self.stop = threading.Event()
         self.workers: list[StreamWorker] = []
         self.threads: list[threading.Thread] = []
-        self.metrics = ServeMetrics(model)
+        self.metrics = ServeMetrics(self.default_model)
         if redis_url:
             names = StreamNames(**(streams or {}))
             tag = f"{socket.gethostname()}-{os.getpid()}"
@@ -370,7 +399,8 @@ class Ingress:
                     events=self.metrics,
                 )
                 consumer.ensure_group()
-                worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remote, reqs))
+                worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remotes, reqs),
+                                      models=set(self.remotes))
                 thread = threading.Thread(target=worker.run, args=(self.stop,), name=f"consumer-{i}", daemon=True)
                 self.workers.append(worker)
                 self.threads.append(thread)
@@ -417,10 +447,14 @@ class Ingress:
         alive = sum(t.is_alive() for t in self.threads)
         stats = [w.consumer.stats for w in self.workers]
         status = "degraded" if self._dead_consumers() else "ok"
-        return {"status": status, "model": self.model_name, "consumers_alive": alive, "consumers": stats}
+        return {"status": status, "models": list(self.remotes), "consumers_alive": alive, "consumers": stats}
 
     @http.post("/detect")
-    async def detect(self, request: Request, heatmap: bool = False, rule: str | None = None) -> dict:
+    async def detect(self, request: Request, heatmap: bool = False, rule: str | None = None,
+                     model: str | None = None) -> dict:
+        remote = self.remotes.get(model or self.default_model)
+        if remote is None:
+            raise HTTPException(404, f"unknown model {model!r}; this deployment serves {sorted(self.remotes)}")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
@@ -438,11 +472,11 @@ class Ingress:
         except InputError as exc:
             raise HTTPException(415, str(exc)) from exc
         try:
-            res = await self.remote.detect_async(image, rule, heatmap)
+            res = await remote.detect_async(image, rule, heatmap)
         except InputError as exc:
             raise HTTPException(422, str(exc)) from exc
         row = res.rows()[0]
-        out = {"v": wire.VERSION, "model": self.model_name, "method": self.remote.config.method, **row}
+        out = {"v": wire.VERSION, "model": remote.name, "method": remote.config.method, **row}
         if heatmap and res.maps is not None:
             out["heatmap"] = {"shape": list(res.maps[0].shape), "values": np.round(res.maps[0], 6).tolist()}
         return out
@@ -456,9 +490,12 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a bad value may hold a secret
 
-    model: str = Field("mnist", description="built-in model name (pipeline.MODEL_NAMES)")
-    weights: str | None = Field(None, description="model weights file (the photo models)")
-    calibration: str | None = Field(None, description="calibration file (default: the shipped one)")
+    detector: str | list[str] | None = Field(
+        None, description="detector bundles (paths every replica can read) or built-in model names, served side "
+        "by side: a request's `model` field picks one by its name. None: the built-in `model`")
+    model: str = Field("mnist", description="built-in model name (pipeline.MODEL_NAMES), when no `detector`")
+    weights: str | None = Field(None, description="the built-in model's weights file (the photo models)")
+    calibration: str | None = Field(None, description="the built-in model's calibration file (default: shipped)")
     redis_url: str | None = Field("redis://127.0.0.1:6379/0", description="the stream's Redis; None: HTTP only")
     redis_password_file: str | None = Field(None, description="a file holding the Redis password")
     streams: dict[str, str] | None = Field(None, description="stream and group names (worker.streams.StreamNames)")
@@ -471,6 +508,24 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(MAX_HTTP_BODY, ge=1, description="largest POST /detect body")
     torch_threads: int | None = Field(None, ge=1, description="Explainer intra-op threads")
     nlm_threads: int | None = Field(None, ge=1, description="Denoiser OpenCV threads")
+
+    @model_validator(mode="after")
+    def _one_way_to_name_detectors(self) -> "AppArgs":
+        if self.detector is not None and self.model_fields_set & {"model", "weights", "calibration"}:
+            raise ValueError("give either detector (bundles or built-in names) or model/weights/calibration")
+        if self.detector is not None and not self.detector:
+            raise ValueError("detector: give at least one bundle or built-in model name")
+        return self
+
+    def detector_refs(self) -> list[dict]:
+        """What each stage loads its detectors from: ``{"bundle": path}`` or ``{"model", "weights",
+        "calibration"}`` of a built-in model."""
+        from pipeline import MODEL_NAMES
+
+        if self.detector is None:
+            return [{"model": self.model, "weights": self.weights, "calibration": self.calibration}]
+        given = [self.detector] if isinstance(self.detector, str) else self.detector
+        return [{"model": ref} if ref in MODEL_NAMES else {"bundle": ref} for ref in given]
 
     @field_validator("redis_url")
     @classmethod
@@ -487,7 +542,7 @@ def build_app(args: AppArgs) -> serve.Application:
     list, which Serve applies by deployment name."""
     if isinstance(args, dict):  # a direct call from Python; Serve validates the YAML's args itself
         args = AppArgs.model_validate(args)
-    common = {"model": args.model, "weights": args.weights, "calibration": args.calibration}
+    common = {"detectors": args.detector_refs()}
     stream = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams")}
     ingress = {k: getattr(args, k) for k in ("consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
                                                "verdict_maxlen", "max_body_bytes")}

@@ -33,7 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer-group member")
     ap.add_argument("--prefix", default=None, help="all stream names under this prefix (default explainer:*)")
     ap.add_argument("--all-verdicts-channel", default=None, help="also PUBLISH every verdict on this channel")
-    ap.add_argument("--model", default="mnist")
+    ap.add_argument("--detector", action="append", default=None, metavar="BUNDLE",
+                    help="a detector bundle or built-in model name to serve (repeatable: a request's model field "
+                    "picks one by name; default: the shipped mnist detector)")
+    ap.add_argument("--model", default=None, help="a built-in model to serve (same as --detector NAME)")
     ap.add_argument("--batch", type=int, default=64, help="entries read per XREADGROUP")
     ap.add_argument("--block-ms", type=int, default=200)
     ap.add_argument("--claim-idle-ms", type=int, default=30_000, help="reclaim entries idle this long")
@@ -44,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_worker(args: argparse.Namespace) -> StreamWorker:
-    """The shipped detector behind one consumer-group member, trimming acked image entries as it goes."""
-    from pipeline import Detector, keep_allocations_mapped
+    """The detectors asked for (default: the shipped mnist one) behind one consumer-group member, trimming acked
+    image entries as it goes."""
+    from pipeline import MODEL_NAMES, Detector, keep_allocations_mapped
     from worker.detect import detect_requests
 
     keep_allocations_mapped()
@@ -55,23 +59,38 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
         torch.set_num_threads(args.torch_threads)
     names = StreamNames.with_prefix(args.prefix) if args.prefix else StreamNames()
     names.all_verdicts_channel = args.all_verdicts_channel
-    detector = Detector.from_pretrained(args.model)
+    refs = (args.detector or []) + ([args.model] if args.model else [])
+    detectors: dict[str, Detector] = {}
+    for ref in refs or ["mnist"]:
+        det = Detector.from_pretrained(ref) if ref in MODEL_NAMES else Detector.load(ref)
+        if det.model.name in detectors:
+            raise ValueError(f"two detectors are named {det.model.name!r}: requests pick one by name")
+        if det.calibration is None:
+            raise ValueError(f"detector {det.model.name!r} has no calibration: calibrate it (explainer calibrate "
+                             "--images-dir CLEAN --out BUNDLE) and serve the bundle")
+        detectors[det.model.name] = det
     consumer = StreamConsumer(
         connect(resolve_redis_url(args.redis_url)), names, consumer=args.consumer, count=args.batch,
         block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
     )
-    return StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs), trim_interval_s=args.trim_interval_s)
+    return StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs), trim_interval_s=args.trim_interval_s,
+                        models=detectors)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then finish the batch in flight. Exit 0 when every computed verdict landed,
-    1 when some could not be published (their entries stay pending), 2 when Redis refused the credentials."""
+    1 when some could not be published (their entries stay pending), 2 when Redis refused the credentials or a
+    detector could not be loaded."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    worker = build_worker(args)
+    try:
+        worker = build_worker(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(json.dumps({"event": "error", "error": str(e)}), flush=True)
+        return 2
     print(json.dumps({"event": "ready", "pid": os.getpid(), "consumer": args.consumer}), flush=True)
     try:
         worker.run(stop)

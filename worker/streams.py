@@ -138,7 +138,8 @@ class StreamEvents:
         """A batch's verdicts landed; ``written[i]`` is False for a redelivered entry that already had one."""
 
     def dead_lettered(self, kind: str) -> None:
-        """An entry went to the dead-letter stream; ``kind``: no_data, undecodable or max_deliveries."""
+        """An entry went to the dead-letter stream; ``kind``: no_data, undecodable, unknown_model or
+        max_deliveries."""
 
     def publish_failed(self, error: str) -> None:
         """Writing a batch's verdicts failed (``error``: the exception's type); they are retried."""
@@ -412,10 +413,13 @@ class StreamWorker:
 
     def __init__(
         self, consumer: StreamConsumer, detect_fn: DetectFn, *, max_backoff_s: float = 10.0,
-        trim_interval_s: float | None = 5.0,
+        trim_interval_s: float | None = 5.0, models: Iterable[str] | None = None,
     ) -> None:
         self.consumer = consumer
         self.detect_fn = detect_fn
+        # the detectors ``detect_fn`` serves, by name: a request naming another goes to the dead letters with the
+        # reason (None: every request is handed to ``detect_fn``)
+        self.models = None if models is None else frozenset(models)
         self.max_backoff_s = max_backoff_s
         self.trim_interval_s = trim_interval_s  # run() trims acked image entries this often (None: never)
         self._last_trim = 0.0
@@ -445,11 +449,18 @@ class StreamWorker:
                 handled += 1
                 continue
             try:
-                reqs.append(wire.decode_request(raw))
-                sids.append(sid)
+                req = wire.decode_request(raw)
             except wire.WireError as e:
                 self.consumer.dead_letter(sid, raw, f"undecodable request: {e.reason}", kind="undecodable")
                 handled += 1
+                continue
+            if self.models is not None and req.model not in self.models:
+                self.consumer.dead_letter(sid, raw, f"unknown model {req.model!r}: this worker serves "
+                                          f"{', '.join(sorted(self.models))}", kind="unknown_model")
+                handled += 1
+                continue
+            reqs.append(req)
+            sids.append(sid)
         if not reqs:
             return handled
         sids, reqs, verdicts = self._detect(sids, reqs)

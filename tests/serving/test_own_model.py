@@ -1,0 +1,174 @@
+"""A user's own classifier from training to the stream: a small residual network (not the shipped CNN's
+architecture) trained for a few seconds on real MNIST training digits and exported with ``torch.export``, is
+calibrated through ``explainer calibrate`` on clean even-indexed test digits, saved as a bundle, and served by a
+real Ray Serve application next to the shipped MNIST detector; requests pick a detector by ``model``.
+
+The same bundle gives the same verdicts through ``explainer detect``, ``Detector.load`` and the stream, and its
+false-positive rate on the held-out odd digits stays within the calibration's target (a binomial bound).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from evaluation.datasets import load_mnist, mnist_dir
+from pipeline import Detector, load_adversarial_digits, load_sample_digits
+from worker import wire
+from worker.collect import collect_verdicts, last_id
+from worker.embedded import embedded_stack
+from worker.feed import push_images
+from worker.local_redis import free_port
+from worker.streams import StreamNames, connect, iter_stream
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+NAME = "tiny-resnet"
+TARGET_FPR, CONFIDENCE = 0.05, 0.99
+NAMES = StreamNames()
+
+
+def _have_mnist_train() -> bool:
+    try:
+        mnist_dir()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _have_mnist_train(), reason="needs ../shared/data/mnist (training digits)")
+
+
+def explainer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def write_pngs(folder: Path, images: np.ndarray, indices: np.ndarray) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = [folder / f"{i:05d}.png" for i in indices]
+    for path, image in zip(paths, images, strict=True):
+        cv2.imwrite(str(path), image)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """The user's side: a trained network exported to tiny.pt2, clean even digits and held-out odd ones as PNGs,
+    and the bundle ``explainer calibrate`` made from them."""
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import tiny_resnet
+    finally:
+        sys.path.remove(str(FIXTURES))
+    root = tmp_path_factory.mktemp("own-model")
+    images, labels = load_mnist("train")
+    net = tiny_resnet.train(images[:6000], labels[:6000], epochs=2)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},)),
+                      root / "tiny.pt2")
+    digits = load_sample_digits()
+    for parity in ("even", "odd"):
+        half = digits.parity(parity)
+        write_pngs(root / parity, half.images, half.indices)
+    done = explainer("calibrate", "--model", "tiny.pt2", "--input-size", "28", "--channels", "1",
+                     "--images-dir", "even", "--name", NAME, "--target-fpr", str(TARGET_FPR),
+                     "--confidence", str(CONFIDENCE), "--out", "bundle", cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "threshold" in done.stdout and (root / "bundle" / "detector.json").is_file()
+    return root
+
+
+def binomial_upper(n: int, p: float, quantile: float) -> int:
+    """The smallest k with P(Binomial(n, p) <= k) >= quantile."""
+    cdf = 0.0
+    for k in range(n + 1):
+        cdf += math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+                        + (n - k) * math.log1p(-p))
+        if cdf >= quantile:
+            return k
+    return n
+
+
+def test_the_bundle_records_the_model_and_its_calibration(work):
+    manifest = json.loads((work / "bundle" / "detector.json").read_text())
+    assert manifest["name"] == NAME and manifest["model"]["source"]["kind"] == "exported"
+    assert manifest["model"]["input_size"] == 28 and manifest["model"]["channels"] == 1
+    det = Detector.load(work / "bundle")
+    assert det.model.name == NAME and det.calibration is not None
+    assert det.calibration.target_fpr == TARGET_FPR and det.calibration.confidence == CONFIDENCE
+    assert det.calibration.n_reference + det.calibration.n_threshold == 1000  # every even digit
+
+
+def test_held_out_fpr_is_within_the_calibrated_target(work):
+    """The threshold holds the target FPR with 99% confidence; the held-out count may then exceed the target's
+    expectation only by the binomial spread of 1,000 draws (99.9% quantile)."""
+    odd = load_sample_digits().parity("odd")
+    flagged = int(Detector.load(work / "bundle").detect(odd.images).is_adversarial.sum())
+    bound = binomial_upper(len(odd.images), TARGET_FPR, 0.999)
+    assert flagged <= bound, f"{flagged} of {len(odd.images)} clean digits flagged (bound {bound})"
+
+
+@pytest.fixture(scope="module")
+def stack(work, tmp_path_factory):
+    overrides = {"detector": ["mnist", str(work / "bundle")], "block_ms": 100}
+    with embedded_stack(data_dir=tmp_path_factory.mktemp("own-stack"), http_port=free_port(),
+                        overrides=overrides) as st:
+        yield st
+
+
+def test_requests_pick_their_detector_and_get_the_verdicts_of_detect_and_load(work, stack):
+    client = connect(stack.redis_url)
+    odd = load_sample_digits().parity("odd")
+    adv = load_adversarial_digits().head(100)
+    own = np.concatenate([odd.images, adv.images])
+    own_ids = [f"own-{i}" for i in range(len(own))]
+    shipped = odd.images[:200]
+    shipped_ids = [f"shipped-{i}" for i in range(len(shipped))]
+    after = last_id(client, NAMES.verdicts)
+    dead_after = last_id(client, NAMES.dead)
+    push_images(client, NAMES, own, ids=own_ids, model=NAME)
+    push_images(client, NAMES, shipped, ids=shipped_ids, model="mnist")
+    push_images(client, NAMES, odd.images[:1], ids=["nobody"], model="no-such-model")
+    got = collect_verdicts(client, NAMES, own_ids + shipped_ids, after, timeout_s=300)
+    assert len(got) == len(own_ids) + len(shipped_ids)
+    assert all("error" not in v for v in got.values())
+
+    # each request was judged by the detector it named
+    local = Detector.load(work / "bundle")
+    expected = local.detect(own)
+    streamed = [got[i] for i in own_ids]
+    assert {v["model"] for v in streamed} == {NAME}
+    assert [v["predicted_class"] for v in streamed] == expected.predicted_class.tolist()
+    assert [v["is_adversarial"] for v in streamed] == expected.is_adversarial.tolist()
+    assert np.allclose([v["score"] for v in streamed], expected.score, rtol=1e-4, atol=1e-4)
+    reference = Detector.from_pretrained("mnist").detect(shipped)
+    assert [got[i]["is_adversarial"] for i in shipped_ids] == reference.is_adversarial.tolist()
+    assert np.allclose([got[i]["score"] for i in shipped_ids], reference.score, rtol=1e-4, atol=1e-4)
+
+    # the held-out clean digits' streamed verdicts keep the FPR bound
+    flagged = sum(got[f"own-{i}"]["is_adversarial"] for i in range(len(odd.images)))
+    assert flagged <= binomial_upper(len(odd.images), TARGET_FPR, 0.999)
+
+    # explainer detect on the same digits as PNG files, a folder at a time: the same verdicts
+    done = explainer("detect", "--detector", "bundle", "odd", "--out", "odd.jsonl", cwd=work)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in (work / "odd.jsonl").read_text().splitlines()]
+    assert [Path(r["file"]).name for r in rows] == [f"{i:05d}.png" for i in odd.indices]
+    assert [r["is_adversarial"] for r in rows] == expected.is_adversarial[: len(odd.images)].tolist()
+    assert np.allclose([r["score"] for r in rows], expected.score[: len(odd.images)], rtol=1e-6, atol=1e-6)
+
+    # a model nobody serves: a dead letter that says so, and no verdict
+    dead = [wire.decode_dead_letter(raw) for _sid, raw in iter_stream(client, NAMES.dead, dead_after)]
+    unknown = [d for d in dead if d.get("kind") == "unknown_model"]
+    assert len(unknown) == 1 and "no-such-model" in unknown[0]["reason"] and NAME in unknown[0]["reason"]
+    assert int(client.xpending(NAMES.images, NAMES.group)["pending"]) == 0
