@@ -73,7 +73,7 @@ def even_photo_validation(
         attack = IMAGENET_ATTACKS[name](**({"steps": patch_steps} if name == "patch" else {}))
         if isinstance(attack, AdversarialPatch):
             kept = train_images if patch_holdout is None else np.delete(train_images, patch_holdout, axis=0)
-            attack.fit(model.net, to_tensor(kept))
+            attack.fit(model.net, to_tensor(kept).to(model.device))
         runs[name] = run_attack(model, name, attack, val_images, val_labels, batch=16)
         log(f"{name}: success {runs[name].success_rate:.1%} of {runs[name].attempted}")
     return train_images, val_images, runs
@@ -106,18 +106,22 @@ def evaluate_imagenet(
     config: DetectorConfig = preset("photos"), log: Progress = print, seed: int = 0,
     command: str = "explainer evaluate --model mobilenet_v2", n_calibration: int | None = None,
     attack_options: dict[str, dict] | None = None, folds: int | None = CALIBRATION_FOLDS["photos"],
+    device: str | None = None,
 ) -> dict:
     """Calibrate on even photos, attack and score odd ones, write metrics.json, report.md and plots to ``out``.
 
     ``folds``: the threshold is cross-fitted over that many folds of the calibration photos (None, or fewer than
     10 photos a fold: two halves).
     ``n_calibration`` limits the calibration photos and ``attack_options`` overrides attack parameters
-    (e.g. ``{"patch": {"steps": 5}}``): for quick checks only; the report records what was used."""
+    (e.g. ``{"patch": {"steps": 5}}``): for quick checks only; the report records what was used. ``device``: where
+    the model, its attacks and its explanations run (NLM and inpainting stay on the CPU)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)  # Captum's GradientShap draws its interpolation points from numpy's global generator
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_name, weights)
+    if device:
+        model.to(device)
     rows = load_imagenet_sample()
     cal_rows, eval_rows = spread(rows[0::2], n_calibration or len(rows)), spread(rows[1::2], n)
     log(f"loading {len(cal_rows)} calibration photos (even positions) and {len(eval_rows)} evaluation photos (odd)…")
@@ -143,7 +147,7 @@ def evaluate_imagenet(
         if isinstance(attack, AdversarialPatch):
             log(f"training the universal patch on {len(patch_photos)} calibration photos (not the hosts)…")
             t = time.perf_counter()
-            attack.fit(model.net, to_tensor(patch_photos))
+            attack.fit(model.net, to_tensor(patch_photos).to(model.device))
             log(f"  trained in {time.perf_counter() - t:.0f}s")
         log(f"attack {name} on {len(eval_images)} photos…")
         runs[name] = run_attack(model, name, attack, eval_images, eval_labels, batch=16)

@@ -81,13 +81,13 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def to_uint8(x: torch.Tensor, like: np.ndarray) -> np.ndarray:
     """float (N, C, H, W) in [0, 1] -> uint8 in the layout of ``like``."""
-    u8 = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8)
+    u8 = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
     return (u8.squeeze(1) if like.ndim == 3 else u8.permute(0, 2, 3, 1)).numpy()
 
 
 def predict(model: TargetModel, images: np.ndarray, batch: int = 500) -> np.ndarray:
     with torch.inference_mode():
-        return np.concatenate([model(to_tensor(images[i : i + batch])).argmax(1).numpy()
+        return np.concatenate([model(to_tensor(images[i : i + batch]).to(model.device)).argmax(1).cpu().numpy()
                                for i in range(0, len(images), batch)])
 
 
@@ -111,7 +111,7 @@ def run_attack(
     advs = []
     for i in range(0, len(correct), batch):
         idx = correct[i : i + batch]
-        x_adv = attack(model.net, to_tensor(images[idx]), torch.from_numpy(labels[idx]))
+        x_adv = attack(model.net, to_tensor(images[idx]).to(model.device), torch.from_numpy(labels[idx]))
         advs.append(to_uint8(x_adv, images))
     seconds = time.perf_counter() - start
     adv = np.concatenate(advs) if advs else images[:0]

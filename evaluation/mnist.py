@@ -27,6 +27,7 @@ from evaluation.metrics import (
     to_tensor,
 )
 from pipeline.detector import Detector
+from pipeline.models import load_model
 
 METHODS_COMPARED = ("ig", "deeplift", "saliency", "gradient_shap", "smoothgrad_ig", "guided_gradcam")
 
@@ -34,8 +35,11 @@ METHODS_COMPARED = ("ig", "deeplift", "saliency", "gradient_shap", "smoothgrad_i
 def evaluate_mnist(
     attacks: list[str], n: int, out: Path, target_fpr: float = 0.05, n_calibration: int = 5000,
     n_methods: int = 200, methods: tuple[str, ...] = METHODS_COMPARED, log: Progress = print, seed: int = 0,
-    command: str = "explainer evaluate --model mnist",
+    command: str = "explainer evaluate --model mnist", device: str | None = None,
 ) -> dict:
+    """Attack odd test digits, score them and every odd clean digit with the shipped detector and the re-run
+    baselines (calibrated on even digits); write metrics.json, report.md and plots to ``out``. ``device``: where
+    the model, its attacks and its explanations run; the baselines run on the CPU."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)  # Captum's GradientShap draws its interpolation points from numpy's global generator
@@ -47,7 +51,7 @@ def evaluate_mnist(
     odd = digits.parity("odd")
     clean_eval, cal = odd.spread(n), digits.parity("even").spread(n_calibration)
     attacked = np.isin(odd.indices, clean_eval.indices)
-    det = Detector.from_pretrained("mnist")
+    det = Detector.from_pretrained("mnist", device=device)
     log(f"clean evaluation digits: all {len(odd.images)} odd-indexed (attacks on {len(clean_eval.images)}); scoring…")
     clean = score_images(det, odd.images)
     runs: dict[str, AttackRun] = {}
@@ -66,7 +70,8 @@ def evaluate_mnist(
     log("baselines: Feature Squeezing and MagNet, calibrated on the same even-indexed digits…")
     x_cal, x_clean = to_tensor(cal.images), to_tensor(odd.images)
     baseline_scores: dict[str, dict[str, np.ndarray]] = {}
-    baselines = {"feature_squeezing": FeatureSqueezing(det.model), "magnet": MagNet.from_pretrained(det.model)}
+    cpu_model = det.model if det.model.device.type == "cpu" else load_model("mnist")
+    baselines = {"feature_squeezing": FeatureSqueezing(cpu_model), "magnet": MagNet.from_pretrained(cpu_model)}
     for bname, detector in baselines.items():
         detector.calibrate(x_cal, target_fpr)
         s_clean, f_clean = detector.score(x_clean), detector.detect(x_clean)

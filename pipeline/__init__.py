@@ -5,6 +5,7 @@ It imports neither Redis nor Ray nor the evaluation harness; the streaming worke
 names exported here.
 """
 
+from pipeline.bundle import check_detector_name
 from pipeline.calibration import Calibration
 from pipeline.config import DetectorConfig
 from pipeline.denoise import NLMParams, denoise_batch
@@ -12,14 +13,23 @@ from pipeline.detector import DetectionResult, Detector, Explained
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
-from pipeline.inputs import decode_image, read_image_file, to_float_batch
-from pipeline.models import MODEL_NAMES, TargetModel, load_model
-from pipeline.presets import PRESETS, default_config, default_folds, preset
+from pipeline.inputs import decode_image, image_files, read_image_file, to_float_batch
+from pipeline.models import (
+    MODEL_NAMES,
+    ModelSource,
+    TargetModel,
+    load_model,
+    load_network,
+    parse_model_ref,
+    wrap_network,
+)
+from pipeline.presets import CALIBRATION_FOLDS, PRESETS, default_config, default_folds, preset
 from pipeline.runtime import keep_allocations_mapped
 from pipeline.samples import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits
 from pipeline.signals import SIGNALS, Signal
 
 __all__ = [
+    "CALIBRATION_FOLDS",
     "ENTROPY_VARIANTS",
     "METHODS",
     "MODEL_NAMES",
@@ -34,22 +44,28 @@ __all__ = [
     "ExplainParams",
     "Explained",
     "InputError",
+    "ModelSource",
     "NLMParams",
     "Signal",
     "TargetModel",
+    "check_detector_name",
     "decode_image",
     "default_config",
     "default_folds",
     "denoise_batch",
     "explain",
+    "image_files",
     "keep_allocations_mapped",
     "load_adversarial_digits",
     "load_model",
+    "load_network",
     "load_sample_digits",
     "map_entropy",
+    "parse_model_ref",
     "passes_per_image",
     "predict_and_explain",
     "preset",
     "read_image_file",
     "to_float_batch",
+    "wrap_network",
 ]

@@ -18,15 +18,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.calibration import Calibration
 from pipeline.config import DetectorConfig
 from pipeline.models import TargetModel, load_model, wrap_network
 from pipeline.models.source import load_network, save_network, source_from_record
-
-if TYPE_CHECKING:
-    from pipeline.detector import Detector
 
 BUNDLE_FORMAT = "explainer-detector"
 BUNDLE_VERSION = 1
@@ -35,7 +32,7 @@ CALIBRATION_FILE = "calibration.json"
 MAX_NAME_CHARS = 64  # a request's ``model`` field picks a detector by this name (worker.wire's limit)
 
 
-def check_name(name: str) -> str:
+def check_detector_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_CHARS or not all(c.isalnum() or c in "-_." for c in name):
         raise ValueError(f"detector name {name!r}: 1 to {MAX_NAME_CHARS} letters, digits, '-', '_' or '.'")
     return name
@@ -60,12 +57,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return data
 
 
-def save_bundle(detector: Detector, folder: str | Path) -> Path:
-    """Write ``detector`` as a bundle. An existing bundle at ``folder`` is replaced whole; any other existing,
-    non-empty folder is refused. The folder is written beside and renamed into place, so a reader never sees
-    half a bundle."""
+def save_bundle(model: TargetModel, config: DetectorConfig, calibration: Calibration | None,
+                folder: str | Path) -> Path:
+    """Write a detector (its model, config and calibration) as a bundle. An existing bundle at ``folder`` is
+    replaced whole; any other existing, non-empty folder is refused. The folder is written beside and renamed
+    into place, so a reader never sees half a bundle."""
     folder = Path(folder)
-    model = detector.model
     if model.source is None:
         raise ValueError(
             "this detector's network was built in Python and nothing says how to build it again: pass "
@@ -79,18 +76,18 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
     try:
         net = model.net[1] if model.normalize is not None and model.source.kind != "builtin" else model.net
         record = save_network(model.source, net, staging)
-        if detector.calibration is not None:
-            detector.calibration.save(staging / CALIBRATION_FILE)
+        if calibration is not None:
+            calibration.save(staging / CALIBRATION_FILE)
         normalize = None if model.normalize is None else {"mean": list(model.normalize[0]),
                                                            "std": list(model.normalize[1])}
         manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
-            "name": check_name(model.name),
+            "name": check_detector_name(model.name),
             "model": {"source": record, "input_size": model.size, "channels": model.channels,
                       "normalize": normalize, "resize_to": model.resize_to, "explain_layer": model.explain_layer},
-            "config": detector.config.to_dict(),
-            "calibration": CALIBRATION_FILE if detector.calibration is not None else None,
+            "config": config.to_dict(),
+            "calibration": CALIBRATION_FILE if calibration is not None else None,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if folder.exists():
@@ -102,14 +99,13 @@ def save_bundle(detector: Detector, folder: str | Path) -> Path:
     return folder
 
 
-def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None) -> Detector:
-    """The detector a bundle holds. ``weights``: a built-in model's weights file (a bundle of a user's model
-    carries its own); ``device``: where the model runs (default CPU)."""
-    from pipeline.detector import Detector  # the detector module imports this one
-
+def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None
+                ) -> tuple[TargetModel, DetectorConfig, Calibration | None]:
+    """The model, config and calibration of the detector a bundle holds. ``weights``: a built-in model's weights
+    file (a bundle of a user's model carries its own); ``device``: where the model runs (default CPU)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    name = check_name(manifest["name"])
+    name = check_detector_name(manifest["name"])
     spec = manifest["model"]
     source = source_from_record(spec["source"], folder, weights)
     if source.kind == "builtin":
@@ -130,15 +126,10 @@ def load_bundle(folder: str | Path, weights: str | Path | None = None, device: s
         if calibration.config and DetectorConfig.from_dict(calibration.config) != config:
             raise ValueError(f"{folder}: the calibration was made with another configuration than the bundle's "
                              "(recalibrate and save the bundle again)")
-    return Detector(model, config, calibration)
+    return model, config, calibration
 
 
 def bundle_name(folder: str | Path) -> str:
     """The name requests use to pick this bundle's detector (its ``detector.json``'s ``name``)."""
-    return check_name(read_manifest(folder)["name"])
+    return check_detector_name(read_manifest(folder)["name"])
 
-
-def describe(model: TargetModel) -> str:
-    """One line on where a model comes from, for the CLI."""
-    s = model.source
-    return f"{model.name} ({'python module' if s is None else s.kind}, {model.channels}×{model.size}×{model.size})"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.bundle import check_detector_name, load_bundle, save_bundle
 from pipeline.calibration import Calibration, fit_calibration
 from pipeline.config import DetectorConfig
 from pipeline.denoise import denoise_batch
@@ -188,13 +189,12 @@ class Detector:
         channel, photos for three) or a :class:`DetectorConfig`. ``factory``: ``package.module:callable`` that
         builds ``net``'s architecture (called with ``factory_kwargs``), so that a bundle can rebuild a plain module
         from its state dict. ``name``: the name requests pick the detector by."""
-        from pipeline.bundle import check_name
         from pipeline.presets import preset as named_preset  # presets import the config, which this module imports
 
         source = source_of(net, factory, factory_kwargs)
         if isinstance(net, torch.export.ExportedProgram):
             net = net.module()
-        model = wrap_network(net, name=check_name(name), input_size=input_size, channels=channels,
+        model = wrap_network(net, name=check_detector_name(name), input_size=input_size, channels=channels,
                              normalize=normalize, explain_layer=explain_layer, resize_to=resize_to, source=source)
         if device:
             model.to(device)
@@ -206,16 +206,12 @@ class Detector:
     def load(cls, folder: str | Path, weights: str | Path | None = None, device: str | None = None) -> Detector:
         """The detector a bundle folder holds (:meth:`save`, ``explainer calibrate --out``; docs/bundle.md).
         ``weights``: a built-in model's weights file (a user's model carries its own)."""
-        from pipeline.bundle import load_bundle
-
-        return load_bundle(folder, weights=weights, device=device)
+        return cls(*load_bundle(folder, weights=weights, device=device))
 
     def save(self, folder: str | Path) -> Path:
         """Write this detector as a bundle (docs/bundle.md): its config, its calibration (with the transplant's
         host images) and its network, or how to load it. Loading it runs no pickled code."""
-        from pipeline.bundle import save_bundle
-
-        return save_bundle(self, folder)
+        return save_bundle(self.model, self.config, self.calibration, folder)
 
     # -- the stages, usable one by one (the Ray Serve deployments run them on different workers) ---------------
 

@@ -92,8 +92,7 @@ def detect(
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """One verdict per image: a table, JSON lines or CSV. Exit status 1 when some image could not be judged."""
-    from pipeline import read_image_file
-    from pipeline.inputs import image_files
+    from pipeline import image_files, read_image_file
     from worker.detect import detect_requests
     from worker.verdicts import VerdictWriter
 
@@ -175,8 +174,7 @@ def _own_model(model: str, weights: Path | None, model_kwargs: str | None, input
                channels: int | None, mean: str | None, std: str | None, resize_to: int | None,
                explain_layer: str | None, name: str, preset_name: str | None, device: str | None):
     """A detector around the user's network (module:callable or a model file), on its preset."""
-    from pipeline import Detector, preset
-    from pipeline.models import load_network, parse_model_ref, wrap_network
+    from pipeline import Detector, load_network, parse_model_ref, preset, wrap_network
 
     if input_size is None or channels is None:
         fail(f"--model {model}: give the input it takes, --input-size PIXELS and --channels 1|3")
@@ -250,9 +248,17 @@ def calibrate(
     Detector.load read."""
     from dataclasses import replace
 
-    from pipeline import MODEL_NAMES, Detector, ExplainParams, InputError, default_config, default_folds, load_model
-    from pipeline.bundle import check_name
-    from pipeline.presets import CALIBRATION_FOLDS
+    from pipeline import (
+        CALIBRATION_FOLDS,
+        MODEL_NAMES,
+        Detector,
+        ExplainParams,
+        InputError,
+        check_detector_name,
+        default_config,
+        default_folds,
+        load_model,
+    )
 
     _check_device(device)
     builtin = model in MODEL_NAMES
@@ -261,7 +267,7 @@ def calibrate(
         fail("--out: your own model's calibration is saved as a bundle (a folder), which also records how to load "
              "the model; give a folder")
     try:
-        name = check_name(name or (model if builtin and as_file else out.name))
+        name = check_detector_name(name or (model if builtin and as_file else out.name))
     except ValueError as exc:
         fail(f"{exc}; give --name")
     if not builtin and images_dir is None:
@@ -342,8 +348,7 @@ def _calibration_images(model: str | None, images_dir: Path | None, split: str, 
         from evaluation.datasets import clean_calibration_images
 
         return clean_calibration_images(model, None, n)
-    from pipeline import read_image_file
-    from pipeline.inputs import image_files
+    from pipeline import image_files, read_image_file
 
     if not Path(images_dir).is_dir():
         raise FileNotFoundError(f"--images-dir {images_dir}: not a folder")
@@ -370,15 +375,17 @@ def evaluate(
     methods: str = typer.Option("ig,deeplift,saliency,gradient_shap,smoothgrad_ig,guided_gradcam",
                                 help="explanation methods to compare ('' to skip)"),
     n_methods: int = typer.Option(200, help="images per set in the method comparison"),
+    device: str | None = typer.Option(None, help=DEVICE_HELP + "; the MNIST baselines stay on the CPU"),
 ) -> None:
     """Detection rate, FPR and ROC-AUC on real data, beside the paper's Table 1 and the re-run baselines."""
     import sys
 
+    _check_device(device)
     if attacks is None:
         attacks = "bim,mim,cw-l0,cw-l2,cw-linf" if model == "mnist" else "patch,bim,pgd"
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if model != "mnist":
-        evaluate_photos(model, weights, names, n or 250, out or Path("reports/imagenet"))
+        evaluate_photos(model, weights, names, n or 250, out or Path("reports/imagenet"), device)
         return
     from evaluation.attacks import ATTACKS
     from evaluation.mnist import evaluate_mnist
@@ -389,7 +396,8 @@ def evaluate(
     n, out = n or 1000, out or Path("reports/mnist")
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     metrics = evaluate_mnist(names, n, out, n_methods=n_methods, methods=method_list,
-                             log=lambda msg: console.print(msg), command="explainer " + shlex.join(sys.argv[1:]))
+                             log=lambda msg: console.print(msg), command="explainer " + shlex.join(sys.argv[1:]),
+                             device=device)
     table = Table("attack", "success", "n adv", "detection", "ROC-AUC", "MagNet", "FS",
                   title=f"clean FPR {metrics['clean_fpr']:.1%} (target {metrics['target_fpr']:.0%})")
     for name, a in metrics["attacks"].items():
@@ -401,7 +409,8 @@ def evaluate(
     console.print(f"wrote {out}/metrics.json, {out}/report.md and plots")
 
 
-def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, out: Path) -> None:
+def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, out: Path,
+                    device: str | None = None) -> None:
     """The ImageNet-size half of ``evaluate``: patch / BIM / PGD on the shared sample photos."""
     import sys
 
@@ -412,7 +421,7 @@ def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, 
         fail(f"unknown attack(s) {unknown} for ImageNet models; choose from {', '.join(IMAGENET_ATTACKS)}")
     try:
         metrics = evaluate_imagenet(model, weights, names, n, out, log=lambda msg: console.print(msg),
-                                    command="explainer " + shlex.join(sys.argv[1:]))
+                                    command="explainer " + shlex.join(sys.argv[1:]), device=device)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     table = Table("attack", "success", "n adv", "detection", "ROC-AUC",
@@ -521,6 +530,7 @@ def feed(
     source: str = typer.Option("mnist", help="mnist (held-out test digits) | adversarial (shipped) | a folder"),
     attack: str | None = typer.Option(None, help="make adversarials on the fly with this attack (pgd, bim, ...)"),
     encoding: str = typer.Option("raw", help="raw | png | jpeg"),
+    model: str = typer.Option("mnist", help="the served detector that judges them (a request's model field)"),
 ) -> None:
     """Push images into the image stream."""
     from pipeline import load_adversarial_digits, load_sample_digits
@@ -537,13 +547,16 @@ def feed(
         adv = load_adversarial_digits().head(n)
         images, ids = adv.images, [f"adv-{a}-{i}" for a, i in zip(adv.attacks, adv.indices, strict=True)]
     else:
-        from pipeline import read_image_file
+        from pipeline import image_files, read_image_file
 
-        files = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:n]
+        try:
+            files = image_files([source])[:n]
+        except FileNotFoundError as exc:
+            fail(f"--source: {exc}")
         images, ids = [read_image_file(p) for p in files], [p.name for p in files]
     stream_ids = push_images(connect(resolve_redis_url(redis_url)), StreamNames(), images, ids=ids,
-                             encoding=encoding)
-    console.print(f"pushed {len(stream_ids)} images to explainer:images")
+                             encoding=encoding, model=model)
+    console.print(f"pushed {len(stream_ids)} images for {model} to explainer:images")
 
 
 def _attack_digits(attack: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:

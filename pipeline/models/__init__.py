@@ -19,11 +19,10 @@ from torch import nn
 from pipeline.errors import InputError
 from pipeline.models.imagenet import GRADCAM_LAYERS, load_imagenet_net
 from pipeline.models.mnist import MnistNet, load_mnist_net
-from pipeline.models.source import ModelSource, load_network, parse_model_ref
+from pipeline.models.source import MODEL_NAMES, ModelSource, load_network, parse_model_ref
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODEL_NAMES = ("mnist", "resnet18", "mobilenet_v2")
 # the most pixels a photo may have once resized to its short side, before the centre crop: a thin strip of a few
 # KB on the wire would otherwise become hundreds of MB; 4M allows panoramas up to 64:1
 MAX_RESIZED_PIXELS = 4 * 1024 * 1024

@@ -12,6 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.models.source import load_state_dict
+
 # torchvision's published file names: what torch.hub caches after a download on a machine with internet.
 HUB_FILES = {
     "resnet18": "resnet18-f37072fd.pth",
@@ -52,7 +54,5 @@ def load_imagenet_net(name: str, weights: str | Path | None = None, random_init:
                 f"({HUB_FILES[name]}), or random_init=True for timing only."
             )
         path = found[0]
-    from pipeline.models.source import load_state_dict  # the package's __init__ imports this module
-
     load_state_dict(net, path, f"torchvision's {name}")
     return net.eval()

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.models.source import load_state_dict
+
 MNIST_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "mnist_cnn.pt"
 
 
@@ -42,8 +44,6 @@ def load_weights(module: nn.Module, path: str | Path, what: str, script: str) ->
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} weights not found: {path} (train them with {script})")
-    from pipeline.models.source import load_state_dict  # the package's __init__ imports this module
-
     load_state_dict(module, path, what)
     return module.eval()
 

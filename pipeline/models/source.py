@@ -2,7 +2,7 @@
 
 Four kinds of source, each loaded by a loader that runs no code from the file it reads:
 
-- ``builtin``: a model this package defines (:data:`pipeline.models.MODEL_NAMES`), with optional weights.
+- ``builtin``: a model this package defines (:data:`MODEL_NAMES`), with optional weights.
 - ``factory``: ``package.module:callable`` (imported by name, so it must be installed or on the path of every
   process that loads it) called with keyword arguments, then its state dict read with
   ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+MODEL_NAMES = ("mnist", "resnet18", "mobilenet_v2")  # the built-in models (pipeline.models.load_model)
 KINDS = ("builtin", "factory", "exported", "torchscript")
 HOOKLESS_KINDS = frozenset({"exported", "torchscript"})
 MODEL_FILE_SUFFIXES = {".pt2": "exported", ".ts": "torchscript"}
@@ -76,8 +77,6 @@ def is_factory_ref(ref: str) -> bool:
 def parse_model_ref(ref: str, weights: str | Path | None = None, kwargs: dict[str, Any] | None = None) -> ModelSource:
     """The source named on a command line: a builtin model name, ``module:callable``, or a model file (its kind
     read from the file itself). A file of a refused format raises ``ValueError`` saying why and what to give."""
-    from pipeline.models import MODEL_NAMES
-
     if ref in MODEL_NAMES:
         return ModelSource("builtin", ref, str(weights) if weights else None)
     if is_factory_ref(ref):

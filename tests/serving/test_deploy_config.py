@@ -93,3 +93,27 @@ def test_the_ingress_can_feed_every_explainer_the_backlog_policy_may_start(confi
     explainer = deployments["Explainer"].autoscaling_config
     assert explainer["policy"]["policy_function"] == "worker.autoscale:backlog_policy"
     assert AppArgs.model_validate(app.args).consumers * ingress_replicas >= explainer["max_replicas"]
+
+
+def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_path):
+    with pytest.raises(ValidationError, match="either detector"):
+        AppArgs.model_validate({"detector": "mnist", "model": "mnist"})
+    assert AppArgs.model_validate({"detector": ["mnist", "/models/cams"]}).detector_refs() == [
+        {"model": "mnist"}, {"bundle": "/models/cams"}]
+    assert AppArgs.model_validate({"model": "mobilenet_v2"}).detector_refs() == [
+        {"model": "mobilenet_v2", "weights": None, "calibration": None}]
+    # an override naming the detectors one way drops the config's other way
+    assert "detector" not in app_config(overrides={"model": "mobilenet_v2"})["args"]
+    assert "model" not in app_config(overrides={"detector": ["mnist"]})["args"]
+
+    import torch
+
+    from pipeline import Detector
+    from worker.serve_app import _detectors
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    Detector.from_model(torch.jit.script(net), input_size=28, channels=1, name="raw").save(tmp_path / "raw")
+    with pytest.raises(ValueError, match="'raw' has no calibration.*explainer calibrate"):
+        _detectors([{"bundle": str(tmp_path / "raw")}])
+    with pytest.raises(ValueError, match="two served detectors are named 'mnist'"):
+        _detectors([{"model": "mnist"}, {"model": "mnist"}])

@@ -172,3 +172,29 @@ def test_requests_pick_their_detector_and_get_the_verdicts_of_detect_and_load(wo
     unknown = [d for d in dead if d.get("kind") == "unknown_model"]
     assert len(unknown) == 1 and "no-such-model" in unknown[0]["reason"] and NAME in unknown[0]["reason"]
     assert int(client.xpending(NAMES.images, NAMES.group)["pending"]) == 0
+
+
+def test_the_standalone_worker_serves_the_bundle_beside_mnist(work, tmp_path):
+    """``python -m worker.standalone --detector BUNDLE --model mnist``: the same routing without Ray."""
+    from worker.local_redis import LocalRedis
+    from worker.standalone import build_worker, parse_args
+    from worker.streams import drain
+
+    odd = load_sample_digits().parity("odd")
+    with LocalRedis(tmp_path / "redis") as server:
+        names = StreamNames.with_prefix("standalone")
+        worker = build_worker(parse_args(["--redis-url", server.url, "--prefix", "standalone",
+                                          "--detector", str(work / "bundle"), "--model", "mnist"]))
+        worker.consumer.ensure_group()
+        client = connect(server.url)
+        push_images(client, names, odd.images[:40], ids=[f"a-{i}" for i in range(40)], model=NAME)
+        push_images(client, names, odd.images[:40], ids=[f"b-{i}" for i in range(40)], model="mnist")
+        push_images(client, names, odd.images[:1], ids=["c"], model="cifar")
+        assert drain(worker, 81, timeout_s=120) == 81
+        got = collect_verdicts(client, names, [f"a-{i}" for i in range(40)] + [f"b-{i}" for i in range(40)],
+                               timeout_s=10)
+        own = Detector.load(work / "bundle").detect(odd.images[:40])
+        assert [got[f"a-{i}"]["score"] for i in range(40)] == pytest.approx(own.score.tolist(), abs=1e-5)
+        assert {got[f"b-{i}"]["model"] for i in range(40)} == {"mnist"}
+        dead = [wire.decode_dead_letter(raw) for _sid, raw in iter_stream(client, names.dead)]
+        assert [d["kind"] for d in dead] == ["unknown_model"] and "'cifar'" in dead[0]["reason"]

@@ -386,4 +386,5 @@ def test_verdicts_carry_every_signal_the_score_combines(detector, digits):
     for name in ("occlusion_shift", "activation_norm", "transplant_gain"):
         np.testing.assert_allclose([v["signals"][name] for v in out], expected.signals[name], rtol=1e-5, atol=1e-7)
     plain = Detector(detector.model, DetectorConfig(signals=("prediction_shift", "map_shift")))
+    plain.calibrate(load_sample_digits().images[:100], 0.05)
     assert "signals" not in detect_requests(plain, reqs[:2])[0]  # nothing beyond the top-level fields

@@ -1,0 +1,146 @@
+"""Detector bundles and the model sources behind them: each supported kind saves and loads back to the same
+verdicts, refused formats say why and what to give instead, a tampered or newer bundle is refused, and an
+uncalibrated detector never decides with a rule nobody asked for."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import Detector, preset
+from pipeline.models import load_network, parse_model_ref
+from pipeline.models.imagenet import SHARED_WEIGHTS
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet():
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import tiny_resnet
+    finally:
+        sys.path.remove(str(FIXTURES))
+    return tiny_resnet
+
+
+@pytest.fixture(scope="module")
+def net(tiny_resnet):
+    torch.manual_seed(0)
+    return tiny_resnet.build().eval()  # untrained: a bundle must give back exactly these numbers
+
+
+@pytest.fixture(scope="module")
+def calibrated(net, digits):
+    det = Detector.from_model(net, input_size=28, channels=1, name="tiny", factory="tiny_resnet:build")
+    det.calibrate(digits.parity("even").images[:200], 0.05)
+    return det
+
+
+def test_a_factory_bundle_loads_back_to_the_same_verdicts(calibrated, digits, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    calibrated.save(tmp_path / "tiny")
+    manifest = json.loads((tmp_path / "tiny" / "detector.json").read_text())
+    assert manifest["format"] == "explainer-detector" and manifest["version"] == 1 and manifest["name"] == "tiny"
+    assert manifest["model"]["source"]["kind"] == "factory" and manifest["model"]["source"]["factory"] == \
+        "tiny_resnet:build"
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["calibration.json", "detector.json",
+                                                                      "weights.pt"]
+    images = digits.parity("odd").images[:64]
+    again = Detector.load(tmp_path / "tiny")
+    assert again.config == calibrated.config and again.calibration == calibrated.calibration
+    a, b = calibrated.detect(images), again.detect(images)
+    assert np.array_equal(a.score, b.score) and np.array_equal(a.is_adversarial, b.is_adversarial)
+
+
+def test_exported_and_torchscript_networks_save_themselves(net, calibrated, digits, tmp_path):
+    images = digits.parity("odd").images[:32]
+    expected = calibrated.detect(images).score
+    program = torch.export.export(net, (torch.zeros(2, 1, 28, 28),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    with pytest.warns(FutureWarning):  # PyTorch deprecates TorchScript; it still loads the models made with it
+        scripted = torch.jit.script(net)
+    for name, given in (("exported", program), ("scripted", scripted)):
+        det = Detector.from_model(given, input_size=28, channels=1, name=name)
+        det.calibration = calibrated.calibration
+        det.save(tmp_path / name)
+        again = Detector.load(tmp_path / name)
+        assert again.model.source.kind == ("exported" if name == "exported" else "torchscript")
+        assert np.allclose(again.detect(images).score, expected, atol=1e-5), name
+    assert parse_model_ref(str(tmp_path / "exported" / "model.pt2")).kind == "exported"
+    assert parse_model_ref(str(tmp_path / "scripted" / "model.ts")).kind == "torchscript"
+
+
+def test_refused_model_formats_say_why_and_what_to_give(net, tmp_path):
+    torch.save(net, tmp_path / "whole.pt")
+    with pytest.raises(ValueError, match="pickled Python object.*run code.*state_dict"):
+        parse_model_ref(str(tmp_path / "whole.pt"))
+    torch.save(net.state_dict(), tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="no architecture.*module:callable"):
+        parse_model_ref(str(tmp_path / "state.pt"))
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(ValueError, match="ONNX.*gradients.*torch.export"):
+        parse_model_ref(str(tmp_path / "m.onnx"))
+    with pytest.raises(FileNotFoundError, match="neither a built-in model"):
+        parse_model_ref(str(tmp_path / "absent.pt2"))
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'.*PYTHONPATH"):
+        load_network(parse_model_ref("no_such_module:build"))
+
+
+def test_a_network_without_hooks_refuses_hooked_methods_with_the_fix(net):
+    program = torch.export.export(net, (torch.zeros(2, 1, 28, 28),))
+    with pytest.raises(ValueError, match="gradcam.*activation_norm.*--method saliency --signals"):
+        Detector.from_model(program, input_size=28, channels=1, preset="photos")
+    det = Detector.from_model(program, input_size=28, channels=1, preset="digits")  # saliency: gradients only
+    assert det.config.method == "saliency"
+
+
+def test_a_plain_module_needs_a_factory_to_be_saved(net, tmp_path):
+    det = Detector.from_model(net, input_size=28, channels=1)
+    with pytest.raises(ValueError, match="factory='package.module:callable'"):
+        det.save(tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_tampered_newer_and_foreign_folders_are_refused(calibrated, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    folder = calibrated.save(tmp_path / "tiny")
+    weights = folder / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the digest"):
+        Detector.load(folder)
+    manifest = json.loads((folder / "detector.json").read_text())
+    (folder / "detector.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ValueError, match="version 99 is newer"):
+        Detector.load(folder)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a detector bundle"):
+        calibrated.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(FileNotFoundError, match="not a detector bundle"):
+        Detector.load(tmp_path / "mine")
+
+
+def test_an_uncalibrated_detector_uses_the_sign_rule_only_by_name(net, digits):
+    det = Detector.from_model(net, input_size=28, channels=1, preset=preset("digits"))
+    with pytest.raises(ValueError, match="no calibration.*explainer calibrate.*rule='sign'"):
+        det.detect(digits.images[:4])
+    assert det.detect(digits.images[:4], rule="sign").rule == "sign"
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS["mobilenet_v2"].exists(), reason="needs ../shared/models (MobileNetV2)")
+def test_the_shipped_photo_detector_loads_with_the_shared_weights():
+    det = Detector.from_pretrained("mobilenet_v2", weights=SHARED_WEIGHTS["mobilenet_v2"])
+    assert det.calibration is not None and det.config.method == "gradcam"
+    assert det.hosts is not None and len(det.hosts) == det.config.params("transplant_gain").hosts
+    reference = json.loads((Path(__file__).resolve().parents[2] / "reports" / "imagenet" / "calibration.json")
+                           .read_text())
+    assert det.calibration.threshold == reference["threshold"]
