@@ -88,7 +88,9 @@ def detect(
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout, one verdict per image"),
     as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout, one verdict per image"),
     out: Path | None = typer.Option(None, help="write the verdicts to this file: .jsonl or .csv"),
-    batch: int = typer.Option(64, min=1, help="images per detection call"),
+    batch: int | None = typer.Option(
+        None, min=1, help="images per detection call (default 64 digits, 8 photos: on a CPU larger photo batches "
+        "only cost memory)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """One verdict per image: a table, JSON lines or CSV. Exit status 1 when some image could not be judged."""
@@ -122,6 +124,7 @@ def detect(
         if fmt is None:
             fail(f"--out {out}: give a .jsonl or .csv file")
     name, failed = det.model.name, 0
+    batch = batch or (64 if det.model.resize_to is None and det.model.size <= 64 else 8)
     status_console = Console(stderr=True)
     with VerdictWriter(fmt, out, det.config.signals) as writer, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

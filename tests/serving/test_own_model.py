@@ -198,3 +198,25 @@ def test_the_standalone_worker_serves_the_bundle_beside_mnist(work, tmp_path):
         assert {got[f"b-{i}"]["model"] for i in range(40)} == {"mnist"}
         dead = [wire.decode_dead_letter(raw) for _sid, raw in iter_stream(client, names.dead)]
         assert [d["kind"] for d in dead] == ["unknown_model"] and "'cifar'" in dead[0]["reason"]
+
+
+def test_the_http_route_picks_the_detector_by_model(work, stack):
+    import urllib.error
+    import urllib.request
+
+    image = load_sample_digits().parity("odd").images[0]
+    body = cv2.imencode(".png", image)[1].tobytes()
+
+    def post(query: str) -> dict:
+        req = urllib.request.Request(f"{stack.http_url}/detect{query}", data=body,
+                                     headers={"Content-Type": "image/png"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    own = post(f"?model={NAME}")
+    assert own["model"] == NAME
+    assert own["score"] == pytest.approx(float(Detector.load(work / "bundle").detect(image[None]).score[0]), abs=1e-5)
+    assert post("")["model"] == "mnist"  # the first detector listed
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post("?model=cifar")
+    assert err.value.code == 404 and NAME in err.value.read().decode()
