@@ -127,6 +127,20 @@ return out
 """
 
 
+# KEYS: dead, images, done. ARGV: group, maxlen, ttl, stream id, dead-letter bytes. The dead letter takes the
+# entry's idempotency key, as a verdict does, so one entry never gets both: returns the dead letter's id, or
+# false when the entry already had its verdict (or dead letter) and was only acked.
+_DEAD_LETTER_LUA = """
+local dead, images, done = KEYS[1], KEYS[2], KEYS[3]
+local group, maxlen, ttl, sid, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local id = false
+if redis.call('SET', done, sid, 'NX', 'EX', ttl) then
+  id = redis.call('XADD', dead, 'MAXLEN', '~', maxlen, '*', 'data', data)
+end
+redis.call('XACK', images, group, sid)
+return id
+"""
+
 WAITING_SCAN_CAP = 256  # entries a backlog probe reads before Redis 7 reports the group's lag itself
 
 
@@ -182,6 +196,7 @@ class StreamConsumer:
         self.events = events or StreamEvents()
         self._claim_cursor = "0-0"
         self._publish_script = client.register_script(_PUBLISH_LUA)
+        self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self.stats = {
             "read": 0, "reclaimed": 0, "published": 0, "duplicates": 0, "dead": 0, "trimmed": 0, "connection_errors": 0,
         }
@@ -202,47 +217,42 @@ class StreamConsumer:
     # -- reading --------------------------------------------------------------------------------------------
 
     def reclaim(self) -> list[tuple[str, bytes | None]]:
-        """Take over entries idle in the PEL for ``claim_idle_ms`` (their consumer died or hung); entries
-        delivered more than ``max_deliveries`` times are dead-lettered instead of returned."""
+        """Take over one entry idle in the PEL for ``claim_idle_ms`` (its consumer died or hung), or none.
+
+        One at a time: a consumer that died may have died *of* one entry of its batch (a model that crashes the
+        process on some input), and claiming the batch together would deliver its innocent batch-mates with it
+        until all of them passed ``max_deliveries``. Alone, each reclaimed entry succeeds or fails on its own,
+        and only the one that keeps failing is dead-lettered. Entries already delivered more than
+        ``max_deliveries`` times are dead-lettered as they are met (at most ``count`` per call)."""
         n = self.names
-        resp = self.client.xautoclaim(
-            n.images,
-            n.group,
-            self.consumer,
-            self.claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=self.count,
-        )
-        self._claim_cursor = _s(resp[0]) if resp and resp[0] else "0-0"
-        entries = list(resp[1]) if resp else []
-        claimed = [(_s(sid), fields) for sid, fields in entries if sid is not None and fields is not None]
-        if len(claimed) < len(entries):
-            self._ack_deleted({sid for sid, _ in claimed})
-        if not claimed:
-            return []
-        with self.client.pipeline(transaction=False) as p:
-            for sid, _ in claimed:
-                p.xpending_range(n.images, n.group, min=sid, max=sid, count=1)
-            pend = p.execute()
-        out = []
-        for (sid, fields), info in zip(claimed, pend, strict=True):
+        for _ in range(self.count):
+            resp = self.client.xautoclaim(n.images, n.group, self.consumer, self.claim_idle_ms,
+                                          start_id=self._claim_cursor, count=1)
+            self._claim_cursor = _s(resp[0]) if resp and resp[0] else "0-0"
+            entries = list(resp[1]) if resp else []
+            claimed = [(_s(sid), fields) for sid, fields in entries if sid is not None and fields is not None]
+            if len(claimed) < len(entries):
+                self._ack_deleted({sid for sid, _ in claimed})
+            if not claimed:
+                if self._claim_cursor == "0-0" or not entries:
+                    return []
+                continue  # a deleted entry: look further
+            sid, fields = claimed[0]
+            info = self.client.xpending_range(n.images, n.group, min=sid, max=sid, count=1)
             deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries + 1
             raw = fields.get(b"data", fields.get("data"))
             if deliveries > self.max_deliveries:
                 self.dead_letter(
-                    sid,
-                    raw,
+                    sid, raw,
                     f"delivered {deliveries} times, over max_deliveries={self.max_deliveries}"
                     " (the worker kept failing or dying on it)",
-                    kind="max_deliveries",
-                    deliveries=deliveries,
+                    kind="max_deliveries", deliveries=deliveries,
                 )
-            else:
-                out.append((sid, raw))
-        self.stats["reclaimed"] += len(out)
-        if out:
-            log.warning("%s reclaimed %d stale entries", self.consumer, len(out))
-        return out
+                continue
+            self.stats["reclaimed"] += 1
+            log.warning("%s reclaimed stale entry %s (delivery %d)", self.consumer, sid, deliveries)
+            return [(sid, raw)]
+        return []
 
     def _ack_deleted(self, keep: set[str]) -> None:
         """Ack entries pending with this consumer whose stream entry no longer exists (trimmed or XDEL'd while
@@ -264,15 +274,14 @@ class StreamConsumer:
             log.warning("acked %d pending entries that were deleted from %s", len(gone), n.images)
 
     def read(self, block_ms: int | None = None) -> list[tuple[str, bytes | None]]:
-        """Up to ``count`` entries as (stream id, data bytes or None when the entry has no ``data`` field):
-        stale pending entries first (see :meth:`reclaim`), then new ones (blocking up to ``block_ms`` only
-        when nothing was reclaimed)."""
+        """Up to ``count`` entries as (stream id, data bytes or None when the entry has no ``data`` field): a
+        stale pending entry alone when there is one (see :meth:`reclaim`: it is processed as a batch of its own),
+        else new ones (blocking up to ``block_ms``)."""
         out = self.reclaim()
-        want = self.count - len(out)
-        if want > 0:
-            block = (self.block_ms if block_ms is None else block_ms) if not out else None
+        if not out:
+            block = self.block_ms if block_ms is None else block_ms
             resp = self.client.xreadgroup(
-                self.names.group, self.consumer, {self.names.images: ">"}, count=want, block=block or None
+                self.names.group, self.consumer, {self.names.images: ">"}, count=self.count, block=block or None
             )
             items = resp.items() if isinstance(resp, dict) else (resp or [])
             for _stream, entries in items:
@@ -314,17 +323,23 @@ class StreamConsumer:
         self.stats["duplicates"] += len(written) - sum(written)
         return written
 
-    def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, kind: str = "other", **extra: Any) -> str:
-        """Move one entry to the dead-letter stream (reason + payload truncated to a limit) and ack it. ``kind``
-        names the reason's class (no_data, undecodable, max_deliveries) for metrics and the record."""
+    def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, kind: str = "other",
+                    **extra: Any) -> str | None:
+        """Move one entry to the dead-letter stream (reason + payload truncated to a limit) and ack it, in one
+        atomic script that takes the entry's idempotency key: an entry whose verdict is already written (a slow
+        consumer published it) is only acked, and a verdict published later for a dead-lettered entry is a
+        duplicate. Returns the dead letter's id, or None when the entry already had its outcome. ``kind`` names
+        the reason's class (no_data, undecodable, unknown_model, max_deliveries) for metrics and the record."""
         n = self.names
         data = wire.encode_dead_letter(
             stream_id, raw, reason, consumer=self.consumer, images=n.images, at=time.time(), kind=kind, **extra
         )
-        with self.client.pipeline(transaction=True) as p:
-            p.xadd(n.dead, {"data": data}, maxlen=self.dead_maxlen, approximate=True)
-            p.xack(n.images, n.group, stream_id)
-            dead_id, _ = p.execute()
+        dead_id = self._dead_letter_script(keys=[n.dead, n.images, f"{n.done_prefix}{stream_id}"],
+                                           args=[n.group, self.dead_maxlen, self.done_ttl_s, stream_id, data])
+        if not dead_id:
+            self.stats["duplicates"] += 1
+            log.info("%s already has its verdict: acked, not dead-lettered", stream_id)
+            return None
         self.stats["dead"] += 1
         self._report(self.events.dead_lettered, kind)
         log.warning("dead-lettered %s: %s", stream_id, reason)
