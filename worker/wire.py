@@ -218,6 +218,33 @@ def _has_transparency(mv: memoryview) -> bool:
     return False
 
 
+MAX_PNG_ANCILLARY_CHUNKS = 64  # chunks other than IHDR/PLTE/IDAT/IEND: each bad one is a libpng warning in the log
+
+
+def check_png_chunks(data: bytes | bytearray | memoryview, what: str = "image") -> None:
+    """Walk a PNG's chunks before anything decodes it: every chunk's declared length must fit in the bytes that
+    follow it (libpng allocates a chunk's declared length before reading it, so a 100-byte file claiming a 2 GiB
+    text chunk would cost 2 GiB), the image must end with IEND (bytes after it are allowed), and at most
+    ``MAX_PNG_ANCILLARY_CHUNKS`` ancillary chunks may come (each bad one would log a libpng warning)."""
+    mv = memoryview(data)
+    i, n, ancillary = 8, len(mv), 0
+    while True:
+        if i + 12 > n:
+            raise WireError(f"{what}: truncated PNG (no IEND chunk)")
+        length = struct.unpack(">I", mv[i : i + 4])[0]
+        kind = bytes(mv[i + 4 : i + 8])
+        if length > n - i - 12:
+            raise WireError(f"{what}: PNG chunk {kind!r} declares {length} bytes but the file holds "
+                            f"{n - i - 12} more: corrupt or a decoder bomb")
+        if kind == b"IEND":
+            return
+        if kind not in (b"IHDR", b"PLTE", b"IDAT"):
+            ancillary += 1
+            if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
+                raise WireError(f"{what}: PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary chunks")
+        i += 12 + length
+
+
 def _png(mv: memoryview) -> ImageHeader | None:
     if len(mv) < 26 or bytes(mv[12:16]) != b"IHDR":
         return None
@@ -297,6 +324,8 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
         )
     if encoding == "png" and not bytes(buf[-12:]).endswith(b"IEND\xaeB`\x82"):
         raise WireError(f"{what}: truncated PNG (no IEND chunk at the end)")
+    if encoding == "png":
+        check_png_chunks(buf, what)
     if encoding == "jpeg" and b"\xff\xd9" not in bytes(buf[-1024:]):
         raise WireError(f"{what}: truncated JPEG (no EOI marker at the end)")
     img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -343,6 +372,8 @@ def check_image_file(data: bytes, what: str = "image", max_pixels: int = MAX_DIM
         raise WireError(f"{what}: zero-size {header.format.upper()} image {h}×{w}")
     if h * w > max_pixels:
         raise ImageTooLarge(f"{what}: {header.format.upper()} image {h}×{w} too large (limit {max_pixels} pixels)")
+    if header.format == "png":
+        check_png_chunks(data, what)
     return header
 
 

@@ -89,3 +89,50 @@ def test_msgpack_headers_cannot_make_the_worker_allocate(payload):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 4 * 2**20, peak
+
+
+# A 28×28 greyscale PNG whose tEXt chunk declares 2 GiB: about 100 bytes on the wire.
+_BOMB_SCRIPT = r"""
+import resource, struct, sys, zlib
+import cv2, numpy as np
+from worker import wire
+from worker.serve_app import decode_body
+
+def chunk(kind, body, declared=None):
+    n = len(body) if declared is None else declared
+    return struct.pack(">I", n) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+png = cv2.imencode(".png", np.zeros((28, 28), np.uint8))[1].tobytes()
+iend = png.index(b"IEND") - 4
+bomb = png[:33] + chunk(b"tEXt", b"Comment\0" + b"x" * 8, declared=2**31 - 1) + png[iend:]
+assert len(bomb) < 200, len(bomb)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+errors = []
+import msgpack
+request = msgpack.packb({"v": 1, "id": "x", "image": bomb, "encoding": "png"}, use_bin_type=True)
+for attempt in (lambda: wire.decode_request(request), lambda: decode_body(bomb)):
+    try:
+        attempt()
+        errors.append(None)
+    except wire.WireError as e:
+        errors.append(str(e))
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(grown_mb)
+print(errors)
+"""
+
+
+def test_a_png_whose_chunk_claims_gigabytes_is_refused_before_any_allocation():
+    """The peak RSS of a child process that decodes the bomb from the stream and from the HTTP route (OpenCV's
+    native allocations included, which tracemalloc does not see)."""
+    import subprocess
+    import sys
+
+    from faultkit import child_env
+
+    done = subprocess.run([sys.executable, "-c", _BOMB_SCRIPT], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=child_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_mb, errors = done.stdout.splitlines()[-2:]
+    assert float(grown_mb) < 64, f"peak RSS grew by {grown_mb} MiB"
+    assert all(e and "declares 2147483647 bytes" in e for e in ast.literal_eval(errors)), errors
