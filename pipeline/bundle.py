@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from pipeline.calibration import Calibration
 from pipeline.config import DetectorConfig
 from pipeline.models import TargetModel, load_model, wrap_network
-from pipeline.models.source import load_network, save_network, source_from_record
+from pipeline.models.source import bundle_file, load_network, save_network, sha256, source_from_record
 
 BUNDLE_FORMAT = "explainer-detector"
 BUNDLE_VERSION = 1
@@ -32,9 +33,15 @@ CALIBRATION_FILE = "calibration.json"
 MAX_NAME_CHARS = 64  # a request's ``model`` field picks a detector by this name (worker.wire's limit)
 
 
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}")
+
+
 def check_detector_name(name: str) -> str:
-    if not name or len(name) > MAX_NAME_CHARS or not all(c.isalnum() or c in "-_." for c in name):
-        raise ValueError(f"detector name {name!r}: 1 to {MAX_NAME_CHARS} letters, digits, '-', '_' or '.'")
+    """``name`` if it can name a detector: 1 to 64 ASCII letters, digits, '.', '_' or '-', starting with a letter
+    or digit (a request's ``model`` field, a metric label, a folder name)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"detector name {name!r}: 1 to {MAX_NAME_CHARS} ASCII letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
     return name
 
 
@@ -87,7 +94,8 @@ def save_bundle(model: TargetModel, config: DetectorConfig, calibration: Calibra
             "model": {"source": record, "input_size": model.size, "channels": model.channels,
                       "normalize": normalize, "resize_to": model.resize_to, "explain_layer": model.explain_layer},
             "config": config.to_dict(),
-            "calibration": CALIBRATION_FILE if calibration is not None else None,
+            "calibration": None if calibration is None else {"file": CALIBRATION_FILE,
+                                                             "sha256": sha256(staging / CALIBRATION_FILE)},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if folder.exists():
@@ -99,15 +107,17 @@ def save_bundle(model: TargetModel, config: DetectorConfig, calibration: Calibra
     return folder
 
 
-def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None
-                ) -> tuple[TargetModel, DetectorConfig, Calibration | None]:
+def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None,
+                trust_factory: bool = False) -> tuple[TargetModel, DetectorConfig, Calibration | None]:
     """The model, config and calibration of the detector a bundle holds. ``weights``: a built-in model's weights
-    file (a bundle of a user's model carries its own); ``device``: where the model runs (default CPU)."""
+    file (a bundle of a user's model carries its own); ``device``: where the model runs (default CPU);
+    ``trust_factory``: allow a bundle that names a Python callable to build its network
+    (:func:`pipeline.models.source.source_from_record`)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     name = check_detector_name(manifest["name"])
     spec = manifest["model"]
-    source = source_from_record(spec["source"], folder, weights)
+    source = source_from_record(spec["source"], folder, weights, trust_factory)
     if source.kind == "builtin":
         model = load_model(source.ref, source.weights)
         model.name = name
@@ -121,8 +131,11 @@ def load_bundle(folder: str | Path, weights: str | Path | None = None, device: s
         model.to(device)
     config = DetectorConfig.from_dict(manifest["config"])
     calibration = None
-    if manifest.get("calibration"):
-        calibration = Calibration.load(folder / manifest["calibration"])
+    if manifest.get("calibration") is not None:
+        record = manifest["calibration"]
+        if not isinstance(record, dict):
+            raise ValueError(f"{folder}: malformed calibration record in {MANIFEST}")
+        calibration = Calibration.load(bundle_file(folder, record.get("file"), record.get("sha256")))
         if calibration.config and DetectorConfig.from_dict(calibration.config) != config:
             raise ValueError(f"{folder}: the calibration was made with another configuration than the bundle's "
                              "(recalibrate and save the bundle again)")

@@ -203,10 +203,13 @@ class Detector:
         return cls(model, preset if isinstance(preset, DetectorConfig) else named_preset(preset))
 
     @classmethod
-    def load(cls, folder: str | Path, weights: str | Path | None = None, device: str | None = None) -> Detector:
+    def load(cls, folder: str | Path, weights: str | Path | None = None, device: str | None = None,
+             trust_factory: bool = False) -> Detector:
         """The detector a bundle folder holds (:meth:`save`, ``explainer calibrate --out``; docs/bundle.md).
-        ``weights``: a built-in model's weights file (a user's model carries its own)."""
-        return cls(*load_bundle(folder, weights=weights, device=device))
+        ``weights``: a built-in model's weights file (a user's model carries its own). ``trust_factory``: load a
+        bundle whose network is built by calling the Python callable it names (code the bundle picks: only
+        for bundles from a source you trust)."""
+        return cls(*load_bundle(folder, weights=weights, device=device, trust_factory=trust_factory))
 
     def save(self, folder: str | Path) -> Path:
         """Write this detector as a bundle (docs/bundle.md): its config, its calibration (with the transplant's

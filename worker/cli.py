@@ -43,6 +43,8 @@ def fail(message: str) -> None:
 
 
 DEVICE_HELP = "torch device of the model, e.g. cuda or cuda:1 (default: cpu; NLM runs on the CPU either way)"
+TRUST_HELP = ("load a bundle whose network is built by calling the Python callable it names (code the bundle "
+              "picks): only for bundles from a source you trust")
 MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:callable that builds your network, or "
               "your model file: a torch.export program (.pt2) or TorchScript")
 
@@ -60,19 +62,19 @@ def _check_device(device: str | None) -> None:
         fail(f"--device {device}: CUDA is not available on this machine")
 
 
-def _open_detector(detector: Path | None, model: str, weights: Path | None, calibration: Path | None,
-                   device: str | None):
+def _open_detector(detector: Path | None, model: str | None, weights: Path | None, calibration: Path | None,
+                   device: str | None, trust_factory: bool = False):
     """The detector a bundle holds, or a built-in model's (its shipped bundle, or a calibration file)."""
     from pipeline import Detector
 
     _check_device(device)
     try:
         if detector is not None:
-            if calibration is not None:
-                fail("--calibration applies to a built-in --model; a bundle carries its own calibration")
-            return Detector.load(detector, weights=weights, device=device)
-        return Detector.from_pretrained(model, weights=weights, calibration=calibration, device=device)
-    except (FileNotFoundError, ValueError) as exc:
+            if calibration is not None or model is not None:
+                fail("--model and --calibration name a built-in detector; a bundle (--detector) carries its own")
+            return Detector.load(detector, weights=weights, device=device, trust_factory=trust_factory)
+        return Detector.from_pretrained(model or "mnist", weights=weights, calibration=calibration, device=device)
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
         fail(str(exc))
 
 
@@ -80,7 +82,8 @@ def _open_detector(detector: Path | None, model: str, weights: Path | None, cali
 def detect(
     paths: list[Path] = typer.Argument(..., help="PNG/JPEG files, or folders searched recursively"),
     detector: Path | None = typer.Option(None, help="a detector bundle (explainer calibrate --out BUNDLE)"),
-    model: str = typer.Option("mnist", help="a built-in model, when no --detector: mnist | resnet18 | mobilenet_v2"),
+    model: str | None = typer.Option(
+        None, help="a built-in model, when no --detector: mnist (default) | resnet18 | mobilenet_v2"),
     weights: Path | None = typer.Option(None, help="a built-in model's weights (state dict)"),
     calibration: Path | None = typer.Option(None, help="a built-in model's calibration JSON (default: the shipped)"),
     method: str | None = typer.Option(None, help="explanation method (default: the calibration's)"),
@@ -92,19 +95,25 @@ def detect(
         None, min=1, help="images per detection call (default 64 digits, 8 photos: on a CPU larger photo batches "
         "only cost memory)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
+    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     """One verdict per image: a table, JSON lines or CSV. Exit status 1 when some image could not be judged."""
     from pipeline import image_files, read_image_file
     from worker.detect import detect_requests
     from worker.verdicts import VerdictWriter
 
-    det = _open_detector(detector, model, weights, calibration, device)
+    det = _open_detector(detector, model, weights, calibration, device, trust_factory)
     if method:
         from dataclasses import replace
 
+        from pipeline import Detector
+
         if det.calibration and det.calibration.method != method and rule != "sign":
             fail(f"the calibration was made for method {det.calibration.method!r}; use --rule sign or recalibrate")
-        det.config = replace(det.config, method=method)
+        try:
+            det = Detector(det.model, replace(det.config, method=method), det.calibration)
+        except ValueError as exc:
+            fail(str(exc))
     if rule not in (None, "calibrated", "sign"):
         fail(f"unknown rule {rule!r}; use calibrated or sign")
     if rule != "sign" and det.calibration is None:
@@ -175,9 +184,9 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 def _own_model(model: str, weights: Path | None, model_kwargs: str | None, input_size: int | None,
                channels: int | None, mean: str | None, std: str | None, resize_to: int | None,
-               explain_layer: str | None, name: str, preset_name: str | None, device: str | None):
-    """A detector around the user's network (module:callable or a model file), on its preset."""
-    from pipeline import Detector, load_network, parse_model_ref, preset, wrap_network
+               explain_layer: str | None, name: str, device: str | None):
+    """The user's network (module:callable or a model file) as a target model."""
+    from pipeline import load_network, parse_model_ref, wrap_network
 
     if input_size is None or channels is None:
         fail(f"--model {model}: give the input it takes, --input-size PIXELS and --channels 1|3")
@@ -192,13 +201,15 @@ def _own_model(model: str, weights: Path | None, model_kwargs: str | None, input
         if not isinstance(kwargs, dict):
             fail("--model-kwargs must be a JSON object of keyword arguments")
     source = parse_model_ref(model, weights, kwargs)
+    if kwargs and source.kind != "factory":
+        fail(f"--model-kwargs: {model} is a {source.kind} model file, built already; the arguments apply to "
+             "module:callable")
     normalize = None if mean is None else (_floats(mean, "mean"), _floats(std, "std"))
     target = wrap_network(load_network(source), name=name, input_size=input_size, channels=channels,
                           normalize=normalize, explain_layer=explain_layer, resize_to=resize_to, source=source)
     if device:
         target.to(device)
-    config = preset(preset_name or ("digits" if channels == 1 else "photos"))
-    return Detector(target, config), preset_name or ("digits" if channels == 1 else "photos")
+    return target
 
 
 @app.command()
@@ -288,11 +299,11 @@ def calibrate(
                 target.to(device)
             base, base_folds = (preset_config(preset_name) if preset_name else default_config(model),
                                 CALIBRATION_FOLDS[preset_name] if preset_name else default_folds(model))
-            det = Detector(target, base)
         else:
-            det, used = _own_model(model, weights, model_kwargs, input_size, channels, mean, std, resize_to,
-                                   explain_layer, name, preset_name, device)
-            base, base_folds = det.config, CALIBRATION_FOLDS[used]
+            target = _own_model(model, weights, model_kwargs, input_size, channels, mean, std, resize_to,
+                                explain_layer, name, device)
+            used = preset_name or ("digits" if channels == 1 else "photos")
+            base, base_folds = preset_config(used), CALIBRATION_FOLDS.get(used)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     nlm = base.nlm
@@ -306,7 +317,7 @@ def calibrate(
     elif median is not None:
         chosen["median_shift"] = {"size": median}
     try:
-        det = Detector(det.model, replace(base, method=method or base.method, explain=ExplainParams(steps=steps,
+        det = Detector(target, replace(base, method=method or base.method, explain=ExplainParams(steps=steps,
                        samples=samples), entropy=entropy, nlm=nlm, signals=chosen))
         images, desc = _calibration_images(model if builtin else None, images_dir, split, n)
     except (FileNotFoundError, ValueError, InputError) as exc:
@@ -495,6 +506,7 @@ def serve(
     detector: list[str] | None = typer.Option(
         None, help="a detector bundle or built-in model name to serve, instead of the config's (repeatable: a "
         "request's model field picks one by name)"),
+    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
     import signal
@@ -510,7 +522,8 @@ def serve(
             fail(f"--detector {', '.join(missing)}: neither a built-in model ({', '.join(MODEL_NAMES)}) nor a "
                  "detector bundle (a folder with detector.json; explainer calibrate --out makes one)")
         # absolute: the replicas do not share this process's working directory
-        overrides = {"detector": [d if d in MODEL_NAMES else str(Path(d).resolve()) for d in detector]}
+        overrides = {"detector": [d if d in MODEL_NAMES else str(Path(d).resolve()) for d in detector],
+                     "trust_factory": trust_factory}
     stop = threading.Event()
     with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port, overrides=overrides,
                                                           metrics_port=metrics_port) as stack:

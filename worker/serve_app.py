@@ -73,7 +73,7 @@ def _detectors(refs: list[dict], device: str | None = None) -> dict[str, Detecto
     out: dict[str, Detector] = {}
     for ref in refs:
         if "bundle" in ref:
-            det = Detector.load(ref["bundle"], device=device)
+            det = Detector.load(ref["bundle"], device=device, trust_factory=ref.get("trust_factory", False))
         else:
             det = Detector.from_pretrained(ref["model"], weights=ref.get("weights"),
                                            calibration=ref.get("calibration"), device=device)
@@ -493,6 +493,8 @@ class AppArgs(BaseModel):
     detector: str | list[str] | None = Field(
         None, description="detector bundles (paths every replica can read) or built-in model names, served side "
         "by side: a request's `model` field picks one by its name. None: the built-in `model`")
+    trust_factory: bool = Field(False, description="load bundles that build their network by calling the Python "
+                                "callable they name (code the bundle picks): only bundles from a trusted source")
     model: str = Field("mnist", description="built-in model name (pipeline.MODEL_NAMES), when no `detector`")
     weights: str | None = Field(None, description="the built-in model's weights file (the photo models)")
     calibration: str | None = Field(None, description="the built-in model's calibration file (default: shipped)")
@@ -525,7 +527,8 @@ class AppArgs(BaseModel):
         if self.detector is None:
             return [{"model": self.model, "weights": self.weights, "calibration": self.calibration}]
         given = [self.detector] if isinstance(self.detector, str) else self.detector
-        return [{"model": ref} if ref in MODEL_NAMES else {"bundle": ref} for ref in given]
+        return [{"model": ref} if ref in MODEL_NAMES else {"bundle": ref, "trust_factory": self.trust_factory}
+                for ref in given]
 
     @field_validator("redis_url")
     @classmethod

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="a detector bundle or built-in model name to serve (repeatable: a request's model field "
                     "picks one by name; default: the shipped mnist detector)")
     ap.add_argument("--model", default=None, help="a built-in model to serve (same as --detector NAME)")
+    ap.add_argument("--trust-factory", action="store_true", help="load bundles that build their network by "
+                    "calling the Python callable they name (code the bundle picks): only from a trusted source")
     ap.add_argument("--batch", type=int, default=64, help="entries read per XREADGROUP")
     ap.add_argument("--block-ms", type=int, default=200)
     ap.add_argument("--claim-idle-ms", type=int, default=30_000, help="reclaim entries idle this long")
@@ -62,7 +64,8 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
     refs = (args.detector or []) + ([args.model] if args.model else [])
     detectors: dict[str, Detector] = {}
     for ref in refs or ["mnist"]:
-        det = Detector.from_pretrained(ref) if ref in MODEL_NAMES else Detector.load(ref)
+        det = (Detector.from_pretrained(ref) if ref in MODEL_NAMES
+               else Detector.load(ref, trust_factory=args.trust_factory))
         if det.model.name in detectors:
             raise ValueError(f"two detectors are named {det.model.name!r}: requests pick one by name")
         if det.calibration is None:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         worker = build_worker(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PermissionError) as e:
         print(json.dumps({"event": "error", "error": str(e)}), flush=True)
         return 2
     print(json.dumps({"event": "ready", "pid": os.getpid(), "consumer": args.consumer}), flush=True)

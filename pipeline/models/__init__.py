@@ -182,6 +182,9 @@ def wrap_network(
             raise ValueError(f"normalize needs {channels} means and {channels} positive stds, got {normalize}")
         normalize = (mean, std)
     hookable = source is None or source.hookable
+    if not hookable and explain_layer is not None:
+        raise ValueError(f"explain_layer: a {source.kind} network runs as one compiled graph whose layers fire no "
+                         "hooks, so no layer can be explained; give module:callable to use one")
     layer_name = _layer_name(net, explain_layer) if hookable else None
     layer = net.get_submodule(layer_name) if layer_name is not None else None
     model = net if normalize is None else nn.Sequential(Normalize(*normalize), net)

@@ -119,6 +119,30 @@ def sniff_model_file(path: Path) -> str:
     raise ValueError(f"{path}: an archive PyTorch cannot load as a model (neither torch.export nor TorchScript)")
 
 
+def check_exported_archive(path: str | Path) -> None:
+    """Refuse a ``torch.export`` archive that would make ``torch.export.load`` unpickle: weights or constants
+    stored as pickles (``use_pickle``), or sample inputs that ``torch.load(weights_only=True)`` refuses (the
+    loader then retries them with ``weights_only=False``, which runs code from the file)."""
+    import io
+    import json
+
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("_config.json") and ("/data/weights/" in name or "/data/constants/" in name):
+                config = json.loads(archive.read(name)).get("config", {})
+                pickled = [key for key, meta in config.items() if meta.get("use_pickle")]
+                if pickled:
+                    raise ValueError(f"{path}: the exported program stores {', '.join(pickled[:3])} as pickles, which "
+                                     "loading would unpickle (running code from the file): refused. Export a model "
+                                     "whose weights and constants are plain tensors")
+            elif "/data/sample_inputs/" in name:
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+                except Exception:  # noqa: BLE001 - anything but tensors and plain containers
+                    raise ValueError(f"{path}: the exported program's sample inputs are not plain tensors "
+                                     "(loading them would unpickle code from the file): refused") from None
+
+
 def _import_factory(ref: str):
     module_name, _, attr = ref.partition(":")
     try:
@@ -175,6 +199,7 @@ def load_network(source: ModelSource) -> nn.Module:
             load_state_dict(net, source.weights, source.ref)
         return net.eval()
     if source.kind == "exported":
+        check_exported_archive(source.ref)
         return torch.export.load(source.ref).module()
     if source.kind == "torchscript":
         import warnings
@@ -186,11 +211,16 @@ def load_network(source: ModelSource) -> nn.Module:
 
 
 def save_network(source: ModelSource, net: nn.Module, folder: Path) -> dict[str, Any]:
-    """Write what :func:`load_network` needs into ``folder``; returns the bundle's ``model.source`` record."""
+    """Write what :func:`load_network` needs into ``folder``; returns the bundle's ``model.source`` record. A
+    factory is called once here, to check that it rebuilds ``net`` from the saved state dict."""
     if source.kind == "builtin":
-        return {"kind": "builtin", "name": source.ref}
+        if source.weights is None:  # the default weights (shipped, shared copy or hub cache) wherever it loads
+            return {"kind": "builtin", "name": source.ref}
+        (folder / "weights.pt").write_bytes(Path(source.weights).read_bytes())
+        return {"kind": "builtin", "name": source.ref, "weights": "weights.pt", "sha256": sha256(folder / "weights.pt")}
     if source.kind == "factory":
         torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "weights.pt")
+        load_network(ModelSource("factory", source.ref, str(folder / "weights.pt"), source.kwargs))
         return {"kind": "factory", "factory": source.ref, "kwargs": source.kwargs, "weights": "weights.pt",
                 "sha256": sha256(folder / "weights.pt")}
     target = folder / ("model.pt2" if source.kind == "exported" else "model.ts")
@@ -208,27 +238,48 @@ def save_network(source: ModelSource, net: nn.Module, folder: Path) -> dict[str,
     return {"kind": source.kind, "file": target.name, "sha256": sha256(target)}
 
 
-def source_from_record(record: dict[str, Any], folder: Path, weights: str | Path | None = None) -> ModelSource:
-    """The :class:`ModelSource` a bundle's ``model.source`` record describes, its files checked against their
-    digests. ``weights`` replaces a builtin model's (e.g. the shared MobileNetV2 file)."""
-    kind = record.get("kind")
-    if kind == "builtin":
-        return ModelSource("builtin", record["name"], str(weights) if weights else record.get("weights"))
-    if weights is not None:
-        raise ValueError(f"this bundle's model ({kind}) carries its own weights: weights= applies to built-in models")
-    if kind not in KINDS:
-        raise ValueError(f"{folder}: unknown model source kind {kind!r}")
-    name = record["weights"] if kind == "factory" else record["file"]
+def bundle_file(folder: Path, name: object, digest: object) -> Path:
+    """``folder``/``name``, checked: a plain file inside the bundle whose SHA-256 is ``digest``."""
+    if not isinstance(name, str) or not isinstance(digest, str):
+        raise ValueError(f"{folder}: every file of a bundle needs its name and its sha256 in detector.json")
     path = (folder / name).resolve()
     if folder.resolve() not in path.parents:
-        raise ValueError(f"{folder}: the bundle's model file {name!r} lies outside the bundle")
-    if not path.exists():
-        raise FileNotFoundError(f"{folder}: the bundle's model file {name} is missing")
-    if record.get("sha256") and sha256(path) != record["sha256"]:
+        raise ValueError(f"{folder}: the bundle's file {name!r} lies outside the bundle")
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: the bundle's file {name} is missing")
+    if sha256(path) != digest:
         raise ValueError(f"{path}: content does not match the digest recorded in the bundle (corrupt or replaced)")
+    return path
+
+
+def source_from_record(record: dict[str, Any], folder: Path, weights: str | Path | None = None,
+                       trust_factory: bool = False) -> ModelSource:
+    """The :class:`ModelSource` a bundle's ``model.source`` record describes, its files checked against their
+    digests. ``weights`` replaces a builtin model's (e.g. the shared MobileNetV2 file). A ``factory`` record names
+    a callable the bundle asks this process to call, with arguments of its choosing: code the bundle picks, so
+    it loads only with ``trust_factory=True`` (``--trust-factory``), as ``trust_remote_code`` in transformers."""
+    kind = record.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{folder}: unknown model source kind {kind!r}")
+    if kind == "builtin":
+        if record.get("name") not in MODEL_NAMES:
+            raise ValueError(f"{folder}: unknown built-in model {record.get('name')!r}")
+        if weights is None and record.get("weights") is not None:
+            weights = bundle_file(folder, record["weights"], record.get("sha256"))
+        return ModelSource("builtin", record["name"], str(weights) if weights else None)
+    if weights is not None:
+        raise ValueError(f"this bundle's model ({kind}) carries its own weights: weights= applies to built-in models")
     if kind == "factory":
+        if not trust_factory:
+            raise PermissionError(
+                f"{folder}: this bundle builds its network by calling {record.get('factory')!r} with arguments "
+                f"{record.get('kwargs') or {}}: code the bundle names. Load it only if you trust where it came "
+                "from, with trust_factory=True (--trust-factory); a torch.export (.pt2) bundle needs no trust")
+        if not is_factory_ref(str(record.get("factory"))) or not isinstance(record.get("kwargs", {}), dict):
+            raise ValueError(f"{folder}: malformed factory record")
+        path = bundle_file(folder, record.get("weights"), record.get("sha256"))
         return ModelSource("factory", record["factory"], str(path), dict(record.get("kwargs") or {}))
-    return ModelSource(kind, str(path))
+    return ModelSource(kind, str(bundle_file(folder, record.get("file"), record.get("sha256"))))
 
 
 def source_of(net: object, factory: str | None = None, kwargs: dict[str, Any] | None = None) -> ModelSource | None:

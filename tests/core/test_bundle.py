@@ -52,7 +52,9 @@ def test_a_factory_bundle_loads_back_to_the_same_verdicts(calibrated, digits, tm
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["calibration.json", "detector.json",
                                                                       "weights.pt"]
     images = digits.parity("odd").images[:64]
-    again = Detector.load(tmp_path / "tiny")
+    with pytest.raises(PermissionError, match="calling 'tiny_resnet:build'.*trust_factory=True"):
+        Detector.load(tmp_path / "tiny")  # a bundle that names code to run loads only when trusted
+    again = Detector.load(tmp_path / "tiny", trust_factory=True)
     assert again.config == calibrated.config and again.calibration == calibrated.calibration
     a, b = calibrated.detect(images), again.detect(images)
     assert np.array_equal(a.score, b.score) and np.array_equal(a.is_adversarial, b.is_adversarial)
@@ -92,12 +94,50 @@ def test_refused_model_formats_say_why_and_what_to_give(net, tmp_path):
         load_network(parse_model_ref("no_such_module:build"))
 
 
+def test_an_exported_archive_that_would_unpickle_is_refused(net, tmp_path):
+    """torch.export.load retries sample inputs with weights_only=False, which runs code from the file: an
+    archive whose sample inputs are not plain tensors is refused before it is loaded."""
+    import io
+    import zipfile
+
+    program = torch.export.export(net, (torch.zeros(2, 1, 28, 28),))
+    torch.export.save(program, tmp_path / "clean.pt2")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    buffer = io.BytesIO()
+    torch.save({"x": Evil()}, buffer)
+    with zipfile.ZipFile(tmp_path / "clean.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, buffer.getvalue() if "/data/sample_inputs/" in item.filename else data)
+    load_network(parse_model_ref(str(tmp_path / "clean.pt2")))
+    with pytest.raises(ValueError, match="sample inputs are not plain tensors"):
+        load_network(parse_model_ref(str(tmp_path / "evil.pt2")))
+
+
+def test_a_built_in_model_keeps_the_weights_it_was_calibrated_with(digits, tmp_path):
+    from pipeline.models.mnist import MNIST_WEIGHTS
+
+    state = torch.load(MNIST_WEIGHTS, weights_only=True)
+    torch.save({k: v * 0.5 if k.endswith("weight") else v for k, v in state.items()}, tmp_path / "mine.pt")
+    det = Detector.from_pretrained("mnist", weights=tmp_path / "mine.pt")
+    det.save(tmp_path / "b")
+    again = Detector.load(tmp_path / "b")
+    for a, b in zip(again.model.net.state_dict().values(), det.model.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_network_without_hooks_refuses_hooked_methods_with_the_fix(net):
     program = torch.export.export(net, (torch.zeros(2, 1, 28, 28),))
     with pytest.raises(ValueError, match="gradcam.*activation_norm.*--method saliency --signals"):
         Detector.from_model(program, input_size=28, channels=1, preset="photos")
     det = Detector.from_model(program, input_size=28, channels=1, preset="digits")  # saliency: gradients only
     assert det.config.method == "saliency"
+    with pytest.raises(ValueError, match="explain_layer.*fire no hooks"):
+        Detector.from_model(program, input_size=28, channels=1, preset="digits", explain_layer="conv")
 
 
 def test_a_plain_module_needs_a_factory_to_be_saved(net, tmp_path):
@@ -111,15 +151,29 @@ def test_tampered_newer_and_foreign_folders_are_refused(calibrated, tmp_path, mo
     monkeypatch.syspath_prepend(str(FIXTURES))
     folder = calibrated.save(tmp_path / "tiny")
     weights = folder / "weights.pt"
-    data = bytearray(weights.read_bytes())
+    original = weights.read_bytes()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match the digest"):
-        Detector.load(folder)
+        Detector.load(folder, trust_factory=True)
+    weights.write_bytes(original)
     manifest = json.loads((folder / "detector.json").read_text())
+    for broken, message in (
+        ({**manifest["model"]["source"], "sha256": None}, "needs its name and its sha256"),
+        ({**manifest["model"]["source"], "weights": "../../etc/passwd"}, "outside the bundle"),
+    ):
+        (folder / "detector.json").write_text(json.dumps({**manifest, "model": {**manifest["model"],
+                                                                                  "source": broken}}))
+        with pytest.raises(ValueError, match=message):
+            Detector.load(folder, trust_factory=True)
+    escaping = {**manifest, "calibration": {"file": "../elsewhere.json", "sha256": "0" * 64}}
+    (folder / "detector.json").write_text(json.dumps(escaping))
+    with pytest.raises(ValueError, match="outside the bundle"):
+        Detector.load(folder, trust_factory=True)
     (folder / "detector.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(ValueError, match="version 99 is newer"):
-        Detector.load(folder)
+        Detector.load(folder, trust_factory=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a detector bundle"):

@@ -99,7 +99,7 @@ def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_pat
     with pytest.raises(ValidationError, match="either detector"):
         AppArgs.model_validate({"detector": "mnist", "model": "mnist"})
     assert AppArgs.model_validate({"detector": ["mnist", "/models/cams"]}).detector_refs() == [
-        {"model": "mnist"}, {"bundle": "/models/cams"}]
+        {"model": "mnist"}, {"bundle": "/models/cams", "trust_factory": False}]
     assert AppArgs.model_validate({"model": "mobilenet_v2"}).detector_refs() == [
         {"model": "mobilenet_v2", "weights": None, "calibration": None}]
     # an override naming the detectors one way drops the config's other way
@@ -117,3 +117,31 @@ def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_pat
         _detectors([{"bundle": str(tmp_path / "raw")}])
     with pytest.raises(ValueError, match="two served detectors are named 'mnist'"):
         _detectors([{"model": "mnist"}, {"model": "mnist"}])
+
+
+def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_rows():
+    """Serve merges concurrent requests whatever detector they name: one Captum call per model, and each request
+    gets back exactly what its own detector gives its own images."""
+    import numpy as np
+    import torch
+
+    from pipeline import Detector, load_sample_digits
+    from worker.serve_app import Explainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 26 * 26, 10))
+    detectors = {"mnist": Detector.from_pretrained("mnist"),
+                 "other": Detector.from_model(net, input_size=28, channels=1, name="other")}
+    explainer = Explainer.func_or_class.__new__(Explainer.func_or_class)  # the class itself, no replica
+    explainer._init_stats()
+    explainer.detectors = detectors
+    images = load_sample_digits().images
+    det = detectors["mnist"]
+    requests = [det.prepare(images[a:b], as_pixels=True) for a, b in ((0, 3), (3, 8), (8, 9), (9, 13))]
+    denoised = [det.denoise(x) for x in requests]
+    models = ["mnist", "other", "mnist", "other"]
+    out = explainer._explain_merged(requests, denoised, models)
+    for x, d, model, got in zip(requests, denoised, models, out, strict=True):
+        alone = detectors[model].explain_pair(x, d)
+        assert np.allclose(got.probs, alone.probs, atol=1e-6) and np.allclose(got.maps, alone.maps, atol=1e-6)
