@@ -47,6 +47,10 @@ EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's 
 # Python-bound parts of a call (autograd set-up, copies, the result's serialisation) the other one computes, so
 # the model's cores stay busy (docs/method.md, "Streaming and performance")
 EXPLAIN_CONCURRENT_BATCHES = 2
+# a stage call that has not answered after this long is abandoned (its batch stays pending and is retried), and
+# a consumer whose detection has run for STALL_FACTOR times that fails the replica's health check
+STAGE_TIMEOUT_S = 300.0
+STALL_FACTOR = 2
 WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a replica's warm-up: 256 digits, 5 photos
 
 
@@ -276,6 +280,7 @@ class RemoteDetector:
     local: Detector
     denoiser: DeploymentHandle
     explainer: DeploymentHandle
+    timeout_s: float = STAGE_TIMEOUT_S
 
     @property
     def name(self) -> str:
@@ -302,7 +307,9 @@ class RemoteDetector:
         return self.explainer.explain_and_score.remote(x, denoised, self.name, rule, return_maps)
 
     def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
-        return self._chain(images, rule, return_maps).result()
+        """Blocks a consumer thread at most ``timeout_s``: a hung stage raises ``TimeoutError`` and the batch
+        stays pending, to be retried."""
+        return self._chain(images, rule, return_maps).result(timeout_s=self.timeout_s)
 
     async def detect_async(self, images: object, rule: str | None = None, return_maps: bool = False):
         return await self._chain(images, rule, return_maps)
@@ -379,9 +386,11 @@ class Ingress:
         redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
         consumers: int = 2, batch: int = 64,
         block_ms: int = 200, claim_idle_ms: int = 30_000, max_deliveries: int = 5, verdict_maxlen: int = 100_000,
-        max_body_bytes: int = MAX_HTTP_BODY,
+        max_body_bytes: int = MAX_HTTP_BODY, stage_timeout_s: float = STAGE_TIMEOUT_S,
     ) -> None:
-        self.remotes = {name: RemoteDetector(det, denoiser, explainer) for name, det in _detectors(detectors).items()}
+        self.remotes = {name: RemoteDetector(det, denoiser, explainer, stage_timeout_s)
+                        for name, det in _detectors(detectors).items()}
+        self.stall_s = STALL_FACTOR * stage_timeout_s
         self.default_model = next(iter(self.remotes))  # what POST /detect uses when no ?model= is given
         self.max_body_bytes = max_body_bytes
         self.stop = threading.Event()
@@ -435,19 +444,33 @@ class Ingress:
     def _dead_consumers(self) -> list[str]:
         return [] if self.stop.is_set() else [t.name for t in self.threads if not t.is_alive()]
 
+    def _stalled_consumers(self) -> list[str]:
+        return [f"{t.name} ({w.busy_for():.0f} s in one batch)" for t, w in zip(self.threads, self.workers, strict=True)
+                if w.busy_for() > self.stall_s]
+
+    def _problems(self) -> list[str]:
+        """What /healthz reports as degraded: dead or stalled consumers, verdicts Redis will not take."""
+        out = [f"consumer thread died: {name}" for name in self._dead_consumers()]
+        out += [f"consumer stalled: {what}" for what in self._stalled_consumers()]
+        out += sorted({w.degraded for w in self.workers if w.degraded})
+        return out
+
     def check_health(self) -> None:
-        """Serve's periodic health check: a consumer thread that died (e.g. Redis refused the credentials)
-        fails it, so Serve replaces this replica instead of leaving the stream unread behind a healthy face."""
-        dead = self._dead_consumers()
-        if dead:
-            raise RuntimeError(f"stream consumer threads died: {', '.join(dead)}")
+        """Serve's periodic health check: a consumer thread that died (e.g. Redis refused the credentials) or
+        one stuck in a batch far longer than a stage call may take fails it, so Serve replaces this replica
+        instead of leaving the stream unread behind a healthy face. (A full Redis does not: a new replica
+        would not help; /healthz and the publish-failure metric say so.)"""
+        dead, stalled = self._dead_consumers(), self._stalled_consumers()
+        if dead or stalled:
+            raise RuntimeError(f"stream consumers: died {dead}, stalled {stalled}")
 
     @http.get("/healthz")
     async def healthz(self) -> dict:
         alive = sum(t.is_alive() for t in self.threads)
         stats = [w.consumer.stats for w in self.workers]
-        status = "degraded" if self._dead_consumers() else "ok"
-        return {"status": status, "models": list(self.remotes), "consumers_alive": alive, "consumers": stats}
+        problems = self._problems()
+        return {"status": "degraded" if problems else "ok", "problems": problems, "models": list(self.remotes),
+                "consumers_alive": alive, "consumers": stats}
 
     @http.post("/detect")
     async def detect(self, request: Request, heatmap: bool = False, rule: str | None = None,
@@ -508,6 +531,7 @@ class AppArgs(BaseModel):
     max_deliveries: int = Field(5, ge=1, description="then an entry goes to the dead-letter stream")
     verdict_maxlen: int = Field(100_000, ge=1)
     max_body_bytes: int = Field(MAX_HTTP_BODY, ge=1, description="largest POST /detect body")
+    stage_timeout_s: float = Field(STAGE_TIMEOUT_S, gt=0, description="a stage call abandoned after this long")
     torch_threads: int | None = Field(None, ge=1, description="Explainer intra-op threads")
     nlm_threads: int | None = Field(None, ge=1, description="Denoiser OpenCV threads")
 
@@ -548,7 +572,7 @@ def build_app(args: AppArgs) -> serve.Application:
     common = {"detectors": args.detector_refs()}
     stream = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams")}
     ingress = {k: getattr(args, k) for k in ("consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
-                                               "verdict_maxlen", "max_body_bytes")}
+                                               "verdict_maxlen", "max_body_bytes", "stage_timeout_s")}
     return Ingress.bind(
         Denoiser.bind(**common, nlm_threads=args.nlm_threads),
         Explainer.bind(Scorer.bind(**common), **common, **stream, torch_threads=args.torch_threads),

@@ -36,6 +36,12 @@ log = logging.getLogger("explainer.streams")
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write because it reached ``maxmemory`` under ``noeviction`` (the stream's policy); inside
+    a script Redis refuses its first write, before any effect, so a refused publish wrote nothing."""
+    return isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc)
+
+
 @dataclass
 class StreamNames:
     """Keys and channels; every stream entry has one field, ``data`` (msgpack, see :mod:`worker.wire`)."""
@@ -316,7 +322,7 @@ class StreamConsumer:
         try:
             written = [bool(x) for x in self._publish_script(keys=keys, args=args)]
         except Exception as exc:
-            self._report(self.events.publish_failed, type(exc).__name__)
+            self._report(self.events.publish_failed, "OOM" if is_out_of_memory(exc) else type(exc).__name__)
             raise
         self._report(self.events.published, [v for _, v in results], written)
         self.stats["published"] += sum(written)
@@ -439,6 +445,9 @@ class StreamWorker:
         self.trim_interval_s = trim_interval_s  # run() trims acked image entries this often (None: never)
         self._last_trim = 0.0
         self._unpublished: list[tuple[str, dict]] = []  # a batch whose publish failed; retried first
+        # why the last publish failed while its verdicts wait (None: publishing works): /healthz says "degraded"
+        self.degraded: str | None = None
+        self._busy_since: float | None = None  # monotonic start of the detection in progress, if any
 
     @property
     def unpublished(self) -> int:
@@ -450,7 +459,7 @@ class StreamWorker:
         from ``detect_fn`` propagate and leave the batch pending, to be reclaimed and retried later."""
         handled = 0
         if self._unpublished:
-            self.consumer.publish(self._unpublished)
+            self._publish(self._unpublished)
             handled, self._unpublished = len(self._unpublished), []
         entries = self.consumer.read(block_ms)
         if not entries:
@@ -478,7 +487,11 @@ class StreamWorker:
             sids.append(sid)
         if not reqs:
             return handled
-        sids, reqs, verdicts = self._detect(sids, reqs)
+        self._busy_since = time.monotonic()
+        try:
+            sids, reqs, verdicts = self._detect(sids, reqs)
+        finally:
+            self._busy_since = None
         now = time.time()
         results = []
         for sid, req, v in zip(sids, reqs, verdicts, strict=True):
@@ -495,11 +508,34 @@ class StreamWorker:
             v["done_at"] = now
             results.append((sid, v))
         try:
-            self.consumer.publish(results)
+            self._publish(results)
         except CONNECTION_ERRORS:
             self._unpublished = results  # verdicts are computed: publish them once Redis is back
             raise
+        except redis.ResponseError as e:
+            if is_out_of_memory(e):  # Redis is full: keep the verdicts, read nothing more until they land
+                self._unpublished = results
+            raise
         return handled + len(results)
+
+    def _publish(self, results: list[tuple[str, dict]]) -> None:
+        """Publish, and keep :attr:`degraded` saying whether publishing works."""
+        try:
+            self.consumer.publish(results)
+        except CONNECTION_ERRORS as e:
+            self.degraded = f"redis unreachable ({type(e).__name__}): {len(results)} verdicts wait to be published"
+            raise
+        except redis.ResponseError as e:
+            if is_out_of_memory(e):
+                self.degraded = (f"redis out of memory (maxmemory reached): {len(results)} verdicts wait to be "
+                                 "published, no new entries are read")
+            raise
+        self.degraded = None
+
+    def busy_for(self) -> float:
+        """Seconds the detection in progress has been running (0 when none is): a stuck stage shows here."""
+        started = self._busy_since
+        return 0.0 if started is None else time.monotonic() - started
 
     def _call(self, reqs: list[wire.Request]) -> list[dict]:
         verdicts = self.detect_fn(reqs)
@@ -561,7 +597,11 @@ class StreamWorker:
                 if "NOGROUP" in str(e):
                     group_ready = False
                     continue
-                log.exception("redis error; retrying in %.1fs", backoff)
+                if is_out_of_memory(e):
+                    log.warning("redis is out of memory; %d verdicts kept, retrying in %.1fs", self.unpublished,
+                                backoff)
+                else:
+                    log.exception("redis error; retrying in %.1fs", backoff)
                 if not self._back_off(stop_event, backoff):
                     return
                 backoff = min(backoff * 2, self.max_backoff_s)

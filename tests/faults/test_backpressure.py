@@ -47,3 +47,47 @@ def test_trimming_waits_for_the_slowest_consumer_group(tmp_path):
         assert 0 < removed <= 500 and remaining == ids[removed:]  # a prefix of acked entries, nothing else
         assert set(ids[500:]) <= set(remaining)  # pending (500-999) and unread (1000-2999) all kept
         client.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_full_redis_keeps_the_computed_verdicts_and_recovers_without_loss(tmp_path):
+    """Redis at maxmemory with noeviction refuses the verdict writes: the worker keeps the batch it computed,
+    reads nothing more (the pending list stays one batch), says why in ``degraded``, and once memory is freed
+    publishes everything, once."""
+    import threading
+    import time
+
+    from faultkit import pending, wait_until
+
+    from pipeline import Detector, load_sample_digits
+    from worker import wire
+    from worker.detect import detect_requests
+    from worker.feed import push_images
+    from worker.local_redis import LocalRedis
+    from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect, iter_stream
+
+    names = StreamNames.with_prefix("oom")
+    detector = Detector.from_pretrained("mnist")
+    with LocalRedis(tmp_path / "redis", extra_config={"maxmemory-policy": "noeviction"}) as server:
+        client = connect(server.url)
+        images = load_sample_digits().images[:300]
+        push_images(client, names, images, ids=[f"o{i}" for i in range(len(images))])
+        consumer = StreamConsumer(connect(server.url), names, consumer="w", count=32, block_ms=100)
+        consumer.ensure_group()
+        worker = StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs), max_backoff_s=0.5)
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used + 64 * 1024)  # a little room, not enough for many verdicts
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+        assert wait_until(lambda: worker.degraded is not None, timeout_s=60)
+        time.sleep(3)  # a while at maxmemory
+        assert "out of memory" in worker.degraded and worker.unpublished > 0
+        assert pending(client, names) <= 2 * consumer.count, "the worker kept reading while Redis was full"
+        client.config_set("maxmemory", 0)
+        assert wait_until(lambda: len(list(iter_stream(client, names.verdicts))) >= len(images), timeout_s=120)
+        stop.set()
+        thread.join(30)
+        got = [wire.decode_verdict(raw)["id"] for _sid, raw in iter_stream(client, names.verdicts)]
+        assert sorted(got) == sorted(f"o{i}" for i in range(len(images)))  # every one, once
+        assert pending(client, names) == 0 and worker.degraded is None and worker.unpublished == 0

@@ -221,16 +221,42 @@ def test_ingress_health_check_fails_when_a_consumer_thread_died():
     import threading
 
     from worker.serve_app import Ingress
+    from worker.streams import StreamWorker
 
     ingress = Ingress.func_or_class.__new__(Ingress.func_or_class)  # the class itself, no replica needed
     finished = threading.Thread(target=lambda: None, name="consumer-0")
     finished.start()
     finished.join()
-    ingress.threads, ingress.stop = [finished], threading.Event()
+    worker = StreamWorker(StreamConsumer(connect("redis://127.0.0.1:1/0"), NAMES), lambda reqs: [])
+    ingress.threads, ingress.workers, ingress.stop, ingress.stall_s = [finished], [worker], threading.Event(), 60.0
     with pytest.raises(RuntimeError, match="consumer-0"):
         ingress.check_health()
     ingress.stop.set()  # drained on purpose: healthy
     ingress.check_health()
+
+
+def test_ingress_health_check_fails_when_a_consumer_is_stuck_in_one_batch():
+    """A consumer alive but stuck (a stage call that never returns) fails the health check too, once its batch
+    has run for longer than a stage call may take; /healthz lists why."""
+    import threading
+    import time
+
+    from worker.serve_app import Ingress
+    from worker.streams import StreamWorker
+
+    release = threading.Event()
+    worker = StreamWorker(StreamConsumer(connect("redis://127.0.0.1:1/0"), NAMES), lambda reqs: [])
+    stuck = threading.Thread(target=release.wait, name="consumer-0", daemon=True)
+    stuck.start()
+    ingress = Ingress.func_or_class.__new__(Ingress.func_or_class)
+    ingress.threads, ingress.workers, ingress.stop, ingress.stall_s = [stuck], [worker], threading.Event(), 0.2
+    ingress.check_health()
+    worker._busy_since = time.monotonic()  # what run_once sets while detect_fn runs
+    time.sleep(0.3)
+    with pytest.raises(RuntimeError, match="stalled.*consumer-0"):
+        ingress.check_health()
+    assert any("stalled" in p for p in ingress._problems())
+    release.set()
 
 
 def test_image_files_from_outside_are_bounded_from_their_header_and_otherwise_accepted(digits):
