@@ -599,16 +599,12 @@ def watch(
     """Print verdicts live: adversarial alerts from the pub/sub channel, or every verdict from the stream."""
     from worker import wire
     from worker.streams import StreamNames, connect
+    from worker.verdicts import watch_line
 
     client, names = connect(resolve_redis_url(redis_url)), StreamNames()
 
     def show(v: dict) -> None:
-        mark = "[red]ADVERSARIAL[/red]" if v.get("is_adversarial") else "[green]clean[/green]"
-        if v.get("error"):
-            mark = f"[yellow]error: {v['error']}[/yellow]"
-        console.print(
-            f"{v.get('id')}  class {v.get('predicted_class')}  score {v.get('score')}  {mark}  {v.get('latency_ms')} ms"
-        )
+        console.print(watch_line(v))
 
     try:
         if all_verdicts:

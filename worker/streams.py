@@ -148,6 +148,7 @@ return id
 """
 
 WAITING_SCAN_CAP = 256  # entries a backlog probe reads before Redis 7 reports the group's lag itself
+MAX_QUEUE_AGE_S = 7 * 24 * 3600  # an enqueued_at further back is a wrong clock, not a week in the queue
 
 
 class StreamEvents:
@@ -500,7 +501,9 @@ class StreamWorker:
             v.setdefault("id", req.id)
             v.setdefault("model", req.model)
             v["stream_id"] = sid
-            start = req.enqueued_at if req.enqueued_at is not None and req.enqueued_at <= now else t_read
+            # a producer's clock: trusted only within MAX_QUEUE_AGE_S before now (else the read time stands in)
+            known = req.enqueued_at is not None and now - MAX_QUEUE_AGE_S <= req.enqueued_at <= now
+            start = req.enqueued_at if known else t_read
             v["latency_ms"] = round((now - start) * 1000.0, 3)
             # where it went: waiting in the stream (enqueue → read), then the detection (read → verdict); the
             # write is the verdict stream entry's id (Redis's clock at XADD) less done_at

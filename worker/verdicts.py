@@ -16,6 +16,24 @@ from typing import IO, Any
 from rich.markup import escape
 from rich.table import Table
 
+
+def printable(value: object) -> str:
+    """``value`` as text safe for a terminal: control characters (terminal escapes among them) shown as
+    ``\\xNN`` escapes, and Rich markup shown as typed, never interpreted (ids and errors come from producers)."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
+    return escape(text)
+
+
+def watch_line(verdict: dict) -> str:
+    """One line of ``explainer watch`` for a verdict, as Rich markup in which only our own styling is markup."""
+    mark = "[red]ADVERSARIAL[/red]" if verdict.get("is_adversarial") else "[green]clean[/green]"
+    if verdict.get("error"):
+        mark = f"[yellow]error: {printable(verdict['error'])}[/yellow]"
+    return (f"{printable(verdict.get('id'))}  model {printable(verdict.get('model'))}  class "
+            f"{printable(verdict.get('predicted_class'))}  score {printable(verdict.get('score'))}  {mark}  "
+            f"{printable(verdict.get('latency_ms'))} ms")
+
+
 COLUMNS = ("file", "model", "is_adversarial", "score", "threshold", "rule", "predicted_class", "confidence",
            "entropy_original", "entropy_denoised", "prediction_shift", "map_shift")
 
@@ -63,10 +81,10 @@ class VerdictWriter:
         table = Table("file", "class", "conf", "H(orig)", "H(denoised)", "score", "verdict")
         for file, v in self.rows:
             if v.get("error"):
-                table.add_row(escape(file), "-", "-", "-", "-", "-", f"[red]error: {escape(v['error'])}[/red]")
+                table.add_row(printable(file), "-", "-", "-", "-", "-", f"[red]error: {printable(v['error'])}[/red]")
                 continue
             verdict = "[red]ADVERSARIAL[/red]" if v["is_adversarial"] else "[green]clean[/green]"
-            table.add_row(escape(file), str(v["predicted_class"]), f"{v['confidence']:.3f}",
+            table.add_row(printable(file), str(v["predicted_class"]), f"{v['confidence']:.3f}",
                           f"{v['entropy_original']:.3f}", f"{v['entropy_denoised']:.3f}",
                           f"{v['score']:.3f} / {v['threshold']:.3f}", verdict)
         return table

@@ -388,3 +388,33 @@ def test_verdicts_carry_every_signal_the_score_combines(detector, digits):
     plain = Detector(detector.model, DetectorConfig(signals=("prediction_shift", "map_shift")))
     plain.calibrate(load_sample_digits().images[:100], 0.05)
     assert "signals" not in detect_requests(plain, reqs[:2])[0]  # nothing beyond the top-level fields
+
+
+def test_watch_shows_producer_text_as_typed_and_never_as_terminal_codes():
+    """An id like ``cam1-[/]`` is Rich markup that would crash ``explainer watch``; escape bytes in an id or an
+    error would drive the operator's terminal. Both are shown as text."""
+    import io
+
+    from rich.console import Console
+
+    from worker.verdicts import watch_line
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=400)
+    console.print(watch_line({"id": "cam1-[/]", "model": "mnist", "predicted_class": 3, "score": 0.5,
+                              "is_adversarial": True, "latency_ms": 4.2}))
+    console.print(watch_line({"id": "cam2-\x1b[2J\x1b]0;pwned\x07", "error": "bad [bold]image[/bold]\x1b[31m"}))
+    text = out.getvalue()
+    assert "cam1-[/]" in text and "ADVERSARIAL" in text
+    assert "\x1b" not in text and "\\x1b[2J" in text and "bad [bold]image[/bold]" in text
+
+
+def test_an_absurd_enqueue_time_is_not_believed(client, names, detector, digits):
+    """``meta.enqueued_at = -1e300`` (or a clock a year off) gives a latency from the read, not 1e303 ms."""
+    worker = make_worker(client, names, detector)
+    for i, when in enumerate((-1e300, time.time() - 365 * 86400, time.time() + 3600, time.time() - 1.0)):
+        client.xadd(names.images, {"data": wire.encode_request(f"t{i}", digits[0], meta={"enqueued_at": when})})
+    drain(worker, 4)
+    got = {v["id"]: v for v in (wire.decode_verdict(raw) for _sid, raw in iter_stream(client, names.verdicts))}
+    assert all(0 <= got[f"t{i}"]["latency_ms"] < 60_000 for i in range(3)), got
+    assert got["t3"]["latency_ms"] >= 1000  # a believable one is used
