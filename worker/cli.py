@@ -491,6 +491,8 @@ def bench(
                   f"{r['ratio_to_floor']:.0%} of the floor; wrote {out}/metrics.json and {out}/report.md")
 
 
+PASSWORD_FILE_HELP = ("a file holding the Redis password (default: $EXPLAINER_REDIS_PASSWORD); keeps it off the "
+                      "command line and out of the URL")
 REDIS_URL_HELP = ("Redis URL (default: $EXPLAINER_REDIS_URL, else the server `explainer serve` started from this "
                   "folder, else redis://127.0.0.1:6379/0)")
 
@@ -498,6 +500,7 @@ REDIS_URL_HELP = ("Redis URL (default: $EXPLAINER_REDIS_URL, else the server `ex
 @app.command()
 def serve(
     redis_url: str | None = typer.Option(None, help="Redis to consume (default: start a local redis-server)"),
+    redis_password_file: Path | None = typer.Option(None, help=PASSWORD_FILE_HELP),
     config: Path = typer.Option(DEFAULT_CONFIG, help="Ray Serve config file"),
     http_port: int = typer.Option(8000),
     data_dir: Path = typer.Option(Path(".explainer"), help="where the local redis-server keeps its AOF"),
@@ -514,24 +517,30 @@ def serve(
 
     from pipeline import MODEL_NAMES
     from worker.embedded import embedded_stack
+    from worker.streams import redact_url
 
-    overrides = None
+    overrides: dict = {}
+    if redis_password_file is not None:
+        if redis_url is None:
+            fail("--redis-password-file goes with --redis-url (the local Redis serve starts needs none)")
+        overrides["redis_password_file"] = str(redis_password_file.resolve())  # the replicas' working dir differs
     if detector:
         missing = [d for d in detector if d not in MODEL_NAMES and not (Path(d) / "detector.json").is_file()]
         if missing:
             fail(f"--detector {', '.join(missing)}: neither a built-in model ({', '.join(MODEL_NAMES)}) nor a "
                  "detector bundle (a folder with detector.json; explainer calibrate --out makes one)")
         # absolute: the replicas do not share this process's working directory
-        overrides = {"detector": [d if d in MODEL_NAMES else str(Path(d).resolve()) for d in detector],
-                     "trust_factory": trust_factory}
+        overrides.update(detector=[d if d in MODEL_NAMES else str(Path(d).resolve()) for d in detector],
+                         trust_factory=trust_factory)
     stop = threading.Event()
-    with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port, overrides=overrides,
+    with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port,
+                                                          overrides=overrides or None,
                                                           metrics_port=metrics_port) as stack:
         # installed after Ray starts: ray.init replaces SIGTERM's handler with one that aborts the process
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        shown = stack.redis_url if stack.redis is not None else "the given Redis"  # a given URL may hold a password
-        console.print(f"serving: redis {shown}  http {stack.http_url}  metrics {stack.metrics_url or 'Ray cluster'}"
+        console.print(f"serving: redis {redact_url(stack.redis_url)}  http {stack.http_url}  "
+                      f"metrics {stack.metrics_url or 'Ray cluster'}"
                       "  (Ctrl-C to stop)")
         while not stop.wait(0.5):
             pass
@@ -542,6 +551,7 @@ def serve(
 @app.command()
 def feed(
     redis_url: str | None = typer.Option(None, help=REDIS_URL_HELP),
+    redis_password_file: Path | None = typer.Option(None, help=PASSWORD_FILE_HELP),
     n: int = typer.Option(100, help="how many images"),
     source: str = typer.Option("mnist", help="mnist (held-out test digits) | adversarial (shipped) | a folder"),
     attack: str | None = typer.Option(None, help="make adversarials on the fly with this attack (pgd, bim, ...)"),
@@ -551,7 +561,7 @@ def feed(
     """Push images into the image stream."""
     from pipeline import load_adversarial_digits, load_sample_digits
     from worker.feed import push_images
-    from worker.streams import StreamNames, connect
+    from worker.streams import StreamNames, connect_with_password
 
     if source == "mnist":
         digits = load_sample_digits().parity("odd").head(n)
@@ -570,7 +580,8 @@ def feed(
         except FileNotFoundError as exc:
             fail(f"--source: {exc}")
         images, ids = [read_image_file(p) for p in files], [p.name for p in files]
-    stream_ids = push_images(connect(resolve_redis_url(redis_url)), StreamNames(), images, ids=ids,
+    client = connect_with_password(resolve_redis_url(redis_url), redis_password_file)
+    stream_ids = push_images(client, StreamNames(), images, ids=ids,
                              encoding=encoding, model=model)
     console.print(f"pushed {len(stream_ids)} images for {model} to explainer:images")
 
@@ -592,16 +603,17 @@ def _attack_digits(attack: str, images: np.ndarray, labels: np.ndarray) -> np.nd
 @app.command()
 def watch(
     redis_url: str | None = typer.Option(None, help=REDIS_URL_HELP),
+    redis_password_file: Path | None = typer.Option(None, help=PASSWORD_FILE_HELP),
     all_verdicts: bool = typer.Option(
         False, "--all", help="follow every verdict (the verdict stream), not only alerts"
     ),
 ) -> None:
     """Print verdicts live: adversarial alerts from the pub/sub channel, or every verdict from the stream."""
     from worker import wire
-    from worker.streams import StreamNames, connect
+    from worker.streams import StreamNames, connect_with_password
     from worker.verdicts import watch_line
 
-    client, names = connect(resolve_redis_url(redis_url)), StreamNames()
+    client, names = connect_with_password(resolve_redis_url(redis_url), redis_password_file), StreamNames()
 
     def show(v: dict) -> None:
         console.print(watch_line(v))

@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -37,10 +36,16 @@ from ray.serve.handle import DeploymentHandle
 from pipeline import DetectionResult, Detector, Explained, InputError, decode_image, keep_allocations_mapped
 from worker import wire
 from worker.detect import detect_requests
-from worker.streams import StreamConsumer, StreamEvents, StreamNames, StreamWorker, connect
+from worker.streams import (
+    PASSWORD_ENV,
+    StreamConsumer,
+    StreamEvents,
+    StreamNames,
+    StreamWorker,
+    connect_with_password,
+)
 
 log = logging.getLogger("explainer.serve")
-PASSWORD_ENV = "EXPLAINER_REDIS_PASSWORD"
 MAX_HTTP_BODY = 8 * 1024 * 1024
 EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's user_config says otherwise
 # merged calls one Explainer replica runs at once, each on a thread of its own: while one batch is in the
@@ -55,18 +60,8 @@ WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a repli
 
 
 def stream_client(redis_url: str, password_file: str | None, **kwargs):
-    """A Redis client for the stream at ``redis_url``, authenticated with :func:`redis_password`."""
-    if password := redis_password(password_file):
-        kwargs["password"] = password
-    return connect(redis_url, **kwargs)
-
-
-def redis_password(password_file: str | None) -> str | None:
-    """The Redis password: ``password_file``'s content (trailing newline dropped) when given, else the
-    ``EXPLAINER_REDIS_PASSWORD`` environment variable, else None."""
-    if password_file:
-        return Path(password_file).read_text().rstrip("\r\n")
-    return os.environ.get(PASSWORD_ENV) or None
+    """A Redis client for the stream at ``redis_url``, authenticated with :func:`worker.streams.redis_password`."""
+    return connect_with_password(redis_url, password_file, **kwargs)
 
 
 def _detectors(refs: list[dict], device: str | None = None) -> dict[str, Detector]:

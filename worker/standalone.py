@@ -22,7 +22,7 @@ import threading
 import redis
 
 from worker.local_redis import resolve_redis_url
-from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect
+from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect_with_password
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m worker.standalone", description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis-url", default=None, help="default: $EXPLAINER_REDIS_URL, else the server `explainer "
                     "serve` started from this folder, else redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis-password-file", default=None, help="a file holding the Redis password (default: "
+                    "$EXPLAINER_REDIS_PASSWORD); keeps it off argv and out of the URL")
     ap.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer-group member")
     ap.add_argument("--prefix", default=None, help="all stream names under this prefix (default explainer:*)")
     ap.add_argument("--all-verdicts-channel", default=None, help="also PUBLISH every verdict on this channel")
@@ -73,7 +75,8 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
                              "--images-dir CLEAN --out BUNDLE) and serve the bundle")
         detectors[det.model.name] = det
     consumer = StreamConsumer(
-        connect(resolve_redis_url(args.redis_url)), names, consumer=args.consumer, count=args.batch,
+        connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file), names,
+        consumer=args.consumer, count=args.batch,
         block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
     )
     return StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs), trim_interval_s=args.trim_interval_s,

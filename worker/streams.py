@@ -19,11 +19,14 @@ The Lua script touches several keys, so on Redis Cluster give all the names one 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -99,6 +102,38 @@ def connect(
         decode_responses=False,
         **kwargs,
     )
+
+
+PASSWORD_ENV = "EXPLAINER_REDIS_PASSWORD"
+
+
+def redis_password(password_file: str | Path | None = None) -> str | None:
+    """The Redis password: ``password_file``'s content (trailing newline dropped) when given, else the
+    ``EXPLAINER_REDIS_PASSWORD`` environment variable, else None. Either keeps it off command lines (``ps``)
+    and out of URLs, and takes any characters (a URL needs ``/``, ``#``, ``@``, ``%`` percent-encoded)."""
+    if password_file:
+        return Path(password_file).read_text().rstrip("\r\n")
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def connect_with_password(url: str, password_file: str | Path | None = None, **kwargs: Any) -> redis.Redis:
+    """:func:`connect` with the password of :func:`redis_password`, when there is one (it overrides a URL's)."""
+    if password := redis_password(password_file):
+        kwargs["password"] = password
+    return connect(url, **kwargs)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (user part and ``?password=``), for logs and consoles."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = netloc.rsplit("@", 1)[1]
+        netloc = f"{user}:***@{host}"
+    query = "&".join("password=***" if kv.split("=", 1)[0] == "password" else kv
+                     for kv in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _s(x: bytes | str) -> str:

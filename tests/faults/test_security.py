@@ -136,3 +136,59 @@ def test_a_png_whose_chunk_claims_gigabytes_is_refused_before_any_allocation():
     grown_mb, errors = done.stdout.splitlines()[-2:]
     assert float(grown_mb) < 64, f"peak RSS grew by {grown_mb} MiB"
     assert all(e and "declares 2147483647 bytes" in e for e in ast.literal_eval(errors)), errors
+
+
+def test_the_acl_roles_of_deploy_redis_conf_load_and_allow_each_role_only_its_part(tmp_path):
+    """deploy/redis.conf's three ACL users, loaded into the shipped redis-server: the producer can only append
+    images, the worker runs the whole stream (verdicts, alerts, dead letters, trimming, backlog), the subscriber
+    reads verdicts and alerts; each is refused the others' writes. Passwords with URL-breaking characters."""
+    import msgpack
+
+    from pipeline import Detector, load_sample_digits
+    from worker.detect import detect_requests
+    from worker.feed import push_images
+    from worker.local_redis import LocalRedis
+    from worker.streams import StreamConsumer, StreamNames, StreamWorker, drain, iter_stream
+
+    passwords = {"producer": "p/r#o@d:u%ce", "worker": "w0rk/er#@!", "subscriber": "s?u b&=scr"}
+    rules = [line.removeprefix("# ").split() for line in (ROOT / "deploy" / "redis.conf").read_text().splitlines()
+             if line.startswith("# user explainer-")]
+    assert len(rules) == 3
+    names = StreamNames()
+    with LocalRedis(tmp_path / "redis", password="admin-pw") as server:
+        admin = connect(server.url)
+        for rule in rules:
+            role = rule[1].removeprefix("explainer-")
+            admin.execute_command("ACL", "SETUSER", *[f">{passwords[role]}" if w.startswith(">") else w
+                                                      for w in rule[1:]])
+        base = f"redis://127.0.0.1:{server.port}/0"
+
+        def as_role(role: str):
+            return connect(base, username=f"explainer-{role}", password=passwords[role], retries=0)
+
+        producer, worker_client, subscriber = as_role("producer"), as_role("worker"), as_role("subscriber")
+        pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(names.alerts)
+        digits = load_sample_digits()
+        assert producer.ping()
+        push_images(producer, names, digits.images[:20], ids=[f"d{i}" for i in range(20)])
+        producer.xadd(names.images, {"data": msgpack.packb({"v": 1})})  # undecodable: a dead letter
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            producer.xadd(names.verdicts, {"data": b"forged"})
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            producer.xreadgroup("g", "c", {names.images: ">"})
+
+        detector = Detector.from_pretrained("mnist")
+        consumer = StreamConsumer(worker_client, names, consumer="w", block_ms=100)
+        consumer.ensure_group()
+        worker = StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs))
+        assert drain(worker, 21, timeout_s=60) == 21
+        assert consumer.backlog() == (0, 0) and consumer.trim_acked() >= 0
+
+        verdicts = [wire.decode_verdict(raw) for _sid, raw in iter_stream(subscriber, names.verdicts)]
+        assert len(verdicts) == 20 and len(list(iter_stream(subscriber, names.dead))) == 1
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            subscriber.xadd(names.images, {"data": b"x"})
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            worker_client.config_set("maxmemory", 1)
+        pubsub.close()

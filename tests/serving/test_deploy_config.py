@@ -14,7 +14,8 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
 from worker.embedded import DEFAULT_CONFIG, app_config
-from worker.serve_app import AppArgs, build_app, redis_password
+from worker.serve_app import AppArgs, build_app
+from worker.streams import redis_password
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -58,6 +59,12 @@ def test_a_password_in_the_yaml_is_refused_and_comes_from_the_environment_or_a_f
     secret = tmp_path / "password"
     secret.write_text("from/file#1\n")
     assert redis_password(str(secret)) == "from/file#1"
+    from worker.streams import redact_url
+
+    assert redact_url("redis://:p%2Fw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("rediss://worker:secret@h/0?password=x&ssl_ca_certs=/c.pem") == \
+        "rediss://worker:***@h/0?password=***&ssl_ca_certs=/c.pem"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 def test_local_overrides_keep_the_config_valid_for_serve():
