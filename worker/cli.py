@@ -49,6 +49,16 @@ MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:
               "your model file: a torch.export program (.pt2) or TorchScript")
 
 
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_device(device: str | None) -> None:
     if device is None:
         return
@@ -503,6 +513,10 @@ def serve(
     redis_password_file: Path | None = typer.Option(None, help=PASSWORD_FILE_HELP),
     config: Path = typer.Option(DEFAULT_CONFIG, help="Ray Serve config file"),
     http_port: int = typer.Option(8000),
+    http_host: str = typer.Option(
+        "127.0.0.1", help="address POST /detect listens on; any other than loopback needs a bearer token"),
+    http_token_file: Path | None = typer.Option(
+        None, help="a file holding the bearer token POST /detect requires (default: $EXPLAINER_HTTP_TOKEN)"),
     data_dir: Path = typer.Option(Path(".explainer"), help="where the local redis-server keeps its AOF"),
     metrics_port: int | None = typer.Option(
         None, help="port of Ray's Prometheus metrics endpoint when serve starts Ray (default: a free one, printed)"),
@@ -512,6 +526,8 @@ def serve(
     trust_factory: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
+    import ipaddress
+    import os
     import signal
     import threading
 
@@ -520,6 +536,12 @@ def serve(
     from worker.streams import redact_url
 
     overrides: dict = {}
+    loopback = http_host == "localhost" or (_is_ip(http_host) and ipaddress.ip_address(http_host).is_loopback)
+    if not loopback and http_token_file is None and not os.environ.get("EXPLAINER_HTTP_TOKEN"):
+        fail(f"--http-host {http_host} exposes POST /detect beyond this machine: give it a bearer token "
+             "(--http-token-file or EXPLAINER_HTTP_TOKEN), and put TLS in front of it")
+    if http_token_file is not None:
+        overrides["http_token_file"] = str(http_token_file.resolve())
     if redis_password_file is not None:
         if redis_url is None:
             fail("--redis-password-file goes with --redis-url (the local Redis serve starts needs none)")
@@ -534,7 +556,7 @@ def serve(
                          trust_factory=trust_factory)
     stop = threading.Event()
     with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port,
-                                                          overrides=overrides or None,
+                                                          overrides=overrides or None, http_host=http_host,
                                                           metrics_port=metrics_port) as stack:
         # installed after Ray starts: ray.init replaces SIGTERM's handler with one that aborts the process
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

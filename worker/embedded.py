@@ -118,13 +118,13 @@ class Stack:
     metrics_url: str | None = None  # Ray's Prometheus endpoint of this node (when this stack started Ray)
 
 
-def _start_serve(http_port: int, attempts: int = 2) -> None:
+def _start_serve(http_port: int, http_host: str = "127.0.0.1", attempts: int = 2) -> None:
     """``serve.start``, retried once: under load the first proxy can miss its readiness check."""
     from ray import serve
 
     for attempt in range(attempts):
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+            serve.start(http_options={"host": http_host, "port": http_port})
             return
         except Exception:  # noqa: BLE001 - Ray raises several types here; the last attempt re-raises
             if attempt == attempts - 1:
@@ -138,6 +138,7 @@ def embedded_stack(
     redis_url: str | None = None, config: str | Path = DEFAULT_CONFIG, data_dir: str | Path = ".explainer",
     http_port: int = 8000, overrides: dict | None = None, num_cpus: int | None = None,
     deployment_overrides: dict[str, dict] | None = None, metrics_port: int | None = None,
+    http_host: str = "127.0.0.1",
 ) -> Iterator[Stack]:
     """Start (local redis) + Ray + the Serve app; tear all of it down on exit, gracefully. When it starts Ray,
     Ray serves the metrics in Prometheus format on ``metrics_port`` (default: a free port)."""
@@ -166,14 +167,15 @@ def embedded_stack(
                      log_to_driver=False, configure_logging=True, _metrics_export_port=metrics_port,
                      _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES,
                                      "metrics_report_interval_ms": METRICS_INTERVAL_MS})
-        _start_serve(http_port)
+        _start_serve(http_port, http_host)
         url, password_file = _password_to_file(redis_url, Path(data_dir))
         args = {**(overrides or {}), "redis_url": url}
         if password_file:
             args["redis_password_file"] = password_file
         deploy(app_config(config, args, deployment_overrides=deployment_overrides))
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if started_ray else None
-        yield Stack(redis_url, f"http://127.0.0.1:{http_port}", local, metrics_url)
+        shown_host = "127.0.0.1" if http_host in ("0.0.0.0", "::") else http_host
+        yield Stack(redis_url, f"http://{shown_host}:{http_port}", local, metrics_url)
     finally:
         try:
             try:  # finish the batches in flight while every stage is still up, then delete the app

@@ -17,6 +17,7 @@ use as they are then: whatever they call must be defined above them.)
 
 
 import asyncio
+import hmac
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -46,6 +48,7 @@ from worker.streams import (
 )
 
 log = logging.getLogger("explainer.serve")
+HTTP_TOKEN_ENV = "EXPLAINER_HTTP_TOKEN"
 MAX_HTTP_BODY = 8 * 1024 * 1024
 EXPLAIN_MAX_BATCH = 256  # images per merged Captum call unless the Explainer's user_config says otherwise
 # merged calls one Explainer replica runs at once, each on a thread of its own: while one batch is in the
@@ -62,6 +65,17 @@ WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a repli
 def stream_client(redis_url: str, password_file: str | None, **kwargs):
     """A Redis client for the stream at ``redis_url``, authenticated with :func:`worker.streams.redis_password`."""
     return connect_with_password(redis_url, password_file, **kwargs)
+
+
+def http_token(token_file: str | None) -> str | None:
+    """The bearer token the HTTP route requires: ``token_file``'s content (trailing newline dropped) when given,
+    else ``EXPLAINER_HTTP_TOKEN``, else None (no authentication: bind the HTTP proxy to loopback only)."""
+    if token_file:
+        token = Path(token_file).read_text().rstrip("\r\n")
+        if not token:
+            raise ValueError(f"{token_file}: empty HTTP token file")
+        return token
+    return os.environ.get(HTTP_TOKEN_ENV) or None
 
 
 def _detectors(refs: list[dict], device: str | None = None) -> dict[str, Detector]:
@@ -382,7 +396,9 @@ class Ingress:
         consumers: int = 2, batch: int = 64,
         block_ms: int = 200, claim_idle_ms: int = 30_000, max_deliveries: int = 5, verdict_maxlen: int = 100_000,
         max_body_bytes: int = MAX_HTTP_BODY, stage_timeout_s: float = STAGE_TIMEOUT_S,
+        http_token_file: str | None = None,
     ) -> None:
+        self.http_token = http_token(http_token_file)
         self.remotes = {name: RemoteDetector(det, denoiser, explainer, stage_timeout_s)
                         for name, det in _detectors(detectors).items()}
         self.stall_s = STALL_FACTOR * stage_timeout_s
@@ -459,17 +475,32 @@ class Ingress:
         if dead or stalled:
             raise RuntimeError(f"stream consumers: died {dead}, stalled {stalled}")
 
+    def _authorized(self, request: Request) -> bool:
+        """Whether the request carries the bearer token (always, when no token is configured)."""
+        if self.http_token is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.http_token}".encode())
+
     @http.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self, request: Request) -> dict:
+        """Liveness for anyone (``status`` alone); the problems, models and consumer counters only with the
+        token, when one is configured."""
+        problems = self._problems()
+        status = "degraded" if problems else "ok"
+        if not self._authorized(request):
+            return {"status": status}
         alive = sum(t.is_alive() for t in self.threads)
         stats = [w.consumer.stats for w in self.workers]
-        problems = self._problems()
-        return {"status": "degraded" if problems else "ok", "problems": problems, "models": list(self.remotes),
+        return {"status": status, "problems": problems, "models": list(self.remotes),
                 "consumers_alive": alive, "consumers": stats}
 
     @http.post("/detect")
     async def detect(self, request: Request, heatmap: bool = False, rule: str | None = None,
                      model: str | None = None) -> dict:
+        if not self._authorized(request):
+            raise HTTPException(401, "a bearer token is required (Authorization: Bearer TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
         remote = self.remotes.get(model or self.default_model)
         if remote is None:
             raise HTTPException(404, f"unknown model {model!r}; this deployment serves {sorted(self.remotes)}")
@@ -527,6 +558,8 @@ class AppArgs(BaseModel):
     verdict_maxlen: int = Field(100_000, ge=1)
     max_body_bytes: int = Field(MAX_HTTP_BODY, ge=1, description="largest POST /detect body")
     stage_timeout_s: float = Field(STAGE_TIMEOUT_S, gt=0, description="a stage call abandoned after this long")
+    http_token_file: str | None = Field(None, description="a file holding the bearer token POST /detect requires "
+                                        f"(default: ${HTTP_TOKEN_ENV}; neither: no authentication)")
     torch_threads: int | None = Field(None, ge=1, description="Explainer intra-op threads")
     nlm_threads: int | None = Field(None, ge=1, description="Denoiser OpenCV threads")
 
@@ -567,7 +600,8 @@ def build_app(args: AppArgs) -> serve.Application:
     common = {"detectors": args.detector_refs()}
     stream = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams")}
     ingress = {k: getattr(args, k) for k in ("consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
-                                               "verdict_maxlen", "max_body_bytes", "stage_timeout_s")}
+                                               "verdict_maxlen", "max_body_bytes", "stage_timeout_s",
+                                               "http_token_file")}
     return Ingress.bind(
         Denoiser.bind(**common, nlm_threads=args.nlm_threads),
         Explainer.bind(Scorer.bind(**common), **common, **stream, torch_threads=args.torch_threads),

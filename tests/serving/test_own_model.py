@@ -118,9 +118,14 @@ def test_held_out_fpr_is_within_the_calibrated_target(work):
     assert flagged <= bound, f"{flagged} of {len(odd.images)} clean digits flagged (bound {bound})"
 
 
+TOKEN = "t0k/en#with:odd=chars"
+
+
 @pytest.fixture(scope="module")
 def stack(work, tmp_path_factory):
-    overrides = {"detector": ["mnist", str(work / "bundle")], "block_ms": 100}
+    token_file = tmp_path_factory.mktemp("secrets") / "http-token"
+    token_file.write_text(TOKEN + "\n")
+    overrides = {"detector": ["mnist", str(work / "bundle")], "block_ms": 100, "http_token_file": str(token_file)}
     with embedded_stack(data_dir=tmp_path_factory.mktemp("own-stack"), http_port=free_port(),
                         overrides=overrides) as st:
         yield st
@@ -200,23 +205,32 @@ def test_the_standalone_worker_serves_the_bundle_beside_mnist(work, tmp_path):
         assert [d["kind"] for d in dead] == ["unknown_model"] and "'cifar'" in dead[0]["reason"]
 
 
-def test_the_http_route_picks_the_detector_by_model(work, stack):
+def test_the_http_route_needs_the_token_and_picks_the_detector_by_model(work, stack):
     import urllib.error
     import urllib.request
 
     image = load_sample_digits().parity("odd").images[0]
     body = cv2.imencode(".png", image)[1].tobytes()
 
-    def post(query: str) -> dict:
-        req = urllib.request.Request(f"{stack.http_url}/detect{query}", data=body,
-                                     headers={"Content-Type": "image/png"})
+    def call(path: str, token: str | None = TOKEN, data: bytes | None = body) -> dict:
+        headers = {"Content-Type": "image/png"} if data is not None else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(f"{stack.http_url}{path}", data=data, headers=headers)
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
-    own = post(f"?model={NAME}")
+    for token in (None, "wrong", TOKEN + "x"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            call("/detect", token)
+        assert err.value.code == 401 and err.value.headers["WWW-Authenticate"] == "Bearer"
+    assert call("/healthz", None, None) == {"status": "ok"}  # liveness only, no internals
+    assert call("/healthz", TOKEN, None)["models"] == ["mnist", NAME]
+
+    own = call(f"/detect?model={NAME}")
     assert own["model"] == NAME
     assert own["score"] == pytest.approx(float(Detector.load(work / "bundle").detect(image[None]).score[0]), abs=1e-5)
-    assert post("")["model"] == "mnist"  # the first detector listed
+    assert call("/detect")["model"] == "mnist"  # the first detector listed
     with pytest.raises(urllib.error.HTTPError) as err:
-        post("?model=cifar")
+        call("/detect?model=cifar")
     assert err.value.code == 404 and NAME in err.value.read().decode()
