@@ -158,10 +158,15 @@ class Explainer(StageStats):
     def __init__(
         self, scorer: DeploymentHandle | None, detectors: list[dict], torch_threads: int | None = None,
         redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
+        stage_timeout_s: float = STAGE_TIMEOUT_S,
     ) -> None:
         import torch
 
         self.scorer = scorer
+        # merged calls in progress: when each started (monotonic), so that a call that never returns fails the
+        # replica's health check and Serve replaces the replica (its thread cannot be interrupted)
+        self._calls: dict[int, float] = {}
+        self.stall_s = STALL_FACTOR * stage_timeout_s
         # the stream this stage's replicas serve: its backlog drives their autoscaling (worker.autoscale)
         self._backlog = None
         self._probing = False
@@ -222,6 +227,15 @@ class Explainer(StageStats):
                         ) -> list[Explained]:
         """One Captum call per model over the merged requests, on a worker thread (``explain_pair`` is
         thread-safe); one :class:`Explained` per request, in order."""
+        call = threading.get_ident()
+        self._calls[call] = time.monotonic()
+        try:
+            return self._explain_groups(originals, denoised, models)
+        finally:
+            self._calls.pop(call, None)
+
+    def _explain_groups(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
+                        ) -> list[Explained]:
         with self._timed(sum(len(x) for x in originals)):
             out: list[Explained | None] = [None] * len(originals)
             for model in dict.fromkeys(models):
@@ -232,6 +246,15 @@ class Explainer(StageStats):
                 for i, a, b in zip(rows, bounds[:-1], bounds[1:], strict=True):
                     out[i] = merged.part(a, b)
             return out
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a merged call running far longer than a stage call may take (a model
+        that hangs on some input) fails it, so Serve replaces this replica; its callers have timed out already and
+        their batches are retried."""
+        now = time.monotonic()
+        stuck = [now - started for started in list(self._calls.values()) if now - started > self.stall_s]
+        if stuck:
+            raise RuntimeError(f"{len(stuck)} explanation call(s) running for {max(stuck):.0f} s")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics Serve collects from each replica (worker.autoscale.backlog_policy reads
@@ -604,6 +627,7 @@ def build_app(args: AppArgs) -> serve.Application:
                                                "http_token_file")}
     return Ingress.bind(
         Denoiser.bind(**common, nlm_threads=args.nlm_threads),
-        Explainer.bind(Scorer.bind(**common), **common, **stream, torch_threads=args.torch_threads),
+        Explainer.bind(Scorer.bind(**common), **common, **stream, torch_threads=args.torch_threads,
+                       stage_timeout_s=args.stage_timeout_s),
         **common, **stream, **ingress,
     )

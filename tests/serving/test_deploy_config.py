@@ -142,7 +142,7 @@ def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_ro
                  "other": Detector.from_model(net, input_size=28, channels=1, name="other")}
     explainer = Explainer.func_or_class.__new__(Explainer.func_or_class)  # the class itself, no replica
     explainer._init_stats()
-    explainer.detectors = detectors
+    explainer.detectors, explainer._calls, explainer.stall_s = detectors, {}, 0.2
     images = load_sample_digits().images
     det = detectors["mnist"]
     requests = [det.prepare(images[a:b], as_pixels=True) for a, b in ((0, 3), (3, 8), (8, 9), (9, 13))]
@@ -152,3 +152,25 @@ def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_ro
     for x, d, model, got in zip(requests, denoised, models, out, strict=True):
         alone = detectors[model].explain_pair(x, d)
         assert np.allclose(got.probs, alone.probs, atol=1e-6) and np.allclose(got.maps, alone.maps, atol=1e-6)
+
+    # a call that never returns (a model hanging on some input) fails the replica's health check
+    import threading
+    import time
+
+    explainer.check_health()
+    release = threading.Event()
+
+    class Hung:
+        def explain_pair(self, x, d):
+            release.wait()
+            return detectors["other"].explain_pair(x, d)
+
+    explainer.detectors = {**detectors, "other": Hung()}
+    thread = threading.Thread(target=explainer._explain_merged, args=(requests[:1], denoised[:1], ["other"]))
+    thread.start()
+    time.sleep(0.4)
+    with pytest.raises(RuntimeError, match="running for"):
+        explainer.check_health()
+    release.set()
+    thread.join(10)
+    explainer.check_health()
