@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "faults"))  # the fault kit, which is not installed
 
 import reliability as rel  # noqa: E402
+import reliability_delivery as rd  # noqa: E402
 import reliability_serve as rs  # noqa: E402
 
 SCENARIOS = {
@@ -36,6 +37,10 @@ SCENARIOS = {
     "backpressure": (rel.backpressure, {"n": 10000, "pad_kib": 20}),  # ~195 MiB of backlog, producer >10x
     "backlog": (rel.backlog_full, {"max_backlog": 500}),
     "tls": (rel.tls_and_auth, {"n": 500}),
+    "oom": (rd.redis_oom, {"n": 2000}),
+    "aof": (rd.aof_last_second, {"n": 2000}),
+    "poison": (rd.poison, {"n": 2000, "n_poison": 3}),
+    "overrun": (rd.verdict_overrun, {"n": 3000, "maxlen": 1000}),
 }
 
 
@@ -133,6 +138,54 @@ def _cpus() -> int:
     import os
 
     return os.cpu_count() or 0
+
+
+def _delivery_details(figs: dict) -> list[str]:
+    out: list[str] = []
+    if "oom" in figs:
+        f = figs["oom"]
+        x = f.extra
+        out += ["## 7. Redis full", "",
+                "At a quarter of the verdicts `maxmemory` was set to half of what Redis held (`noeviction`), for "
+                f"5 s, then lifted. Verdicts that landed meanwhile: {x['verdicts_while_full']}; entries pending "
+                f"at most: {x['max_pending_while_full']} (one batch is {x['batch']}): the worker kept the verdicts "
+                "it had computed, read nothing more, and said why (`degraded` in `/healthz` for Serve; the "
+                "`explainer_publish_failures{error=\"OOM\"}` metric). Once memory was freed everything landed, "
+                "once.", ""]
+    if "aof" in figs:
+        f = figs["aof"]
+        x = f.extra
+        out += ["## 8. The last second of the AOF lost", "",
+                "What a power cut leaves under `appendfsync everysec`: at half the verdicts the AOF's length was "
+                "noted, the stream ran one more second, then redis-server was SIGKILLed and its AOF cut back to "
+                f"that length. {x['written_in_lost_second']} verdicts written in that second were gone from Redis "
+                "though the readers had seen them, and so were their images' acks and idempotency keys: those "
+                f"images were judged again and published again. Readers saw {f.dup_stream} duplicates on the "
+                f"stream and {f.dup_pubsub} on pub/sub; every one names the same image stream entry as the verdict "
+                f"it repeats (duplicates naming another entry: {x['unflagged_duplicates']}), so a reader that "
+                "deduplicates on `stream_id` sees each verdict once. Images a producer added in such a second "
+                "would be lost with it: the producer's `XADD` had its reply. `appendfsync always` closes this at "
+                "a cost in write throughput (docs/wire.md).", ""]
+    if "poison" in figs:
+        f = figs["poison"]
+        x = f.extra
+        out += ["## 9. Messages that kill their worker", "",
+                f"{f.bad} all-white digits make the served model SIGKILL its own process "
+                "(`tests/fixtures/poison_model.py`, as a native library crashing on some input would), spread "
+                f"among {f.sent} messages; two workers, each restarted when it died ({x['worker_deaths']} deaths). "
+                "A consumer's batch is reclaimed one entry at a time, so each image succeeds or fails alone: "
+                f"dead letters {f.dead_lettered} (kinds {x['dead_kinds']}), of them not poison "
+                f"{x['dead_letters_other_than_poison']}; every other image got its verdict. Before, the whole "
+                "batch of a poison message was reclaimed together and dead-lettered with it.", ""]
+    if "overrun" in figs:
+        f = figs["overrun"]
+        x = f.extra
+        out += ["## 10. A verdict stream capped below a reader's backlog", "",
+                f"A consumer group on the verdict stream read nothing while {f.sent} verdicts were written under "
+                f"`MAXLEN ~ {x['maxlen']}`; it then got {x['late_reader_got']} (missed "
+                f"{x['missed_by_late_reader']}): the cap trims by length whatever a group has read. A live reader "
+                f"saw all {f.verdicts}. docs/wire.md says so and how to size the cap.", ""]
+    return out
 
 
 def _details(figs: dict) -> list[str]:
@@ -250,6 +303,7 @@ def _details(figs: dict) -> list[str]:
                 "", "| body | status |", "| --- | ---: |"] + [f"| {k} | {v} |" for k, v in http.items()]
         out += ["", "`tests/test_serve.py::test_http_route_answers` also checks 413 from a declared over-size "
                 "Content-Length, 415 for a non-image and 422 for a wrong-size PNG."]
+    out += _delivery_details(figs)
     out += ["", "## What the faults exposed, and what was fixed", "",
             "No scenario lost a message, duplicated a verdict or crashed the worker on bad input: the delivery "
             "core (consumer group + XAUTOCLAIM + one Lua script per batch with per-entry idempotency keys, "
@@ -265,19 +319,17 @@ def _details(figs: dict) -> list[str]:
             "the batch, ack, exit 0), the unit these tests kill and signal. Workers now count `trimmed` and "
             "`connection_errors` (in `/healthz` for Serve).", "",
             "## Not covered here", "",
-            "- redis-server's own TLS (see §6); power loss (`appendfsync everysec` may lose the last second on an "
-            "OS crash; a killed process loses nothing).",
+            "- redis-server's own TLS (see §6).",
+            "- A Serve stage that hangs: covered by tests (a stage call times out after `stage_timeout_s`, a "
+            "consumer or an Explainer call stuck for twice that fails the replica's health check, "
+            "`tests/serving/test_serve.py`, `test_deploy_config.py`), not run here as a scenario.",
             "- A producer that retries its own `XADD` after a lost reply creates a second entry and gets a second "
             "verdict with the same `id`: idempotency keys are per stream entry, not per message id, because the "
             "demo, the bench and cameras may reuse ids for new images; docs/wire.md says to deduplicate on `id` "
             "downstream where that matters.",
-            "- Redis at `maxmemory`: writes (including the verdict script) are refused, entries stay pending and "
-            "nothing is lost, but the stream stalls until memory is freed; not exercised.",
             "- Failures of a downstream Serve stage count towards `max_deliveries` (5): a stage down for longer "
             "than about 5 × `claim_idle_ms` would move entries to the dead letters (with a reason, not silently). "
             "Not seen here (0 dead letters when replicas were killed).",
-            "- The verdict and dead-letter streams stay capped at `MAXLEN ~ 100000` (documented in docs/wire.md): "
-            "a reader more than 100,000 verdicts behind loses the oldest.",
             "", "## Commands", "",
             "```sh",
             "python scripts/reliability.py                      # this report (all scenarios, full size)",

@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--block-ms", type=int, default=200)
     ap.add_argument("--claim-idle-ms", type=int, default=30_000, help="reclaim entries idle this long")
     ap.add_argument("--max-deliveries", type=int, default=5)
+    ap.add_argument("--verdict-maxlen", type=int, default=100_000, help="cap of the verdict stream (MAXLEN ~)")
     ap.add_argument("--trim-interval-s", type=float, default=5.0, help="trim acked image entries this often")
     ap.add_argument("--torch-threads", type=int, default=None)
     return ap.parse_args(argv)
@@ -78,6 +79,7 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
         connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file), names,
         consumer=args.consumer, count=args.batch,
         block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
+        verdict_maxlen=args.verdict_maxlen,
     )
     return StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs), trim_interval_s=args.trim_interval_s,
                         models=detectors)

@@ -148,6 +148,8 @@ class Subscribers:
         self.stream_ids: collections.Counter[str] = collections.Counter()
         self.pubsub_ids: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()  # verdicts carrying "error", by id
+        # message id -> the image stream ids its verdicts name: a reader deduplicates on these
+        self.sources: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self._stop = threading.Event()
         self._client = connect(redis_url, retries=20, backoff_cap=1.0, socket_timeout=5)
         self._ps_client = connect(redis_url, retries=20, backoff_cap=1.0, socket_timeout=5)
@@ -173,6 +175,7 @@ class Subscribers:
                     cursor = sid.decode()
                     v = wire.decode_verdict(fields[b"data"])
                     self.stream_ids[v["id"]] += 1
+                    self.sources[v["id"]].add(v.get("stream_id"))
                     if v.get("error"):
                         self.errors[v["id"]] += 1
 
@@ -185,6 +188,11 @@ class Subscribers:
                 continue
             if m and m.get("type") == "message":
                 self.pubsub_ids[wire.decode_verdict(m["data"])["id"]] += 1
+
+    def unflagged_duplicates(self) -> int:
+        """Duplicates a reader could not tell from new verdicts: extra verdicts of one message id that name
+        another image stream entry (the same entry twice is deduplicated on ``stream_id``)."""
+        return sum(len(self.sources[i]) - 1 for i, c in self.stream_ids.items() if c > 1)
 
     def wait_for(self, ids: set[str], timeout_s: float, progress: Callable[[int], None] | None = None) -> bool:
         """True once every id has a verdict on the stream; False after ``timeout_s``."""
