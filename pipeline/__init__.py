@@ -13,7 +13,7 @@ from pipeline.detector import DetectionResult, Detector, Explained
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
-from pipeline.inputs import decode_image, image_files, read_image_file, to_float_batch
+from pipeline.inputs import decode_image, image_files, png_chunk_problem, read_image_file, to_float_batch
 from pipeline.models import (
     MODEL_NAMES,
     ModelSource,
@@ -62,6 +62,7 @@ __all__ = [
     "load_sample_digits",
     "map_entropy",
     "parse_model_ref",
+    "png_chunk_problem",
     "passes_per_image",
     "predict_and_explain",
     "preset",

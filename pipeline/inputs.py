@@ -16,14 +16,43 @@ import torch
 from pipeline.errors import InputError
 
 MAX_PIXELS = 4096 * 4096
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_ANCILLARY_CHUNKS = 64  # chunks other than IHDR/PLTE/IDAT/IEND: each bad one is a libpng warning in the log
+
+
+def png_chunk_problem(data: bytes | bytearray | memoryview) -> str | None:
+    """What is wrong with a PNG's chunk table, or None: walked before anything decodes the file. Every chunk's
+    declared length must fit in the bytes that follow it (libpng allocates a chunk's declared length before
+    reading it, so a 100-byte file claiming a 2 GiB text chunk would cost 2 GiB), the image must end with IEND
+    (bytes after it are allowed), and at most ``MAX_PNG_ANCILLARY_CHUNKS`` ancillary chunks may come."""
+    mv = memoryview(data)
+    i, n, ancillary = 8, len(mv), 0
+    while True:
+        if i + 12 > n:
+            return "truncated PNG (no IEND chunk)"
+        length = int.from_bytes(mv[i : i + 4], "big")
+        kind = bytes(mv[i + 4 : i + 8])
+        if length > n - i - 12:
+            return f"PNG chunk {kind!r} declares {length} bytes but the file holds {n - i - 12} more: corrupt or a " \
+                   "decoder bomb"
+        if kind == b"IEND":
+            return None
+        if kind not in (b"IHDR", b"PLTE", b"IDAT"):
+            ancillary += 1
+            if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
+                return f"PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary chunks"
+        i += 12 + length
 
 
 def decode_image(data: bytes, source: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG bytes to uint8 H×W or H×W×3 (RGB); a clear error for corrupt or non-image data."""
+    """Decode PNG/JPEG bytes to uint8 H×W or H×W×3 (RGB); a clear error for corrupt or non-image data, and a PNG's
+    chunk table checked first (:func:`png_chunk_problem`)."""
     import cv2
 
     if not data:
         raise InputError(f"{source}: empty file")
+    if bytes(data[:8]) == PNG_SIGNATURE and (problem := png_chunk_problem(data)):
+        raise InputError(f"{source}: {problem}")
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None:

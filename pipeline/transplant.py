@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.inputs import PNG_SIGNATURE, png_chunk_problem
 from pipeline.occlude import top_relevance_masks
 
 PASTE_BATCH = 64  # pasted images per forward pass
@@ -45,11 +46,24 @@ def encode_hosts(images: np.ndarray) -> list[str]:
     return out
 
 
+MAX_HOST_SIDE = 1024  # a host is at a model's input size: anything larger is not one this package wrote
+
+
 def decode_hosts(encoded: list[str]) -> np.ndarray:
-    """The inverse of :func:`encode_hosts`: uint8 (K, H, W, C)."""
+    """The inverse of :func:`encode_hosts`: uint8 (K, H, W, C). A calibration may come from a bundle someone
+    sent: each host is checked to be a PNG of at most ``MAX_HOST_SIDE`` pixels a side with a sound chunk table
+    before it is decoded."""
     images = []
     for s in encoded:
-        im = cv2.imdecode(np.frombuffer(base64.b64decode(s), np.uint8), cv2.IMREAD_UNCHANGED)
+        data = base64.b64decode(s)
+        if data[:8] != PNG_SIGNATURE or len(data) < 24 or data[12:16] != b"IHDR":
+            raise ValueError("a host image in the calibration file is not a PNG")
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if not (0 < width <= MAX_HOST_SIDE and 0 < height <= MAX_HOST_SIDE):
+            raise ValueError(f"a host image in the calibration file is {width}×{height}: over {MAX_HOST_SIDE} a side")
+        if problem := png_chunk_problem(data):
+            raise ValueError(f"a host image in the calibration file: {problem}")
+        im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if im is None:
             raise ValueError("a host image in the calibration file is not a valid PNG")
         images.append(im[..., ::-1] if im.ndim == 3 else im[..., None])

@@ -41,6 +41,7 @@ SCENARIOS = {
     "aof": (rd.aof_last_second, {"n": 2000}),
     "poison": (rd.poison, {"n": 2000, "n_poison": 3}),
     "overrun": (rd.verdict_overrun, {"n": 3000, "maxlen": 1000}),
+    "hung": (rs.hung_stage, {"n": 600}),
 }
 
 
@@ -186,6 +187,15 @@ def _delivery_details(figs: dict) -> list[str]:
                 f"`MAXLEN ~ {x['maxlen']}`; it then got {x['late_reader_got']} (missed "
                 f"{x['missed_by_late_reader']}): the cap trims by length whatever a group has read. A live reader "
                 f"saw all {f.verdicts}. docs/wire.md says so and how to size the cap.", ""]
+    if "hung" in figs:
+        f = figs["hung"]
+        out += ["## 11. A model call that never returns (Ray Serve)", "",
+                "The served model hangs for ever on an all-grey digit, one among "
+                f"{f.sent}. Stage calls time out after `stage_timeout_s` = 5 s, so the consumer moves on and "
+                "the batch is retried entry by entry; an Explainer call stuck for twice that fails the replica's "
+                f"health check (replaced: {f.extra.get('explainer_replaced')}). Dead letters: {f.dead_lettered} "
+                f"(kinds {f.extra.get('dead_kinds')}); every other image got its verdict "
+                f"({f.verdicts} / {f.valid}).", ""]
     return out
 
 
@@ -330,9 +340,6 @@ def _details(figs: dict) -> list[str]:
             "deduplicate on, and that the cap trims by length.", "",
             "## Not covered here", "",
             "- redis-server's own TLS (see §6).",
-            "- A Serve stage that hangs: covered by tests (a stage call times out after `stage_timeout_s`, a "
-            "consumer or an Explainer call stuck for twice that fails the replica's health check, "
-            "`tests/serving/test_serve.py`, `test_deploy_config.py`), not run here as a scenario.",
             "- A producer that retries its own `XADD` after a lost reply creates a second entry and gets a second "
             "verdict with the same `id`: idempotency keys are per stream entry, not per message id, because the "
             "demo, the bench and cameras may reuse ids for new images; docs/wire.md says to deduplicate on `id` "

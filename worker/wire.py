@@ -218,31 +218,13 @@ def _has_transparency(mv: memoryview) -> bool:
     return False
 
 
-MAX_PNG_ANCILLARY_CHUNKS = 64  # chunks other than IHDR/PLTE/IDAT/IEND: each bad one is a libpng warning in the log
-
-
 def check_png_chunks(data: bytes | bytearray | memoryview, what: str = "image") -> None:
-    """Walk a PNG's chunks before anything decodes it: every chunk's declared length must fit in the bytes that
-    follow it (libpng allocates a chunk's declared length before reading it, so a 100-byte file claiming a 2 GiB
-    text chunk would cost 2 GiB), the image must end with IEND (bytes after it are allowed), and at most
-    ``MAX_PNG_ANCILLARY_CHUNKS`` ancillary chunks may come (each bad one would log a libpng warning)."""
-    mv = memoryview(data)
-    i, n, ancillary = 8, len(mv), 0
-    while True:
-        if i + 12 > n:
-            raise WireError(f"{what}: truncated PNG (no IEND chunk)")
-        length = struct.unpack(">I", mv[i : i + 4])[0]
-        kind = bytes(mv[i + 4 : i + 8])
-        if length > n - i - 12:
-            raise WireError(f"{what}: PNG chunk {kind!r} declares {length} bytes but the file holds "
-                            f"{n - i - 12} more: corrupt or a decoder bomb")
-        if kind == b"IEND":
-            return
-        if kind not in (b"IHDR", b"PLTE", b"IDAT"):
-            ancillary += 1
-            if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
-                raise WireError(f"{what}: PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary chunks")
-        i += 12 + length
+    """:func:`pipeline.inputs.png_chunk_problem` as a :class:`WireError`: a PNG's chunk table checked before any
+    decode (a chunk declaring more bytes than the file holds is a decoder bomb)."""
+    from pipeline import png_chunk_problem  # the core's check; imported here, where a PNG is decoded anyway
+
+    if problem := png_chunk_problem(data):
+        raise WireError(f"{what}: {problem}")
 
 
 def _png(mv: memoryview) -> ImageHeader | None:

@@ -198,3 +198,24 @@ def test_the_shipped_photo_detector_loads_with_the_shared_weights():
     reference = json.loads((Path(__file__).resolve().parents[2] / "reports" / "imagenet" / "calibration.json")
                            .read_text())
     assert det.calibration.threshold == reference["threshold"]
+
+
+def test_a_calibration_from_a_bundle_cannot_smuggle_a_decoder_bomb_as_a_host():
+    """The transplant's hosts travel base64-PNG inside calibration.json: each is checked before it is decoded."""
+    import base64
+    import struct
+    import zlib
+
+    from pipeline.transplant import decode_hosts, encode_hosts
+
+    hosts = np.zeros((2, 28, 28, 1), np.uint8)
+    assert np.array_equal(decode_hosts(encode_hosts(hosts)), hosts)
+    png = base64.b64decode(encode_hosts(hosts[:1])[0])
+    body = b"Comment\0xxxx"
+    bomb = png[:33] + struct.pack(">I", 2**31 - 1) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body)) \
+        + png[png.index(b"IEND") - 4 :]
+    with pytest.raises(ValueError, match="declares 2147483647 bytes"):
+        decode_hosts([base64.b64encode(bomb).decode()])
+    huge = png[:16] + struct.pack(">II", 50_000, 50_000) + png[24:]
+    with pytest.raises(ValueError, match="over 1024 a side"):
+        decode_hosts([base64.b64encode(huge).decode()])

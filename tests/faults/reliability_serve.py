@@ -18,7 +18,7 @@ import cv2
 import faultkit as fk
 import numpy as np
 import psutil
-from reliability import Figures, Log, digits, environment, finish_with, push_valid, settle
+from reliability import Figures, Log, digits, environment, finish_with, push, push_valid, settle
 
 from worker.local_redis import free_port
 from worker.streams import StreamNames
@@ -146,3 +146,53 @@ def _healthy(url: str) -> bool:
             return json.loads(r.read()).get("consumers_alive", 0) > 0
     except OSError:
         return False
+
+
+def hung_stage(workdir: Path, n: int = 600, log: Log = print) -> Figures:
+    """The Serve app serves a model that never returns on an all-grey image (tests/fixtures/poison_model.py);
+    one such image among ``n``. Stage calls time out after 5 s (``stage_timeout_s``) and the batch is retried
+    entry by entry; an Explainer call stuck for twice that fails the replica's health check and Serve replaces
+    the replica; the grey image reaches the dead letters after max_deliveries (3), every other gets its
+    verdict."""
+    from pipeline import Detector, load_sample_digits
+    from worker import wire
+    from worker.embedded import embedded_stack
+
+    fig, t0 = Figures(f"a model call that never returns (1 image among {n}), Ray Serve"), time.monotonic()
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(fixtures), fk.child_env()["PYTHONPATH"]])
+    sys.path.insert(0, str(fixtures))
+    import poison_model
+
+    det = Detector.from_model(poison_model.build(), input_size=28, channels=1, name="poisoned",
+                              factory="poison_model:build")
+    det.calibrate(load_sample_digits().images[:200], 0.05)
+    bundle = det.save(workdir / "poisoned")
+    with environment(workdir) as env:
+        overrides = {"claim_idle_ms": 2000, "block_ms": 100, "max_deliveries": 3, "stage_timeout_s": 5.0,
+                     "streams": dataclasses.asdict(env.names), "detector": [str(bundle)], "trust_factory": True}
+        with embedded_stack(redis_url=env.server.url, data_dir=workdir / "stack", http_port=free_port(),
+                            overrides=overrides, num_cpus=2):
+            subs = fk.Subscribers(env.server.url, env.names)
+            explainer_before = replica_pid("Explainer")
+            images = digits(n)
+            hang_at = n // 2
+            ids = [f"h-{k}" for k in range(n)]
+            entries = [{"data": wire.encode_request(i, np.full((28, 28), 128, np.uint8) if k == hang_at else
+                                                    images[k], model="poisoned")} for k, i in enumerate(ids)]
+            push(env.client, env.names.images, entries)
+            fig.sent, fig.bad = n, 1
+            valid = [i for k, i in enumerate(ids) if k != hang_at]
+            fk.wait_until(lambda: subs.count(set(valid)) == len(valid)
+                          and len(fk.dead_letters(env.client, env.names)) >= 1, 900)
+            settle(env, subs, valid, fig, timeout_s=60)
+            dead = fk.dead_letters(env.client, env.names)
+            fig.dead_lettered = len(dead)
+            fig.extra["dead_kinds"] = sorted({d.get("kind") for d in dead.values()})
+            explainer_after = replica_pid("Explainer")
+            fig.restarts = int(explainer_after != explainer_before)
+            fig.extra["explainer_replaced"] = explainer_after != explainer_before
+            log(f"  dead letters {len(dead)} ({fig.extra['dead_kinds']}); Explainer replaced: "
+                f"{fig.extra['explainer_replaced']}")
+    fig.seconds = time.monotonic() - t0
+    return fig
