@@ -195,7 +195,8 @@ def _delivery_details(figs: dict) -> list[str]:
                 "the batch is retried entry by entry; an Explainer call stuck for twice that fails the replica's "
                 f"health check (replaced: {f.extra.get('explainer_replaced')}). Dead letters: {f.dead_lettered} "
                 f"(kinds {f.extra.get('dead_kinds')}); every other image got its verdict "
-                f"({f.verdicts} / {f.valid}).", ""]
+                f"({f.verdicts} / {f.valid}); valid images dead-lettered with it: "
+                f"{len(f.extra.get('valid_dead_lettered', []))}.", ""]
     return out
 
 
@@ -340,6 +341,12 @@ def _details(figs: dict) -> list[str]:
             "deduplicate on, and that the cap trims by length.", "",
             "## Not covered here", "",
             "- redis-server's own TLS (see §6).",
+            "- **Open: a model call that never returns takes its neighbours with it.** Measured once (the `hung` "
+            "scenario, 600 images, one that hangs the model, `stage_timeout_s` 5 s, `max_deliveries` 3, commit "
+            "283b6ba): the hung image was dead-lettered, and so were 9 valid images next to it in the stream, "
+            "because while the Explainer's two threads are blocked every call times out and each timeout counts a "
+            "delivery; the other 590 got their verdicts. Waiting for the replica's replacement before retrying, "
+            "or not counting a timeout against an entry that was never explained, would fix it.",
             "- A producer that retries its own `XADD` after a lost reply creates a second entry and gets a second "
             "verdict with the same `id`: idempotency keys are per stream entry, not per message id, because the "
             "demo, the bench and cameras may reuse ids for new images; docs/wire.md says to deduplicate on `id` "

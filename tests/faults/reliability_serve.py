@@ -183,10 +183,11 @@ def hung_stage(workdir: Path, n: int = 600, log: Log = print) -> Figures:
             push(env.client, env.names.images, entries)
             fig.sent, fig.bad = n, 1
             valid = [i for k, i in enumerate(ids) if k != hang_at]
-            fk.wait_until(lambda: subs.count(set(valid)) == len(valid)
-                          and len(fk.dead_letters(env.client, env.names)) >= 1, 900)
+            fk.wait_until(lambda: subs.count(set(valid)) + len(fk.dead_letters(env.client, env.names)) >= n, 900)
             settle(env, subs, valid, fig, timeout_s=60)
             dead = fk.dead_letters(env.client, env.names)
+            dead_ids = {wire.decode_request(d["payload"]).id for d in dead.values() if d.get("payload")}
+            fig.extra["valid_dead_lettered"] = sorted(dead_ids - {ids[hang_at]})
             fig.dead_lettered = len(dead)
             fig.extra["dead_kinds"] = sorted({d.get("kind") for d in dead.values()})
             explainer_after = replica_pid("Explainer")
