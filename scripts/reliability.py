@@ -343,7 +343,7 @@ def _details(figs: dict) -> list[str]:
             "- redis-server's own TLS (see §6).",
             "- **Open: a model call that never returns takes its neighbours with it.** Measured once (the `hung` "
             "scenario, 600 images, one that hangs the model, `stage_timeout_s` 5 s, `max_deliveries` 3, commit "
-            "283b6ba): the hung image was dead-lettered, and so were 9 valid images next to it in the stream, "
+            "bcc8ecf): the hung image was dead-lettered, and so were 9 valid images next to it in the stream, "
             "because while the Explainer's two threads are blocked every call times out and each timeout counts a "
             "delivery; the other 590 got their verdicts. Waiting for the replica's replacement before retrying, "
             "or not counting a timeout against an entry that was never explained, would fix it.",
