@@ -66,11 +66,11 @@ def test_corrupt_and_non_image_files(tmp_path, digits):
     text.write_text("hello, not a picture")
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    for path, message in [(truncated, "not a decodable"), (text, "not a decodable"), (empty, "empty file"),
+    for path, message in [(truncated, "truncated PNG"), (text, "not a decodable"), (empty, "empty file"),
                           (tmp_path / "missing.png", "no such file")]:
         with pytest.raises(InputError, match=message):
             read_image_file(path)
-    with pytest.raises(InputError, match="not a decodable"):
+    with pytest.raises(InputError, match="truncated PNG"):
         decode_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
 
 
