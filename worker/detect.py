@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import InputError
+from pipeline import Detector, InputError, keep_allocations_mapped
 from worker import wire
 
 VERDICT_FIELDS = (
@@ -136,3 +136,28 @@ def detect_requests(
             for i, v in zip(chunk, verdicts, strict=True):
                 out[i] = v
     return out  # type: ignore[return-value]
+
+
+def load_served_detectors(refs: list[dict], device: str | None = None) -> dict[str, Detector]:
+    """The detectors a worker serves, by the name requests pick them with: ``{"bundle": path, "trust_factory":
+    bool}`` or ``{"model": name, "weights", "calibration"}`` each (``worker.serve_app.AppArgs.detector_refs``, the
+    standalone worker). The process also keeps its batches' memory mapped (pipeline.runtime). A served detector
+    decides with its calibration, so one without is refused here, when the worker starts."""
+    keep_allocations_mapped()
+    out: dict[str, Detector] = {}
+    for ref in refs:
+        if "bundle" in ref:
+            det = Detector.load(ref["bundle"], device=device, trust_factory=ref.get("trust_factory", False))
+        else:
+            det = Detector.from_pretrained(ref["model"], weights=ref.get("weights"),
+                                           calibration=ref.get("calibration"), device=device)
+        name = det.model.name
+        if name in out:
+            raise ValueError(f"two served detectors are named {name!r}: requests pick a detector by name, so each "
+                             "needs its own (explainer calibrate --name)")
+        if det.calibration is None:
+            raise ValueError(f"detector {name!r} has no calibration, and a served detector decides with it: "
+                             f"calibrate it (explainer calibrate --model {name} --images-dir CLEAN --out BUNDLE) "
+                             "and serve the bundle")
+        out[name] = det
+    return out

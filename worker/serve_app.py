@@ -35,9 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline import DetectionResult, Detector, Explained, InputError, decode_image, keep_allocations_mapped
+from pipeline import DetectionResult, Detector, Explained, InputError, decode_image
 from worker import wire
-from worker.detect import detect_requests
+from worker.detect import detect_requests, load_served_detectors
 from worker.streams import (
     PASSWORD_ENV,
     StreamConsumer,
@@ -78,28 +78,6 @@ def http_token(token_file: str | None) -> str | None:
     return os.environ.get(HTTP_TOKEN_ENV) or None
 
 
-def _detectors(refs: list[dict], device: str | None = None) -> dict[str, Detector]:
-    """The stage's detectors by the name requests pick them with, from :meth:`AppArgs.detector_refs`; every
-    replica process also keeps its batches' memory mapped (pipeline.runtime). A served detector decides with
-    its calibration, so one without is refused here, when the deployment starts."""
-    keep_allocations_mapped()
-    out: dict[str, Detector] = {}
-    for ref in refs:
-        if "bundle" in ref:
-            det = Detector.load(ref["bundle"], device=device, trust_factory=ref.get("trust_factory", False))
-        else:
-            det = Detector.from_pretrained(ref["model"], weights=ref.get("weights"),
-                                           calibration=ref.get("calibration"), device=device)
-        name = det.model.name
-        if name in out:
-            raise ValueError(f"two served detectors are named {name!r}: requests pick a detector by name, so each "
-                             "needs its own (explainer calibrate --name)")
-        if det.calibration is None:
-            raise ValueError(f"detector {name!r} has no calibration, and a served detector decides with it: "
-                             f"calibrate it (explainer calibrate --model {name} --images-dir CLEAN --out BUNDLE) "
-                             "and serve the bundle")
-        out[name] = det
-    return out
 
 
 class StageStats:
@@ -135,7 +113,7 @@ class Denoiser(StageStats):
     """OpenCV non-local means over a whole prepared batch (CPU; OpenCV's threads release the GIL)."""
 
     def __init__(self, detectors: list[dict], nlm_threads: int | None = None) -> None:
-        self.detectors = _detectors(detectors)
+        self.detectors = load_served_detectors(detectors)
         self.nlm_threads = nlm_threads
         self._init_stats()
 
@@ -178,7 +156,7 @@ class Explainer(StageStats):
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         device = "cuda" if torch.cuda.is_available() else None
-        self.detectors = _detectors(detectors, device)
+        self.detectors = load_served_detectors(detectors, device)
         self.max_batch_size = EXPLAIN_MAX_BATCH
         # the merged calls' own threads, the same ones for the replica's life (asyncio.to_thread would rotate
         # through the loop's default pool, each new thread setting up its own OpenMP team)
@@ -293,7 +271,7 @@ class Scorer(StageStats):
     """Entropy of every map, the calibrated score and the decision (CPU)."""
 
     def __init__(self, detectors: list[dict]) -> None:
-        self.detectors = _detectors(detectors)
+        self.detectors = load_served_detectors(detectors)
         self._init_stats()
 
     async def __call__(self, explained: Explained, model: str, rule: str | None = None, return_maps: bool = False):
@@ -423,7 +401,7 @@ class Ingress:
     ) -> None:
         self.http_token = http_token(http_token_file)
         self.remotes = {name: RemoteDetector(det, denoiser, explainer, stage_timeout_s)
-                        for name, det in _detectors(detectors).items()}
+                        for name, det in load_served_detectors(detectors).items()}
         self.stall_s = STALL_FACTOR * stage_timeout_s
         self.default_model = next(iter(self.remotes))  # what POST /detect uses when no ?model= is given
         self.max_body_bytes = max_body_bytes

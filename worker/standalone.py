@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_worker(args: argparse.Namespace) -> StreamWorker:
     """The detectors asked for (default: the shipped mnist one) behind one consumer-group member, trimming acked
     image entries as it goes."""
-    from pipeline import MODEL_NAMES, Detector, keep_allocations_mapped
-    from worker.detect import detect_requests
+    from pipeline import MODEL_NAMES, keep_allocations_mapped
+    from worker.detect import detect_requests, load_served_detectors
 
     keep_allocations_mapped()
     if args.torch_threads:
@@ -64,17 +64,10 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
         torch.set_num_threads(args.torch_threads)
     names = StreamNames.with_prefix(args.prefix) if args.prefix else StreamNames()
     names.all_verdicts_channel = args.all_verdicts_channel
-    refs = (args.detector or []) + ([args.model] if args.model else [])
-    detectors: dict[str, Detector] = {}
-    for ref in refs or ["mnist"]:
-        det = (Detector.from_pretrained(ref) if ref in MODEL_NAMES
-               else Detector.load(ref, trust_factory=args.trust_factory))
-        if det.model.name in detectors:
-            raise ValueError(f"two detectors are named {det.model.name!r}: requests pick one by name")
-        if det.calibration is None:
-            raise ValueError(f"detector {det.model.name!r} has no calibration: calibrate it (explainer calibrate "
-                             "--images-dir CLEAN --out BUNDLE) and serve the bundle")
-        detectors[det.model.name] = det
+    given = (args.detector or []) + ([args.model] if args.model else [])
+    detectors = load_served_detectors([{"model": ref} if ref in MODEL_NAMES else
+                                       {"bundle": ref, "trust_factory": args.trust_factory}
+                                       for ref in given or ["mnist"]])
     consumer = StreamConsumer(
         connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file), names,
         consumer=args.consumer, count=args.batch,

@@ -116,14 +116,14 @@ def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_pat
     import torch
 
     from pipeline import Detector
-    from worker.serve_app import _detectors
+    from worker.detect import load_served_detectors
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
     Detector.from_model(torch.jit.script(net), input_size=28, channels=1, name="raw").save(tmp_path / "raw")
     with pytest.raises(ValueError, match="'raw' has no calibration.*explainer calibrate"):
-        _detectors([{"bundle": str(tmp_path / "raw")}])
+        load_served_detectors([{"bundle": str(tmp_path / "raw")}])
     with pytest.raises(ValueError, match="two served detectors are named 'mnist'"):
-        _detectors([{"model": "mnist"}, {"model": "mnist"}])
+        load_served_detectors([{"model": "mnist"}, {"model": "mnist"}])
 
 
 def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_rows():
