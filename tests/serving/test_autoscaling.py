@@ -57,9 +57,9 @@ def test_a_backlog_scales_the_explainer_up_and_a_drained_stream_back_down(stack)
     client, names = connect(stack.redis_url), StreamNames()
     assert _running("Explainer") == 1
     digits = load_sample_digits().images
-    ids = [f"backlog-{i}" for i in range(12 * len(digits))]
+    ids = [f"backlog-{i}" for i in range(30 * len(digits))]
     after = last_id(client, names.verdicts)
-    for k in range(12):  # 24,000 digits: a backlog that outlasts a replica's start
+    for k in range(30):  # 60,000 digits: a backlog that outlasts a replica's start on a loaded 2-core host
         push_images(client, names, digits, ids=ids[k * len(digits) : (k + 1) * len(digits)])
     assert _wait_for(lambda: _running("Explainer") >= 2, timeout_s=120), serve.status()
     got = collect_verdicts(client, names, ids, after, timeout_s=300)
