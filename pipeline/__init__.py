@@ -6,7 +6,7 @@ names exported here.
 """
 
 from pipeline.bundle import check_detector_name
-from pipeline.calibration import Calibration
+from pipeline.calibration import DEFAULT_FPRS, Calibration, OperatingPoint, fpr_label
 from pipeline.config import DetectorConfig
 from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.detector import DetectionResult, Detector, Explained
@@ -30,6 +30,7 @@ from pipeline.signals import SIGNALS, Signal
 
 __all__ = [
     "CALIBRATION_FOLDS",
+    "DEFAULT_FPRS",
     "ENTROPY_VARIANTS",
     "METHODS",
     "MODEL_NAMES",
@@ -46,6 +47,7 @@ __all__ = [
     "InputError",
     "ModelSource",
     "NLMParams",
+    "OperatingPoint",
     "Signal",
     "TargetModel",
     "check_detector_name",
@@ -54,6 +56,7 @@ __all__ = [
     "default_folds",
     "denoise_batch",
     "explain",
+    "fpr_label",
     "image_files",
     "keep_allocations_mapped",
     "load_adversarial_digits",

@@ -12,6 +12,11 @@ covered too. The empirical CDFs and the threshold come from disjoint halves of t
 cross-fitted over K folds (each image scored against CDFs that never saw it), so the threshold is set on
 out-of-sample scores; it is their conformal quantile, so that a new clean image exceeds it with probability at
 most the target.
+
+A calibration holds one threshold per operating point (target FPRs such as 5%, 1% and 0.1%), all set on the same
+out-of-sample scores; the detector decides at one of them, picked at run time. A point that the clean images
+cannot support (a conformal quantile at FPR a needs at least 1/a - 1 held-out scores) is refused, never
+extrapolated.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import numpy as np
 from pipeline.config import DetectorConfig
 from pipeline.signals import SIGNALS
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 N_QUANTILES = 1001
+# the operating points a calibration adds beside its default target when asked for none (explainer calibrate)
+DEFAULT_FPRS = (0.01, 0.001)
 
 
 @dataclass
@@ -56,6 +63,20 @@ class SignalReference:
 
 
 @dataclass
+class OperatingPoint:
+    """One threshold: ``target_fpr``, the threshold set for it, and the FPR it gave on the held-out scores."""
+
+    target_fpr: float
+    threshold: float
+    threshold_fpr: float
+
+
+def fpr_label(fpr: float) -> str:
+    """A target FPR as people write it: 0.05 -> "5%", 0.001 -> "0.1%"."""
+    return f"{100 * fpr:.4g}%"
+
+
+@dataclass
 class Calibration:
     """Everything needed to score and decide, saved as JSON beside the model."""
 
@@ -76,6 +97,30 @@ class Calibration:
     folds: int | None = None
     # the transplant check's clean host images, base64 PNG (pipeline.transplant); empty when it is off
     hosts: list[str] = field(default_factory=list)
+    # every operating point, the default one (target_fpr, threshold) among them, largest target FPR first
+    points: list[OperatingPoint] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.points = [p if isinstance(p, OperatingPoint) else OperatingPoint(**p) for p in self.points]
+        if not self.points:  # a calibration written before operating points: its one threshold
+            self.points = [OperatingPoint(self.target_fpr, self.threshold, self.threshold_fpr)]
+
+    @property
+    def fprs(self) -> list[float]:
+        """The target FPRs this calibration holds a threshold for."""
+        return [p.target_fpr for p in self.points]
+
+    def point(self, fpr: float | None = None) -> OperatingPoint:
+        """The operating point at target FPR ``fpr`` (None: the default one, ``target_fpr``); a clear error
+        naming the points it holds otherwise."""
+        if fpr is None:
+            fpr = self.target_fpr
+        for p in self.points:
+            if math.isclose(p.target_fpr, fpr, rel_tol=1e-6):
+                return p
+        raise ValueError(
+            f"the calibration of {self.model} holds thresholds for FPR {', '.join(map(fpr_label, self.fprs))}, not "
+            f"{fpr_label(fpr)}: pick one of those, or recalibrate with it (explainer calibrate --fpr ...)")
 
     def score(self, signals: dict[str, np.ndarray]) -> np.ndarray:
         """The combined anomaly score: max over signals of their tail scores."""
@@ -118,7 +163,8 @@ def fit_calibration(
     signals: dict[str, np.ndarray], target_fpr: float, *, model: str, method: str, entropy: str, images: str,
     config: dict | None = None, use: tuple[str, ...] = ("prediction_shift", "map_shift"),
     confidence: float | None = None,
-    tails: dict[str, str] | None = None, folds: int | None = None,
+    tails: dict[str, str] | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
+    drop_unsupported: bool = False,
 ) -> Calibration:
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other: the
     conformal quantile of those m held-out scores, the ⌈(1 - target)(m + 1)⌉-th smallest, so that a new clean
@@ -131,7 +177,11 @@ def fit_calibration(
     other K-1 folds (rows ``i % K``), the threshold is set on all n of those out-of-fold scores, and the stored
     CDFs are fitted on all n images. Every image then serves both purposes, so the CDFs' tails and the threshold
     rest on about twice the images of the split in halves (the price: the CDFs used at detection time are not
-    exactly the ones the threshold was set with, but fitted on n images rather than n (K-1) / K)."""
+    exactly the ones the threshold was set with, but fitted on n images rather than n (K-1) / K).
+
+    ``fprs``: more operating points, each thresholded the same way on the same held-out scores; ``target_fpr``
+    is the default one. A point needs enough held-out scores (:func:`threshold_at`), or it is refused; with
+    ``drop_unsupported`` such a point of ``fprs`` is left out instead (the default point never is)."""
     tails = {**{name: s.tails for name, s in SIGNALS.items()}, **(tails or {})}
     if unknown := {t for t in tails.values()} - {"upper", "two-sided"}:
         raise ValueError(f"unknown tails {sorted(unknown)}; use upper or two-sided")
@@ -159,15 +209,38 @@ def fit_calibration(
             fold = replace(cal, signals=_references(signals, rows[~inside], use, tails))
             held_out[inside] = fold.score({name: np.asarray(v)[inside] for name, v in signals.items()})
         cal.folds = folds
-    if confidence is None:
-        rank = min(math.ceil((1.0 - target_fpr) * (len(held_out) + 1)), len(held_out))
-        cal.threshold = float(np.sort(held_out)[rank - 1])
-    else:
-        k = allowed_exceedances(len(held_out), target_fpr, confidence)
-        cal.threshold = float(np.sort(held_out)[::-1][k])
-        cal.confidence = confidence
-    cal.threshold_fpr = float(np.mean(held_out > cal.threshold))
+    cal.confidence = confidence
+    cal.points = []
+    for fpr in sorted({target_fpr, *fprs}, reverse=True):
+        try:
+            cal.points.append(threshold_at(held_out, fpr, confidence))
+        except ValueError:
+            if not drop_unsupported or math.isclose(fpr, target_fpr):
+                raise
+    default = cal.point(target_fpr)
+    cal.threshold, cal.threshold_fpr = default.threshold, default.threshold_fpr
     return cal
+
+
+def threshold_at(held_out: np.ndarray, target_fpr: float, confidence: float | None = None) -> OperatingPoint:
+    """The operating point at ``target_fpr`` from m out-of-sample clean scores: their conformal quantile, the
+    ⌈(1 - target)(m + 1)⌉-th smallest, or with ``confidence`` the threshold that leaves
+    :func:`allowed_exceedances` scores above it. Refused when m is too small for the target (the quantile
+    would lie beyond the largest score, and any threshold there is a guess)."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"a target FPR lies in (0, 1), got {target_fpr}")
+    m = len(held_out)
+    if confidence is None:
+        rank = math.ceil((1.0 - target_fpr) * (m + 1))
+        if rank > m:
+            raise ValueError(
+                f"{m} held-out clean scores cannot set a threshold at FPR {fpr_label(target_fpr)}: its conformal "
+                f"quantile needs at least {math.ceil(1.0 / target_fpr) - 1}; calibrate on more clean images or drop "
+                "that operating point")
+        threshold = float(np.sort(held_out)[rank - 1])
+    else:
+        threshold = float(np.sort(held_out)[::-1][allowed_exceedances(m, target_fpr, confidence)])
+    return OperatingPoint(target_fpr, threshold, float(np.mean(held_out > threshold)))
 
 
 def allowed_exceedances(n: int, target_fpr: float, confidence: float) -> int:

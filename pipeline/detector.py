@@ -74,8 +74,9 @@ class Explained:
 
 @dataclass
 class DetectionResult:
-    """Per-image arrays over the batch, the threshold and rule that produced ``is_adversarial``, and every signal
-    measured (name -> (N,)): the base signals always, the configured ``model`` signals when measured."""
+    """Per-image arrays over the batch, the threshold and rule that produced ``is_adversarial`` (and the
+    operating point's target FPR, ``fpr``: None under the sign rule), and every signal measured (name -> (N,)):
+    the base signals always, the configured ``model`` signals when measured."""
 
     predicted_class: np.ndarray
     confidence: np.ndarray
@@ -86,6 +87,7 @@ class DetectionResult:
     rule: str
     signals: dict[str, np.ndarray]
     maps: np.ndarray | None = None  # attribution maps of the originals (N, H, W), when asked for
+    fpr: float | None = None
 
     def __len__(self) -> int:
         return len(self.score)
@@ -95,8 +97,8 @@ class DetectionResult:
         cols = {name: getattr(self, name).tolist()
                 for name in ("predicted_class", "confidence", "denoised_class", "score", "is_adversarial")}
         cols.update({name: v.tolist() for name, v in self.signals.items()})
-        return [{**{k: v[i] for k, v in cols.items()}, "threshold": self.threshold, "rule": self.rule}
-                for i in range(len(self))]
+        return [{**{k: v[i] for k, v in cols.items()}, "threshold": self.threshold, "rule": self.rule,
+                 "fpr": self.fpr} for i in range(len(self))]
 
 
 def _offset_progress(report, skipped: int, done: int) -> None:
@@ -132,6 +134,8 @@ class Detector:
         self.model = model
         self.config = config if config is not None else DetectorConfig()
         self.calibration = calibration
+        # the calibration's operating point decisions are made at (its target FPR); None: its default one
+        self.fpr: float | None = None
         _check_model_supports(model, self.config)
         # the transplant's clean host images, uint8 (K, H, W, C), and their tensors on the device (made lazily)
         self.hosts = decode_hosts(calibration.hosts) if calibration and calibration.hosts else None
@@ -210,6 +214,16 @@ class Detector:
         bundle whose network is built by calling the Python callable it names (code the bundle picks: only
         for bundles from a source you trust)."""
         return cls(*load_bundle(folder, weights=weights, device=device, trust_factory=trust_factory))
+
+    def use_operating_point(self, fpr: float | None) -> Detector:
+        """Decide at the calibration's threshold for target FPR ``fpr`` from now on (None: its default one);
+        refused, naming the points it holds, when the calibration has none for ``fpr``. Returns the detector."""
+        if fpr is not None:
+            if self.calibration is None:
+                raise ValueError(f"detector {self.model.name} has no calibration, so it has no operating points")
+            self.calibration.point(fpr)
+        self.fpr = fpr
+        return self
 
     def save(self, folder: str | Path) -> Path:
         """Write this detector as a bundle (docs/bundle.md): its config, its calibration (with the transplant's
@@ -331,10 +345,12 @@ class Detector:
             **explained.signals,
         }
 
-    def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
+    def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False,
+               fpr: float | None = None) -> DetectionResult:
         """Entropy and decision (the CPU stage after explanation). ``rule``: "calibrated" (the default) or
         "sign" (the paper's: adversarial when entropy did not decrease; it flags most clean images of some
-        models, so it is used only when asked for by name)."""
+        models, so it is used only when asked for by name). ``fpr``: the calibration's operating point to
+        decide at (None: the detector's :attr:`fpr`, by default the calibration's own target)."""
         rule = rule or "calibrated"
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -355,14 +371,15 @@ class Detector:
                         if "transplant_gain" in missing else "")
                 raise ValueError(f"the calibration scores {', '.join(missing)}, which this detector's configuration "
                                  f"does not measure{hint}")
-            score = self.calibration.score(s)
-            threshold = self.calibration.threshold
+            point = self.calibration.point(self.fpr if fpr is None else fpr)
+            score, threshold = self.calibration.score(s), point.threshold
             flagged = score > threshold
         n = len(score)
         classes = ("predicted_class", "confidence", "denoised_class")
         return DetectionResult(
             **{k: s[k] for k in classes}, score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
+            fpr=None if rule == "sign" else point.target_fpr,
             signals={k: v for k, v in s.items() if k not in classes},
             maps=explained.maps[:n].sum(1) if return_maps else None,
         )
@@ -390,11 +407,14 @@ class Detector:
 
     def calibrate(
         self, clean_images: np.ndarray, target_fpr: float = 0.05, images: str = "", batch_size: int = 256,
-        progress=None, confidence: float | None = None, folds: int | None = None,
+        progress=None, confidence: float | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
+        drop_unsupported: bool = False,
     ) -> Calibration:
         """Fit the calibrated rule on clean images only; sets and returns the calibration. ``confidence``: set
         the threshold so that the target FPR holds with that confidence, not just in expectation. ``folds``:
-        cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``).
+        cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``). ``fprs``:
+        more operating points beside ``target_fpr`` (the default one), e.g. (0.01, 0.001); ``drop_unsupported``:
+        leave out those too few images support rather than refuse (``fit_calibration``).
 
         With the transplant on, its ``hosts`` parameter of the images (spread over the list) become its hosts:
         they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
@@ -418,7 +438,8 @@ class Detector:
             calibration = fit_calibration(
                 s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
                 images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
-                use=tuple(self.config.signals), confidence=confidence, folds=folds,
+                use=tuple(self.config.signals), confidence=confidence, folds=folds, fprs=fprs,
+                drop_unsupported=drop_unsupported,
             )
         except Exception as e:
             self.hosts, self._host_tensors = before  # the detector stays as it was

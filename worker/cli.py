@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline import InputError
+from pipeline import DEFAULT_FPRS, InputError, fpr_label
 from worker import wire
 from worker.embedded import DEFAULT_CONFIG
 from worker.local_redis import resolve_redis_url
@@ -98,6 +98,9 @@ def detect(
     calibration: Path | None = typer.Option(None, help="a built-in model's calibration JSON (default: the shipped)"),
     method: str | None = typer.Option(None, help="explanation method (default: the calibration's)"),
     rule: str | None = typer.Option(None, help="calibrated (default) | sign (the paper's rule, by name only)"),
+    fpr: float | None = typer.Option(
+        None, help="the calibration's operating point to decide at, as a target false-positive rate, e.g. 0.01 "
+        "(default: the calibration's own, 0.05 for the shipped detectors)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout, one verdict per image"),
     as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout, one verdict per image"),
     out: Path | None = typer.Option(None, help="write the verdicts to this file: .jsonl or .csv"),
@@ -129,6 +132,13 @@ def detect(
     if rule != "sign" and det.calibration is None:
         fail(f"{det.model.name} has no calibration: calibrate it (explainer calibrate --model {det.model.name} "
              "--images-dir CLEAN --out BUNDLE) or ask for the paper's sign rule by name (--rule sign)")
+    if fpr is not None:
+        if rule == "sign":
+            fail("--fpr picks a threshold of the calibrated rule; the sign rule has none")
+        try:
+            det.use_operating_point(fpr)
+        except ValueError as exc:
+            fail(str(exc))
     if as_json + as_csv + (out is not None) > 1:
         fail("give one of --json, --csv and --out")
     try:
@@ -238,7 +248,10 @@ def calibrate(
     name: str | None = typer.Option(None, help="the name requests pick the detector by (default: the --out folder's)"),
     out: Path = typer.Option(..., help="the detector bundle to write (a folder); a .json path writes the "
                              "calibration alone, for a built-in model"),
-    target_fpr: float = typer.Option(0.05),
+    target_fpr: float = typer.Option(0.05, help="the default operating point (target false-positive rate)"),
+    fprs: str | None = typer.Option(
+        None, help="more operating points, comma-separated, e.g. 0.01,0.001: detect --fpr and serve --fpr pick one "
+        "(default: 0.01,0.001, each kept when the clean images suffice for it)"),
     method: str | None = typer.Option(None, help="explanation method (see pipeline.explain); default: the preset's"),
     signals: str | None = typer.Option(None, help="comma-separated signals the score combines (default: the "
                                        "preset's; see pipeline.signals)"),
@@ -334,13 +347,16 @@ def calibrate(
         fail(str(exc))
     if folds is None:
         folds = None if confidence is not None else base_folds
+    points = _floats(fprs, "fprs")
+    if points is not None and not all(0 < f < 1 for f in points):
+        fail(f"--fprs: target false-positive rates lie in (0, 1), got {fprs}")
     digits_like = det.model.resize_to is None and det.model.size <= 64
     with progress_bar() as bar:
         task = bar.add_task("calibrating", total=len(images))
         try:
             cal = det.calibrate(images, target_fpr, images=desc, batch_size=batch or (128 if digits_like else 8),
                                 progress=lambda k: bar.update(task, completed=k), confidence=confidence,
-                                folds=folds or None)
+                                folds=folds or None, fprs=points or DEFAULT_FPRS, drop_unsupported=points is None)
         except (ValueError, InputError) as exc:
             fail(str(exc))
     if as_file:
@@ -348,12 +364,15 @@ def calibrate(
     else:
         det.save(out)
     console.print(
-        f"threshold {cal.threshold:.4f} at target FPR {target_fpr} "
-        f"(held-out FPR {cal.threshold_fpr:.4f}, "
-        + (f"{cal.n_reference} images cross-fitted over {cal.folds} folds" if cal.folds else
-           f"{cal.n_reference}+{cal.n_threshold} images") + f") -> {out}"
-        + ("" if as_file else f"  (detector {name!r})")
-    )
+        "operating points (target FPR: threshold, held-out FPR): "
+        + "; ".join(f"{fpr_label(p.target_fpr)}: {p.threshold:.4f}, {p.threshold_fpr:.2%}" for p in cal.points)
+        + (f" on {cal.n_reference} images cross-fitted over {cal.folds} folds" if cal.folds else
+           f" on {cal.n_reference}+{cal.n_threshold} images"))
+    if dropped := [f for f in (points or DEFAULT_FPRS) if f not in cal.fprs]:
+        console.print(f"[yellow]left out FPR {', '.join(map(fpr_label, dropped))}: {cal.n_threshold} held-out "
+                      f"clean scores are too few for a threshold there (it needs about 1/FPR); calibrate on more "
+                      "clean images[/yellow]")
+    console.print(f"default {fpr_label(target_fpr)} -> {out}" + ("" if as_file else f"  (detector {name!r})"))
 
 
 def preset_config(name: str):
@@ -524,6 +543,9 @@ def serve(
         None, help="a detector bundle or built-in model name to serve, instead of the config's (repeatable: a "
         "request's model field picks one by name)"),
     trust_factory: bool = typer.Option(False, help=TRUST_HELP),
+    fpr: float | None = typer.Option(
+        None, help="the operating point every served detector decides at, as a target false-positive rate its "
+        "calibration holds, e.g. 0.01 (default: each calibration's own)"),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
     import ipaddress
@@ -540,6 +562,10 @@ def serve(
     if not loopback and http_token_file is None and not os.environ.get("EXPLAINER_HTTP_TOKEN"):
         fail(f"--http-host {http_host} exposes POST /detect beyond this machine: give it a bearer token "
              "(--http-token-file or EXPLAINER_HTTP_TOKEN), and put TLS in front of it")
+    if fpr is not None:
+        if not 0 < fpr < 1:
+            fail(f"--fpr: a target false-positive rate lies in (0, 1), got {fpr}")
+        overrides["fpr"] = fpr
     if http_token_file is not None:
         overrides["http_token_file"] = str(http_token_file.resolve())
     if redis_password_file is not None:

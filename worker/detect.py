@@ -15,6 +15,7 @@ VERDICT_FIELDS = (
     "is_adversarial",
     "score",
     "threshold",
+    "fpr",
     "entropy_original",
     "entropy_denoised",
     "predicted_class",
@@ -70,6 +71,7 @@ def _verdicts(
             "is_adversarial": bool(res.is_adversarial[i]),
             "score": float(res.score[i]),
             "threshold": float(res.threshold),
+            "fpr": res.fpr,
             "rule": res.rule,
             "entropy_original": float(res.signals["entropy_original"][i]),
             "entropy_denoised": float(res.signals["entropy_denoised"][i]),
@@ -141,8 +143,10 @@ def detect_requests(
 def load_served_detectors(refs: list[dict], device: str | None = None) -> dict[str, Detector]:
     """The detectors a worker serves, by the name requests pick them with: ``{"bundle": path, "trust_factory":
     bool}`` or ``{"model": name, "weights", "calibration"}`` each (``worker.serve_app.AppArgs.detector_refs``, the
-    standalone worker). The process also keeps its batches' memory mapped (pipeline.runtime). A served detector
-    decides with its calibration, so one without is refused here, when the worker starts."""
+    standalone worker), with ``"fpr"``: the operating point it decides at (None: its calibration's default).
+    The process also keeps its batches' memory mapped (pipeline.runtime). A served detector decides with its
+    calibration, so one without, or without the operating point asked for, is refused here, when the worker
+    starts."""
     keep_allocations_mapped()
     out: dict[str, Detector] = {}
     for ref in refs:
@@ -159,5 +163,9 @@ def load_served_detectors(refs: list[dict], device: str | None = None) -> dict[s
             raise ValueError(f"detector {name!r} has no calibration, and a served detector decides with it: "
                              f"calibrate it (explainer calibrate --model {name} --images-dir CLEAN --out BUNDLE) "
                              "and serve the bundle")
+        try:
+            det.use_operating_point(ref.get("fpr"))
+        except ValueError as exc:
+            raise ValueError(f"detector {name!r}: {exc}") from None
         out[name] = det
     return out

@@ -183,13 +183,13 @@ class Explainer(StageStats):
                 f.result()
 
     async def explain_and_score(self, x: np.ndarray, denoised: np.ndarray, model: str, rule: str | None = None,
-                                return_maps: bool = False) -> DetectionResult:
+                                return_maps: bool = False, fpr: float | None = None) -> DetectionResult:
         """One request explained (merged with others, :meth:`explain`) and then scored by the Scorer: the maps
         travel from here to the Scorer and only the verdicts go back to the caller. The request's slot here is
         held while the Scorer works, about a tenth of the explanation's time on digits."""
         if self.scorer is None:
             raise RuntimeError("this Explainer was built without a Scorer handle (build_app binds one)")
-        return await self.scorer.remote(await self.explain_any(x, denoised, model), model, rule, return_maps)
+        return await self.scorer.remote(await self.explain_any(x, denoised, model), model, rule, return_maps, fpr)
 
     async def explain_any(self, x: np.ndarray, denoised: np.ndarray, model: str) -> Explained:
         """One request of any size. Serve's batcher refuses a single request above ``max_batch_size`` (a
@@ -274,9 +274,11 @@ class Scorer(StageStats):
         self.detectors = load_served_detectors(detectors)
         self._init_stats()
 
-    async def __call__(self, explained: Explained, model: str, rule: str | None = None, return_maps: bool = False):
+    async def __call__(self, explained: Explained, model: str, rule: str | None = None, return_maps: bool = False,
+                       fpr: float | None = None):
+        """``fpr``: decide at that operating point of the calibration (None: the deployment's, AppArgs.fpr)."""
         with self._timed(len(explained.probs) // 2):
-            return self.detectors[model].decide(explained, rule, return_maps)
+            return self.detectors[model].decide(explained, rule, return_maps, fpr)
 
 
 @dataclass
@@ -307,22 +309,23 @@ class RemoteDetector:
     def model(self):
         return self.local.model
 
-    def _chain(self, images: object, rule: str | None, return_maps: bool):
+    def _chain(self, images: object, rule: str | None, return_maps: bool, fpr: float | None = None):
         """Denoiser → Explainer (→ Scorer) as chained responses: the denoised batch is passed to the Explainer by
         reference and resolved there, so it is never deserialised here (Ray still relays an inline one through
         this process, its owner); the maps go from the Explainer to the Scorer, and only the verdicts come back."""
         # validation here: a bad image fails before it costs a stage call; uint8 pixels travel, not floats
         x = self.local.prepare(images, as_pixels=True)
         denoised = self.denoiser.remote(x, self.name)
-        return self.explainer.explain_and_score.remote(x, denoised, self.name, rule, return_maps)
+        return self.explainer.explain_and_score.remote(x, denoised, self.name, rule, return_maps, fpr)
 
     def detect(self, images: object, rule: str | None = None, return_maps: bool = False) -> DetectionResult:
         """Blocks a consumer thread at most ``timeout_s``: a hung stage raises ``TimeoutError`` and the batch
         stays pending, to be retried."""
         return self._chain(images, rule, return_maps).result(timeout_s=self.timeout_s)
 
-    async def detect_async(self, images: object, rule: str | None = None, return_maps: bool = False):
-        return await self._chain(images, rule, return_maps)
+    async def detect_async(self, images: object, rule: str | None = None, return_maps: bool = False,
+                           fpr: float | None = None):
+        return await self._chain(images, rule, return_maps, fpr)
 
 
 LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000]
@@ -498,7 +501,7 @@ class Ingress:
 
     @http.post("/detect")
     async def detect(self, request: Request, heatmap: bool = False, rule: str | None = None,
-                     model: str | None = None) -> dict:
+                     model: str | None = None, fpr: float | None = None) -> dict:
         if not self._authorized(request):
             raise HTTPException(401, "a bearer token is required (Authorization: Bearer TOKEN)",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -515,6 +518,11 @@ class Ingress:
                 raise HTTPException(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
         if rule not in (None, "calibrated", "sign"):
             raise HTTPException(422, f"unknown rule {rule!r}; use calibrated or sign")
+        if fpr is not None:
+            try:
+                remote.local.calibration.point(fpr)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from exc
         try:  # off the event loop the consumers share
             image = await asyncio.to_thread(decode_body, bytes(body))
         except wire.WireError as exc:
@@ -522,7 +530,7 @@ class Ingress:
         except InputError as exc:
             raise HTTPException(415, str(exc)) from exc
         try:
-            res = await remote.detect_async(image, rule, heatmap)
+            res = await remote.detect_async(image, rule, heatmap, fpr)
         except InputError as exc:
             raise HTTPException(422, str(exc)) from exc
         row = res.rows()[0]
@@ -548,6 +556,9 @@ class AppArgs(BaseModel):
     model: str = Field("mnist", description="built-in model name (pipeline.MODEL_NAMES), when no `detector`")
     weights: str | None = Field(None, description="the built-in model's weights file (the photo models)")
     calibration: str | None = Field(None, description="the built-in model's calibration file (default: shipped)")
+    fpr: float | None = Field(None, gt=0, lt=1, description="the operating point every served detector decides at, "
+                              "as its calibration's target false-positive rate, e.g. 0.01 (None: each calibration's "
+                              "default); POST /detect?fpr= picks another per request")
     redis_url: str | None = Field("redis://127.0.0.1:6379/0", description="the stream's Redis; None: HTTP only")
     redis_password_file: str | None = Field(None, description="a file holding the Redis password")
     streams: dict[str, str] | None = Field(None, description="stream and group names (worker.streams.StreamNames)")
@@ -578,10 +589,10 @@ class AppArgs(BaseModel):
         from pipeline import MODEL_NAMES
 
         if self.detector is None:
-            return [{"model": self.model, "weights": self.weights, "calibration": self.calibration}]
+            return [{"model": self.model, "weights": self.weights, "calibration": self.calibration, "fpr": self.fpr}]
         given = [self.detector] if isinstance(self.detector, str) else self.detector
-        return [{"model": ref} if ref in MODEL_NAMES else {"bundle": ref, "trust_factory": self.trust_factory}
-                for ref in given]
+        return [{"model": ref, "fpr": self.fpr} if ref in MODEL_NAMES else
+                {"bundle": ref, "trust_factory": self.trust_factory, "fpr": self.fpr} for ref in given]
 
     @field_validator("redis_url")
     @classmethod

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="a built-in model to serve (same as --detector NAME)")
     ap.add_argument("--trust-factory", action="store_true", help="load bundles that build their network by "
                     "calling the Python callable they name (code the bundle picks): only from a trusted source")
+    ap.add_argument("--fpr", type=float, default=None, help="the operating point to decide at, as a target "
+                    "false-positive rate the calibrations hold, e.g. 0.01 (default: each calibration's own)")
     ap.add_argument("--batch", type=int, default=64, help="entries read per XREADGROUP")
     ap.add_argument("--block-ms", type=int, default=200)
     ap.add_argument("--claim-idle-ms", type=int, default=30_000, help="reclaim entries idle this long")
@@ -65,8 +67,8 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
     names = StreamNames.with_prefix(args.prefix) if args.prefix else StreamNames()
     names.all_verdicts_channel = args.all_verdicts_channel
     given = (args.detector or []) + ([args.model] if args.model else [])
-    detectors = load_served_detectors([{"model": ref} if ref in MODEL_NAMES else
-                                       {"bundle": ref, "trust_factory": args.trust_factory}
+    detectors = load_served_detectors([{"model": ref, "fpr": args.fpr} if ref in MODEL_NAMES else
+                                       {"bundle": ref, "trust_factory": args.trust_factory, "fpr": args.fpr}
                                        for ref in given or ["mnist"]])
     consumer = StreamConsumer(
         connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file), names,

@@ -34,7 +34,7 @@ def watch_line(verdict: dict) -> str:
             f"{printable(verdict.get('latency_ms'))} ms")
 
 
-COLUMNS = ("file", "model", "is_adversarial", "score", "threshold", "rule", "predicted_class", "confidence",
+COLUMNS = ("file", "model", "is_adversarial", "score", "threshold", "fpr", "rule", "predicted_class", "confidence",
            "entropy_original", "entropy_denoised", "prediction_shift", "map_shift")
 
 

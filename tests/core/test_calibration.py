@@ -7,10 +7,13 @@ signals on real digits are covered in test_detector.py.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 
-from pipeline.calibration import Calibration, fit_calibration
+from pipeline.calibration import Calibration, allowed_exceedances, fit_calibration
 
 SIGNALS = ("prediction_shift", "map_shift", "median_shift")
 
@@ -74,3 +77,48 @@ def test_folds_with_confidence_is_refused():
     with pytest.raises(ValueError, match="confidence needs the split in halves"):
         fit_calibration(signals, 0.05, model="m", method="saliency", entropy="spatial", images="", use=SIGNALS,
                         folds=5, confidence=0.95)
+
+
+def test_each_operating_point_keeps_its_target_on_fresh_clean_images():
+    """5%, 1% and 0.1% from one calibration of 6,000 clean images (3,000 held-out scores): each threshold is
+    the conformal quantile for its own target, so on 200,000 fresh clean images each FPR lands near its target
+    and never far above it, and a smaller target always means a higher threshold."""
+    rng = np.random.default_rng(5)
+    c = fit_calibration(_draw(rng, 6000), 0.05, model="m", method="saliency", entropy="spatial", images="",
+                        use=SIGNALS, fprs=(0.01, 0.001))
+    assert c.fprs == [0.05, 0.01, 0.001] and c.point().threshold == c.threshold == c.point(0.05).threshold
+    assert c.point(0.05).threshold < c.point(0.01).threshold < c.point(0.001).threshold
+    scores = c.score(_draw(rng, 200_000))
+    for p in c.points:
+        fpr = float(np.mean(scores > p.threshold))
+        assert p.threshold_fpr <= p.target_fpr and 0.4 * p.target_fpr < fpr < 1.6 * p.target_fpr, (p, fpr)
+
+
+def test_a_point_too_few_images_support_is_refused_or_left_out_when_asked():
+    signals = _draw(np.random.default_rng(6), 400)  # 200 held-out scores: 1% needs 99, 0.1% needs 999
+    kw = dict(model="m", method="saliency", entropy="spatial", images="", use=SIGNALS)
+    with pytest.raises(ValueError, match=r"200 held-out clean scores cannot set a threshold at FPR 0\.1%.*999"):
+        fit_calibration(signals, 0.05, fprs=(0.01, 0.001), **kw)
+    c = fit_calibration(signals, 0.05, fprs=(0.01, 0.001), drop_unsupported=True, **kw)
+    assert c.fprs == [0.05, 0.01]
+    with pytest.raises(ValueError, match=r"holds thresholds for FPR 5%, 1%, not 0\.1%"):
+        c.point(0.001)
+    with pytest.raises(ValueError, match="cannot set a threshold at FPR 0.1%"):  # never the default point
+        fit_calibration(signals, 0.001, drop_unsupported=True, **kw)
+
+
+def test_with_confidence_every_point_leaves_at_most_its_allowed_exceedances(tmp_path):
+    c = fit_calibration(_draw(np.random.default_rng(7), 6000), 0.05, model="m", method="saliency",
+                        entropy="spatial", images="", use=SIGNALS, fprs=(0.01, 0.001), confidence=0.95)
+    for p in c.points:
+        assert round(p.threshold_fpr * 3000) == allowed_exceedances(3000, p.target_fpr, 0.95)
+    c.save(tmp_path / "cal.json")
+    assert Calibration.load(tmp_path / "cal.json") == c
+
+
+def test_a_calibration_written_before_operating_points_has_its_one_point(tmp_path):
+    c = _fit(_draw(np.random.default_rng(8), 300), None)
+    data = json.loads(json.dumps({**asdict(c), "version": 2}))
+    del data["points"]
+    old = Calibration.from_dict(data)
+    assert old.fprs == [0.05] and old.point().threshold == c.threshold

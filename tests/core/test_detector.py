@@ -154,3 +154,26 @@ def test_float_images_stay_floats_when_pixels_are_asked_for(detector, digits):
     out = detector.prepare(floats, as_pixels=True)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, detector.prepare(floats))
+
+
+def test_the_shipped_detector_decides_at_each_operating_point_it_holds(detector, digits, pgd_digits):
+    """One batch of explanations, three thresholds: a lower target FPR flags a subset of what a higher one flags,
+    and each result says which point it used; a point the calibration lacks is refused, naming those it has."""
+    images = np.concatenate([digits.parity("odd").images[:300], pgd_digits])
+    x = detector.prepare(images)
+    explained = detector.explain_pair(x, detector.denoise(x))
+    assert detector.calibration.fprs == [0.05, 0.01, 0.001]
+    results = {fpr: detector.decide(explained, fpr=fpr) for fpr in detector.calibration.fprs}
+    assert detector.decide(explained).fpr == 0.05 and detector.decide(explained, rule="sign").fpr is None
+    for fpr, res in results.items():
+        assert res.fpr == fpr and res.threshold == detector.calibration.point(fpr).threshold
+        assert res.rows()[0]["fpr"] == fpr
+    assert (results[0.001].is_adversarial <= results[0.01].is_adversarial).all()
+    assert (results[0.01].is_adversarial <= results[0.05].is_adversarial).all()
+    assert results[0.05].is_adversarial.sum() > results[0.001].is_adversarial.sum()
+    with pytest.raises(ValueError, match=r"holds thresholds for FPR 5%, 1%, 0\.1%, not 2%"):
+        detector.decide(explained, fpr=0.02)
+    other = Detector(detector.model, detector.config, detector.calibration).use_operating_point(0.01)
+    assert other.decide(explained).threshold == results[0.01].threshold
+    with pytest.raises(ValueError, match="not 2%"):
+        other.use_operating_point(0.02)

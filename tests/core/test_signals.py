@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import PRESETS, SIGNALS, Calibration, Detector, DetectorConfig, load_model, preset
+from pipeline.calibration import CALIBRATION_VERSION
 from pipeline.config import CONFIG_VERSION
 from pipeline.signals import MedianParams, TransplantParams, register
 
@@ -77,7 +78,7 @@ def test_every_shipped_calibration_loads_with_the_config_it_was_made_with(path, 
         assert config.to_dict()["signals"] == raw["config"]["signals"]
     cal.save(tmp_path / "again.json")  # written as the current version, read back the same
     again = Calibration.load(tmp_path / "again.json")
-    assert again == cal and json.loads((tmp_path / "again.json").read_text())["version"] == 2
+    assert again == cal and json.loads((tmp_path / "again.json").read_text())["version"] == CALIBRATION_VERSION
 
 
 def test_a_registered_signal_is_measured_scored_and_carried_without_touching_the_detector(digits):
