@@ -35,7 +35,7 @@ from evaluation.metrics import (
     score_images,
     to_tensor,
 )
-from pipeline import Detector, DetectorConfig
+from pipeline import DEFAULT_FPRS, Detector, DetectorConfig
 from pipeline.inputs import read_image_file
 from pipeline.models import TargetModel, load_model
 from pipeline.presets import CALIBRATION_FOLDS, preset
@@ -47,6 +47,7 @@ IMAGENET_ATTACKS = {
     "bim": partial(BIM, eps=8 / 255, alpha=2 / 255, steps=10),
     "bim-early": partial(BIM, eps=8 / 255, alpha=2 / 255, steps=10, early_stop=True),
     "pgd": partial(PGD, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True),
+    "pgd-2": partial(PGD, eps=2 / 255, alpha=0.5 / 255, steps=10, random_start=True),
     "patch": partial(AdversarialPatch, patch_size=64, target_class=TOASTER, steps=200, lr=0.1, batch_size=8),
 }
 
@@ -132,7 +133,7 @@ def evaluate_imagenet(
     log(f"calibrating on {len(cal_images)} clean even photos…")
     folds = folds if folds and len(cal_images) >= 10 * folds else None  # a quick check's few photos: two halves
     det.calibrate(cal_images, target_fpr, images=f"ImageNet sample photos at even positions ({len(cal_images)})",
-                  batch_size=16, folds=folds)
+                  batch_size=16, folds=folds, fprs=DEFAULT_FPRS, drop_unsupported=True)
     det.calibration.save(out / "calibration.json")
     log("scoring the clean evaluation photos…")
     clean = score_images(det, eval_images, batch=16)

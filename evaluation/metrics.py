@@ -162,6 +162,28 @@ def detection_metrics(clean: Scored, adv: Scored) -> dict:
     }
 
 
+def fpr_key(fpr: float) -> str:
+    """How metrics.json names an operating point: 0.01 -> "0.01"."""
+    return f"{fpr:g}"
+
+
+def operating_points(det: Detector, clean: Scored, scored: dict[str, Scored]) -> dict:
+    """Per operating point of ``det``'s calibration: its threshold, the clean FPR it gives (with its 95%
+    interval) and every attack's detection rate at it (with its interval)."""
+    out = {}
+    for point in det.calibration.points:
+        flagged = clean.score > point.threshold
+        out[fpr_key(point.target_fpr)] = {
+            "target_fpr": point.target_fpr, "threshold": point.threshold,
+            "clean_fpr": float(flagged.mean()), "clean_fpr_ci95": flags_ci95(flagged),
+            "attacks": {name: {"detection_rate": float((adv.score > point.threshold).mean())
+                               if len(adv.score) else float("nan"),
+                               "detection_rate_ci95": flags_ci95(adv.score > point.threshold)}
+                        for name, adv in scored.items()},
+        }
+    return out
+
+
 def method_detector(det: Detector, method: str, calibration_images: np.ndarray, target_fpr: float) -> Detector:
     """A detector like ``det`` but explaining with ``method``, calibrated on the same clean images."""
     from dataclasses import replace
@@ -185,6 +207,7 @@ def evaluation_metrics(model: str, det: Detector, clean: Scored, runs: dict[str,
         "clean_fpr_ci95": flags_ci95(clean.flagged),
         "sign_rule_fpr": float(clean.sign_flagged.mean()),
         "seconds_per_detection": clean.seconds / len(clean.score),
+        "operating_points": operating_points(det, clean, scored),
         "attacks": {
             name: {"params": run.params, "attempted": run.attempted, "attack_success_rate": run.success_rate,
                    "attack_seconds": run.seconds, **detection_metrics(clean, scored[name])}

@@ -12,13 +12,14 @@ import torch
 
 from evaluation.attacks import ATTACKS
 from evaluation.baselines import FeatureSqueezing, MagNet
-from evaluation.datasets import load_test_digits
+from evaluation.datasets import calibration_digits, load_test_digits
 from evaluation.metrics import (
     AttackRun,
     Progress,
     Scored,
     evaluation_metrics,
     flags_ci95,
+    fpr_key,
     machine_description,
     method_detector,
     roc_auc,
@@ -38,8 +39,10 @@ def evaluate_mnist(
     command: str = "explainer evaluate --model mnist", device: str | None = None,
 ) -> dict:
     """Attack odd test digits, score them and every odd clean digit with the shipped detector and the re-run
-    baselines (calibrated on even digits); write metrics.json, report.md and plots to ``out``. ``device``: where
-    the model, its attacks and its explanations run; the baselines run on the CPU."""
+    baselines (calibrated on the shipped detector's clean digits: even test digits and held-out training
+    digits), at every operating point of the shipped calibration; write metrics.json, report.md and plots to
+    ``out``. The attack ``adaptive`` knows the detector (:mod:`evaluation.adaptive`). ``device``: where the
+    model, its attacks and its explanations run; the baselines run on the CPU."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)  # Captum's GradientShap draws its interpolation points from numpy's global generator
@@ -49,7 +52,8 @@ def evaluate_mnist(
     # The clean side is every odd digit (scoring is cheap; the FPR's standard error is 0.3 points at 5,000 against
     # 0.7 at 1,000, as large as the margin to a 5% goal); the attacks (slow) use ``n`` of them, spread.
     odd = digits.parity("odd")
-    clean_eval, cal = odd.spread(n), digits.parity("even").spread(n_calibration)
+    clean_eval = odd.spread(n)
+    cal_images, _ = calibration_digits()
     attacked = np.isin(odd.indices, clean_eval.indices)
     det = Detector.from_pretrained("mnist", device=device)
     log(f"clean evaluation digits: all {len(odd.images)} odd-indexed (attacks on {len(clean_eval.images)}); scoring…")
@@ -58,7 +62,12 @@ def evaluate_mnist(
     scored: dict[str, Scored] = {}
     for name in attacks:
         log(f"attack {name} on {len(clean_eval.images)} digits…")
-        runs[name] = run_attack(det.model, name, ATTACKS[name](), clean_eval.images, clean_eval.labels)
+        if name == "adaptive":
+            from evaluation.adaptive import adaptive_sweep
+
+            runs[name] = adaptive_sweep(det, clean_eval.images, clean_eval.labels, log=log)
+        else:
+            runs[name] = run_attack(det.model, name, ATTACKS[name](), clean_eval.images, clean_eval.labels)
         log(f"  success {runs[name].success_rate:.1%} in {runs[name].seconds:.0f}s; scoring…")
         scored[name] = score_images(det, runs[name].images)
 
@@ -67,8 +76,8 @@ def evaluate_mnist(
     metrics["clean_fpr_attacked_digits"] = {"n": int(attacked.sum()), "fpr": float(flagged.mean()),
                                             "ci95": flags_ci95(flagged)}
 
-    log("baselines: Feature Squeezing and MagNet, calibrated on the same even-indexed digits…")
-    x_cal, x_clean = to_tensor(cal.images), to_tensor(odd.images)
+    log("baselines: Feature Squeezing and MagNet, calibrated on the same clean digits at every operating point…")
+    x_cal, x_clean = to_tensor(cal_images), to_tensor(odd.images)
     baseline_scores: dict[str, dict[str, np.ndarray]] = {}
     cpu_model = det.model if det.model.device.type == "cpu" else load_model("mnist")
     baselines = {"feature_squeezing": FeatureSqueezing(cpu_model), "magnet": MagNet.from_pretrained(cpu_model)}
@@ -84,11 +93,21 @@ def evaluate_mnist(
             baseline_scores[bname][name] = s_adv
             entry["attacks"][name] = {"detection_rate": float(detector.detect(x_adv).mean()),
                                       "roc_auc": roc_auc(s_clean, s_adv)}
+        entry["operating_points"] = {}
+        for fpr in det.calibration.fprs:  # each point thresholded on the same calibration digits as ours
+            detector.calibrate(x_cal, fpr)
+            flags = detector.detect(x_clean)
+            entry["operating_points"][fpr_key(fpr)] = {
+                "clean_fpr": float(flags.mean()), "clean_fpr_ci95": flags_ci95(flags),
+                "attacks": {name: {"detection_rate": float(hit.mean()), "detection_rate_ci95": flags_ci95(hit)}
+                            for name, run in runs.items() for hit in [detector.detect(to_tensor(run.images))]},
+            }
+        detector.calibrate(x_cal, target_fpr)
         metrics["baselines"][bname] = entry
 
     if methods:
-        metrics["methods"] = compare_methods(det, methods, cal.images, clean_eval.images, runs, n_methods,
-                                             target_fpr, log)
+        metrics["methods"] = compare_methods(det, methods, cal_images[:n_calibration], clean_eval.images, runs,
+                                             n_methods, target_fpr, log)
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command
     metrics["machine"] = machine_description()

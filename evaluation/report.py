@@ -34,9 +34,42 @@ def ci(bounds: list[float] | None) -> str:
     return "–" if not bounds else f"{100 * bounds[0]:.1f}–{100 * bounds[1]:.1f}%"
 
 
+def rate_cell(entry: dict, bold: bool = False) -> str:
+    """A detection rate or FPR with its 95% interval: "99.7% (99.0–99.9)"."""
+    rate, bounds = entry.get("detection_rate", entry.get("clean_fpr")), entry.get(
+        "detection_rate_ci95", entry.get("clean_fpr_ci95"))
+    text = pct(rate)
+    if bold:
+        text = f"**{text}**"
+    return text if not bounds else f"{text} ({100 * bounds[0]:.1f}–{100 * bounds[1]:.1f})"
+
+
+def operating_point_lines(m: dict, baselines: dict[str, dict] | None = None) -> list[str]:
+    """The table of detection at every operating point: ours (bold) and each baseline's, with intervals, and the
+    clean FPR each realised on the evaluation images."""
+    points = m["operating_points"]
+    baselines = baselines or {}
+    names = ["ours", *baselines]
+    header = "| attack | " + " | ".join(f"{name.replace('_', ' ')} @ {100 * p['target_fpr']:g}%"
+                                          for p in points.values() for name in names) + " |"
+    lines = [header, "|---|" + "---|" * (len(points) * len(names))]
+    cells = []
+    for key, p in points.items():
+        cells.append(rate_cell(p))
+        cells += [rate_cell(b["operating_points"][key]) for b in baselines.values()]
+    lines.append("| clean FPR | " + " | ".join(cells) + " |")
+    for attack in m["attacks"]:
+        cells = []
+        for key, p in points.items():
+            cells.append(rate_cell(p["attacks"][attack], bold=True))
+            cells += [rate_cell(b["operating_points"][key]["attacks"][attack]) for b in baselines.values()]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_scores, clean_eval) -> None:
     plot_entropy(out / "entropy_distributions.png", clean, scored)
-    plot_roc(out / "roc.png", clean, scored, baseline_scores)
+    plot_roc(out / "roc.png", clean, scored, baseline_scores, det.calibration.fprs)
     plot_maps(out / "explanation_maps.png", det, clean_eval.images, runs)
     fs, mg = m["baselines"]["feature_squeezing"], m["baselines"]["magnet"]
     lines = [
@@ -74,6 +107,18 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
         "\"The signals\"); the signals, the method and NLM h were chosen on a validation split of even-indexed "
         "digits (reports/validation/mnist_validation_search.md, reports/validation/mnist_squeeze_search.md), "
         "before this evaluation ran.",
+        "",
+        "## Detection at each operating point",
+        "",
+        "Each operating point is a threshold of the shipped calibration set for a target FPR"
+        + (f" so that the target holds with {m['calibration_confidence']:.0%} confidence" if
+           m.get("calibration_confidence") else "") + "; the baselines are thresholded at the same targets (the "
+        "plain quantile of their clean calibration scores) on the same clean digits. Cells: rate (95% Wilson "
+        f"interval), in %; the clean FPR row is measured on all {m['n_clean_eval']} odd digits. Thresholds: "
+        + ", ".join(f"{100 * p['target_fpr']:g}%: {p['threshold']:.4f}" for p in m["operating_points"].values())
+        + ".",
+        "",
+        *operating_point_lines(m, {"MagNet": mg, "FS": fs}),
         "",
         "## Beside the paper's Table 1 (detection rate)",
         "",
@@ -119,7 +164,8 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
             lines.append(f"| {method} | {row['ms_per_detection']:.1f} | {pct(row['clean_fpr'])} | "
                          + " | ".join(cells) + " |")
     lines += ["", "## Plots", "", "- `entropy_distributions.png`: the paper's Fig. 5/6 (entropy, clean vs each "
-              "attack)", "- `roc.png`: ROC curves, ours and the baselines", "- `explanation_maps.png`: the "
+              "attack)", "- `roc.png`: ROC curves, ours and the baselines, "
+              "false-positive rate on a log scale with the operating points marked", "- `explanation_maps.png`: the "
               "paper's Fig. 1 (maps of clean / adversarial images and their denoised copies)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
@@ -141,8 +187,11 @@ def plot_entropy(path: Path, clean, scored) -> None:
     plt.close(fig)
 
 
-def plot_roc(path: Path, clean, scored, baseline_scores) -> None:
+def plot_roc(path: Path, clean, scored, baseline_scores, points: list[float] = ()) -> None:
+    """ROC curves with the false-positive rate on a log axis (down to one clean image in all: the operating
+    points that matter, 1% and 0.1%, are invisible on a linear one), the operating points as dashed lines."""
     names = list(scored)
+    floor = 1.0 / len(clean.score)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
     for j, name in enumerate(names):
         ax = axes[0, j]
@@ -152,10 +201,14 @@ def plot_roc(path: Path, clean, scored, baseline_scores) -> None:
             curves[b.replace("_", " ")] = (s["clean"], s[name])
         for label, (c, a) in curves.items():
             fpr, tpr = roc_curve(np.asarray(c), np.asarray(a))
-            ax.plot(fpr, tpr, label=label)
-        ax.plot([0, 1], [0, 1], "k:", lw=0.5)
+            ax.step(np.maximum(fpr, floor), tpr, where="post", label=label)
+        for point in points:
+            ax.axvline(point, color="grey", lw=0.5, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlim(floor, 1)
+        ax.set_ylim(0, 1.01)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("FPR")
+        ax.set_xlabel("FPR (log)")
         ax.legend(fontsize=6)
     axes[0, 0].set_ylabel("detection rate")
     fig.tight_layout()
@@ -191,7 +244,7 @@ def _pixels(x: np.ndarray) -> np.ndarray:
 def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_images: np.ndarray) -> None:
     """report.md and plots for ``explainer evaluate --model mobilenet_v2|resnet18``."""
     plot_entropy(out / "entropy_distributions.png", clean, scored)
-    plot_roc(out / "roc.png", clean, scored, {})
+    plot_roc(out / "roc.png", clean, scored, {}, det.calibration.fprs)
     plot_maps(out / "explanation_maps.png", det, eval_images, runs)
     config = DetectorConfig.from_dict(m["config"]).to_dict()  # metrics of any config version
     nlm, used = config["nlm"], config["signals"]
@@ -254,6 +307,14 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
                   + (f"; of those other {m['attacks']['patch']['n_adv'] - t['n_adv']}, "
                      f"{pct(t['detection_rate_other_misclassified'])} are detected."
                      if "detection_rate_other_misclassified" in t else ".")]
+    if "operating_points" in m:
+        supported = [f"{100 * p['target_fpr']:g}%" for p in m["operating_points"].values()]
+        lines += ["", "## Detection at each operating point", "",
+                  f"The calibration holds a threshold for FPR {', '.join(supported)}: a conformal threshold at FPR "
+                  "a needs at least 1/a - 1 held-out clean scores, so 0.1% would need about 1,000 clean photos and "
+                  "is not set from these. Cells: rate (95% Wilson interval), in %; the clean FPR row is measured on "
+                  f"the {m['n_clean_eval']} odd photos, whose intervals are wide.", "",
+                  *operating_point_lines(m)]
     lines += ["", "## ROC-AUC of each signal alone (clean vs attack)", "",
               "| attack | " + " | ".join(signal_names(m)) + " | combined score |",
               "|---|" + "---|" * (len(signal_names(m)) + 1)]

@@ -21,10 +21,11 @@ def test_imagenet_evaluation_writes_metrics_and_report(tmp_path):
     from evaluation.imagenet import evaluate_imagenet
 
     load_imagenet_sample()  # raises if the photos are missing
-    m = evaluate_imagenet("mobilenet_v2", None, ["patch", "bim"], n=6, out=tmp_path, n_calibration=32,
+    m = evaluate_imagenet("mobilenet_v2", None, ["patch", "bim"], n=6, out=tmp_path, n_calibration=48,
                           attack_options={"patch": {"steps": 3, "batch_size": 4}, "bim": {"steps": 3}})
     assert m["n_clean_eval"] == 6 and 0 <= m["clean_fpr"] <= 1
-    assert "(32), 8 of them kept out" in m["calibration_images"]  # the transplant's hosts
+    assert "(48), 8 of them kept out" in m["calibration_images"]  # the transplant's hosts
+    assert list(m["operating_points"]) == ["0.05"]  # 20 held-out scores: too few for 1% (99) and 0.1% (999)
     bim = m["attacks"]["bim"]
     assert bim["attempted"] >= 3 and bim["params"]["steps"] == 3
     assert m["attacks"]["patch"]["params"]["steps"] == 3

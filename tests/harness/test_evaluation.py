@@ -59,7 +59,15 @@ def test_small_evaluation_writes_metrics_report_and_plots(tmp_path):
     assert lo <= on_disk["clean_fpr"] <= hi and lo <= a["detection_rate"] <= 1
     assert set(on_disk["baselines"]) == {"feature_squeezing", "magnet"}
     assert set(on_disk["methods"]) == {"ig", "saliency"}
+    points = on_disk["operating_points"]
+    assert list(points) == ["0.05", "0.01", "0.001"]  # the shipped calibration's, largest first
+    rates = [points[k]["attacks"]["bim"]["detection_rate"] for k in points]
+    assert rates == sorted(rates, reverse=True) and points["0.05"]["clean_fpr"] == on_disk["clean_fpr"]
+    for baseline in on_disk["baselines"].values():
+        assert list(baseline["operating_points"]) == list(points)
+        fprs = [baseline["operating_points"][k]["clean_fpr"] for k in points]
+        assert fprs == sorted(fprs, reverse=True)
     report = (tmp_path / "report.md").read_text()
-    assert "paper EXPLAINER" in report and "BIM" in report
+    assert "paper EXPLAINER" in report and "BIM" in report and "| clean FPR |" in report
     for plot in ("entropy_distributions.png", "roc.png", "explanation_maps.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
