@@ -189,7 +189,8 @@ def method_detector(det: Detector, method: str, calibration_images: np.ndarray, 
     from dataclasses import replace
 
     other = Detector(det.model, replace(det.config, method=method))
-    other.calibrate(calibration_images, target_fpr, images=f"{len(calibration_images)} calibration images")
+    other.calibrate(calibration_images, target_fpr, images=f"{len(calibration_images)} calibration images",
+                    combine=det.calibration.combine)
     return other
 
 

@@ -23,12 +23,21 @@ from pipeline.models import (
     parse_model_ref,
     wrap_network,
 )
-from pipeline.presets import CALIBRATION_FOLDS, PRESETS, default_config, default_folds, preset
+from pipeline.presets import (
+    CALIBRATION_COMBINE,
+    CALIBRATION_FOLDS,
+    PRESETS,
+    default_combine,
+    default_config,
+    default_folds,
+    preset,
+)
 from pipeline.runtime import keep_allocations_mapped
 from pipeline.samples import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits
 from pipeline.signals import SIGNALS, Signal
 
 __all__ = [
+    "CALIBRATION_COMBINE",
     "CALIBRATION_FOLDS",
     "DEFAULT_FPRS",
     "ENTROPY_VARIANTS",
@@ -52,6 +61,7 @@ __all__ = [
     "TargetModel",
     "check_detector_name",
     "decode_image",
+    "default_combine",
     "default_config",
     "default_folds",
     "denoise_batch",

@@ -36,6 +36,7 @@ CALIBRATION_VERSION = 3
 N_QUANTILES = 1001
 # the operating points a calibration adds beside its default target when asked for none (explainer calibrate)
 DEFAULT_FPRS = (0.01, 0.001)
+COMBINE_RULES = ("max", "sum")
 
 
 @dataclass
@@ -99,6 +100,9 @@ class Calibration:
     hosts: list[str] = field(default_factory=list)
     # every operating point, the default one (target_fpr, threshold) among them, largest target FPR first
     points: list[OperatingPoint] = field(default_factory=list)
+    # how the signals' tail scores become one score: "max" (any one unusual signal) or "sum" (-log10 of the
+    # product of the tail probabilities: several moderately unusual signals add up)
+    combine: str = "max"
 
     def __post_init__(self) -> None:
         self.points = [p if isinstance(p, OperatingPoint) else OperatingPoint(**p) for p in self.points]
@@ -123,8 +127,9 @@ class Calibration:
             f"{fpr_label(fpr)}: pick one of those, or recalibrate with it (explainer calibrate --fpr ...)")
 
     def score(self, signals: dict[str, np.ndarray]) -> np.ndarray:
-        """The combined anomaly score: max over signals of their tail scores."""
-        return np.max([ref.tail_score(np.asarray(signals[name])) for name, ref in self.signals.items()], axis=0)
+        """The combined anomaly score: the max (or, with ``combine="sum"``, the sum) of the signals' tail scores."""
+        tails = [ref.tail_score(np.asarray(signals[name])) for name, ref in self.signals.items()]
+        return np.sum(tails, axis=0) if self.combine == "sum" else np.max(tails, axis=0)
 
     def save(self, path: str | Path) -> None:
         data = {"version": CALIBRATION_VERSION, **asdict(self)}
@@ -164,7 +169,7 @@ def fit_calibration(
     config: dict | None = None, use: tuple[str, ...] = ("prediction_shift", "map_shift"),
     confidence: float | None = None,
     tails: dict[str, str] | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
-    drop_unsupported: bool = False,
+    drop_unsupported: bool = False, combine: str = "max",
 ) -> Calibration:
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other: the
     conformal quantile of those m held-out scores, the ⌈(1 - target)(m + 1)⌉-th smallest, so that a new clean
@@ -183,6 +188,8 @@ def fit_calibration(
     is the default one. A point needs enough held-out scores (:func:`threshold_at`), or it is refused; with
     ``drop_unsupported`` such a point of ``fprs`` is left out instead (the default point never is)."""
     tails = {**{name: s.tails for name, s in SIGNALS.items()}, **(tails or {})}
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"unknown combine rule {combine!r}; use one of {', '.join(COMBINE_RULES)}")
     if unknown := {t for t in tails.values()} - {"upper", "two-sided"}:
         raise ValueError(f"unknown tails {sorted(unknown)}; use upper or two-sided")
     n = len(next(iter(signals.values())))
@@ -198,7 +205,7 @@ def fit_calibration(
     cal = Calibration(
         model=model, method=method, entropy=entropy, target_fpr=target_fpr, threshold=0.0,
         n_reference=len(ref_rows), n_threshold=len(thr_rows), threshold_fpr=0.0, images=images,
-        signals=_references(signals, ref_rows, use, tails), config=config or {},
+        signals=_references(signals, ref_rows, use, tails), config=config or {}, combine=combine,
     )
     if folds is None:
         held_out = cal.score({k: np.asarray(v)[thr_rows] for k, v in signals.items()})

@@ -408,13 +408,14 @@ class Detector:
     def calibrate(
         self, clean_images: np.ndarray, target_fpr: float = 0.05, images: str = "", batch_size: int = 256,
         progress=None, confidence: float | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
-        drop_unsupported: bool = False,
+        drop_unsupported: bool = False, combine: str = "max",
     ) -> Calibration:
         """Fit the calibrated rule on clean images only; sets and returns the calibration. ``confidence``: set
         the threshold so that the target FPR holds with that confidence, not just in expectation. ``folds``:
         cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``). ``fprs``:
         more operating points beside ``target_fpr`` (the default one), e.g. (0.01, 0.001); ``drop_unsupported``:
-        leave out those too few images support rather than refuse (``fit_calibration``).
+        leave out those too few images support rather than refuse (``fit_calibration``). ``combine``: "max"
+        or "sum" of the signals' tail scores (the presets' choices: :data:`pipeline.presets.CALIBRATION_COMBINE`).
 
         With the transplant on, its ``hosts`` parameter of the images (spread over the list) become its hosts:
         they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
@@ -439,7 +440,7 @@ class Detector:
                 s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
                 images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
                 use=tuple(self.config.signals), confidence=confidence, folds=folds, fprs=fprs,
-                drop_unsupported=drop_unsupported,
+                drop_unsupported=drop_unsupported, combine=combine,
             )
         except Exception as e:
             self.hosts, self._host_tensors = before  # the detector stays as it was

@@ -16,11 +16,13 @@ from pipeline.denoise import NLMParams
 PRESETS: dict[str, DetectorConfig] = {
     # saliency maps; NLM h=50 on a 3×3 patch in a 5×5 window; the prediction and map shifts against the NLM copy,
     # and the prediction shift against a 2×2-median copy (reports/validation/mnist_validation_search.md,
-    # mnist_nlm_window_search.md, mnist_squeeze_search.md)
+    # mnist_nlm_window_search.md, mnist_squeeze_search.md); what NLM removed and the largest residuals against a
+    # 3×3 median, for the low operating points (reports/validation/mnist_operating_points_search.md)
     "digits": DetectorConfig(
         method="saliency",
         nlm=NLMParams(h=50.0, h_color=50.0, template=3, search=5),
-        signals={"prediction_shift": {}, "map_shift": {}, "median_shift": {"size": 2}},
+        signals={"prediction_shift": {}, "map_shift": {}, "median_shift": {"size": 2}, "denoise_residual": {},
+                 "impulse_residual": {"size": 3, "top": 5}},
     ),
     # Grad-CAM maps (saliency is blind to a patch); NLM h=10; SentiNet's two tests (inpaint the top 5% of the map,
     # paste the top 15% onto 8 clean hosts) and the Grad-CAM layer's activation norm
@@ -38,6 +40,11 @@ PRESETS: dict[str, DetectorConfig] = {
 # (reports/validation/calibration_spread.md)
 CALIBRATION_FOLDS: dict[str, int | None] = {"digits": None, "photos": 5}
 
+# how each preset's signals combine into one score (fit_calibration's ``combine``): the sum of the tail scores for
+# digits (several moderately unusual signals add up: what holds detection at 1% and 0.1% FPR,
+# reports/validation/mnist_operating_points_search.md), the max for photos
+CALIBRATION_COMBINE: dict[str, str] = {"digits": "sum", "photos": "max"}
+
 # the preset each built-in model starts from
 MODEL_PRESETS = {"mnist": "digits", "resnet18": "photos", "mobilenet_v2": "photos"}
 
@@ -52,6 +59,11 @@ def preset(name: str) -> DetectorConfig:
 def default_config(model: str) -> DetectorConfig:
     """The preset of built-in model ``model``: ``digits`` for mnist, ``photos`` for the ImageNet models."""
     return preset(MODEL_PRESETS.get(model, "photos"))
+
+
+def default_combine(model: str) -> str:
+    """How ``model``'s signals combine into its score: "sum" (digits) or "max" (photos)."""
+    return CALIBRATION_COMBINE[MODEL_PRESETS.get(model, "photos")]
 
 
 def default_folds(model: str) -> int | None:

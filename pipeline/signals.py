@@ -160,6 +160,19 @@ class MedianParams:
 
 
 @dataclass(frozen=True)
+class ImpulseParams:
+    """The ``top`` largest residuals against a ``size`` × ``size`` median filter are summed."""
+
+    size: int = 3
+    top: int = 5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.size, int) and self.size >= 2 and isinstance(self.top, int) and self.top >= 1):
+            raise ValueError(f"impulse_residual: size must be an integer >= 2 and top >= 1, got {self.size!r} and "
+                             f"{self.top!r}")
+
+
+@dataclass(frozen=True)
 class OcclusionParams:
     """Fraction of the original's map inpainted before it is classified again."""
 
@@ -226,6 +239,26 @@ def _median_shift(batch: ModelPass, params: MedianParams) -> np.ndarray:
     """L1 shift of the softmax when the original is median-filtered: a second denoiser, for the few saturated
     pixels of an L0 attack that NLM keeps."""
     return batch.shift_to(batch.classify(median_filter(batch.both[: batch.n], params.size)))
+
+
+@register("denoise_residual", tails="upper", stage="model")
+def _denoise_residual(batch: ModelPass, params: None) -> np.ndarray:
+    """Mean absolute pixel change NLM made to the original: an L∞ attack spreads noise over the whole image
+    (a digit's empty background among it), which NLM removes, while a clean image comes back nearly unchanged.
+    It needs no model pass; it runs in the explanation stage, where the pixels are."""
+    n = batch.n
+    return (batch.both[:n].float() - batch.both[n:].float()).abs().mean(dim=(1, 2, 3)).cpu().numpy().astype(
+        np.float64)
+
+
+@register("impulse_residual", tails="upper", stage="model", params=ImpulseParams)
+def _impulse_residual(batch: ModelPass, params: ImpulseParams) -> np.ndarray:
+    """Sum of the ``top`` largest pixel residuals against a median filter: an L0 attack (CW-L0) sets a few
+    isolated pixels to an extreme, which a median filter removes outright, while a clean stroke's pixels sit
+    among neighbours like them. No model pass."""
+    x = batch.both[: batch.n].float()
+    residual = (x - median_filter(x, params.size)).abs().flatten(1)
+    return residual.topk(min(params.top, residual.shape[1]), dim=1).values.sum(1).cpu().numpy().astype(np.float64)
 
 
 @register("occlusion_shift", tails="two-sided", stage="model", params=OcclusionParams)

@@ -266,6 +266,9 @@ def calibrate(
     confidence: float | None = typer.Option(
         None, help="set the threshold so that the target FPR holds with this confidence (e.g. 0.95), not only "
         "in expectation"),
+    combine: str | None = typer.Option(
+        None, help="how the signals' tail scores make one score: max | sum (default: the preset's, sum for digits, "
+        "max for photos)"),
     folds: int | None = typer.Option(
         None, help="cross-fit the CDFs and the threshold over K folds (0: two halves; default: the preset's, "
         "two halves for digits, 5 folds for photos)"),
@@ -286,12 +289,14 @@ def calibrate(
     from dataclasses import replace
 
     from pipeline import (
+        CALIBRATION_COMBINE,
         CALIBRATION_FOLDS,
         MODEL_NAMES,
         Detector,
         ExplainParams,
         InputError,
         check_detector_name,
+        default_combine,
         default_config,
         default_folds,
         load_model,
@@ -322,11 +327,12 @@ def calibrate(
                 target.to(device)
             base, base_folds = (preset_config(preset_name) if preset_name else default_config(model),
                                 CALIBRATION_FOLDS[preset_name] if preset_name else default_folds(model))
+            base_combine = CALIBRATION_COMBINE[preset_name] if preset_name else default_combine(model)
         else:
             target = _own_model(model, weights, model_kwargs, input_size, channels, mean, std, resize_to,
                                 explain_layer, name, device)
             used = preset_name or ("digits" if channels == 1 else "photos")
-            base, base_folds = preset_config(used), CALIBRATION_FOLDS.get(used)
+            base, base_folds, base_combine = preset_config(used), CALIBRATION_FOLDS.get(used), CALIBRATION_COMBINE[used]
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     nlm = base.nlm
@@ -356,7 +362,8 @@ def calibrate(
         try:
             cal = det.calibrate(images, target_fpr, images=desc, batch_size=batch or (128 if digits_like else 8),
                                 progress=lambda k: bar.update(task, completed=k), confidence=confidence,
-                                folds=folds or None, fprs=points or DEFAULT_FPRS, drop_unsupported=points is None)
+                                folds=folds or None, fprs=points or DEFAULT_FPRS, drop_unsupported=points is None,
+                                combine=combine or base_combine)
         except (ValueError, InputError) as exc:
             fail(str(exc))
     if as_file:

@@ -73,8 +73,9 @@ def test_concat_is_the_inverse_of_part(digits):
     joined = Explained.concat([whole.part(0, 3), whole.part(3, 4), whole.part(4, 10)])
     for name in ("probs", "maps"):
         np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name))
-    assert set(joined.signals) == {"median_shift"}
-    np.testing.assert_array_equal(joined.signals["median_shift"], whole.signals["median_shift"])
+    assert set(joined.signals) == {"median_shift", "denoise_residual", "impulse_residual"}
+    for name in joined.signals:
+        np.testing.assert_array_equal(joined.signals[name], whole.signals[name])
 
 
 def test_cli_calibrate_can_turn_the_median_check_off(tmp_path):
@@ -89,4 +90,5 @@ def test_cli_calibrate_can_turn_the_median_check_off(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads(out.read_text())["config"]
-    assert config["signals"] == {"prediction_shift": {}, "map_shift": {}}
+    assert config["signals"] == {"prediction_shift": {}, "map_shift": {}, "denoise_residual": {},
+                                 "impulse_residual": {"size": 3, "top": 5}}
