@@ -10,6 +10,7 @@ arguments override them):
 ========  =========================================================================================
 fgsm      FGSM(eps=0.3)
 pgd       PGD(eps=0.3, alpha=0.01, steps=40, random_start=True)  (Madry et al.)
+pgd-l2    PGDL2(eps=2.0, alpha=0.1, steps=50, random_start=True)  (L2 ball; normalised-gradient steps)
 bim       BIM(eps=0.3, alpha=0.01, steps=40)  (no random start)
 bim-early BIM(eps=0.3, alpha=0.01, steps=40, early_stop=True)  (each image frozen once misclassified)
 mim       MIM(eps=0.3, alpha=eps/steps=0.03, steps=10, decay=1.0)  (Dong et al.)
@@ -17,6 +18,7 @@ cw-l2     CWL2(c=1.0 initial, kappa=0, steps=100, binary_search_steps=5, lr=0.1)
 cw-linf   CWLinf(eps=0.3, alpha=0.01, steps=100, kappa=50, random_start=True)  (PGD on the CW margin loss)
 cw-l0     CWL0(max_pixels=60, kappa=0, c=10, first_steps=100, steps=30, rounds=30, shrink=0.8, lr=0.1)
 patch     AdversarialPatch(patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64); needs fit()
+square    SquareAttack(eps=0.3, n_queries=1000, p_init=0.8)  (score-based black box, no gradients)
 ========  =========================================================================================
 """
 
@@ -34,10 +36,13 @@ from evaluation.attacks.fgsm import FGSM
 from evaluation.attacks.mim import MIM
 from evaluation.attacks.patch import AdversarialPatch
 from evaluation.attacks.pgd import PGD
+from evaluation.attacks.pgd_l2 import PGDL2
+from evaluation.attacks.square import SquareAttack
 
 ATTACKS: dict[str, Callable[..., Attack]] = {
     "fgsm": partial(FGSM, eps=0.3),
     "pgd": partial(PGD, eps=0.3, alpha=0.01, steps=40, random_start=True),
+    "pgd-l2": partial(PGDL2, eps=2.0, alpha=0.1, steps=50, random_start=True),
     "bim": partial(BIM, eps=0.3, alpha=0.01, steps=40),
     "bim-early": partial(BIM, eps=0.3, alpha=0.01, steps=40, early_stop=True),
     "mim": partial(MIM, eps=0.3, alpha=None, steps=10, decay=1.0),
@@ -45,6 +50,10 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "cw-linf": partial(CWLinf, eps=0.3, alpha=0.01, steps=100, kappa=50.0, random_start=True),
     "cw-l0": partial(CWL0, max_pixels=60, kappa=0.0, c=10.0, first_steps=100, steps=30, rounds=30, shrink=0.8),
     "patch": partial(AdversarialPatch, patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64),
+    "square": partial(SquareAttack, eps=0.3, n_queries=1000, p_init=0.8),
 }
 
-__all__ = ["ATTACKS", "BIM", "CWL0", "CWL2", "FGSM", "MIM", "PGD", "AdversarialPatch", "Attack", "CWLinf"]
+__all__ = [
+    "ATTACKS", "BIM", "CWL0", "CWL2", "FGSM", "MIM", "PGD", "PGDL2", "AdversarialPatch", "Attack", "CWLinf",
+    "SquareAttack",
+]
