@@ -42,6 +42,7 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+MNIST_DEFAULT_ATTACKS = "bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,adaptive"
 DEVICE_HELP = "torch device of the model, e.g. cuda or cuda:1 (default: cpu; NLM runs on the CPU either way)"
 TRUST_HELP = ("load a bundle whose network is built by calling the Python callable it names (code the bundle "
               "picks): only for bundles from a source you trust")
@@ -417,7 +418,8 @@ def _calibration_images(model: str | None, images_dir: Path | None, split: str, 
 def evaluate(
     model: str = typer.Option("mnist", help="mnist | mobilenet_v2 | resnet18"),
     attacks: str | None = typer.Option(
-        None, help="comma-separated attack names (default bim,mim,cw-l0,cw-l2,cw-linf; ImageNet: patch,bim,pgd)"),
+        None, help="comma-separated attack names (default bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,"
+        "adaptive; ImageNet: patch,bim,pgd,pgd-2,bim-early)"),
     n: int | None = typer.Option(
         None, help="odd-indexed images attacked (default 1000 digits, every odd digit scored clean; 250 photos)"),
     out: Path | None = typer.Option(None, help="report folder (default reports/mnist or reports/imagenet)"),
@@ -432,7 +434,7 @@ def evaluate(
 
     _check_device(device)
     if attacks is None:
-        attacks = "bim,mim,cw-l0,cw-l2,cw-linf" if model == "mnist" else "patch,bim,pgd"
+        attacks = (MNIST_DEFAULT_ATTACKS if model == "mnist" else "patch,bim,pgd,pgd-2,bim-early")
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if model != "mnist":
         evaluate_photos(model, weights, names, n or 250, out or Path("reports/imagenet"), device)

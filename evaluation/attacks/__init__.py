@@ -10,6 +10,7 @@ arguments override them):
 ========  =========================================================================================
 fgsm      FGSM(eps=0.3)
 pgd       PGD(eps=0.3, alpha=0.01, steps=40, random_start=True)  (Madry et al.)
+pgd-0.1   PGD(eps=0.1, alpha=0.01, steps=40, random_start=True)  (a third of the budget)
 pgd-l2    PGDL2(eps=2.0, alpha=0.1, steps=50, random_start=True)  (L2 ball; normalised-gradient steps)
 bim       BIM(eps=0.3, alpha=0.01, steps=40)  (no random start)
 bim-early BIM(eps=0.3, alpha=0.01, steps=40, early_stop=True)  (each image frozen once misclassified)
@@ -42,6 +43,7 @@ from evaluation.attacks.square import SquareAttack
 ATTACKS: dict[str, Callable[..., Attack]] = {
     "fgsm": partial(FGSM, eps=0.3),
     "pgd": partial(PGD, eps=0.3, alpha=0.01, steps=40, random_start=True),
+    "pgd-0.1": partial(PGD, eps=0.1, alpha=0.01, steps=40, random_start=True),
     "pgd-l2": partial(PGDL2, eps=2.0, alpha=0.1, steps=50, random_start=True),
     "bim": partial(BIM, eps=0.3, alpha=0.01, steps=40),
     "bim-early": partial(BIM, eps=0.3, alpha=0.01, steps=40, early_stop=True),
