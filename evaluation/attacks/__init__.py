@@ -20,6 +20,8 @@ cw-linf   CWLinf(eps=0.3, alpha=0.01, steps=100, kappa=50, random_start=True)  (
 cw-l0     CWL0(max_pixels=60, kappa=0, c=10, first_steps=100, steps=30, rounds=30, shrink=0.8, lr=0.1)
 patch     AdversarialPatch(patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64); needs fit()
 square    SquareAttack(eps=0.3, n_queries=1000, p_init=0.8)  (score-based black box, no gradients)
+adaptive  AdaptivePGD(eps=0.3, steps=100, ...)  (knows the digits detector: BPDA through NLM, a Softplus
+          surrogate for the saliency map; the evaluation sweeps its weights, evaluation.adaptive)
 ========  =========================================================================================
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from evaluation.attacks.adaptive import AdaptivePGD
 from evaluation.attacks.base import Attack
 from evaluation.attacks.bim import BIM
 from evaluation.attacks.cw_l0 import CWL0
@@ -53,9 +56,10 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "cw-l0": partial(CWL0, max_pixels=60, kappa=0.0, c=10.0, first_steps=100, steps=30, rounds=30, shrink=0.8),
     "patch": partial(AdversarialPatch, patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64),
     "square": partial(SquareAttack, eps=0.3, n_queries=1000, p_init=0.8),
+    "adaptive": AdaptivePGD,
 }
 
 __all__ = [
-    "ATTACKS", "BIM", "CWL0", "CWL2", "FGSM", "MIM", "PGD", "PGDL2", "AdversarialPatch", "Attack", "CWLinf",
-    "SquareAttack",
+    "ATTACKS", "AdaptivePGD", "BIM", "CWL0", "CWL2", "FGSM", "MIM", "PGD", "PGDL2", "AdversarialPatch", "Attack",
+    "CWLinf", "SquareAttack",
 ]

@@ -46,7 +46,7 @@ def check_output(x_adv: torch.Tensor, x: torch.Tensor) -> None:
 
 def test_registry_has_every_attack() -> None:
     assert set(ATTACKS) == {"fgsm", "pgd", "bim", "bim-early", "mim", "cw-l2", "cw-linf", "cw-l0", "patch", "pgd-l2",
-                            "square", "pgd-0.1"}
+                            "square", "pgd-0.1", "adaptive"}
     for factory in ATTACKS.values():
         assert isinstance(factory(), Attack)
     assert ATTACKS["pgd"]().params() == {"eps": 0.3, "alpha": 0.01, "steps": 40, "random_start": True}
