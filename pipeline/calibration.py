@@ -124,7 +124,7 @@ class Calibration:
                 return p
         raise ValueError(
             f"the calibration of {self.model} holds thresholds for FPR {', '.join(map(fpr_label, self.fprs))}, not "
-            f"{fpr_label(fpr)}: pick one of those, or recalibrate with it (explainer calibrate --fpr ...)")
+            f"{fpr_label(fpr)}: pick one of those, or recalibrate with it (explainer calibrate --fprs ...)")
 
     def score(self, signals: dict[str, np.ndarray]) -> np.ndarray:
         """The combined anomaly score: the max (or, with ``combine="sum"``, the sum) of the signals' tail scores."""

@@ -174,3 +174,20 @@ def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_ro
     release.set()
     thread.join(10)
     explainer.check_health()
+
+
+def test_a_deployment_decides_at_the_operating_point_it_names_and_refuses_one_its_calibration_lacks():
+    from pipeline import load_sample_digits
+    from worker.detect import detect_requests, load_served_detectors
+    from worker.wire import Request
+
+    args = AppArgs(detector=["mnist"], fpr=0.01)
+    assert args.detector_refs() == [{"model": "mnist", "fpr": 0.01}]
+    served = load_served_detectors(args.detector_refs())
+    image = load_sample_digits().images[0]
+    (verdict,) = detect_requests(served, [Request(id="a", image=image, model="mnist")])
+    assert verdict["fpr"] == 0.01 and verdict["threshold"] == served["mnist"].calibration.point(0.01).threshold
+    with pytest.raises(ValueError, match=r"detector 'mnist': .*holds thresholds for FPR 5%, 1%, 0\.1%, not 2%"):
+        load_served_detectors(AppArgs(detector=["mnist"], fpr=0.02).detector_refs())
+    with pytest.raises(ValidationError):
+        AppArgs(fpr=1.5)
