@@ -588,11 +588,12 @@ class AppArgs(BaseModel):
         "calibration"}`` of a built-in model."""
         from pipeline import MODEL_NAMES
 
+        point = {} if self.fpr is None else {"fpr": self.fpr}  # None: each calibration's own default
         if self.detector is None:
-            return [{"model": self.model, "weights": self.weights, "calibration": self.calibration, "fpr": self.fpr}]
+            return [{"model": self.model, "weights": self.weights, "calibration": self.calibration, **point}]
         given = [self.detector] if isinstance(self.detector, str) else self.detector
-        return [{"model": ref, "fpr": self.fpr} if ref in MODEL_NAMES else
-                {"bundle": ref, "trust_factory": self.trust_factory, "fpr": self.fpr} for ref in given]
+        return [{"model": ref, **point} if ref in MODEL_NAMES else
+                {"bundle": ref, "trust_factory": self.trust_factory, **point} for ref in given]
 
     @field_validator("redis_url")
     @classmethod

@@ -66,7 +66,9 @@ def test_200_messages_give_200_verdicts_equal_to_in_process(stack, client, digit
     # the verdict carries every input of the score: here the median check's shift beside the top-level fields
     assert np.allclose([v["signals"]["median_shift"] for v in streamed], expected.signals["median_shift"], rtol=1e-4,
                        atol=1e-5)
-    assert all(set(v["signals"]) == {"median_shift"} for v in streamed)
+    for name in ("denoise_residual", "impulse_residual"):
+        assert np.allclose([v["signals"][name] for v in streamed], expected.signals[name], rtol=1e-4, atol=1e-5)
+    assert all(set(v["signals"]) == {"median_shift", "denoise_residual", "impulse_residual"} for v in streamed)
     assert all(v["latency_ms"] >= 0 and v["method"] == expected_method for v in streamed)
 
     alerts = []
