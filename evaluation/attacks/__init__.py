@@ -20,8 +20,9 @@ cw-linf   CWLinf(eps=0.3, alpha=0.01, steps=100, kappa=50, random_start=True)  (
 cw-l0     CWL0(max_pixels=60, kappa=0, c=10, first_steps=100, steps=30, rounds=30, shrink=0.8, lr=0.1)
 patch     AdversarialPatch(patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64); needs fit()
 square    SquareAttack(eps=0.3, n_queries=1000, p_init=0.8)  (score-based black box, no gradients)
-adaptive  AdaptivePGD(eps=0.3, steps=100, ...)  (knows the digits detector: BPDA through NLM, a Softplus
-          surrogate for the saliency map; the evaluation sweeps its weights, evaluation.adaptive)
+adaptive  AdaptivePGD(eps=0.3, alpha=0.02 cosine-decayed, steps=200, kappa=1, orthogonal steps, no random start;
+          weights copy 1, pred 1, map 30, residual 1000, impulse 1; Softplus beta 50; BPDA through NLM with a
+          torch NLM's gradient)  (knows the digits detector; evaluation.adaptive sweeps the map weight)
 ========  =========================================================================================
 """
 
@@ -56,7 +57,9 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "cw-l0": partial(CWL0, max_pixels=60, kappa=0.0, c=10.0, first_steps=100, steps=30, rounds=30, shrink=0.8),
     "patch": partial(AdversarialPatch, patch_size=12, target_class=8, steps=500, lr=0.1, batch_size=64),
     "square": partial(SquareAttack, eps=0.3, n_queries=1000, p_init=0.8),
-    "adaptive": AdaptivePGD,
+    "adaptive": partial(AdaptivePGD, eps=0.3, alpha=0.02, steps=200, random_start=False, kappa=1.0, copy_weight=1.0,
+                        pred_weight=1.0, map_weight=30.0, residual_weight=1000.0, impulse_weight=1.0,
+                        softplus_beta=50.0),
 }
 
 __all__ = [
