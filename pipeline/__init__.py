@@ -5,7 +5,7 @@ It imports neither Redis nor Ray nor the evaluation harness; the streaming worke
 names exported here.
 """
 
-from pipeline.bundle import check_detector_name
+from pipeline.bundle import bundle_digest, check_detector_name, split_pin
 from pipeline.calibration import DEFAULT_FPRS, Calibration, OperatingPoint, fpr_label
 from pipeline.config import DetectorConfig
 from pipeline.denoise import NLMParams, denoise_batch
@@ -59,6 +59,7 @@ __all__ = [
     "OperatingPoint",
     "Signal",
     "TargetModel",
+    "bundle_digest",
     "check_detector_name",
     "decode_image",
     "default_combine",
@@ -80,6 +81,7 @@ __all__ = [
     "predict_and_explain",
     "preset",
     "read_image_file",
+    "split_pin",
     "to_float_batch",
     "wrap_network",
 ]

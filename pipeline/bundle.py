@@ -14,6 +14,8 @@ docs/bundle.md is the format's reference.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -31,6 +33,11 @@ BUNDLE_VERSION = 1
 MANIFEST = "detector.json"
 CALIBRATION_FILE = "calibration.json"
 MAX_NAME_CHARS = 64  # a request's ``model`` field picks a detector by this name (worker.wire's limit)
+# what a bundle's JSON files may weigh before they are parsed (json.loads of a hostile file costs up to ~20× its
+# size in Python objects); the calibration holds at most pipeline.transplant.MAX_HOSTS host PNGs
+MAX_MANIFEST_BYTES = 64 * 1024
+MAX_CALIBRATION_BYTES = 8 * 1024 * 1024
+DIGEST_PREFIX = "sha256:"
 
 
 NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}")
@@ -49,12 +56,57 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The bundle's ``detector.json``, its format and version checked."""
+def _manifest_bytes(folder: str | Path) -> bytes:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a detector bundle (no {MANIFEST} in it)")
-    data = json.loads(path.read_text())
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path}: over {MAX_MANIFEST_BYTES} bytes, not a manifest this package wrote")
+    return data
+
+
+def bundle_digest(folder: str | Path) -> str:
+    """``sha256:HEX``, a digest of the whole bundle: the SHA-256 of its ``detector.json``, which records the
+    SHA-256 of every file the bundle carries, each checked when the bundle loads. A deployment that holds this
+    digest (``Detector.load(..., digest=)``, ``--detector PATH@sha256:HEX``) loads that bundle and no other."""
+    return DIGEST_PREFIX + hashlib.sha256(_manifest_bytes(folder)).hexdigest()
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it has the form ``sha256:`` and 64 lowercase hex digits."""
+    if not isinstance(digest, str) or not re.fullmatch(DIGEST_PREFIX + "[0-9a-f]{64}", digest):
+        raise ValueError(f"bundle digest {digest!r}: expected sha256: and 64 lowercase hex digits "
+                         "(explainer digest BUNDLE prints it)")
+    return digest
+
+
+def split_pin(ref: str) -> tuple[str, str | None]:
+    """A detector reference as a deployment writes it, ``PATH`` or ``PATH@sha256:HEX`` (the bundle pinned to
+    one digest, as container images are), split into the path and the digest (None when not pinned)."""
+    path, sep, digest = str(ref).rpartition("@")
+    if sep and digest.startswith(DIGEST_PREFIX):
+        return path, check_digest(digest)
+    return str(ref), None
+
+
+def read_manifest(folder: str | Path, digest: str | None = None) -> dict[str, Any]:
+    """The bundle's ``detector.json``, its format and version checked; with ``digest``, refused unless the
+    bytes read are the ones pinned (:func:`bundle_digest`)."""
+    path = Path(folder) / MANIFEST
+    raw = _manifest_bytes(folder)
+    if digest is not None:
+        found = DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
+        if not hmac.compare_digest(found, check_digest(digest)):
+            raise PermissionError(f"{folder}: the bundle's digest is {found}, not the {digest} this deployment "
+                                  "pins: a different bundle (replaced or changed) is refused")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
     if data.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: not an explainer detector bundle (format {data.get('format')!r})")
     version = data.get("version")
@@ -108,16 +160,18 @@ def save_bundle(model: TargetModel, config: DetectorConfig, calibration: Calibra
 
 
 def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None,
-                trust_factory: bool = False) -> tuple[TargetModel, DetectorConfig, Calibration | None]:
+                trust_code: bool = False, digest: str | None = None,
+                ) -> tuple[TargetModel, DetectorConfig, Calibration | None]:
     """The model, config and calibration of the detector a bundle holds. ``weights``: a built-in model's weights
     file (a bundle of a user's model carries its own); ``device``: where the model runs (default CPU);
-    ``trust_factory``: allow a bundle that names a Python callable to build its network
-    (:func:`pipeline.models.source.source_from_record`)."""
+    ``trust_code``: allow a bundle whose network is code (a factory, a torch.export program, TorchScript:
+    :func:`pipeline.models.source.source_from_record`); ``digest``: refuse any bundle but the one pinned
+    (:func:`bundle_digest`)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, digest)
     name = check_detector_name(manifest["name"])
     spec = manifest["model"]
-    source = source_from_record(spec["source"], folder, weights, trust_factory)
+    source = source_from_record(spec["source"], folder, weights, trust_code)
     if source.kind == "builtin":
         model = load_model(source.ref, source.weights)
         model.name = name
@@ -135,14 +189,11 @@ def load_bundle(folder: str | Path, weights: str | Path | None = None, device: s
         record = manifest["calibration"]
         if not isinstance(record, dict):
             raise ValueError(f"{folder}: malformed calibration record in {MANIFEST}")
-        calibration = Calibration.load(bundle_file(folder, record.get("file"), record.get("sha256")))
+        path = bundle_file(folder, record.get("file"), record.get("sha256"))
+        if path.stat().st_size > MAX_CALIBRATION_BYTES:
+            raise ValueError(f"{path}: over {MAX_CALIBRATION_BYTES} bytes, not a calibration this package wrote")
+        calibration = Calibration.load(path)
         if calibration.config and DetectorConfig.from_dict(calibration.config) != config:
             raise ValueError(f"{folder}: the calibration was made with another configuration than the bundle's "
                              "(recalibrate and save the bundle again)")
     return model, config, calibration
-
-
-def bundle_name(folder: str | Path) -> str:
-    """The name requests use to pick this bundle's detector (its ``detector.json``'s ``name``)."""
-    return check_detector_name(read_manifest(folder)["name"])
-

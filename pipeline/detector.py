@@ -138,7 +138,8 @@ class Detector:
         self.fpr: float | None = None
         _check_model_supports(model, self.config)
         # the transplant's clean host images, uint8 (K, H, W, C), and their tensors on the device (made lazily)
-        self.hosts = decode_hosts(calibration.hosts) if calibration and calibration.hosts else None
+        self.hosts = (decode_hosts(calibration.hosts, (model.size, model.size, model.channels))
+                      if calibration and calibration.hosts else None)
         self._host_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         if calibration and "transplant_gain" in calibration.signals and self.hosts is None:
             # fail when a deployment starts, not on every batch it is sent
@@ -208,12 +209,13 @@ class Detector:
 
     @classmethod
     def load(cls, folder: str | Path, weights: str | Path | None = None, device: str | None = None,
-             trust_factory: bool = False) -> Detector:
+             trust_code: bool = False, digest: str | None = None) -> Detector:
         """The detector a bundle folder holds (:meth:`save`, ``explainer calibrate --out``; docs/bundle.md).
-        ``weights``: a built-in model's weights file (a user's model carries its own). ``trust_factory``: load a
-        bundle whose network is built by calling the Python callable it names (code the bundle picks: only
-        for bundles from a source you trust)."""
-        return cls(*load_bundle(folder, weights=weights, device=device, trust_factory=trust_factory))
+        ``weights``: a built-in model's weights file (a user's model carries its own). ``trust_code``: load a
+        bundle whose network is code (a Python callable it names, a torch.export program, a TorchScript module):
+        only for bundles from a source you trust. ``digest``: ``sha256:HEX`` of the one bundle this caller
+        accepts (:func:`pipeline.bundle_digest`); any other is refused."""
+        return cls(*load_bundle(folder, weights=weights, device=device, trust_code=trust_code, digest=digest))
 
     def use_operating_point(self, fpr: float | None) -> Detector:
         """Decide at the calibration's threshold for target FPR ``fpr`` from now on (None: its default one);

@@ -46,21 +46,30 @@ def encode_hosts(images: np.ndarray) -> list[str]:
     return out
 
 
-MAX_HOST_SIDE = 1024  # a host is at a model's input size: anything larger is not one this package wrote
+MAX_HOSTS = 32  # transplant hosts a calibration may hold: the preset uses 8
 
 
-def decode_hosts(encoded: list[str]) -> np.ndarray:
-    """The inverse of :func:`encode_hosts`: uint8 (K, H, W, C). A calibration may come from a bundle someone
-    sent: each host is checked to be a PNG of at most ``MAX_HOST_SIDE`` pixels a side with a sound chunk table
-    before it is decoded."""
+def decode_hosts(encoded: list[str], shape: tuple[int, int, int]) -> np.ndarray:
+    """The inverse of :func:`encode_hosts`: uint8 (K, H, W, C), each host of ``shape`` (the model's input). A
+    calibration may come from a bundle someone sent, so its hosts are bounded before any is decoded: at most
+    ``MAX_HOSTS``, each an 8-bit PNG of exactly ``shape`` with a sound chunk table. Decoding them costs at most
+    ``MAX_HOSTS`` model inputs."""
+    if not isinstance(encoded, list) or len(encoded) > MAX_HOSTS:
+        raise ValueError(f"the calibration file holds over {MAX_HOSTS} host images (or not a list of them)")
+    h, w, c = shape
     images = []
     for s in encoded:
+        if not isinstance(s, str) or len(s) > 4 * (h * w * c + 4096):  # base64 of a PNG no bigger than its pixels
+            raise ValueError("a host image in the calibration file is not a PNG of the model's input size")
         data = base64.b64decode(s)
-        if data[:8] != PNG_SIGNATURE or len(data) < 24 or data[12:16] != b"IHDR":
+        if data[:8] != PNG_SIGNATURE or len(data) < 26 or data[12:16] != b"IHDR":
             raise ValueError("a host image in the calibration file is not a PNG")
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        if not (0 < width <= MAX_HOST_SIDE and 0 < height <= MAX_HOST_SIDE):
-            raise ValueError(f"a host image in the calibration file is {width}×{height}: over {MAX_HOST_SIDE} a side")
+        bits, colour = data[24], data[25]
+        if (height, width) != (h, w) or bits != 8 or colour != (0 if c == 1 else 2):
+            raise ValueError(f"a host image in the calibration file is a {width}×{height} PNG of {bits}-bit "
+                             f"colour type {colour}: hosts are 8-bit {'grey' if c == 1 else 'RGB'} {w}×{h} "
+                             "images (the model's input)")
         if problem := png_chunk_problem(data):
             raise ValueError(f"a host image in the calibration file: {problem}")
         im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -44,8 +44,8 @@ def fail(message: str) -> None:
 
 MNIST_DEFAULT_ATTACKS = "bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,adaptive"
 DEVICE_HELP = "torch device of the model, e.g. cuda or cuda:1 (default: cpu; NLM runs on the CPU either way)"
-TRUST_HELP = ("load a bundle whose network is built by calling the Python callable it names (code the bundle "
-              "picks): only for bundles from a source you trust")
+TRUST_HELP = ("load a bundle whose network is code (a Python callable it names, a torch.export program, a "
+              "TorchScript module): only for bundles from a source you trust (docs/bundle.md)")
 MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:callable that builds your network, or "
               "your model file: a torch.export program (.pt2) or TorchScript")
 
@@ -74,16 +74,18 @@ def _check_device(device: str | None) -> None:
 
 
 def _open_detector(detector: Path | None, model: str | None, weights: Path | None, calibration: Path | None,
-                   device: str | None, trust_factory: bool = False):
-    """The detector a bundle holds, or a built-in model's (its shipped bundle, or a calibration file)."""
-    from pipeline import Detector
+                   device: str | None, trust_code: bool = False):
+    """The detector a bundle holds (``PATH`` or pinned, ``PATH@sha256:HEX``), or a built-in model's (its shipped
+    bundle, or a calibration file)."""
+    from pipeline import Detector, split_pin
 
     _check_device(device)
     try:
         if detector is not None:
             if calibration is not None or model is not None:
                 fail("--model and --calibration name a built-in detector; a bundle (--detector) carries its own")
-            return Detector.load(detector, weights=weights, device=device, trust_factory=trust_factory)
+            path, digest = split_pin(str(detector))
+            return Detector.load(path, weights=weights, device=device, trust_code=trust_code, digest=digest)
         return Detector.from_pretrained(model or "mnist", weights=weights, calibration=calibration, device=device)
     except (FileNotFoundError, ValueError, PermissionError) as exc:
         fail(str(exc))
@@ -92,7 +94,8 @@ def _open_detector(detector: Path | None, model: str | None, weights: Path | Non
 @app.command()
 def detect(
     paths: list[Path] = typer.Argument(..., help="PNG/JPEG files, or folders searched recursively"),
-    detector: Path | None = typer.Option(None, help="a detector bundle (explainer calibrate --out BUNDLE)"),
+    detector: Path | None = typer.Option(
+        None, help="a detector bundle (explainer calibrate --out BUNDLE), or BUNDLE@sha256:HEX to load only that one"),
     model: str | None = typer.Option(
         None, help="a built-in model, when no --detector: mnist (default) | resnet18 | mobilenet_v2"),
     weights: Path | None = typer.Option(None, help="a built-in model's weights (state dict)"),
@@ -109,14 +112,14 @@ def detect(
         None, min=1, help="images per detection call (default 64 digits, 8 photos: on a CPU larger photo batches "
         "only cost memory)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
-    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
+    trust_code: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     """One verdict per image: a table, JSON lines or CSV. Exit status 1 when some image could not be judged."""
     from pipeline import image_files, read_image_file
     from worker.detect import detect_requests
     from worker.verdicts import VerdictWriter
 
-    det = _open_detector(detector, model, weights, calibration, device, trust_factory)
+    det = _open_detector(detector, model, weights, calibration, device, trust_code)
     if method:
         from dataclasses import replace
 
@@ -381,6 +384,22 @@ def calibrate(
                       f"clean scores are too few for a threshold there (it needs about 1/FPR); calibrate on more "
                       "clean images[/yellow]")
     console.print(f"default {fpr_label(target_fpr)} -> {out}" + ("" if as_file else f"  (detector {name!r})"))
+    if not as_file:
+        from pipeline import bundle_digest
+
+        console.print(f"pin it: --detector {out}@{bundle_digest(out)}")
+
+
+@app.command()
+def digest(bundle: Path = typer.Argument(..., help="a detector bundle folder")) -> None:
+    """Print a bundle's digest (sha256: of its manifest, which records every file's): serve it as
+    BUNDLE@sha256:HEX and any other bundle at that path is refused."""
+    from pipeline import bundle_digest
+
+    try:
+        print(bundle_digest(bundle))
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
 
 
 def preset_config(name: str):
@@ -549,9 +568,9 @@ def serve(
     metrics_port: int | None = typer.Option(
         None, help="port of Ray's Prometheus metrics endpoint when serve starts Ray (default: a free one, printed)"),
     detector: list[str] | None = typer.Option(
-        None, help="a detector bundle or built-in model name to serve, instead of the config's (repeatable: a "
-        "request's model field picks one by name)"),
-    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
+        None, help="a detector bundle (PATH, or PATH@sha256:HEX to serve only that one) or built-in model name to "
+        "serve, instead of the config's (repeatable: a request's model field picks one by name)"),
+    trust_code: bool = typer.Option(False, help=TRUST_HELP),
     fpr: float | None = typer.Option(
         None, help="the operating point every served detector decides at, as a target false-positive rate its "
         "calibration holds, e.g. 0.01 (default: each calibration's own)"),
@@ -562,7 +581,7 @@ def serve(
     import signal
     import threading
 
-    from pipeline import MODEL_NAMES
+    from pipeline import MODEL_NAMES, split_pin
     from worker.embedded import embedded_stack
     from worker.streams import redact_url
 
@@ -582,13 +601,18 @@ def serve(
             fail("--redis-password-file goes with --redis-url (the local Redis serve starts needs none)")
         overrides["redis_password_file"] = str(redis_password_file.resolve())  # the replicas' working dir differs
     if detector:
-        missing = [d for d in detector if d not in MODEL_NAMES and not (Path(d) / "detector.json").is_file()]
-        if missing:
-            fail(f"--detector {', '.join(missing)}: neither a built-in model ({', '.join(MODEL_NAMES)}) nor a "
-                 "detector bundle (a folder with detector.json; explainer calibrate --out makes one)")
-        # absolute: the replicas do not share this process's working directory
-        overrides.update(detector=[d if d in MODEL_NAMES else str(Path(d).resolve()) for d in detector],
-                         trust_factory=trust_factory)
+        given = []
+        for d in detector:
+            try:
+                path, pin = split_pin(d)
+            except ValueError as exc:
+                fail(f"--detector {d}: {exc}")
+            if d not in MODEL_NAMES and not (Path(path) / "detector.json").is_file():
+                fail(f"--detector {d}: neither a built-in model ({', '.join(MODEL_NAMES)}) nor a detector bundle "
+                     "(a folder with detector.json; explainer calibrate --out makes one)")
+            # absolute: the replicas do not share this process's working directory
+            given.append(d if d in MODEL_NAMES else str(Path(path).resolve()) + (f"@{pin}" if pin else ""))
+        overrides.update(detector=given, trust_code=trust_code)
     stop = threading.Event()
     with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port,
                                                           overrides=overrides or None, http_host=http_host,

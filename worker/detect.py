@@ -140,10 +140,23 @@ def detect_requests(
     return out  # type: ignore[return-value]
 
 
+def detector_ref(given: str, trust_code: bool = False, fpr: float | None = None) -> dict:
+    """One served detector as the CLI, the Serve config and the standalone worker name it: a built-in model name,
+    or a bundle path, optionally pinned (``PATH@sha256:HEX``, :func:`pipeline.split_pin`), as the ref
+    :func:`load_served_detectors` takes. ``fpr``: its operating point (None: the calibration's default)."""
+    from pipeline import MODEL_NAMES, split_pin
+
+    point = {} if fpr is None else {"fpr": fpr}
+    if given in MODEL_NAMES:
+        return {"model": given, **point}
+    path, digest = split_pin(given)
+    return {"bundle": path, "digest": digest, "trust_code": trust_code, **point}
+
+
 def load_served_detectors(refs: list[dict], device: str | None = None) -> dict[str, Detector]:
-    """The detectors a worker serves, by the name requests pick them with: ``{"bundle": path, "trust_factory":
-    bool}`` or ``{"model": name, "weights", "calibration"}`` each (``worker.serve_app.AppArgs.detector_refs``, the
-    standalone worker), with ``"fpr"``: the operating point it decides at (None: its calibration's default).
+    """The detectors a worker serves, by the name requests pick them with: ``{"bundle": path, "digest": pin or
+    None, "trust_code": bool}`` (:func:`detector_ref`) or ``{"model": name, "weights", "calibration"}`` each
+    (``worker.serve_app.AppArgs.detector_refs``, the standalone worker), with ``"fpr"``: the operating point it decides at (None: its calibration's default).
     The process also keeps its batches' memory mapped (pipeline.runtime). A served detector decides with its
     calibration, so one without, or without the operating point asked for, is refused here, when the worker
     starts."""
@@ -151,7 +164,8 @@ def load_served_detectors(refs: list[dict], device: str | None = None) -> dict[s
     out: dict[str, Detector] = {}
     for ref in refs:
         if "bundle" in ref:
-            det = Detector.load(ref["bundle"], device=device, trust_factory=ref.get("trust_factory", False))
+            det = Detector.load(ref["bundle"], device=device, trust_code=ref.get("trust_code", False),
+                                digest=ref.get("digest"))
         else:
             det = Detector.from_pretrained(ref["model"], weights=ref.get("weights"),
                                            calibration=ref.get("calibration"), device=device)

@@ -549,10 +549,11 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a bad value may hold a secret
 
     detector: str | list[str] | None = Field(
-        None, description="detector bundles (paths every replica can read) or built-in model names, served side "
-        "by side: a request's `model` field picks one by its name. None: the built-in `model`")
-    trust_factory: bool = Field(False, description="load bundles that build their network by calling the Python "
-                                "callable they name (code the bundle picks): only bundles from a trusted source")
+        None, description="detector bundles (paths every replica can read, each optionally pinned as "
+        "PATH@sha256:HEX) or built-in model names, served side by side: a request's `model` field picks one by its "
+        "name. None: the built-in `model`")
+    trust_code: bool = Field(False, description="load bundles whose network is code (a Python callable they name, "
+                             "a torch.export program, a TorchScript module): only bundles from a trusted source")
     model: str = Field("mnist", description="built-in model name (pipeline.MODEL_NAMES), when no `detector`")
     weights: str | None = Field(None, description="the built-in model's weights file (the photo models)")
     calibration: str | None = Field(None, description="the built-in model's calibration file (default: shipped)")
@@ -584,16 +585,15 @@ class AppArgs(BaseModel):
         return self
 
     def detector_refs(self) -> list[dict]:
-        """What each stage loads its detectors from: ``{"bundle": path}`` or ``{"model", "weights",
-        "calibration"}`` of a built-in model."""
-        from pipeline import MODEL_NAMES
+        """What each stage loads its detectors from (:func:`worker.detect.detector_ref`), or the built-in
+        ``model`` with its ``weights`` and ``calibration``."""
+        from worker.detect import detector_ref
 
-        point = {} if self.fpr is None else {"fpr": self.fpr}  # None: each calibration's own default
         if self.detector is None:
+            point = {} if self.fpr is None else {"fpr": self.fpr}  # None: each calibration's own default
             return [{"model": self.model, "weights": self.weights, "calibration": self.calibration, **point}]
         given = [self.detector] if isinstance(self.detector, str) else self.detector
-        return [{"model": ref, **point} if ref in MODEL_NAMES else
-                {"bundle": ref, "trust_factory": self.trust_factory, **point} for ref in given]
+        return [detector_ref(ref, self.trust_code, self.fpr) for ref in given]
 
     @field_validator("redis_url")
     @classmethod

@@ -36,11 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefix", default=None, help="all stream names under this prefix (default explainer:*)")
     ap.add_argument("--all-verdicts-channel", default=None, help="also PUBLISH every verdict on this channel")
     ap.add_argument("--detector", action="append", default=None, metavar="BUNDLE",
-                    help="a detector bundle or built-in model name to serve (repeatable: a request's model field "
-                    "picks one by name; default: the shipped mnist detector)")
+                    help="a detector bundle (PATH, or PATH@sha256:HEX to serve only that one) or built-in model "
+                    "name to serve (repeatable: a request's model field picks one by name; default: the shipped "
+                    "mnist detector)")
     ap.add_argument("--model", default=None, help="a built-in model to serve (same as --detector NAME)")
-    ap.add_argument("--trust-factory", action="store_true", help="load bundles that build their network by "
-                    "calling the Python callable they name (code the bundle picks): only from a trusted source")
+    ap.add_argument("--trust-code", action="store_true", help="load bundles whose network is code (a Python "
+                    "callable they name, a torch.export program, TorchScript): only from a trusted source")
     ap.add_argument("--fpr", type=float, default=None, help="the operating point to decide at, as a target "
                     "false-positive rate the calibrations hold, e.g. 0.01 (default: each calibration's own)")
     ap.add_argument("--batch", type=int, default=64, help="entries read per XREADGROUP")
@@ -56,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_worker(args: argparse.Namespace) -> StreamWorker:
     """The detectors asked for (default: the shipped mnist one) behind one consumer-group member, trimming acked
     image entries as it goes."""
-    from pipeline import MODEL_NAMES, keep_allocations_mapped
-    from worker.detect import detect_requests, load_served_detectors
+    from pipeline import keep_allocations_mapped
+    from worker.detect import detect_requests, detector_ref, load_served_detectors
 
     keep_allocations_mapped()
     if args.torch_threads:
@@ -67,9 +68,7 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
     names = StreamNames.with_prefix(args.prefix) if args.prefix else StreamNames()
     names.all_verdicts_channel = args.all_verdicts_channel
     given = (args.detector or []) + ([args.model] if args.model else [])
-    detectors = load_served_detectors([{"model": ref, "fpr": args.fpr} if ref in MODEL_NAMES else
-                                       {"bundle": ref, "trust_factory": args.trust_factory, "fpr": args.fpr}
-                                       for ref in given or ["mnist"]])
+    detectors = load_served_detectors([detector_ref(ref, args.trust_code, args.fpr) for ref in given or ["mnist"]])
     consumer = StreamConsumer(
         connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file), names,
         consumer=args.consumer, count=args.batch,

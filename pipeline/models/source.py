@@ -1,14 +1,20 @@
-"""Where a target model's network comes from, and how it is loaded without unpickling anyone's code.
+"""Where a target model's network comes from, and which sources are data and which are code.
 
-Four kinds of source, each loaded by a loader that runs no code from the file it reads:
+Four kinds of source:
 
-- ``builtin``: a model this package defines (:data:`MODEL_NAMES`), with optional weights.
+- ``builtin``: a model this package defines (:data:`MODEL_NAMES`), with optional weights: a state dict read
+  with ``torch.load(weights_only=True)`` (tensors and plain containers only) after its archive is checked
+  (:func:`check_state_dict_archive`). The one kind that is data: safe to load from a stranger.
 - ``factory``: ``package.module:callable`` (imported by name, so it must be installed or on the path of every
-  process that loads it) called with keyword arguments, then its state dict read with
-  ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+  process that loads it) called with keyword arguments, then its state dict read as above.
 - ``exported``: a ``torch.export`` program (``.pt2``, ``torch.export.save``), the format PyTorch recommends.
 - ``torchscript``: a TorchScript archive (``torch.jit.save``); PyTorch deprecates TorchScript, so it is read
   for the models that exist in it.
+
+The last three are code (:data:`CODE_KINDS`): ``torch.export.load`` falls back to full unpickling, loads native
+libraries and runs whatever operators the graph names (file I/O among them); TorchScript runs the module's own
+code. Nothing here proves such a file harmless, so a bundle of those kinds loads only with ``trust_code``. A file
+the user names on the command line (``--model``) is their own choice, as an import is.
 
 Refused, each with an error that says what to do instead: a whole pickled module (``torch.save(model)``: loading
 it runs code stored in the file), a bare state dict given as a model (it holds no architecture), ONNX (no
@@ -35,6 +41,19 @@ MODEL_NAMES = ("mnist", "resnet18", "mobilenet_v2")  # the built-in models (pipe
 KINDS = ("builtin", "factory", "exported", "torchscript")
 HOOKLESS_KINDS = frozenset({"exported", "torchscript"})
 MODEL_FILE_SUFFIXES = {".pt2": "exported", ".ts": "torchscript"}
+# the kinds whose loading runs code the file's author chose, and how: none of them is proved safe here, so a
+# bundle of one of these kinds loads only when the loader trusts its author (source_from_record)
+CODE_KINDS = {
+    "factory": "this bundle builds its network by calling {factory!r} with arguments {kwargs}",
+    "exported": "this bundle's network is a torch.export program, which torch may unpickle, load native code "
+                "for, or run file operators from",
+    "torchscript": "this bundle's network is a TorchScript module, whose code (its __setstate__ among it) runs "
+                   "when it loads",
+}
+# a state dict's archive may hold at most this many times the bytes of the tensors it fills, plus this slack:
+# loading one then costs at most about its own size (STORED entries, each declared size checked by torch)
+STATE_DICT_SIZE_FACTOR = 2
+STATE_DICT_SLACK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -161,9 +180,35 @@ def _import_factory(ref: str):
     return factory
 
 
+def check_state_dict_archive(path: str | Path, max_bytes: int) -> None:
+    """Refuse a state-dict file that could make ``torch.load`` allocate more than its own size, before torch
+    reads it: over ``max_bytes``; not a zip archive (the legacy format); an entry compressed (a few KB could
+    inflate to gigabytes), named twice (Python's zipfile and torch's reader would see different bytes), or
+    entries whose sizes add up to more than the file. torch itself checks each tensor's declared size against
+    its entry's, and ``weights_only=True`` unpickles tensors and plain containers only."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: a state dict of {size} bytes, over the {max_bytes} this network's tensors can "
+                         "need: refused")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a state dict saved by torch.save (a zip archive): refused")
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: the archive names an entry twice: refused")
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        raise ValueError(f"{path}: the archive holds compressed entries (torch.save stores them plain): refused")
+    if sum(i.file_size for i in infos) > size:
+        raise ValueError(f"{path}: the archive's entries declare more bytes than the file holds: refused")
+
+
 def load_state_dict(net: nn.Module, path: str | Path, what: str) -> None:
     """``path``'s state dict into ``net`` (``weights_only=True``, strict), or ``ValueError`` naming the keys that
-    do not fit: the usual mistake is weights of another architecture."""
+    do not fit: the usual mistake is weights of another architecture. The archive is checked first
+    (:func:`check_state_dict_archive`), so loading it costs at most about twice ``net``'s own tensors."""
+    expected = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    check_state_dict_archive(path, STATE_DICT_SIZE_FACTOR * expected + STATE_DICT_SLACK_BYTES)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a file it cannot read as weights
@@ -253,11 +298,14 @@ def bundle_file(folder: Path, name: object, digest: object) -> Path:
 
 
 def source_from_record(record: dict[str, Any], folder: Path, weights: str | Path | None = None,
-                       trust_factory: bool = False) -> ModelSource:
+                       trust_code: bool = False) -> ModelSource:
     """The :class:`ModelSource` a bundle's ``model.source`` record describes, its files checked against their
-    digests. ``weights`` replaces a builtin model's (e.g. the shared MobileNetV2 file). A ``factory`` record names
-    a callable the bundle asks this process to call, with arguments of its choosing: code the bundle picks, so
-    it loads only with ``trust_factory=True`` (``--trust-factory``), as ``trust_remote_code`` in transformers."""
+    digests. ``weights`` replaces a builtin model's (e.g. the shared MobileNetV2 file).
+
+    Only a ``builtin`` record is data: an architecture this package defines and a state dict. Every other kind
+    is code the bundle's author wrote (:data:`CODE_KINDS` says how), so it loads only with ``trust_code=True``
+    (``--trust-code``), as ``trust_remote_code`` in transformers; the refusal comes before any of its files is
+    opened."""
     kind = record.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{folder}: unknown model source kind {kind!r}")
@@ -269,12 +317,12 @@ def source_from_record(record: dict[str, Any], folder: Path, weights: str | Path
         return ModelSource("builtin", record["name"], str(weights) if weights else None)
     if weights is not None:
         raise ValueError(f"this bundle's model ({kind}) carries its own weights: weights= applies to built-in models")
+    if not trust_code:
+        what = CODE_KINDS[kind].format(factory=record.get("factory"), kwargs=record.get("kwargs") or {})
+        raise PermissionError(f"{folder}: {what}: loading it runs code its author wrote. Load it only if "
+                              "you trust where it came from, with trust_code=True (--trust-code); a bundle of a "
+                              "built-in model with a state dict needs no trust")
     if kind == "factory":
-        if not trust_factory:
-            raise PermissionError(
-                f"{folder}: this bundle builds its network by calling {record.get('factory')!r} with arguments "
-                f"{record.get('kwargs') or {}}: code the bundle names. Load it only if you trust where it came "
-                "from, with trust_factory=True (--trust-factory); a torch.export (.pt2) bundle needs no trust")
         if not is_factory_ref(str(record.get("factory"))) or not isinstance(record.get("kwargs", {}), dict):
             raise ValueError(f"{folder}: malformed factory record")
         path = bundle_file(folder, record.get("weights"), record.get("sha256"))

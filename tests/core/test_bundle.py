@@ -52,9 +52,9 @@ def test_a_factory_bundle_loads_back_to_the_same_verdicts(calibrated, digits, tm
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["calibration.json", "detector.json",
                                                                       "weights.pt"]
     images = digits.parity("odd").images[:64]
-    with pytest.raises(PermissionError, match="calling 'tiny_resnet:build'.*trust_factory=True"):
+    with pytest.raises(PermissionError, match="calling 'tiny_resnet:build'.*trust_code=True"):
         Detector.load(tmp_path / "tiny")  # a bundle that names code to run loads only when trusted
-    again = Detector.load(tmp_path / "tiny", trust_factory=True)
+    again = Detector.load(tmp_path / "tiny", trust_code=True)
     assert again.config == calibrated.config and again.calibration == calibrated.calibration
     a, b = calibrated.detect(images), again.detect(images)
     assert np.array_equal(a.score, b.score) and np.array_equal(a.is_adversarial, b.is_adversarial)
@@ -71,7 +71,9 @@ def test_exported_and_torchscript_networks_save_themselves(net, calibrated, digi
         det = Detector.from_model(given, input_size=28, channels=1, name=name)
         det.calibration = calibrated.calibration
         det.save(tmp_path / name)
-        again = Detector.load(tmp_path / name)
+        with pytest.raises(PermissionError, match="runs code its author wrote.*trust_code=True"):
+            Detector.load(tmp_path / name)  # a compiled network is code: only a trusted bundle loads
+        again = Detector.load(tmp_path / name, trust_code=True)
         assert again.model.source.kind == ("exported" if name == "exported" else "torchscript")
         assert np.allclose(again.detect(images).score, expected, atol=1e-5), name
     assert parse_model_ref(str(tmp_path / "exported" / "model.pt2")).kind == "exported"
@@ -156,7 +158,7 @@ def test_tampered_newer_and_foreign_folders_are_refused(calibrated, tmp_path, mo
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match the digest"):
-        Detector.load(folder, trust_factory=True)
+        Detector.load(folder, trust_code=True)
     weights.write_bytes(original)
     manifest = json.loads((folder / "detector.json").read_text())
     for broken, message in (
@@ -166,14 +168,14 @@ def test_tampered_newer_and_foreign_folders_are_refused(calibrated, tmp_path, mo
         (folder / "detector.json").write_text(json.dumps({**manifest, "model": {**manifest["model"],
                                                                                   "source": broken}}))
         with pytest.raises(ValueError, match=message):
-            Detector.load(folder, trust_factory=True)
+            Detector.load(folder, trust_code=True)
     escaping = {**manifest, "calibration": {"file": "../elsewhere.json", "sha256": "0" * 64}}
     (folder / "detector.json").write_text(json.dumps(escaping))
     with pytest.raises(ValueError, match="outside the bundle"):
-        Detector.load(folder, trust_factory=True)
+        Detector.load(folder, trust_code=True)
     (folder / "detector.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(ValueError, match="version 99 is newer"):
-        Detector.load(folder, trust_factory=True)
+        Detector.load(folder, trust_code=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a detector bundle"):
@@ -209,13 +211,13 @@ def test_a_calibration_from_a_bundle_cannot_smuggle_a_decoder_bomb_as_a_host():
     from pipeline.transplant import decode_hosts, encode_hosts
 
     hosts = np.zeros((2, 28, 28, 1), np.uint8)
-    assert np.array_equal(decode_hosts(encode_hosts(hosts)), hosts)
+    assert np.array_equal(decode_hosts(encode_hosts(hosts), (28, 28, 1)), hosts)
     png = base64.b64decode(encode_hosts(hosts[:1])[0])
     body = b"Comment\0xxxx"
     bomb = png[:33] + struct.pack(">I", 2**31 - 1) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body)) \
         + png[png.index(b"IEND") - 4 :]
     with pytest.raises(ValueError, match="declares 2147483647 bytes"):
-        decode_hosts([base64.b64encode(bomb).decode()])
+        decode_hosts([base64.b64encode(bomb).decode()], (28, 28, 1))
     huge = png[:16] + struct.pack(">II", 50_000, 50_000) + png[24:]
-    with pytest.raises(ValueError, match="over 1024 a side"):
-        decode_hosts([base64.b64encode(huge).decode()])
+    with pytest.raises(ValueError, match="50000×50000 PNG"):
+        decode_hosts([base64.b64encode(huge).decode()], (28, 28, 1))

@@ -20,7 +20,7 @@ def _signals(fraction: float = 0.2, hosts: int = 4) -> dict:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_hosts_survive_png_encoding_exactly(channels):
     images = np.random.default_rng(0).integers(0, 256, size=(3, 17, 23, channels), dtype=np.uint8)
-    np.testing.assert_array_equal(decode_hosts(encode_hosts(images)), images)
+    np.testing.assert_array_equal(decode_hosts(encode_hosts(images), (17, 23, channels)), images)
 
 
 def test_hosts_are_spread_and_fewer_than_the_images():

@@ -93,7 +93,7 @@ def poison(workdir: Path, n: int = 2000, n_poison: int = 3, log: Log = print) ->
                                  factory="poison_model:build")
     bundle.calibrate(load_sample_digits().images[:200], 0.05)
     folder = bundle.save(Path(workdir) / "poisoned")
-    options = ["--detector", str(folder), "--trust-factory", "--max-deliveries", "3"]
+    options = ["--detector", str(folder), "--trust-code", "--max-deliveries", "3"]
     with environment(workdir) as env:
         subs = fk.Subscribers(env.server.url, env.names)
         images = digits(n)

@@ -170,7 +170,7 @@ def hung_stage(workdir: Path, n: int = 600, log: Log = print) -> Figures:
     bundle = det.save(workdir / "poisoned")
     with environment(workdir) as env:
         overrides = {"claim_idle_ms": 2000, "block_ms": 100, "max_deliveries": 3, "stage_timeout_s": 5.0,
-                     "streams": dataclasses.asdict(env.names), "detector": [str(bundle)], "trust_factory": True}
+                     "streams": dataclasses.asdict(env.names), "detector": [str(bundle)], "trust_code": True}
         with embedded_stack(redis_url=env.server.url, data_dir=workdir / "stack", http_port=free_port(),
                             overrides=overrides, num_cpus=2):
             subs = fk.Subscribers(env.server.url, env.names)

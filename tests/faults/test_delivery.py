@@ -47,7 +47,7 @@ def test_a_message_that_kills_its_worker_takes_only_itself_to_the_dead_letters(t
     with LocalRedis(tmp_path / "redis") as server:
         client = connect(server.url)
         push_images(client, names, images, ids=ids, model="poisoned")
-        options = ["--detector", str(poisoned_bundle), "--trust-factory", "--batch", "64", "--claim-idle-ms", "500",
+        options = ["--detector", str(poisoned_bundle), "--trust-code", "--batch", "64", "--claim-idle-ms", "500",
                    "--max-deliveries", "2", "--block-ms", "100"]
         died = 0
         for attempt in range(5):  # a new worker each time the last one died, as an orchestrator restarts it

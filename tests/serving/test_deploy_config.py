@@ -106,7 +106,7 @@ def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_pat
     with pytest.raises(ValidationError, match="either detector"):
         AppArgs.model_validate({"detector": "mnist", "model": "mnist"})
     assert AppArgs.model_validate({"detector": ["mnist", "/models/cams"]}).detector_refs() == [
-        {"model": "mnist"}, {"bundle": "/models/cams", "trust_factory": False}]
+        {"model": "mnist"}, {"bundle": "/models/cams", "trust_code": False}]
     assert AppArgs.model_validate({"model": "mobilenet_v2"}).detector_refs() == [
         {"model": "mobilenet_v2", "weights": None, "calibration": None}]
     # an override naming the detectors one way drops the config's other way

@@ -103,7 +103,7 @@ def test_the_bundle_records_the_model_and_its_calibration(work):
     manifest = json.loads((work / "bundle" / "detector.json").read_text())
     assert manifest["name"] == NAME and manifest["model"]["source"]["kind"] == "exported"
     assert manifest["model"]["input_size"] == 28 and manifest["model"]["channels"] == 1
-    det = Detector.load(work / "bundle")
+    det = Detector.load(work / "bundle", trust_code=True)
     assert det.model.name == NAME and det.calibration is not None
     assert det.calibration.target_fpr == TARGET_FPR and det.calibration.confidence == CONFIDENCE
     assert det.calibration.n_reference + det.calibration.n_threshold == 1000  # every even digit
@@ -113,7 +113,7 @@ def test_held_out_fpr_is_within_the_calibrated_target(work):
     """The threshold holds the target FPR with 99% confidence; the held-out count may then exceed the target's
     expectation only by the binomial spread of 1,000 draws (99.9% quantile)."""
     odd = load_sample_digits().parity("odd")
-    flagged = int(Detector.load(work / "bundle").detect(odd.images).is_adversarial.sum())
+    flagged = int(Detector.load(work / "bundle", trust_code=True).detect(odd.images).is_adversarial.sum())
     bound = binomial_upper(len(odd.images), TARGET_FPR, 0.999)
     assert flagged <= bound, f"{flagged} of {len(odd.images)} clean digits flagged (bound {bound})"
 
@@ -125,7 +125,8 @@ TOKEN = "t0k/en#with:odd=chars"
 def stack(work, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secrets") / "http-token"
     token_file.write_text(TOKEN + "\n")
-    overrides = {"detector": ["mnist", str(work / "bundle")], "block_ms": 100, "http_token_file": str(token_file)}
+    overrides = {"detector": ["mnist", str(work / "bundle")], "trust_code": True, "block_ms": 100,
+                 "http_token_file": str(token_file)}
     with embedded_stack(data_dir=tmp_path_factory.mktemp("own-stack"), http_port=free_port(),
                         overrides=overrides) as st:
         yield st
@@ -149,7 +150,7 @@ def test_requests_pick_their_detector_and_get_the_verdicts_of_detect_and_load(wo
     assert all("error" not in v for v in got.values())
 
     # each request was judged by the detector it named
-    local = Detector.load(work / "bundle")
+    local = Detector.load(work / "bundle", trust_code=True)
     expected = local.detect(own)
     streamed = [got[i] for i in own_ids]
     assert {v["model"] for v in streamed} == {NAME}
@@ -165,7 +166,7 @@ def test_requests_pick_their_detector_and_get_the_verdicts_of_detect_and_load(wo
     assert flagged <= binomial_upper(len(odd.images), TARGET_FPR, 0.999)
 
     # explainer detect on the same digits as PNG files, a folder at a time: the same verdicts
-    done = explainer("detect", "--detector", "bundle", "odd", "--out", "odd.jsonl", cwd=work)
+    done = explainer("detect", "--detector", "bundle", "--trust-code", "odd", "--out", "odd.jsonl", cwd=work)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [json.loads(line) for line in (work / "odd.jsonl").read_text().splitlines()]
     assert [Path(r["file"]).name for r in rows] == [f"{i:05d}.png" for i in odd.indices]
@@ -189,7 +190,7 @@ def test_the_standalone_worker_serves_the_bundle_beside_mnist(work, tmp_path):
     with LocalRedis(tmp_path / "redis") as server:
         names = StreamNames.with_prefix("standalone")
         worker = build_worker(parse_args(["--redis-url", server.url, "--prefix", "standalone",
-                                          "--detector", str(work / "bundle"), "--model", "mnist"]))
+                                          "--detector", str(work / "bundle"), "--trust-code", "--model", "mnist"]))
         worker.consumer.ensure_group()
         client = connect(server.url)
         push_images(client, names, odd.images[:40], ids=[f"a-{i}" for i in range(40)], model=NAME)
@@ -198,7 +199,7 @@ def test_the_standalone_worker_serves_the_bundle_beside_mnist(work, tmp_path):
         assert drain(worker, 81, timeout_s=120) == 81
         got = collect_verdicts(client, names, [f"a-{i}" for i in range(40)] + [f"b-{i}" for i in range(40)],
                                timeout_s=10)
-        own = Detector.load(work / "bundle").detect(odd.images[:40])
+        own = Detector.load(work / "bundle", trust_code=True).detect(odd.images[:40])
         assert [got[f"a-{i}"]["score"] for i in range(40)] == pytest.approx(own.score.tolist(), abs=1e-5)
         assert {got[f"b-{i}"]["model"] for i in range(40)} == {"mnist"}
         dead = [wire.decode_dead_letter(raw) for _sid, raw in iter_stream(client, names.dead)]
@@ -229,7 +230,8 @@ def test_the_http_route_needs_the_token_and_picks_the_detector_by_model(work, st
 
     own = call(f"/detect?model={NAME}")
     assert own["model"] == NAME
-    assert own["score"] == pytest.approx(float(Detector.load(work / "bundle").detect(image[None]).score[0]), abs=1e-5)
+    local = Detector.load(work / "bundle", trust_code=True)
+    assert own["score"] == pytest.approx(float(local.detect(image[None]).score[0]), abs=1e-5)
     assert call("/detect")["model"] == "mnist"  # the first detector listed
     with pytest.raises(urllib.error.HTTPError) as err:
         call("/detect?model=cifar")
