@@ -157,9 +157,9 @@ def load_served_detectors(refs: list[dict], device: str | None = None) -> dict[s
     """The detectors a worker serves, by the name requests pick them with: ``{"bundle": path, "digest": pin or
     None, "trust_code": bool}`` (:func:`detector_ref`) or ``{"model": name, "weights", "calibration"}`` each
     (``worker.serve_app.AppArgs.detector_refs``, the standalone worker), with ``"fpr"``: the operating point it
-    decides at (None: its calibration's default). The process also keeps its batches' memory mapped (pipeline.runtime). A served detector decides with its
-    calibration, so one without, or without the operating point asked for, is refused here, when the worker
-    starts."""
+    decides at (None: its calibration's default). The process also keeps its batches' memory mapped
+    (pipeline.runtime). A served detector decides with its calibration, so one without, or without the
+    operating point asked for, is refused here, when the worker starts."""
     keep_allocations_mapped()
     out: dict[str, Detector] = {}
     for ref in refs:
