@@ -11,9 +11,10 @@ from pipeline.config import DetectorConfig
 from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.detector import DetectionResult, Detector, Explained
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
-from pipeline.errors import InputError
+from pipeline.errors import ImageTooLargeError, InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
-from pipeline.inputs import decode_image, image_files, png_chunk_problem, read_image_file, to_float_batch
+from pipeline.imagecost import ImageCost, cost_problem, decode_cost, png_chunk_problem
+from pipeline.inputs import MAX_DECODE_BYTES, decode_image, image_files, read_image_file, to_float_batch
 from pipeline.models import (
     MODEL_NAMES,
     ModelSource,
@@ -45,6 +46,7 @@ __all__ = [
     "MODEL_NAMES",
     "PRESETS",
     "SIGNALS",
+    "MAX_DECODE_BYTES",
     "AdversarialDigits",
     "Calibration",
     "DetectionResult",
@@ -53,6 +55,8 @@ __all__ = [
     "Digits",
     "ExplainParams",
     "Explained",
+    "ImageCost",
+    "ImageTooLargeError",
     "InputError",
     "ModelSource",
     "NLMParams",
@@ -61,6 +65,8 @@ __all__ = [
     "TargetModel",
     "bundle_digest",
     "check_detector_name",
+    "cost_problem",
+    "decode_cost",
     "decode_image",
     "default_combine",
     "default_config",

@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """An image or batch the detector cannot accept; the message names the problem."""
+
+
+class ImageTooLargeError(InputError):
+    """An image whose decode or pixels would cost more than the stated bound (an HTTP route answers 413)."""

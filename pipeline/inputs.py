@@ -13,58 +13,48 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import InputError
+from pipeline.errors import ImageTooLargeError, InputError
+from pipeline.imagecost import PNG_SIGNATURE, cost_problem, decode_cost
 
 MAX_PIXELS = 4096 * 4096
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_PNG_ANCILLARY_CHUNKS = 64  # chunks other than IHDR/PLTE/IDAT/IEND: each bad one is a libpng warning in the log
+# what decoding one image file may allocate, pixels and decoder buffers together (pipeline.imagecost): a 4096² RGB
+# photo is 48 MiB, a progressive 4:2:0 one 96 MiB with its coefficients
+MAX_DECODE_BYTES = 128 * 1024 * 1024
 
 
-def png_chunk_problem(data: bytes | bytearray | memoryview) -> str | None:
-    """What is wrong with a PNG's chunk table, or None: walked before anything decodes the file. Every chunk's
-    declared length must fit in the bytes that follow it (libpng allocates a chunk's declared length before
-    reading it, so a 100-byte file claiming a 2 GiB text chunk would cost 2 GiB), the image must end with IEND
-    (bytes after it are allowed), and at most ``MAX_PNG_ANCILLARY_CHUNKS`` ancillary chunks may come."""
-    mv = memoryview(data)
-    i, n, ancillary = 8, len(mv), 0
-    while True:
-        if i + 12 > n:
-            return "truncated PNG (no IEND chunk)"
-        length = int.from_bytes(mv[i : i + 4], "big")
-        kind = bytes(mv[i + 4 : i + 8])
-        if length > n - i - 12:
-            return f"PNG chunk {kind!r} declares {length} bytes but the file holds {n - i - 12} more: corrupt or a " \
-                   "decoder bomb"
-        if kind == b"IEND":
-            return None
-        if kind not in (b"IHDR", b"PLTE", b"IDAT"):
-            ancillary += 1
-            if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
-                return f"PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary chunks"
-        i += 12 + length
-
-
-def decode_image(data: bytes, source: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG bytes to uint8 H×W or H×W×3 (RGB); a clear error for corrupt or non-image data, and a PNG's
-    chunk table checked first (:func:`png_chunk_problem`)."""
+def decode_image(data: bytes, source: str = "image", max_bytes: int = MAX_DECODE_BYTES) -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 H×W (a grey image) or H×W×3 (RGB), or raise an :class:`InputError` that
+    says why. What the decode costs is read first (:func:`pipeline.imagecost.decode_cost`): any other format, a
+    JPEG of more than 8 bits, a broken chunk table, a decompression bomb, too many JPEG scans, more than
+    ``MAX_PIXELS`` pixels, or more than ``max_bytes`` of pixels and decoder buffers is refused before OpenCV
+    runs. 16-bit PNGs are decoded straight to 8 bits and alpha is dropped as it decodes (no 16-bit or 4-channel
+    copy is ever made); the EXIF orientation is ignored, as for every image on the stream."""
     import cv2
 
     if not data:
         raise InputError(f"{source}: empty file")
-    if bytes(data[:8]) == PNG_SIGNATURE and (problem := png_chunk_problem(data)):
-        raise InputError(f"{source}: {problem}")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    cost = decode_cost(data)
+    if cost is None and bytes(data[:8]) == PNG_SIGNATURE:
+        raise InputError(f"{source}: truncated PNG (no readable IHDR header)")
+    if cost is None:
+        raise InputError(f"{source}: not a decodable PNG/JPEG image (another format, corrupt or truncated)")
+    if cost.height == 0 or cost.width == 0:
+        raise InputError(f"{source}: zero-size {cost.format.upper()} image {cost.height}×{cost.width}")
+    if cost.height * cost.width > MAX_PIXELS:
+        raise ImageTooLargeError(f"{source}: image too large: {cost.height}×{cost.width} exceeds {MAX_PIXELS} "
+                                 "pixels")
+    if cost.format == "jpeg" and cost.bits != 8:
+        raise InputError(f"{source}: a {cost.bits}-bit JPEG: only 8-bit JPEGs are accepted")
+    grey = cost.channels == 1
+    if cost.problem:
+        raise InputError(f"{source}: {cost.problem}")
+    if problem := cost_problem(cost, max_bytes, 1 if grey else 3):
+        raise ImageTooLargeError(f"{source}: {problem}")
+    flags = (cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if img is None:
         raise InputError(f"{source}: not a decodable PNG/JPEG image (corrupt, truncated or another format)")
-    if img.dtype != np.uint8:
-        # integer division: the float64 copy of img / 257 was 4× a 16-bit image's own size
-        img = (img // 257).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
-    if img.ndim == 3:
-        if img.shape[2] == 4:
-            img = img[:, :, :3]
-        img = np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
-    return img
+    return img if img.ndim == 2 else np.ascontiguousarray(img[:, :, ::-1])  # BGR -> RGB
 
 
 def read_image_file(path: str | Path) -> np.ndarray:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.inputs import PNG_SIGNATURE, png_chunk_problem
+from pipeline.imagecost import decode_cost
 from pipeline.occlude import top_relevance_masks
 
 PASTE_BATCH = 64  # pasted images per forward pass
@@ -62,16 +62,15 @@ def decode_hosts(encoded: list[str], shape: tuple[int, int, int]) -> np.ndarray:
         if not isinstance(s, str) or len(s) > 4 * (h * w * c + 4096):  # base64 of a PNG no bigger than its pixels
             raise ValueError("a host image in the calibration file is not a PNG of the model's input size")
         data = base64.b64decode(s)
-        if data[:8] != PNG_SIGNATURE or len(data) < 26 or data[12:16] != b"IHDR":
+        cost = decode_cost(data)
+        if cost is None or cost.format != "png":
             raise ValueError("a host image in the calibration file is not a PNG")
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        bits, colour = data[24], data[25]
-        if (height, width) != (h, w) or bits != 8 or colour != (0 if c == 1 else 2):
-            raise ValueError(f"a host image in the calibration file is a {width}×{height} PNG of {bits}-bit "
-                             f"colour type {colour}: hosts are 8-bit {'grey' if c == 1 else 'RGB'} {w}×{h} "
-                             "images (the model's input)")
-        if problem := png_chunk_problem(data):
-            raise ValueError(f"a host image in the calibration file: {problem}")
+        if (cost.height, cost.width, cost.bits, cost.max_channels) != (h, w, 8, c):
+            raise ValueError(f"a host image in the calibration file is a {cost.width}×{cost.height} PNG of "
+                             f"{cost.max_channels} {cost.bits}-bit channels: hosts are 8-bit "
+                             f"{'grey' if c == 1 else 'RGB'} {w}×{h} images (the model's input)")
+        if cost.problem:
+            raise ValueError(f"a host image in the calibration file: {cost.problem}")
         im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if im is None:
             raise ValueError("a host image in the calibration file is not a valid PNG")

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline import DetectionResult, Detector, Explained, InputError, decode_image
+from pipeline import DetectionResult, Detector, Explained, ImageTooLargeError, InputError, decode_image
 from worker import wire
 from worker.detect import detect_requests, load_served_detectors
 from worker.streams import (
@@ -379,9 +379,10 @@ class ServeMetrics(StreamEvents):
 
 
 def decode_body(body: bytes) -> np.ndarray:
-    """An HTTP body as uint8 H×W or H×W×3 (RGB): its PNG/JPEG header read and bounded first
-    (:func:`worker.wire.check_image_file`), then decoded as files are (``pipeline.decode_image``)."""
-    wire.check_image_file(body, "request body")
+    """An HTTP body as uint8 H×W or H×W×3 (RGB), decoded as files are (``pipeline.decode_image``): what it
+    costs is read and bounded first (at most ``pipeline.MAX_DECODE_BYTES`` of memory, ``MAX_JPEG_SCANS``
+    passes), a photo of any size up to 4096² pixels, 16-bit PNGs decoded straight to 8 bits, bytes after the
+    image's end allowed (a phone's motion-photo trailer)."""
     return decode_image(body, "request body")
 
 
@@ -525,10 +526,8 @@ class Ingress:
                 raise HTTPException(422, str(exc)) from exc
         try:  # off the event loop the consumers share
             image = await asyncio.to_thread(decode_body, bytes(body))
-        except wire.WireError as exc:
-            raise HTTPException(413 if isinstance(exc, wire.ImageTooLarge) else 415, str(exc)) from exc
         except InputError as exc:
-            raise HTTPException(415, str(exc)) from exc
+            raise HTTPException(413 if isinstance(exc, ImageTooLargeError) else 415, str(exc)) from exc
         try:
             res = await remote.detect_async(image, rule, heatmap, fpr)
         except InputError as exc:

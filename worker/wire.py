@@ -12,12 +12,13 @@ read-only).
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import numpy as np
+
+from pipeline import ImageCost, cost_problem, decode_cost
 
 VERSION = 1
 
@@ -178,102 +179,13 @@ def _check_meta(meta: dict, what: str) -> None:
         raise WireError(f"{what}: 'meta' packs to {size} bytes, limit {MAX_META_BYTES}")
 
 
-# -- compressed images: what a PNG or JPEG will decode to, read before OpenCV allocates it --------------------
-# (a 23 KB PNG can decode to 16 MiB, a 130 KB 16-bit RGBA PNG to 128 MiB)
-
-# PNG colour type -> the channels OpenCV's IMREAD_UNCHANGED decodes it to (grey, RGB, palette, grey + alpha as
-# BGRA, RGBA); a tRNS chunk (transparency) adds an alpha channel to RGB and palette images
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}
+# -- compressed images: what a PNG or JPEG costs to decode, read before OpenCV runs (pipeline.imagecost) ------
 
 
-@dataclass(frozen=True)
-class ImageHeader:
-    """``format`` "png" or "jpeg"; ``channels`` and ``bits`` (per sample) as the header declares them, and
-    ``max_channels``, what OpenCV decodes them to (a tRNS chunk adds alpha to an RGB or palette PNG)."""
-
-    format: str
-    height: int
-    width: int
-    channels: int
-    bits: int
-    max_channels: int
-
-    @property
-    def max_decoded_bytes(self) -> int:
-        """The most bytes OpenCV's IMREAD_UNCHANGED decode of this image can allocate."""
-        return self.height * self.width * self.max_channels * (2 if self.bits > 8 else 1)
-
-
-def _has_transparency(mv: memoryview) -> bool:
-    """Whether a tRNS chunk comes before the image data (the chunks before IDAT are few and small)."""
-    i = 8
-    while i + 8 <= len(mv):
-        length = struct.unpack(">I", mv[i : i + 4])[0]
-        kind = bytes(mv[i + 4 : i + 8])
-        if kind == b"tRNS":
-            return True
-        if kind == b"IDAT":
-            return False
-        i += 12 + length
-    return False
-
-
-def check_png_chunks(data: bytes | bytearray | memoryview, what: str = "image") -> None:
-    """:func:`pipeline.inputs.png_chunk_problem` as a :class:`WireError`: a PNG's chunk table checked before any
-    decode (a chunk declaring more bytes than the file holds is a decoder bomb)."""
-    from pipeline import png_chunk_problem  # the core's check; imported here, where a PNG is decoded anyway
-
-    if problem := png_chunk_problem(data):
-        raise WireError(f"{what}: {problem}")
-
-
-def _png(mv: memoryview) -> ImageHeader | None:
-    if len(mv) < 26 or bytes(mv[12:16]) != b"IHDR":
-        return None
-    w, h = struct.unpack(">II", mv[16:24])
-    bits, colour = mv[24], mv[25]
-    if colour not in _PNG_CHANNELS:
-        return None
-    channels = _PNG_CHANNELS[colour]
-    alpha = colour in (2, 3) and _has_transparency(mv)  # OpenCV ignores a grey image's tRNS (measured)
-    return ImageHeader("png", h, w, channels, bits, 4 if alpha else channels)
-
-
-def _jpeg(mv: memoryview) -> ImageHeader | None:
-    i, n = 2, len(mv)
-    while i + 4 <= n:
-        if mv[i] != 0xFF:
-            return None
-        marker = mv[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-            continue
-        seg_len = struct.unpack(">H", mv[i + 2 : i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: precision, H, W, components
-            if i + 10 > n:
-                return None
-            bits = mv[i + 4]
-            h, w = struct.unpack(">HH", mv[i + 5 : i + 9])
-            channels = mv[i + 9]  # OpenCV decodes CMYK / YCCK (4 components) to BGR
-            return ImageHeader("jpeg", h, w, channels, bits, 1 if channels == 1 else 3)
-        if seg_len < 2:
-            return None
-        i += 2 + seg_len
-    return None
-
-
-def read_image_header(data: bytes | bytearray | memoryview) -> ImageHeader | None:
-    """The header of a PNG (IHDR) or JPEG (SOF), found by its signature; None for anything else, or a header
-    that cannot be read."""
-    mv = memoryview(data)
-    if bytes(mv[:8]) == _PNG_MAGIC:
-        return _png(mv)
-    if len(mv) >= 4 and mv[0] == 0xFF and mv[1] == 0xD8:
-        return _jpeg(mv)
-    return None
+def read_image_header(data: bytes | bytearray | memoryview) -> ImageCost | None:
+    """The header of a PNG or JPEG and what decoding it costs (:func:`pipeline.decode_cost`); None for any other
+    format, or a header that cannot be read."""
+    return decode_cost(data)
 
 
 def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
@@ -295,21 +207,18 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
         raise WireError(
             f"{what}: {encoding.upper()} has {header.bits}-bit samples; only 8-bit images are accepted"
         )
-    if header.max_decoded_bytes > MAX_IMAGE_BYTES:
-        raise ImageTooLarge(
-            f"{what}: {encoding.upper()} image {h}×{w}×{header.max_channels} decodes to "
-            f"{header.max_decoded_bytes} bytes, limit {MAX_IMAGE_BYTES}"
-        )
+    if encoding == "png" and not bytes(buf[-12:]).endswith(b"IEND\xaeB`\x82"):
+        raise WireError(f"{what}: truncated PNG (no IEND chunk at the end)")
+    if encoding == "jpeg" and b"\xff\xd9" not in bytes(buf[-1024:]):
+        raise WireError(f"{what}: truncated JPEG (no EOI marker at the end)")
+    if header.problem:
+        raise WireError(f"{what}: {header.problem}")
+    if problem := cost_problem(header, MAX_IMAGE_BYTES):
+        raise ImageTooLarge(f"{what}: {problem}")
     if shape is not None and (h, w) != shape[:2]:
         raise WireError(
             f"{what}: declared shape {list(shape)} but the {encoding.upper()} header says {h}×{w}"
         )
-    if encoding == "png" and not bytes(buf[-12:]).endswith(b"IEND\xaeB`\x82"):
-        raise WireError(f"{what}: truncated PNG (no IEND chunk at the end)")
-    if encoding == "png":
-        check_png_chunks(buf, what)
-    if encoding == "jpeg" and b"\xff\xd9" not in bytes(buf[-1024:]):
-        raise WireError(f"{what}: truncated JPEG (no EOI marker at the end)")
     img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise WireError(f"{what}: corrupt {encoding.upper()}: the image data could not be decoded")
@@ -336,27 +245,6 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
             )
         img = img.reshape(shape)
     return img
-
-
-def check_image_file(data: bytes, what: str = "image", max_pixels: int = MAX_DIM * MAX_DIM) -> ImageHeader:
-    """Read the header of one PNG or JPEG file from outside the stream (an HTTP body) before anything is
-    decompressed: another format is refused, and so is a file of over ``max_pixels`` pixels
-    (:class:`ImageTooLarge`), so its decode allocates at most 128 MiB (16-bit RGBA at the limit). Unlike a
-    stream request it may be a photo of any size up to that (a photo model resizes it), 16-bit, or carry bytes
-    after its end (a phone's motion-photo trailer); ``pipeline.decode_image`` then decodes it."""
-    if len(data) == 0:
-        raise WireError(f"{what}: empty image")
-    header = read_image_header(data)
-    if header is None:
-        raise WireError(f"{what}: not a decodable PNG or JPEG image (another format, corrupt or truncated)")
-    h, w = header.height, header.width
-    if h == 0 or w == 0:
-        raise WireError(f"{what}: zero-size {header.format.upper()} image {h}×{w}")
-    if h * w > max_pixels:
-        raise ImageTooLarge(f"{what}: {header.format.upper()} image {h}×{w} too large (limit {max_pixels} pixels)")
-    if header.format == "png":
-        check_png_chunks(data, what)
-    return header
 
 
 # -- requests ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import Detector, load_adversarial_digits
+from pipeline import Detector, ImageTooLargeError, InputError, load_adversarial_digits
 from worker import wire
 from worker.collect import collect_verdicts, last_id
 from worker.embedded import embedded_stack, load_config
@@ -263,8 +263,9 @@ def test_ingress_health_check_fails_when_a_consumer_is_stuck_in_one_batch():
 
 def test_image_files_from_outside_are_bounded_from_their_header_and_otherwise_accepted(digits):
     """What the HTTP route decodes (its decoder alone, no stack): photos of any size up to 4096² pixels, 16-bit
-    files scaled to 8 bits, bytes after the image's end (a phone's motion-photo trailer); refused from the
-    header: other formats, and what is over the pixel limit (ImageTooLarge, which the route answers 413)."""
+    files reduced to their high 8 bits as libpng strips them, bytes after the image's end (a phone's motion-photo
+    trailer); refused from the header: other formats, and what is over the pixel limit (ImageTooLargeError,
+    which the route answers 413)."""
     from worker.serve_app import decode_body
 
     digit = digits.images[0]
@@ -274,12 +275,12 @@ def test_image_files_from_outside_are_bounded_from_their_header_and_otherwise_ac
     rgb = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
     np.testing.assert_array_equal(decode_body(cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes()), rgb)
     deep = np.random.default_rng(2).integers(0, 65536, (6, 5), dtype=np.uint16)
-    np.testing.assert_array_equal(decode_body(cv2.imencode(".png", deep)[1].tobytes()), deep // 257)
+    np.testing.assert_array_equal(decode_body(cv2.imencode(".png", deep)[1].tobytes()), deep >> 8)
     photo = cv2.imencode(".jpg", np.zeros((3024, 4032, 3), np.uint8))[1].tobytes()  # a 12 MP phone photo
     assert decode_body(photo).shape == (3024, 4032, 3)
     for data, error, message in [
-        (b"", wire.WireError, "empty"), (b"II*\x00" + b"\x00" * 40, wire.WireError, "not a decodable PNG or JPEG"),
-        (cv2.imencode(".png", np.zeros((4097, 4096), np.uint8))[1].tobytes(), wire.ImageTooLarge, "too large"),
+        (b"", InputError, "empty"), (b"II*\x00" + b"\x00" * 40, InputError, "not a decodable PNG/JPEG"),
+        (cv2.imencode(".png", np.zeros((4097, 4096), np.uint8))[1].tobytes(), ImageTooLargeError, "too large"),
     ]:
         with pytest.raises(error, match=message):
             decode_body(data)
