@@ -50,16 +50,6 @@ MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:
               "your model file: a torch.export program (.pt2) or TorchScript")
 
 
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _check_device(device: str | None) -> None:
     if device is None:
         return
@@ -576,20 +566,19 @@ def serve(
         "calibration holds, e.g. 0.01 (default: each calibration's own)"),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
-    import ipaddress
-    import os
     import signal
     import threading
 
     from pipeline import MODEL_NAMES, split_pin
     from worker.embedded import embedded_stack
+    from worker.serve_app import check_http_exposure, http_token
     from worker.streams import redact_url
 
     overrides: dict = {}
-    loopback = http_host == "localhost" or (_is_ip(http_host) and ipaddress.ip_address(http_host).is_loopback)
-    if not loopback and http_token_file is None and not os.environ.get("EXPLAINER_HTTP_TOKEN"):
-        fail(f"--http-host {http_host} exposes POST /detect beyond this machine: give it a bearer token "
-             "(--http-token-file or EXPLAINER_HTTP_TOKEN), and put TLS in front of it")
+    try:  # the replicas check again where Serve's proxy listens; this says so before anything starts
+        check_http_exposure(http_host, http_token(str(http_token_file) if http_token_file else None))
+    except (OSError, ValueError) as exc:
+        fail(f"--http-host {http_host}: {exc}")
     if fpr is not None:
         if not 0 < fpr < 1:
             fail(f"--fpr: a target false-positive rate lies in (0, 1), got {fpr}")

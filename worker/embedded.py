@@ -83,7 +83,8 @@ def deploy(app: dict, timeout_s: float = 600.0) -> None:
         if status is not None and status.status == "RUNNING":
             return
         if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deploying application {name} failed: {status.message}")
+            why = "; ".join(f"{d}: {s.message}" for d, s in status.deployments.items() if s.message)
+            raise RuntimeError(f"deploying application {name} failed: {status.message} {why}".strip())
         time.sleep(0.5)
     raise TimeoutError(f"application {name} is not running after {timeout_s:.0f} s")
 
@@ -156,7 +157,7 @@ def embedded_stack(
                          ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30"),
                          ("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")):
         os.environ.setdefault(var, seconds)
-    started_ray = not ray.is_initialized()
+    started_ray, deployed = not ray.is_initialized(), False
     try:
         if started_ray:
             # on one machine a batch passes stage to stage faster inline (gRPC) than through the shared-memory
@@ -173,16 +174,17 @@ def embedded_stack(
         if password_file:
             args["redis_password_file"] = password_file
         deploy(app_config(config, args, deployment_overrides=deployment_overrides))
+        deployed = True
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if started_ray else None
         shown_host = "127.0.0.1" if http_host in ("0.0.0.0", "::") else http_host
         yield Stack(redis_url, f"http://{shown_host}:{http_port}", local, metrics_url)
     finally:
         try:
             try:  # finish the batches in flight while every stage is still up, then delete the app
-                left = serve.get_app_handle(APP_NAME).drain.remote().result(timeout_s=60)
+                left = serve.get_app_handle(APP_NAME).drain.remote().result(timeout_s=60) if deployed else 0
                 if left:
                     logging.getLogger("explainer").warning("%d consumer threads did not stop in time", left)
-            except Exception as exc:  # noqa: BLE001 - the app may have failed to start; deletion still runs
+            except Exception as exc:  # noqa: BLE001 - a stage may have died; deletion still runs
                 logging.getLogger("explainer").warning("could not drain the consumers: %s", exc)
             serve.delete(APP_NAME)
             deadline = time.monotonic() + 30

@@ -67,15 +67,58 @@ def stream_client(redis_url: str, password_file: str | None, **kwargs):
     return connect_with_password(redis_url, password_file, **kwargs)
 
 
+MIN_TOKEN_CHARS = 16
+
+
 def http_token(token_file: str | None) -> str | None:
-    """The bearer token the HTTP route requires: ``token_file``'s content (trailing newline dropped) when given,
-    else ``EXPLAINER_HTTP_TOKEN``, else None (no authentication: bind the HTTP proxy to loopback only)."""
+    """The bearer token the HTTP route requires: ``token_file``'s content (surrounding whitespace dropped) when
+    given, else ``EXPLAINER_HTTP_TOKEN``, else None (no authentication: the HTTP proxy must listen on loopback
+    only, :func:`check_http_exposure`). A token that is empty, blank, shorter than ``MIN_TOKEN_CHARS`` or holds
+    whitespace is an error, never "no token": authentication is never off by accident."""
     if token_file:
-        token = Path(token_file).read_text().rstrip("\r\n")
-        if not token:
-            raise ValueError(f"{token_file}: empty HTTP token file")
-        return token
-    return os.environ.get(HTTP_TOKEN_ENV) or None
+        token, where = Path(token_file).read_text().strip(), str(token_file)
+    elif HTTP_TOKEN_ENV in os.environ:
+        token, where = os.environ[HTTP_TOKEN_ENV].strip(), f"${HTTP_TOKEN_ENV}"
+    else:
+        return None
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(f"{where}: the HTTP bearer token must be at least {MIN_TOKEN_CHARS} printable characters "
+                         "without whitespace (an empty or blank one does not turn authentication off; unset it "
+                         "to serve loopback only)")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http_exposure(host: str | None, token: str | None) -> None:
+    """Refuse to answer HTTP on ``host`` without a token unless it is loopback (None: where Serve's proxy
+    listens could not be read, which counts as exposed)."""
+    if token is None and (host is None or not is_loopback(host)):
+        where = f"on {host}" if host else "on an address that could not be read from Serve"
+        raise ValueError(f"the HTTP proxy listens {where}, beyond this machine, and POST /detect has no bearer "
+                         f"token: give one (http_token_file, or ${HTTP_TOKEN_ENV} in the replicas' environment; "
+                         "explainer serve --http-token-file) and put TLS in front, or listen on 127.0.0.1")
+
+
+def serve_proxy_host() -> str | None:
+    """The address Serve's HTTP proxies listen on (the config's ``http_options.host``), read from the running
+    Serve controller; None when it cannot be read."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - any failure means we cannot tell, which check_http_exposure refuses
+        return None
 
 
 
@@ -386,7 +429,9 @@ def decode_body(body: bytes) -> np.ndarray:
     return decode_image(body, "request body")
 
 
-http = FastAPI(title="explainer", description="Adversarial-image detection (EXPLAINER)")
+# no /docs, /redoc or /openapi.json: they would answer without the token (docs/wire.md documents the routes)
+http = FastAPI(title="explainer", description="Adversarial-image detection (EXPLAINER)", docs_url=None,
+               redoc_url=None, openapi_url=None)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, graceful_shutdown_timeout_s=60)
@@ -404,6 +449,7 @@ class Ingress:
         http_token_file: str | None = None,
     ) -> None:
         self.http_token = http_token(http_token_file)
+        check_http_exposure(serve_proxy_host(), self.http_token)
         self.remotes = {name: RemoteDetector(det, denoiser, explainer, stage_timeout_s)
                         for name, det in load_served_detectors(detectors).items()}
         self.stall_s = STALL_FACTOR * stage_timeout_s
