@@ -56,15 +56,15 @@ def main() -> None:
     rows = [
         ("accepted", "stream", f"progressive grey JPEG 2360², {MAX_JPEG_SCANS} scans (16 MiB with coefficients)",
          len(dearest_stream_jpeg), cpu(stream(dearest_stream_jpeg, "jpeg"))),
-        ("accepted", "stream", "RGB PNG 2364×2364 of noise (16 MiB of pixels)", None, None),
-        ("accepted", "http", "12 MP phone photo (JPEG, noise)", len(photo), cpu(lambda: decode_body(photo))),
+        ("accepted", "stream", "RGB PNG 2250×2250 of noise (15 MB, near the 16 MiB payload cap)", None, None),
+        ("accepted", "http", "12 MP JPEG of noise (decode_body alone: the route caps bodies at 8 MiB)", len(photo), cpu(lambda: decode_body(photo))),
         ("accepted", "http", "16-bit RGBA PNG 4096²", None, None),
         ("refused", "both", "4096² JPEG, last scan ×1,000", None, None),
         ("refused", "both", "64×64 PNG inflating to 512 MiB", None, None),
         ("baseline", "-", "cv2.imdecode of the 12 MP photo", len(photo),
          cpu(lambda: cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_COLOR))),
     ]
-    noise = np.random.default_rng(2).integers(0, 255, (2364, 2364, 3), np.uint8)
+    noise = np.random.default_rng(2).integers(0, 255, (2250, 2250, 3), np.uint8)
     png = cv2.imencode(".png", noise)[1].tobytes()
     rows[1] = rows[1][:3] + (len(png), cpu(stream(png, "png")))
     deep = cv2.imencode(".png", np.zeros((4096, 4096, 4), np.uint16))[1].tobytes()
