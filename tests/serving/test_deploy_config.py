@@ -106,7 +106,10 @@ def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_pat
     with pytest.raises(ValidationError, match="either detector"):
         AppArgs.model_validate({"detector": "mnist", "model": "mnist"})
     assert AppArgs.model_validate({"detector": ["mnist", "/models/cams"]}).detector_refs() == [
-        {"model": "mnist"}, {"bundle": "/models/cams", "trust_code": False}]
+        {"model": "mnist"}, {"bundle": "/models/cams", "digest": None, "trust_code": False}]
+    pin = "sha256:" + "ab" * 32
+    assert AppArgs.model_validate({"detector": [f"/models/cams@{pin}"], "trust_code": True}).detector_refs() == [
+        {"bundle": "/models/cams", "digest": pin, "trust_code": True}]
     assert AppArgs.model_validate({"model": "mobilenet_v2"}).detector_refs() == [
         {"model": "mobilenet_v2", "weights": None, "calibration": None}]
     # an override naming the detectors one way drops the config's other way
@@ -121,7 +124,7 @@ def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_pat
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
     Detector.from_model(torch.jit.script(net), input_size=28, channels=1, name="raw").save(tmp_path / "raw")
     with pytest.raises(ValueError, match="'raw' has no calibration.*explainer calibrate"):
-        load_served_detectors([{"bundle": str(tmp_path / "raw")}])
+        load_served_detectors([{"bundle": str(tmp_path / "raw"), "trust_code": True}])
     with pytest.raises(ValueError, match="two served detectors are named 'mnist'"):
         load_served_detectors([{"model": "mnist"}, {"model": "mnist"}])
 
