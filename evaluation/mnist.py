@@ -41,7 +41,7 @@ def evaluate_mnist(
     """Attack odd test digits, score them and every odd clean digit with the shipped detector and the re-run
     baselines (calibrated on the shipped detector's clean digits: even test digits and held-out training
     digits), at every operating point of the shipped calibration; write metrics.json, report.md and plots to
-    ``out``. The attack ``adaptive`` knows the detector (:mod:`evaluation.adaptive`); it costs about a thousand
+    ``out``. The attack ``adaptive`` knows the detector (:mod:`evaluation.adaptive_sweep`); it costs about a thousand
     times a plain attack, so it runs on ``n_adaptive`` of the attacked digits, spread. ``device``: where the
     model, its attacks and its explanations run; the baselines run on the CPU."""
     start = time.perf_counter()
@@ -64,7 +64,7 @@ def evaluate_mnist(
     for name in attacks:
         log(f"attack {name} on {len(clean_eval.images)} digits…")
         if name == "adaptive":
-            from evaluation.adaptive import adaptive_sweep
+            from evaluation.adaptive_sweep import adaptive_sweep
 
             few = clean_eval.spread(min(n_adaptive, len(clean_eval.images)))
             runs[name] = adaptive_sweep(det, few.images, few.labels, log=log)

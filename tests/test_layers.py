@@ -1,5 +1,6 @@
-"""The package layering: the core imports neither the harness nor the product nor Redis/Ray; the serving path
-never imports the harness; no modules import each other in a circle (lazy imports inside functions count)."""
+"""The package layering: the core imports neither the harness nor the product nor Redis/Ray; the product never
+imports the harness (the harness adds its commands through worker.plugins); no modules import each other in a
+circle (lazy imports inside functions count)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "evaluation", "worker")
-# the CLI's evaluate, bench, demo and feed --attack commands reach the harness; nothing else of worker/ may
-HARNESS_USERS = {"worker.cli"}
 
 
 def _module_name(path: Path) -> str:
@@ -44,11 +43,25 @@ def test_the_core_imports_neither_the_harness_nor_the_product_nor_redis_nor_ray(
             assert not bad, f"{module} imports {sorted(bad)}"
 
 
-def test_the_serving_path_never_imports_the_harness():
+def test_the_product_never_imports_the_harness():
     for module, names in _all_imports().items():
-        if module.startswith("worker") and module not in HARNESS_USERS:
+        if module.startswith("worker"):
             bad = {n for n in names if n.split(".")[0] == "evaluation"}
             assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_the_harness_adds_its_commands_and_attacks_through_the_plugin_entry_point():
+    """Installed metadata, not an import from the product: `explainer --help` lists what the harness adds."""
+    from typer.testing import CliRunner
+
+    from worker.cli import full_app
+    from worker.plugins import load_plugins
+
+    assert {"pgd", "bim", "adaptive"} <= set(load_plugins().attacks)
+    assert load_plugins().reference_images is not None
+    listed = CliRunner().invoke(full_app(), ["--help"]).output
+    for command in ("detect", "calibrate", "digest", "serve", "feed", "watch", "evaluate", "bench", "demo"):
+        assert command in listed, command
 
 
 def test_the_product_reaches_the_core_only_through_its_public_api():

@@ -1,21 +1,22 @@
-"""The ``explainer`` command line: detect, calibrate, evaluate, serve, feed, watch, demo, bench."""
+"""explainer: detect adversarial images before a classifier's answer is trusted. The product's commands are
+detect, calibrate, digest, serve, feed and watch; installed plugins add theirs (the evaluation harness: evaluate,
+bench, demo)."""
 
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from pipeline import DEFAULT_FPRS, InputError, fpr_label
 from worker import wire
 from worker.embedded import DEFAULT_CONFIG
 from worker.local_redis import resolve_redis_url
+from worker.plugins import load_plugins
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -42,7 +43,6 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-MNIST_DEFAULT_ATTACKS = "bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,adaptive"
 DEVICE_HELP = "torch device of the model, e.g. cuda or cuda:1 (default: cpu; NLM runs on the CPU either way)"
 TRUST_HELP = ("load a bundle whose network is code (a Python callable it names, a torch.export program, a "
               "TorchScript module): only for bundles from a source you trust (docs/bundle.md)")
@@ -405,9 +405,10 @@ def _calibration_images(model: str | None, images_dir: Path | None, split: str, 
     """(images, description): the folder's clean images (stacked when all of one size), or a built-in model's
     reference calibration half."""
     if images_dir is None:
-        from evaluation.datasets import clean_calibration_images
-
-        return clean_calibration_images(model, None, n)
+        reference = load_plugins().reference_images
+        if model is None or reference is None:
+            raise FileNotFoundError("give --images-dir CLEAN: a folder of clean images of what the model will see")
+        return reference(model, n)
     from pipeline import image_files, read_image_file
 
     if not Path(images_dir).is_dir():
@@ -421,121 +422,6 @@ def _calibration_images(model: str | None, images_dir: Path | None, split: str, 
     stacked = np.stack(images) if len({im.shape for im in images}) == 1 else images
     which = "" if split == "all" else f" at {split} positions"
     return stacked, f"{len(files)} images from {images_dir}{which}"
-
-
-@app.command()
-def evaluate(
-    model: str = typer.Option("mnist", help="mnist | mobilenet_v2 | resnet18"),
-    attacks: str | None = typer.Option(
-        None, help="comma-separated attack names (default bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,"
-        "adaptive; ImageNet: patch,bim,pgd,pgd-2,bim-early)"),
-    n: int | None = typer.Option(
-        None, help="odd-indexed images attacked (default 1000 digits, every odd digit scored clean; 250 photos)"),
-    out: Path | None = typer.Option(None, help="report folder (default reports/mnist or reports/imagenet)"),
-    weights: Path | None = typer.Option(None, help="model weights (ImageNet models)"),
-    methods: str = typer.Option("ig,deeplift,saliency,gradient_shap,smoothgrad_ig,guided_gradcam",
-                                help="explanation methods to compare ('' to skip)"),
-    n_methods: int = typer.Option(200, help="images per set in the method comparison"),
-    device: str | None = typer.Option(None, help=DEVICE_HELP + "; the MNIST baselines stay on the CPU"),
-) -> None:
-    """Detection rate, FPR and ROC-AUC on real data, beside the paper's Table 1 and the re-run baselines."""
-    import sys
-
-    _check_device(device)
-    if attacks is None:
-        attacks = (MNIST_DEFAULT_ATTACKS if model == "mnist" else "patch,bim,pgd,pgd-2,bim-early")
-    names = [a.strip() for a in attacks.split(",") if a.strip()]
-    if model != "mnist":
-        evaluate_photos(model, weights, names, n or 250, out or Path("reports/imagenet"), device)
-        return
-    from evaluation.attacks import ATTACKS
-    from evaluation.mnist import evaluate_mnist
-
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown:
-        fail(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
-    n, out = n or 1000, out or Path("reports/mnist")
-    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
-    metrics = evaluate_mnist(names, n, out, n_methods=n_methods, methods=method_list,
-                             log=lambda msg: console.print(msg), command="explainer " + shlex.join(sys.argv[1:]),
-                             device=device)
-    table = Table("attack", "success", "n adv", "detection", "ROC-AUC", "MagNet", "FS",
-                  title=f"clean FPR {metrics['clean_fpr']:.1%} (target {metrics['target_fpr']:.0%})")
-    for name, a in metrics["attacks"].items():
-        table.add_row(name, f"{a['attack_success_rate']:.1%}", str(a["n_adv"]), f"{a['detection_rate']:.1%}",
-                      f"{a['roc_auc']:.3f}",
-                      f"{metrics['baselines']['magnet']['attacks'][name]['detection_rate']:.1%}",
-                      f"{metrics['baselines']['feature_squeezing']['attacks'][name]['detection_rate']:.1%}")
-    console.print(table)
-    console.print(f"wrote {out}/metrics.json, {out}/report.md and plots")
-
-
-def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, out: Path,
-                    device: str | None = None) -> None:
-    """The ImageNet-size half of ``evaluate``: patch / BIM / PGD on the shared sample photos."""
-    import sys
-
-    from evaluation.imagenet import IMAGENET_ATTACKS, evaluate_imagenet
-
-    unknown = [a for a in names if a not in IMAGENET_ATTACKS]
-    if unknown:
-        fail(f"unknown attack(s) {unknown} for ImageNet models; choose from {', '.join(IMAGENET_ATTACKS)}")
-    try:
-        metrics = evaluate_imagenet(model, weights, names, n, out, log=lambda msg: console.print(msg),
-                                    command="explainer " + shlex.join(sys.argv[1:]), device=device)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    table = Table("attack", "success", "n adv", "detection", "ROC-AUC",
-                  title=f"{model}: clean FPR {metrics['clean_fpr']:.1%} (target {metrics['target_fpr']:.0%})")
-    for name, a in metrics["attacks"].items():
-        table.add_row(name, f"{a['attack_success_rate']:.1%}", str(a["n_adv"]), f"{a['detection_rate']:.1%}",
-                      f"{a['roc_auc']:.3f}")
-    console.print(table)
-    console.print(f"wrote {out}/metrics.json, {out}/report.md and plots")
-
-
-@app.command()
-def bench(
-    out: Path = typer.Option(Path("reports/bench")),
-    n: int | None = typer.Option(None, min=1, help="images per throughput run (MNIST: 1000; photo models: 64)"),
-    streaming: bool = typer.Option(True, help="also measure the Redis + Ray Serve path"),
-    imagenet: bool = typer.Option(True, help="also time ResNet-18 (random weights) and MobileNetV2"),
-    model: str = typer.Option("mnist", help="mnist (the whole bench) or a photo model alone: resnet18, mobilenet_v2"),
-    weights: str | None = typer.Option(None, help="photo model weights (ResNet-18 without them: random, timing only)"),
-    device: str | None = typer.Option(None, help="photo models: the torch device, e.g. cuda (default: cpu)"),
-    batch: int | None = typer.Option(None, min=1, help="photo models: photos per detect call (default 32)"),
-    photos: Path | None = typer.Option(None, help="photo models: a folder laid out as the shared imagenet-sample/"),
-) -> None:
-    """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes metrics.json + report.
-    With ``--model resnet18`` or ``mobilenet_v2``: that photo model's detections/s on ``--device``, beside its
-    floor (``--n`` real photos)."""
-    from evaluation.streaming import run_bench, run_photo_bench
-
-    if model == "mnist":
-        given = [f"--{k}" for k, v in (("weights", weights), ("device", device), ("batch", batch),
-                                        ("photos", photos)) if v is not None]
-        if given:
-            fail(f"{', '.join(given)} apply to a photo model alone (--model resnet18 or mobilenet_v2); the MNIST "
-                 "bench runs on the CPU")
-        r = run_bench(out, n or 1000, streaming, imagenet, log=lambda m: console.print(m))
-        console.print(f"in-process {r['in_process']['throughput']:.0f}/s = {r['in_process']['ratio_to_floor']:.0%} "
-                      f"of the floor; wrote {out}/metrics.json and {out}/report.md")
-        return
-    from pipeline import MODEL_NAMES
-
-    if model not in MODEL_NAMES:
-        fail(f"unknown model {model!r}; choose {', '.join(MODEL_NAMES)}")
-    import torch
-
-    try:
-        if device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            fail(f"--device {device}: CUDA is not available on this machine")
-        r = run_photo_bench(out, model, weights, device, n=min(n or 64, 500), batch=batch or 32, photos_dir=photos,
-                            log=lambda m: console.print(m))["photo"]
-    except (FileNotFoundError, ValueError) as exc:  # missing photos or weights, an unreadable photo, a bad device
-        fail(str(exc))
-    console.print(f"{model} on {r['device']}: {r['detections_per_s']:.1f} detections/s = "
-                  f"{r['ratio_to_floor']:.0%} of the floor; wrote {out}/metrics.json and {out}/report.md")
 
 
 PASSWORD_FILE_HELP = ("a file holding the Redis password (default: $EXPLAINER_REDIS_PASSWORD); keeps it off the "
@@ -637,7 +523,10 @@ def feed(
         digits = load_sample_digits().parity("odd").head(n)
         images, ids = digits.images, [f"mnist-{i}" for i in digits.indices]
         if attack:
-            images = _attack_digits(attack, digits.images, digits.labels)
+            attacks = load_plugins().attacks
+            if attack not in attacks:
+                fail(f"unknown attack {attack!r}; choose one of {', '.join(attacks) or 'none (no plugin gives any)'}")
+            images = attacks[attack](digits.images, digits.labels)
             ids = [f"{attack}-{i}" for i in digits.indices]
     elif source == "adversarial":
         adv = load_adversarial_digits().head(n)
@@ -654,20 +543,6 @@ def feed(
     stream_ids = push_images(client, StreamNames(), images, ids=ids,
                              encoding=encoding, model=model)
     console.print(f"pushed {len(stream_ids)} images for {model} to explainer:images")
-
-
-def _attack_digits(attack: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    import torch
-
-    from evaluation.attacks import ATTACKS
-    from pipeline import load_model
-
-    if attack not in ATTACKS:
-        fail(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
-    model = load_model("mnist")
-    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
-    x_adv = ATTACKS[attack]()(model.net, x, torch.from_numpy(labels))
-    return (x_adv * 255).round().to(torch.uint8).squeeze(1).numpy()
 
 
 @app.command()
@@ -705,24 +580,21 @@ def watch(
         pass
 
 
-@app.command()
-def demo(
-    n: int = typer.Option(200, help="clean digits, and as many adversarial ones"),
-    redis_url: str | None = typer.Option(None, help="use this Redis instead of starting one"),
-    config: Path = typer.Option(DEFAULT_CONFIG),
-    http_port: int = typer.Option(8000),
-    data_dir: Path = typer.Option(Path(".explainer")),
-) -> None:
-    """The whole product end to end on embedded defaults: Redis stream → Ray Serve → verdicts and alerts."""
-    from evaluation.demo import run_demo
+_with_plugins: list[typer.Typer] = []
 
-    report = run_demo(n, redis_url, config, http_port, data_dir, console)
-    if report.received != report.sent or report.pending:
-        fail(f"{report.sent - report.received} verdicts missing, {report.pending} entries left pending")
+
+def full_app() -> typer.Typer:
+    """The product's commands and every installed plugin's (:mod:`worker.plugins`: the harness's evaluate, bench
+    and demo), added once per process."""
+    if not _with_plugins:
+        for add in load_plugins().commands:
+            add(app)
+        _with_plugins.append(app)
+    return app
 
 
 def main() -> None:
-    app()
+    full_app()()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ patch     AdversarialPatch(patch_size=12, target_class=8, steps=500, lr=0.1, bat
 square    SquareAttack(eps=0.3, n_queries=1000, p_init=0.8)  (score-based black box, no gradients)
 adaptive  AdaptivePGD(eps=0.3, alpha=0.02 cosine-decayed, steps=200, kappa=1, orthogonal steps, no random start;
           weights copy 1, pred 1, map 30, residual 1000, impulse 1; Softplus beta 50; BPDA through NLM with a
-          torch NLM's gradient)  (knows the digits detector; evaluation.adaptive sweeps the map weight)
+          torch NLM's gradient)  (knows the digits detector; evaluation.adaptive_sweep sweeps the map weight)
 ========  =========================================================================================
 """
 

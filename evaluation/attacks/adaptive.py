@@ -17,7 +17,7 @@ Two parts of the detector have no usable gradient and are crossed as Athalye et 
   whose ReLUs are Softplus(beta); the prediction terms use the real model.
 
 How the misclassification and the evasion are traded off (a summed loss, or orthogonal steps) and why each
-default was chosen: :class:`AdaptivePGD`. :mod:`evaluation.adaptive` runs it against a detector over a sweep.
+default was chosen: :class:`AdaptivePGD`. :mod:`evaluation.adaptive_sweep` runs it against a detector over a sweep.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.adaptive import adaptive_sweep, detector_attack
+from evaluation.adaptive_sweep import adaptive_sweep, detector_attack
 from evaluation.attacks import ATTACKS, PGD, AdaptivePGD
 from evaluation.attacks.adaptive import bpda_nlm, nlm_forward, torch_nlm
 from evaluation.metrics import predict, to_tensor, to_uint8

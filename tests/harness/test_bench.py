@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evaluation.datasets import SHARED_DATA
-from evaluation.streaming import BATCH, FLOOR_PEER_BATCHES, ROUNDS, run_bench
+from evaluation.stream_bench import BATCH, FLOOR_PEER_BATCHES, ROUNDS, run_bench
 
 
 def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
@@ -38,7 +38,7 @@ def test_bench_writes_results_and_report_with_per_round_ratios(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample" / "labels.csv").exists(),
                     reason="needs ../shared/data/imagenet-sample")
 def test_photo_bench_times_one_model_on_a_device_beside_its_floor(tmp_path):
-    from evaluation.streaming import run_photo_bench
+    from evaluation.stream_bench import run_photo_bench
 
     r = run_photo_bench(tmp_path, "resnet18", device="cpu", n=3, batch=2, log=lambda m: None)["photo"]
     saved = json.loads((tmp_path / "metrics.json").read_text())["photo"]
@@ -52,9 +52,9 @@ def test_photo_bench_times_one_model_on_a_device_beside_its_floor(tmp_path):
 def test_bench_cli_refuses_options_it_would_ignore_and_unknown_models(tmp_path):
     from typer.testing import CliRunner
 
-    from worker.cli import app
+    from worker.cli import full_app
 
-    runner = CliRunner()
+    app, runner = full_app(), CliRunner()
     for args, says in ((["--device", "cuda"], "apply to a photo model alone"),
                        (["--model", "vgg"], "unknown model"),
                        (["--model", "resnet18", "--photos", str(tmp_path)], "not found")):
