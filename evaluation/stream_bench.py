@@ -41,7 +41,7 @@ def wire_and_redis(images: np.ndarray, data_dir: Path) -> dict:
     with LocalRedis(data_dir / "bench-redis") as r:
         client = connect(r.url)
         names = StreamNames.with_prefix(f"bench{time.time_ns()}")
-        consumer = StreamConsumer(client, names, count=len(images), block_ms=100)
+        consumer = StreamConsumer(client, names, batch=len(images), block_ms=100)
         consumer.ensure_group()
         t = time.perf_counter()
         push_images(client, names, images)

@@ -17,6 +17,7 @@ use as they are then: whatever they call must be defined above them.)
 
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -43,6 +44,7 @@ from worker.streams import (
     StreamConsumer,
     StreamEvents,
     StreamNames,
+    StreamSettings,
     StreamWorker,
     connect_with_password,
 )
@@ -443,8 +445,7 @@ class Ingress:
     def __init__(
         self, denoiser: DeploymentHandle, explainer: DeploymentHandle, detectors: list[dict],
         redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
-        consumers: int = 2, batch: int = 64,
-        block_ms: int = 200, claim_idle_ms: int = 30_000, max_deliveries: int = 5, verdict_maxlen: int = 100_000,
+        consumers: int = 2, stream_settings: dict | None = None,
         max_body_bytes: int = MAX_HTTP_BODY, stage_timeout_s: float = STAGE_TIMEOUT_S,
         http_token_file: str | None = None,
     ) -> None:
@@ -460,15 +461,11 @@ class Ingress:
         self.threads: list[threading.Thread] = []
         self.metrics = ServeMetrics(self.default_model)
         if redis_url:
-            names = StreamNames(**(streams or {}))
+            names, settings = StreamNames(**(streams or {})), StreamSettings(**(stream_settings or {}))
             tag = f"{socket.gethostname()}-{os.getpid()}"
             for i in range(consumers):
-                consumer = StreamConsumer(
-                    stream_client(redis_url, redis_password_file), names, consumer=f"{tag}-{i}", count=batch,
-                    block_ms=block_ms,
-                    max_deliveries=max_deliveries, claim_idle_ms=claim_idle_ms, verdict_maxlen=verdict_maxlen,
-                    events=self.metrics,
-                )
+                consumer = StreamConsumer(stream_client(redis_url, redis_password_file), names,
+                                          consumer=f"{tag}-{i}", settings=settings, events=self.metrics)
                 consumer.ensure_group()
                 worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remotes, reqs),
                                       models=set(self.remotes))
@@ -585,6 +582,11 @@ class Ingress:
         return out
 
 
+def _stream_knob(name: str):
+    default, help = StreamSettings.knobs()[name]
+    return Field(default, description=help)
+
+
 class AppArgs(BaseModel):
     """The application's ``args``, as ``serve run``, ``serve deploy`` and KubeRay pass them to :func:`build_app`
     from the YAML. An unknown or misspelt key is an error that names it. The Redis password never goes here:
@@ -609,11 +611,14 @@ class AppArgs(BaseModel):
     redis_password_file: str | None = Field(None, description="a file holding the Redis password")
     streams: dict[str, str] | None = Field(None, description="stream and group names (worker.streams.StreamNames)")
     consumers: int = Field(2, ge=1, description="consumer-group members per Ingress replica")
-    batch: int = Field(64, ge=1, description="XREADGROUP COUNT: images per stage request")
-    block_ms: int = Field(200, ge=1)
-    claim_idle_ms: int = Field(30_000, ge=1, description="XAUTOCLAIM entries idle this long")
-    max_deliveries: int = Field(5, ge=1, description="then an entry goes to the dead-letter stream")
-    verdict_maxlen: int = Field(100_000, ge=1)
+    # the stream's knobs: their names, defaults and checks are worker.streams.StreamSettings'
+    batch: int = _stream_knob("batch")
+    block_ms: int = _stream_knob("block_ms")
+    claim_idle_ms: int = _stream_knob("claim_idle_ms")
+    max_deliveries: int = _stream_knob("max_deliveries")
+    verdict_maxlen: int = _stream_knob("verdict_maxlen")
+    dead_maxlen: int = _stream_knob("dead_maxlen")
+    done_ttl_s: int = _stream_knob("done_ttl_s")
     max_body_bytes: int = Field(MAX_HTTP_BODY, ge=1, description="largest POST /detect body")
     stage_timeout_s: float = Field(STAGE_TIMEOUT_S, gt=0, description="a stage call abandoned after this long")
     http_token_file: str | None = Field(None, description="a file holding the bearer token POST /detect requires "
@@ -628,6 +633,15 @@ class AppArgs(BaseModel):
         if self.detector is not None and not self.detector:
             raise ValueError("detector: give at least one bundle or built-in model name")
         return self
+
+    @model_validator(mode="after")
+    def _stream_settings_hold(self) -> "AppArgs":
+        self.stream_settings()
+        return self
+
+    def stream_settings(self) -> StreamSettings:
+        """The stream's knobs as the one settings type (validated there)."""
+        return StreamSettings(**{name: getattr(self, name) for name in StreamSettings.knobs()})
 
     def detector_refs(self) -> list[dict]:
         """What each stage loads its detectors from (:func:`worker.detect.detector_ref`), or the built-in
@@ -657,9 +671,8 @@ def build_app(args: AppArgs) -> serve.Application:
         args = AppArgs.model_validate(args)
     common = {"detectors": args.detector_refs()}
     stream = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams")}
-    ingress = {k: getattr(args, k) for k in ("consumers", "batch", "block_ms", "claim_idle_ms", "max_deliveries",
-                                               "verdict_maxlen", "max_body_bytes", "stage_timeout_s",
-                                               "http_token_file")}
+    ingress = {k: getattr(args, k) for k in ("consumers", "max_body_bytes", "stage_timeout_s", "http_token_file")}
+    ingress["stream_settings"] = dataclasses.asdict(args.stream_settings())
     return Ingress.bind(
         Denoiser.bind(**common, nlm_threads=args.nlm_threads),
         Explainer.bind(Scorer.bind(**common), **common, **stream, torch_threads=args.torch_threads,

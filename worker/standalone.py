@@ -22,7 +22,7 @@ import threading
 import redis
 
 from worker.local_redis import resolve_redis_url
-from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect_with_password
+from worker.streams import StreamConsumer, StreamNames, StreamSettings, StreamWorker, connect_with_password
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,11 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "callable they name, a torch.export program, TorchScript): only from a trusted source")
     ap.add_argument("--fpr", type=float, default=None, help="the operating point to decide at, as a target "
                     "false-positive rate the calibrations hold, e.g. 0.01 (default: each calibration's own)")
-    ap.add_argument("--batch", type=int, default=64, help="entries read per XREADGROUP")
-    ap.add_argument("--block-ms", type=int, default=200)
-    ap.add_argument("--claim-idle-ms", type=int, default=30_000, help="reclaim entries idle this long")
-    ap.add_argument("--max-deliveries", type=int, default=5)
-    ap.add_argument("--verdict-maxlen", type=int, default=100_000, help="cap of the verdict stream (MAXLEN ~)")
+    for name, (default, help) in StreamSettings.knobs().items():  # --batch, --block-ms, ... (one place: there)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=help)
     ap.add_argument("--trim-interval-s", type=float, default=5.0, help="trim acked image entries this often")
     ap.add_argument("--torch-threads", type=int, default=None)
     return ap.parse_args(argv)
@@ -69,12 +66,12 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
     names.all_verdicts_channel = args.all_verdicts_channel
     given = (args.detector or []) + ([args.model] if args.model else [])
     detectors = load_served_detectors([detector_ref(ref, args.trust_code, args.fpr) for ref in given or ["mnist"]])
-    consumer = StreamConsumer(
-        connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file), names,
-        consumer=args.consumer, count=args.batch,
-        block_ms=args.block_ms, claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
-        verdict_maxlen=args.verdict_maxlen,
-    )
+    try:
+        settings = StreamSettings(**{name: getattr(args, name) for name in StreamSettings.knobs()})
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    consumer = StreamConsumer(connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file),
+                              names, consumer=args.consumer, settings=settings)
     return StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs), trim_interval_s=args.trim_interval_s,
                         models=detectors)
 

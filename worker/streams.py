@@ -23,7 +23,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -201,6 +202,43 @@ class StreamEvents:
         """Writing a batch's verdicts failed (``error``: the exception's type); they are retried."""
 
 
+def _knob(default: int, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How a consumer reads the image stream and writes what it decides: one name and one default per knob,
+    validated here once. :class:`StreamConsumer`, the Serve Ingress (``AppArgs``, serve.yaml), the standalone
+    worker and the bench all build theirs from it."""
+
+    batch: int = _knob(64, "entries read per XREADGROUP (its COUNT): the images of one stage request")
+    block_ms: int = _knob(200, "how long one read waits for new entries, in ms")
+    claim_idle_ms: int = _knob(30_000, "reclaim (XAUTOCLAIM) entries idle this long, in ms: their consumer died")
+    max_deliveries: int = _knob(5, "then an entry goes to the dead-letter stream")
+    verdict_maxlen: int = _knob(100_000, "cap of the verdict stream (MAXLEN ~)")
+    dead_maxlen: int = _knob(100_000, "cap of the dead-letter stream (MAXLEN ~)")
+    done_ttl_s: int = _knob(24 * 3600, "how long an image's idempotency key lives, in s")
+
+    def __post_init__(self) -> None:
+        least = {"batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1, "done_ttl_s": 1,
+                 "block_ms": 0, "claim_idle_ms": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"stream setting {name} must be an integer ≥ {low}, got {value!r}")
+
+    @classmethod
+    def knobs(cls) -> dict[str, tuple[int, str]]:
+        """Each knob's (default, help), by name: what entry points turn into their options."""
+        return {f.name: (f.default, f.metadata["help"]) for f in dataclass_fields(cls)}
+
+    def given(self) -> dict[str, int]:
+        """The knobs set to other than their default (what a config needs to say)."""
+        return {name: getattr(self, name) for name, (default, _) in self.knobs().items()
+                if getattr(self, name) != default}
+
+
 class StreamConsumer:
     """One consumer of the image stream's consumer group, plus the verdict/dead-letter writers."""
 
@@ -209,17 +247,13 @@ class StreamConsumer:
         client: redis.Redis,
         names: StreamNames | None = None,
         consumer: str = "worker-1",
-        count: int = 64,
-        block_ms: int = 1000,
-        max_deliveries: int = 5,
-        claim_idle_ms: int = 30_000,
-        verdict_maxlen: int = 100_000,
-        dead_maxlen: int = 100_000,
-        done_ttl_s: int = 24 * 3600,
+        settings: StreamSettings | None = None,
         events: StreamEvents | None = None,
+        **knobs: int,
     ) -> None:
-        if count < 1 or max_deliveries < 1 or claim_idle_ms < 0 or block_ms < 0:
-            raise ValueError("count and max_deliveries must be ≥ 1, claim_idle_ms and block_ms ≥ 0")
+        """``settings`` (default :class:`StreamSettings`), with any of its knobs given by name replacing it."""
+        self.settings = replace(settings or StreamSettings(), **knobs)
+        block_ms = self.settings.block_ms
         sock_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         if sock_timeout is not None and block_ms / 1000 >= sock_timeout:
             raise ValueError(
@@ -228,13 +262,6 @@ class StreamConsumer:
         self.client = client
         self.names = names or StreamNames()
         self.consumer = consumer
-        self.count = count
-        self.block_ms = block_ms
-        self.max_deliveries = max_deliveries
-        self.claim_idle_ms = claim_idle_ms
-        self.verdict_maxlen = verdict_maxlen
-        self.dead_maxlen = dead_maxlen
-        self.done_ttl_s = done_ttl_s
         self.events = events or StreamEvents()
         self._claim_cursor = "0-0"
         self._publish_script = client.register_script(_PUBLISH_LUA)
@@ -267,8 +294,8 @@ class StreamConsumer:
         and only the one that keeps failing is dead-lettered. Entries already delivered more than
         ``max_deliveries`` times are dead-lettered as they are met (at most ``count`` per call)."""
         n = self.names
-        for _ in range(self.count):
-            resp = self.client.xautoclaim(n.images, n.group, self.consumer, self.claim_idle_ms,
+        for _ in range(self.settings.batch):
+            resp = self.client.xautoclaim(n.images, n.group, self.consumer, self.settings.claim_idle_ms,
                                           start_id=self._claim_cursor, count=1)
             self._claim_cursor = _s(resp[0]) if resp and resp[0] else "0-0"
             entries = list(resp[1]) if resp else []
@@ -281,12 +308,12 @@ class StreamConsumer:
                 continue  # a deleted entry: look further
             sid, fields = claimed[0]
             info = self.client.xpending_range(n.images, n.group, min=sid, max=sid, count=1)
-            deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries + 1
+            deliveries = int(info[0]["times_delivered"]) if info else self.settings.max_deliveries + 1
             raw = fields.get(b"data", fields.get("data"))
-            if deliveries > self.max_deliveries:
+            if deliveries > self.settings.max_deliveries:
                 self.dead_letter(
                     sid, raw,
-                    f"delivered {deliveries} times, over max_deliveries={self.max_deliveries}"
+                    f"delivered {deliveries} times, over max_deliveries={self.settings.max_deliveries}"
                     " (the worker kept failing or dying on it)",
                     kind="max_deliveries", deliveries=deliveries,
                 )
@@ -301,7 +328,8 @@ class StreamConsumer:
         pending). Redis 7 drops them from the PEL itself; Redis 6.2's XAUTOCLAIM returns them as bare nils."""
         n = self.names
         pend = self.client.xpending_range(
-            n.images, n.group, min="-", max="+", count=max(1000, 4 * self.count), consumername=self.consumer
+            n.images, n.group, min="-", max="+", count=max(1000, 4 * self.settings.batch),
+            consumername=self.consumer
         )
         cands = [_s(p["message_id"]) for p in pend if _s(p["message_id"]) not in keep]
         if not cands:
@@ -321,10 +349,9 @@ class StreamConsumer:
         else new ones (blocking up to ``block_ms``)."""
         out = self.reclaim()
         if not out:
-            block = self.block_ms if block_ms is None else block_ms
-            resp = self.client.xreadgroup(
-                self.names.group, self.consumer, {self.names.images: ">"}, count=self.count, block=block or None
-            )
+            block = self.settings.block_ms if block_ms is None else block_ms
+            resp = self.client.xreadgroup(self.names.group, self.consumer, {self.names.images: ">"},
+                                          count=self.settings.batch, block=block or None)
             items = resp.items() if isinstance(resp, dict) else (resp or [])
             for _stream, entries in items:
                 for sid, fields in entries:
@@ -347,8 +374,8 @@ class StreamConsumer:
         keys = [n.verdicts, n.images]
         args: list[Any] = [
             n.group,
-            self.verdict_maxlen,
-            self.done_ttl_s,
+            self.settings.verdict_maxlen,
+            self.settings.done_ttl_s,
             n.alerts or "",
             n.all_verdicts_channel or "",
         ]
@@ -377,7 +404,8 @@ class StreamConsumer:
             stream_id, raw, reason, consumer=self.consumer, images=n.images, at=time.time(), kind=kind, **extra
         )
         dead_id = self._dead_letter_script(keys=[n.dead, n.images, f"{n.done_prefix}{stream_id}"],
-                                           args=[n.group, self.dead_maxlen, self.done_ttl_s, stream_id, data])
+                                           args=[n.group, self.settings.dead_maxlen, self.settings.done_ttl_s,
+                                                 stream_id, data])
         if not dead_id:
             self.stats["duplicates"] += 1
             log.info("%s already has its verdict: acked, not dead-lettered", stream_id)

@@ -357,7 +357,7 @@ def backlog_full(workdir: Path, max_backlog: int = 500, log: Log = print) -> Fig
 
     fig, t0 = Figures("backlog cap: producer refused, nothing trimmed"), time.monotonic()
     with environment(workdir) as env:
-        cons = StreamConsumer(env.client, env.names, consumer="reader", count=50, block_ms=10)
+        cons = StreamConsumer(env.client, env.names, consumer="reader", batch=50, block_ms=10)
         cons.ensure_group()
         images = digits(3 * max_backlog)
         try:

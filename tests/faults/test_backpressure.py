@@ -35,7 +35,7 @@ def test_trimming_waits_for_the_slowest_consumer_group(tmp_path):
         client = connect(server.url)
         fast, slow = StreamNames(group="fast"), StreamNames(group="slow")
         ids = [client.xadd(fast.images, {"data": b"x" * 100}).decode() for _ in range(3000)]
-        a, b = (StreamConsumer(client, n, consumer="c", count=1000, block_ms=10) for n in (fast, slow))
+        a, b = (StreamConsumer(client, n, consumer="c", batch=1000, block_ms=10) for n in (fast, slow))
         a.ensure_group(), b.ensure_group()
         for _ in range(3):  # "fast" reads and acks everything
             client.xack(fast.images, "fast", *[sid for sid, _ in a.read()])
@@ -72,7 +72,7 @@ def test_a_full_redis_keeps_the_computed_verdicts_and_recovers_without_loss(tmp_
         client = connect(server.url)
         images = load_sample_digits().images[:300]
         push_images(client, names, images, ids=[f"o{i}" for i in range(len(images))])
-        consumer = StreamConsumer(connect(server.url), names, consumer="w", count=32, block_ms=100)
+        consumer = StreamConsumer(connect(server.url), names, consumer="w", batch=32, block_ms=100)
         consumer.ensure_group()
         worker = StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs), max_backoff_s=0.5)
         used = int(client.info("memory")["used_memory"])
@@ -83,7 +83,7 @@ def test_a_full_redis_keeps_the_computed_verdicts_and_recovers_without_loss(tmp_
         assert wait_until(lambda: worker.degraded is not None, timeout_s=60)
         time.sleep(3)  # a while at maxmemory
         assert "out of memory" in worker.degraded and worker.unpublished > 0
-        assert pending(client, names) <= 2 * consumer.count, "the worker kept reading while Redis was full"
+        assert pending(client, names) <= 2 * consumer.settings.batch, "the worker kept reading while Redis was full"
         client.config_set("maxmemory", 0)
         assert wait_until(lambda: len(list(iter_stream(client, names.verdicts))) >= len(images), timeout_s=120)
         stop.set()

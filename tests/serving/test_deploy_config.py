@@ -194,3 +194,25 @@ def test_a_deployment_decides_at_the_operating_point_it_names_and_refuses_one_it
         load_served_detectors(AppArgs(detector=["mnist"], fpr=0.02).detector_refs())
     with pytest.raises(ValidationError):
         AppArgs(fpr=1.5)
+
+
+def test_every_entry_point_takes_the_stream_knobs_from_one_settings_type():
+    """One name, one default and one check per knob: StreamSettings. The Serve args, the standalone worker's options
+    and a consumer built with no settings all agree with it."""
+    import dataclasses
+
+    from worker.standalone import parse_args
+    from worker.streams import StreamConsumer, StreamSettings, connect
+
+    knobs = StreamSettings.knobs()
+    assert AppArgs().stream_settings() == StreamSettings()
+    assert {name: default for name, (default, _) in knobs.items()} == dataclasses.asdict(StreamSettings())
+    standalone = parse_args([])
+    assert {name: getattr(standalone, name) for name in knobs} == dataclasses.asdict(StreamSettings())
+    assert StreamConsumer(connect("redis://127.0.0.1:1/0")).settings == StreamSettings()
+    for bad in ({"batch": 0}, {"max_deliveries": 0}, {"block_ms": -1}, {"verdict_maxlen": "many"}):
+        with pytest.raises(ValueError, match=f"stream setting {next(iter(bad))}"):
+            StreamSettings(**bad)
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            AppArgs.model_validate(bad)
+    assert AppArgs.model_validate({"batch": 256}).stream_settings().given() == {"batch": 256}

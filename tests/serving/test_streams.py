@@ -88,7 +88,7 @@ def test_200_digits_end_to_end(client, names, detector, digits, reference):
     names.all_verdicts_channel = names.alerts + ":all"
     ps = client.pubsub()
     ps.subscribe(names.alerts, names.all_verdicts_channel)
-    worker = make_worker(client, names, detector, count=64)
+    worker = make_worker(client, names, detector, batch=64)
     ids = [f"d{i}" for i in range(N_DIGITS)]
     sids = push_images(client, names, digits[:100], ids[:100], encoding="raw", pipeline_size=64)
     sids += push_images(client, names, digits[100:], ids[100:], encoding="png", meta={"src": "test"})
@@ -157,13 +157,13 @@ def msgpack_v2(image) -> bytes:
 
 def test_entries_of_a_dead_consumer_are_reclaimed(client, names, detector, digits, reference):
     sids = push_images(client, names, digits[:12], [f"r{i}" for i in range(12)])
-    dead = StreamConsumer(client, names, consumer="dies", count=8, block_ms=50)
+    dead = StreamConsumer(client, names, consumer="dies", batch=8, block_ms=50)
     dead.ensure_group()
     taken = dead.read()  # ... and the process dies here: never processed, never acked
     assert [s for s, _ in taken] == sids[:8]
     assert dead.pending_count() == 8
 
-    survivor = make_worker(client, names, detector, consumer="survivor", count=8, claim_idle_ms=500)
+    survivor = make_worker(client, names, detector, consumer="survivor", batch=8, claim_idle_ms=500)
     assert survivor.run_once(block_ms=10) == 4  # the 4 nobody had: the 8 are not idle long enough yet
     time.sleep(0.55)
     assert drain(survivor, 8, timeout_s=10) == 8
@@ -179,8 +179,8 @@ def test_redelivered_done_entry_is_acked_not_published_twice(client, names, dete
     ps = client.pubsub()
     ps.subscribe(names.alerts)
     sids = push_images(client, names, digits[:16], [f"x{i}" for i in range(16)])
-    slow = make_worker(client, names, detector, consumer="slow", count=16)
-    fast = make_worker(client, names, detector, consumer="fast", count=16, claim_idle_ms=100)
+    slow = make_worker(client, names, detector, consumer="slow", batch=16)
+    fast = make_worker(client, names, detector, consumer="fast", batch=16, claim_idle_ms=100)
     entries = slow.consumer.read()  # "slow" takes the batch and stalls past claim_idle_ms ...
     reqs = [wire.decode_request(raw) for _, raw in entries]
     slow_results = list(zip([s for s, _ in entries], detect_requests(detector, reqs), strict=True))
@@ -290,7 +290,7 @@ def test_detect_requests_batches_photos_of_any_size_together_and_isolates_bad_on
 
 
 def test_run_loop_survives_a_redis_restart_and_stops_cleanly(redis_server, client, names, detector, digits):
-    worker = make_worker(client, names, detector, count=16, block_ms=50)
+    worker = make_worker(client, names, detector, batch=16, block_ms=50)
     stop = threading.Event()
     t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     t.start()
@@ -344,7 +344,7 @@ def test_a_request_that_crashes_detection_does_not_hold_back_its_batch(client, n
 def test_stopping_with_verdicts_redis_refuses_gives_up_after_bounded_retries(client, names, detector, digits):
     """Verdicts computed, then Redis refuses writes (OOM) while the worker is asked to stop: it retries with
     real back-off and then stops, leaving the entries pending for a reclaim, instead of spinning."""
-    worker = make_worker(client, names, detector, count=8)
+    worker = make_worker(client, names, detector, batch=8)
     push_images(client, names, digits[:8], [f"o{i}" for i in range(8)])
     entries = worker.consumer.read(50)
     worker._unpublished = [(sid, {"id": f"o{i}", "v": 1}) for i, (sid, _) in enumerate(entries)]
