@@ -11,18 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from evaluation.metrics import roc_curve  # noqa
-from pipeline import DetectorConfig  # noqa: E402
+from pipeline import SIGNALS, DetectorConfig  # noqa: E402
 
 PAPER_ROWS = [("cw-l0", "CW (L0)", 99.8, 86, 91), ("cw-l2", "CW (L2)", 99.9, 86, 100),
               ("cw-linf", "CW (L∞)", 80, 96, 100), ("bim", "BIM", 80, 100, 98), ("mim", "MIM", 80, 100, 98)]
-SIGNAL_NAMES = ("entropy_original", "entropy_denoised", "entropy_change", "prediction_shift", "map_shift",
-                "occlusion_shift", "median_shift", "activation_norm", "transplant_gain")
-
-
 def signal_names(m: dict) -> list[str]:
-    """The signals a metrics.json has per-signal ROC-AUCs for, in the usual order."""
+    """The signals a metrics.json has per-signal ROC-AUCs for, in the registry's order (pipeline.SIGNALS), then
+    any the registry does not know (a metrics file of another version)."""
     first = next(iter(m["attacks"].values()))["signal_roc_auc"]
-    return [s for s in SIGNAL_NAMES if s in first]
+    return [s for s in SIGNALS if s in first] + [s for s in first if s not in SIGNALS]
 
 
 def pct(x: float) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.detector import Detector
 from pipeline.explain import passes_per_image
+from pipeline.signals import SIGNALS
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -78,9 +79,7 @@ def floor_throughput(
 
 def inference_passes_per_image(det: Detector) -> int:
     """Inference-only forward passes per image that ``det``'s checks add to the explanation's passes."""
-    c = det.config
-    hosts = c.params("transplant_gain").hosts if c.uses("transplant_gain") else 0
-    return int(c.uses("median_shift")) + int(c.uses("occlusion_shift")) + hosts
+    return sum(SIGNALS[name].forward_passes(det.config.params(name)) for name in det.config.signals)
 
 
 def stage_times(det: Detector, images: np.ndarray, repeat: int = 3) -> dict[str, float]:

@@ -105,6 +105,12 @@ class Signal:
     params: type | None = None
     hook: Callable[[Any], AbstractContextManager] | None = None
     doc: str = ""
+    passes: Callable[[Any], int] | int = 0
+
+    def forward_passes(self, params: object = None) -> int:
+        """Inference-only forward passes per image this signal adds to the explanation's (a filtered copy
+        classified again: 1; the transplant: one per host): what the bench's floor must run too."""
+        return self.passes(self.make_params(params)) if callable(self.passes) else self.passes
 
     def make_params(self, given: object = None) -> object:
         """This signal's parameters from ``given`` (None, a dict of fields, or an instance); None if it has none."""
@@ -126,13 +132,15 @@ SIGNALS: dict[str, Signal] = {}
 
 
 def register(name: str, *, tails: str, stage: str, params: type | None = None,
-             hook: Callable[[Any], AbstractContextManager] | None = None) -> Callable:
-    """Register the decorated ``compute(batch, params)`` as the signal ``name``."""
+             hook: Callable[[Any], AbstractContextManager] | None = None,
+             passes: Callable[[Any], int] | int = 0) -> Callable:
+    """Register the decorated ``compute(batch, params)`` as the signal ``name``. ``passes``: the inference-only
+    forward passes per image it adds (a number, or a function of its parameters)."""
     if tails not in TAILS or stage not in STAGES:
         raise ValueError(f"signal {name!r}: tails must be one of {TAILS} and stage one of {STAGES}")
 
     def wrap(fn: Callable) -> Callable:
-        SIGNALS[name] = Signal(name, tails, stage, fn, params, hook, (fn.__doc__ or "").strip())
+        SIGNALS[name] = Signal(name, tails, stage, fn, params, hook, (fn.__doc__ or "").strip(), passes)
         return fn
 
     return wrap
@@ -234,7 +242,7 @@ def _map_shift(batch: MapsPass, params: None) -> np.ndarray:
 # -- model: one more look with the model ---------------------------------------------------------------------
 
 
-@register("median_shift", tails="upper", stage="model", params=MedianParams)
+@register("median_shift", tails="upper", stage="model", params=MedianParams, passes=1)
 def _median_shift(batch: ModelPass, params: MedianParams) -> np.ndarray:
     """L1 shift of the softmax when the original is median-filtered: a second denoiser, for the few saturated
     pixels of an L0 attack that NLM keeps."""
@@ -261,7 +269,7 @@ def _impulse_residual(batch: ModelPass, params: ImpulseParams) -> np.ndarray:
     return residual.topk(min(params.top, residual.shape[1]), dim=1).values.sum(1).cpu().numpy().astype(np.float64)
 
 
-@register("occlusion_shift", tails="two-sided", stage="model", params=OcclusionParams)
+@register("occlusion_shift", tails="two-sided", stage="model", params=OcclusionParams, passes=1)
 def _occlusion_shift(batch: ModelPass, params: OcclusionParams) -> np.ndarray:
     """L1 shift of the softmax when the most relevant region of the original is inpainted (SentiNet's first
     test): it sees a patch, which NLM cannot remove; a patch raises it, BIM lowers it."""
@@ -304,7 +312,8 @@ def _activation_norm(batch: ModelPass, params: None) -> np.ndarray:
     return pooled_activation_norm(seen[0][: batch.n]).astype(np.float64)
 
 
-@register("transplant_gain", tails="upper", stage="model", params=TransplantParams)
+@register("transplant_gain", tails="upper", stage="model", params=TransplantParams,
+          passes=lambda params: params.hosts)
 def _transplant_gain(batch: ModelPass, params: TransplantParams) -> np.ndarray | None:
     """Mean rise in clean hosts' probability of the original's class when its most relevant region is pasted
     onto them (SentiNet's second test): a universal patch carries its class with it. None without hosts."""

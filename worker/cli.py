@@ -5,6 +5,7 @@ bench, demo)."""
 from __future__ import annotations
 
 import json
+from dataclasses import is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -255,8 +256,9 @@ def calibrate(
     nlm_h: float | None = typer.Option(None, help="NLM filter strength (default: the preset's, 50 for digits)"),
     nlm_template: int | None = typer.Option(None, help="NLM patch size (odd; default: the preset's)"),
     nlm_search: int | None = typer.Option(None, help="NLM search window (odd; default: the preset's)"),
-    median: int | None = typer.Option(
-        None, help="side of the median_shift signal's filter (2 for digits; 0 = off; default: the preset's)"),
+    signal_param: list[str] | None = typer.Option(
+        None, help="a signal's parameter, SIGNAL.FIELD=VALUE, e.g. median_shift.size=3 (repeatable; default: the "
+        "preset's; each signal's fields: pipeline.signals)"),
     confidence: float | None = typer.Option(
         None, help="set the threshold so that the target FPR holds with this confidence (e.g. 0.95), not only "
         "in expectation"),
@@ -335,10 +337,18 @@ def calibrate(
     nlm = replace(nlm, template=nlm_template or nlm.template, search=nlm_search or nlm.search)
     chosen = dict(base.signals) if signals is None else {s.strip(): base.signals.get(s.strip())
                                                          for s in signals.split(",") if s.strip()}
-    if median == 0:
-        chosen.pop("median_shift", None)
-    elif median is not None:
-        chosen["median_shift"] = {"size": median}
+    for given in signal_param or []:
+        name, _, value = given.partition("=")
+        sig, _, knob = name.partition(".")
+        if not (sig and knob and value) or sig not in chosen:
+            fail(f"--signal-param {given}: expected SIGNAL.FIELD=VALUE for one of the signals scored "
+                 f"({', '.join(chosen)})")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        chosen[sig] = {**(dict(vars(chosen[sig])) if is_dataclass(chosen[sig]) else dict(chosen[sig] or {})),
+                       knob: parsed}
     try:
         det = Detector(target, replace(base, method=method or base.method, explain=ExplainParams(steps=steps,
                        samples=samples), entropy=entropy, nlm=nlm, signals=chosen))

@@ -78,7 +78,7 @@ def test_concat_is_the_inverse_of_part(digits):
         np.testing.assert_array_equal(joined.signals[name], whole.signals[name])
 
 
-def test_cli_calibrate_can_turn_the_median_check_off(tmp_path):
+def test_cli_calibrate_can_turn_the_median_check_off_and_set_a_signals_parameter(tmp_path):
     import json
 
     from typer.testing import CliRunner
@@ -86,9 +86,11 @@ def test_cli_calibrate_can_turn_the_median_check_off(tmp_path):
     from worker.cli import app
 
     out = tmp_path / "cal.json"
-    args = ["calibrate", "--model", "mnist", "--median", "0", "--n", "100", "--out", str(out)]
+    args = ["calibrate", "--model", "mnist", "--signals",
+            "prediction_shift,map_shift,denoise_residual,impulse_residual", "--signal-param", "impulse_residual.top=7",
+            "--n", "100", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads(out.read_text())["config"]
     assert config["signals"] == {"prediction_shift": {}, "map_shift": {}, "denoise_residual": {},
-                                 "impulse_residual": {"size": 3, "top": 5}}
+                                 "impulse_residual": {"size": 3, "top": 7}}

@@ -82,7 +82,13 @@ def test_every_shipped_calibration_loads_with_the_config_it_was_made_with(path, 
 
 
 def test_a_registered_signal_is_measured_scored_and_carried_without_touching_the_detector(digits):
-    @register("test_mean_probability", tails="upper", stage="model")
+    """Adding a signal is its registration (one function in pipeline/signals.py, or any module that registers)
+    plus the preset that names it: the detector measures and scores it, the calibration keeps its tail, and the
+    harness's reports and bench floor pick it up from the registry with no list to edit."""
+    from evaluation.report import signal_names
+    from evaluation.throughput import inference_passes_per_image
+
+    @register("test_mean_probability", tails="upper", stage="model", passes=1)
     def _mean_probability(batch, params):
         """The originals' largest softmax output (a toy signal for this test)."""
         return batch.original_probs.max(1).astype(np.float64)
@@ -93,5 +99,8 @@ def test_a_registered_signal_is_measured_scored_and_carried_without_touching_the
         assert cal.signals["test_mean_probability"].tails == "upper"
         res = det.detect(digits.images[100:110])
         np.testing.assert_allclose(res.signals["test_mean_probability"], res.confidence)
+        assert inference_passes_per_image(det) == 1
+        metrics = {"attacks": {"pgd": {"signal_roc_auc": {"test_mean_probability": 0.5, "map_shift": 0.9}}}}
+        assert signal_names(metrics) == ["map_shift", "test_mean_probability"]
     finally:
         del SIGNALS["test_mean_probability"]
