@@ -47,6 +47,8 @@ def fail(message: str) -> None:
 DEVICE_HELP = "torch device of the model, e.g. cuda or cuda:1 (default: cpu; NLM runs on the CPU either way)"
 TRUST_HELP = ("load a bundle whose network is code (a Python callable it names, a torch.export program, a "
               "TorchScript module): only for bundles from a source you trust (docs/bundle.md)")
+DETECTOR_HELP = ("a built-in detector (mnist, resnet18, mobilenet_v2) or a detector bundle (explainer calibrate --out "
+                 "BUNDLE), pinned as BUNDLE@sha256:HEX to load only that one")
 MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:callable that builds your network, or "
               "your model file: a torch.export program (.pt2) or TorchScript")
 
@@ -64,20 +66,21 @@ def _check_device(device: str | None) -> None:
         fail(f"--device {device}: CUDA is not available on this machine")
 
 
-def _open_detector(detector: Path | None, model: str | None, weights: Path | None, calibration: Path | None,
-                   device: str | None, trust_code: bool = False):
-    """The detector a bundle holds (``PATH`` or pinned, ``PATH@sha256:HEX``), or a built-in model's (its shipped
-    bundle, or a calibration file)."""
-    from pipeline import Detector, split_pin
+def _open_detector(detector: str | None, weights: Path | None, calibration: Path | None, device: str | None,
+                   trust_code: bool = False):
+    """The detector ``--detector`` names, as every command names one: a built-in model's (its shipped bundle, or
+    ``--calibration``), or a bundle's (``PATH`` or pinned, ``PATH@sha256:HEX``)."""
+    from pipeline import MODEL_NAMES, Detector, split_pin
 
     _check_device(device)
+    detector = detector or "mnist"
     try:
-        if detector is not None:
-            if calibration is not None or model is not None:
-                fail("--model and --calibration name a built-in detector; a bundle (--detector) carries its own")
-            path, digest = split_pin(str(detector))
-            return Detector.load(path, weights=weights, device=device, trust_code=trust_code, digest=digest)
-        return Detector.from_pretrained(model or "mnist", weights=weights, calibration=calibration, device=device)
+        if detector in MODEL_NAMES:
+            return Detector.from_pretrained(detector, weights=weights, calibration=calibration, device=device)
+        if calibration is not None:
+            fail("--calibration goes with a built-in detector; a bundle carries its own")
+        path, digest = split_pin(detector)
+        return Detector.load(path, weights=weights, device=device, trust_code=trust_code, digest=digest)
     except (FileNotFoundError, ValueError, PermissionError) as exc:
         fail(str(exc))
 
@@ -85,10 +88,7 @@ def _open_detector(detector: Path | None, model: str | None, weights: Path | Non
 @app.command()
 def detect(
     paths: list[Path] = typer.Argument(..., help="PNG/JPEG files, or folders searched recursively"),
-    detector: Path | None = typer.Option(
-        None, help="a detector bundle (explainer calibrate --out BUNDLE), or BUNDLE@sha256:HEX to load only that one"),
-    model: str | None = typer.Option(
-        None, help="a built-in model, when no --detector: mnist (default) | resnet18 | mobilenet_v2"),
+    detector: str | None = typer.Option(None, help=DETECTOR_HELP + " (default: mnist)"),
     weights: Path | None = typer.Option(None, help="a built-in model's weights (state dict)"),
     calibration: Path | None = typer.Option(None, help="a built-in model's calibration JSON (default: the shipped)"),
     method: str | None = typer.Option(None, help="explanation method (default: the calibration's)"),
@@ -110,7 +110,7 @@ def detect(
     from worker.detect import detect_requests
     from worker.verdicts import VerdictWriter
 
-    det = _open_detector(detector, model, weights, calibration, device, trust_code)
+    det = _open_detector(detector, weights, calibration, device, trust_code)
     if method:
         from dataclasses import replace
 
@@ -454,8 +454,8 @@ def serve(
     metrics_port: int | None = typer.Option(
         None, help="port of Ray's Prometheus metrics endpoint when serve starts Ray (default: a free one, printed)"),
     detector: list[str] | None = typer.Option(
-        None, help="a detector bundle (PATH, or PATH@sha256:HEX to serve only that one) or built-in model name to "
-        "serve, instead of the config's (repeatable: a request's model field picks one by name)"),
+        None, help=DETECTOR_HELP + ", to serve instead of the config's (repeatable: a request's model field picks "
+        "one by name)"),
     trust_code: bool = typer.Option(False, help=TRUST_HELP),
     fpr: float | None = typer.Option(
         None, help="the operating point every served detector decides at, as a target false-positive rate its "
@@ -522,7 +522,8 @@ def feed(
     source: str = typer.Option("mnist", help="mnist (held-out test digits) | adversarial (shipped) | a folder"),
     attack: str | None = typer.Option(None, help="make adversarials on the fly with this attack (pgd, bim, ...)"),
     encoding: str = typer.Option("raw", help="raw | png | jpeg"),
-    model: str = typer.Option("mnist", help="the served detector that judges them (a request's model field)"),
+    detector: str = typer.Option("mnist", help="the name of the served detector that judges them (each request's "
+                                 "model field)"),
 ) -> None:
     """Push images into the image stream."""
     from pipeline import load_adversarial_digits, load_sample_digits
@@ -551,8 +552,8 @@ def feed(
         images, ids = [read_image_file(p) for p in files], [p.name for p in files]
     client = connect_with_password(resolve_redis_url(redis_url), redis_password_file)
     stream_ids = push_images(client, StreamNames(), images, ids=ids,
-                             encoding=encoding, model=model)
-    console.print(f"pushed {len(stream_ids)} images for {model} to explainer:images")
+                             encoding=encoding, model=detector)
+    console.print(f"pushed {len(stream_ids)} images for {detector} to explainer:images")
 
 
 @app.command()
