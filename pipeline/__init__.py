@@ -8,8 +8,9 @@ names exported here.
 from pipeline.bundle import bundle_digest, check_detector_name, split_pin
 from pipeline.calibration import DEFAULT_FPRS, Calibration, OperatingPoint, fpr_label
 from pipeline.config import DetectorConfig
+from pipeline.decision import RULES, Decider, DetectionResult, Explained
 from pipeline.denoise import NLMParams, denoise_batch
-from pipeline.detector import DetectionResult, Detector, Explained
+from pipeline.detector import Detector
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import ImageTooLargeError, InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
@@ -48,7 +49,9 @@ __all__ = [
     "SIGNALS",
     "MAX_DECODE_BYTES",
     "AdversarialDigits",
+    "RULES",
     "Calibration",
+    "Decider",
     "DetectionResult",
     "Detector",
     "DetectorConfig",

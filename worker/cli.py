@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import DEFAULT_FPRS, InputError, fpr_label
+from pipeline import DEFAULT_FPRS, RULES, InputError, fpr_label
 from worker import wire
 from worker.embedded import DEFAULT_CONFIG
 from worker.local_redis import resolve_redis_url
@@ -122,8 +122,8 @@ def detect(
             det = Detector(det.model, replace(det.config, method=method), det.calibration)
         except ValueError as exc:
             fail(str(exc))
-    if rule not in (None, "calibrated", "sign"):
-        fail(f"unknown rule {rule!r}; use calibrated or sign")
+    if rule is not None and rule not in RULES:
+        fail(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
     if rule != "sign" and det.calibration is None:
         fail(f"{det.model.name} has no calibration: calibrate it (explainer calibrate --model {det.model.name} "
              "--images-dir CLEAN --out BUNDLE) or ask for the paper's sign rule by name (--rule sign)")

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline import DetectionResult, Detector, Explained, ImageTooLargeError, InputError, decode_image
+from pipeline import RULES, DetectionResult, Detector, Explained, ImageTooLargeError, InputError, decode_image
 from worker import wire
 from worker.detect import detect_requests, load_served_detectors
 from worker.streams import (
@@ -560,8 +560,8 @@ class Ingress:
             body += chunk
             if len(body) > self.max_body_bytes:
                 raise HTTPException(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
-        if rule not in (None, "calibrated", "sign"):
-            raise HTTPException(422, f"unknown rule {rule!r}; use calibrated or sign")
+        if rule is not None and rule not in RULES:
+            raise HTTPException(422, f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
         if fpr is not None:
             try:
                 remote.local.calibration.point(fpr)
