@@ -5,12 +5,12 @@ It imports neither Redis nor Ray nor the evaluation harness; the streaming worke
 names exported here.
 """
 
-from pipeline.bundle import bundle_digest, check_detector_name, split_pin
+from pipeline.bundle import bundle_digest, check_detector_name, load_decider, split_pin
 from pipeline.calibration import DEFAULT_FPRS, Calibration, OperatingPoint, fpr_label
 from pipeline.config import DetectorConfig
 from pipeline.decision import RULES, Decider, DetectionResult, Explained
 from pipeline.denoise import NLMParams, denoise_batch
-from pipeline.detector import Detector
+from pipeline.detector import Detector, denoise_prepared, pretrained_decider
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import ImageTooLargeError, InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
@@ -75,11 +75,13 @@ __all__ = [
     "default_config",
     "default_folds",
     "denoise_batch",
+    "denoise_prepared",
     "explain",
     "fpr_label",
     "image_files",
     "keep_allocations_mapped",
     "load_adversarial_digits",
+    "load_decider",
     "load_model",
     "load_network",
     "load_sample_digits",
@@ -89,6 +91,7 @@ __all__ = [
     "passes_per_image",
     "predict_and_explain",
     "preset",
+    "pretrained_decider",
     "read_image_file",
     "split_pin",
     "to_float_batch",

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.calibration import Calibration
 from pipeline.config import DetectorConfig
+from pipeline.decision import Decider
 from pipeline.models import TargetModel, load_model, wrap_network
 from pipeline.models.source import bundle_file, load_network, save_network, sha256, source_from_record
 
@@ -159,30 +160,10 @@ def save_bundle(model: TargetModel, config: DetectorConfig, calibration: Calibra
     return folder
 
 
-def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None,
-                trust_code: bool = False, digest: str | None = None,
-                ) -> tuple[TargetModel, DetectorConfig, Calibration | None]:
-    """The model, config and calibration of the detector a bundle holds. ``weights``: a built-in model's weights
-    file (a bundle of a user's model carries its own); ``device``: where the model runs (default CPU);
-    ``trust_code``: allow a bundle whose network is code (a factory, a torch.export program, TorchScript:
-    :func:`pipeline.models.source.source_from_record`); ``digest``: refuse any bundle but the one pinned
-    (:func:`bundle_digest`)."""
-    folder = Path(folder)
+def _read_spec(folder: Path, digest: str | None) -> tuple[dict, str, DetectorConfig, Calibration | None]:
+    """The manifest, name, config and calibration of a bundle: everything but its network."""
     manifest = read_manifest(folder, digest)
     name = check_detector_name(manifest["name"])
-    spec = manifest["model"]
-    source = source_from_record(spec["source"], folder, weights, trust_code)
-    if source.kind == "builtin":
-        model = load_model(source.ref, source.weights)
-        model.name = name
-    else:
-        normalize = spec.get("normalize")
-        model = wrap_network(
-            load_network(source), name=name, input_size=int(spec["input_size"]), channels=int(spec["channels"]),
-            normalize=None if normalize is None else (normalize["mean"], normalize["std"]),
-            explain_layer=spec.get("explain_layer"), resize_to=spec.get("resize_to"), source=source)
-    if device:
-        model.to(device)
     config = DetectorConfig.from_dict(manifest["config"])
     calibration = None
     if manifest.get("calibration") is not None:
@@ -196,4 +177,37 @@ def load_bundle(folder: str | Path, weights: str | Path | None = None, device: s
         if calibration.config and DetectorConfig.from_dict(calibration.config) != config:
             raise ValueError(f"{folder}: the calibration was made with another configuration than the bundle's "
                              "(recalibrate and save the bundle again)")
+    return manifest, name, config, calibration
+
+
+def load_decider(folder: str | Path, digest: str | None = None) -> Decider:
+    """What deciding needs of a bundle, its name, config and calibration, without loading its network: JSON
+    alone, so it needs no trust (``digest`` pins the bundle as :func:`load_bundle` does)."""
+    _, name, config, calibration = _read_spec(Path(folder), digest)
+    return Decider(name, config, calibration)
+
+
+def load_bundle(folder: str | Path, weights: str | Path | None = None, device: str | None = None,
+                trust_code: bool = False, digest: str | None = None,
+                ) -> tuple[TargetModel, DetectorConfig, Calibration | None]:
+    """The model, config and calibration of the detector a bundle holds. ``weights``: a built-in model's weights
+    file (a bundle of a user's model carries its own); ``device``: where the model runs (default CPU);
+    ``trust_code``: allow a bundle whose network is code (a factory, a torch.export program, TorchScript:
+    :func:`pipeline.models.source.source_from_record`); ``digest``: refuse any bundle but the one pinned
+    (:func:`bundle_digest`)."""
+    folder = Path(folder)
+    manifest, name, config, calibration = _read_spec(folder, digest)
+    spec = manifest["model"]
+    source = source_from_record(spec["source"], folder, weights, trust_code)
+    if source.kind == "builtin":
+        model = load_model(source.ref, source.weights)
+        model.name = name
+    else:
+        normalize = spec.get("normalize")
+        model = wrap_network(
+            load_network(source), name=name, input_size=int(spec["input_size"]), channels=int(spec["channels"]),
+            normalize=None if normalize is None else (normalize["mean"], normalize["std"]),
+            explain_layer=spec.get("explain_layer"), resize_to=spec.get("resize_to"), source=source)
+    if device:
+        model.to(device)
     return model, config, calibration

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.bundle import check_detector_name, load_bundle, save_bundle
+from pipeline.bundle import check_detector_name, load_bundle, load_decider, save_bundle
 from pipeline.calibration import Calibration, fit_calibration
 from pipeline.config import DetectorConfig
 from pipeline.decision import Decider, DetectionResult, Explained
-from pipeline.denoise import denoise_batch
+from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.errors import InputError
 from pipeline.explain import GRADIENT_ONLY_METHODS, predict_and_explain
 from pipeline.inputs import image_layout, pixels_to_float, to_float_batch, to_uint8_batch, to_uint8_hwc
@@ -37,6 +37,32 @@ LAYER_METHODS = frozenset({"gradcam", "guided_gradcam"})
 
 def _is_uint8(images: object) -> bool:
     return isinstance(images, np.ndarray) and images.dtype == np.uint8
+
+
+def denoise_prepared(x: np.ndarray, nlm: NLMParams, workers: int | None = None) -> np.ndarray:
+    """NLM-denoised copy of a prepared batch (N, C, H, W), float32 or uint8 pixels as given (:meth:`Detector.denoise`;
+    the Serve app's Denoiser calls this with the detector's NLM parameters alone)."""
+    pixels = x.dtype == np.uint8
+    out = denoise_batch(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if pixels else to_uint8_hwc(x), nlm,
+                        workers=workers)
+    out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    return out if pixels else pixels_to_float(out)
+
+
+def pretrained_decider(name: str, calibration: str | Path | None = None, shipped: bool = True) -> Decider:
+    """What deciding needs of the built-in detector ``name``, without its network: its shipped bundle's config
+    and calibration (``shipped``), or ``calibration``'s file and config, or its preset uncalibrated."""
+    bundle = SHIPPED_BUNDLES / name
+    if calibration is None and shipped and (bundle / "detector.json").is_file():
+        return load_decider(bundle)
+    if calibration is not None:
+        if not Path(calibration).exists():
+            raise FileNotFoundError(f"calibration file not found: {calibration}")
+        cal = Calibration.load(calibration)
+        return Decider(name, DetectorConfig.from_dict(cal.config), cal)
+    from pipeline.presets import default_config  # presets import the config, which this module imports
+
+    return Decider(name, default_config(name))
 
 
 def _offset_progress(report, skipped: int, done: int) -> None:
@@ -98,18 +124,8 @@ class Detector:
         model = load_model(name, weights, random_init=random_init)
         if device:
             model.to(device)
-        cal = None
-        if calibration is not None:
-            if not Path(calibration).exists():
-                raise FileNotFoundError(f"calibration file not found: {calibration}")
-            cal = Calibration.load(calibration)
-        if cal:
-            config = DetectorConfig.from_dict(cal.config)
-        else:
-            from pipeline.presets import default_config  # presets import the config, which this module imports
-
-            config = default_config(name)
-        return cls(model, config, cal)
+        decider = pretrained_decider(name, calibration, shipped=False)
+        return cls(model, decider.config, decider.calibration)
 
     @classmethod
     def from_model(
@@ -218,11 +234,7 @@ class Detector:
         """NLM-denoised copy of a prepared batch (CPU, OpenCV thread pool of ``workers`` threads, default one
         per core), (N, C, H, W): float32 for a float batch, uint8 pixels for pixels (``prepare(as_pixels=True)``;
         NLM works on uint8 either way, so the two agree exactly)."""
-        pixels = x.dtype == np.uint8
-        out = denoise_batch(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if pixels else to_uint8_hwc(x),
-                            self.config.nlm, workers=workers)
-        out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-        return out if pixels else pixels_to_float(out)
+        return denoise_prepared(x, self.config.nlm, workers)
 
     def explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         """Predictions and explanation maps for originals and denoised copies in one batch of 2N images, all

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from pipeline import Detector, InputError, keep_allocations_mapped
+from pipeline import Decider, Detector, InputError, keep_allocations_mapped, load_decider, pretrained_decider
 from worker import wire
 
 VERDICT_FIELDS = (
@@ -161,15 +161,35 @@ def load_served_detectors(refs: list[dict], device: str | None = None) -> dict[s
     (pipeline.runtime). A served detector decides with its calibration, so one without, or without the
     operating point asked for, is refused here, when the worker starts."""
     keep_allocations_mapped()
-    out: dict[str, Detector] = {}
-    for ref in refs:
+
+    def load(ref: dict) -> Detector:
         if "bundle" in ref:
-            det = Detector.load(ref["bundle"], device=device, trust_code=ref.get("trust_code", False),
-                                digest=ref.get("digest"))
-        else:
-            det = Detector.from_pretrained(ref["model"], weights=ref.get("weights"),
-                                           calibration=ref.get("calibration"), device=device)
-        name = det.model.name
+            return Detector.load(ref["bundle"], device=device, trust_code=ref.get("trust_code", False),
+                                 digest=ref.get("digest"))
+        return Detector.from_pretrained(ref["model"], weights=ref.get("weights"), calibration=ref.get("calibration"),
+                                        device=device)
+
+    return _served(refs, load)
+
+
+def load_served_deciders(refs: list[dict]) -> dict[str, Decider]:
+    """What the stages that never run the model need of the same detectors (the refs of
+    :func:`load_served_detectors`): each one's config, calibration and operating point, its network not loaded."""
+    def load(ref: dict) -> Decider:
+        if "bundle" in ref:
+            return load_decider(ref["bundle"], digest=ref.get("digest"))
+        return pretrained_decider(ref["model"], ref.get("calibration"))
+
+    return _served(refs, load)
+
+
+def _served(refs: list[dict], load: Callable[[dict], Detector | Decider]) -> dict:
+    """``load`` of each ref by its name, checked as every stage checks them: names unique, each calibrated, each
+    at its operating point."""
+    out: dict = {}
+    for ref in refs:
+        det = load(ref)
+        name = det.decider.name if isinstance(det, Detector) else det.name
         if name in out:
             raise ValueError(f"two served detectors are named {name!r}: requests pick a detector by name, so each "
                              "needs its own (explainer calibrate --name)")

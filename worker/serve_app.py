@@ -36,9 +36,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline import RULES, DetectionResult, Detector, Explained, ImageTooLargeError, InputError, decode_image
+from pipeline import (
+    RULES,
+    DetectionResult,
+    Detector,
+    Explained,
+    ImageTooLargeError,
+    InputError,
+    decode_image,
+    denoise_prepared,
+)
 from worker import wire
-from worker.detect import detect_requests, load_served_detectors
+from worker.detect import detect_requests, load_served_deciders, load_served_detectors
 from worker.streams import (
     PASSWORD_ENV,
     StreamConsumer,
@@ -158,13 +167,14 @@ class Denoiser(StageStats):
     """OpenCV non-local means over a whole prepared batch (CPU; OpenCV's threads release the GIL)."""
 
     def __init__(self, detectors: list[dict], nlm_threads: int | None = None) -> None:
-        self.detectors = load_served_detectors(detectors)
+        # each detector's NLM parameters: all this stage uses (no network is loaded here)
+        self.nlm = {name: d.config.nlm for name, d in load_served_deciders(detectors).items()}
         self.nlm_threads = nlm_threads
         self._init_stats()
 
     async def __call__(self, x: np.ndarray, model: str) -> np.ndarray:
         with self._timed(len(x)):
-            return self.detectors[model].denoise(x, workers=self.nlm_threads)
+            return denoise_prepared(x, self.nlm[model], workers=self.nlm_threads)
 
 
 def _images_in(originals: list[np.ndarray]) -> int:
@@ -316,14 +326,14 @@ class Scorer(StageStats):
     """Entropy of every map, the calibrated score and the decision (CPU)."""
 
     def __init__(self, detectors: list[dict]) -> None:
-        self.detectors = load_served_detectors(detectors)
+        self.deciders = load_served_deciders(detectors)  # config and calibration: no network is loaded here
         self._init_stats()
 
     async def __call__(self, explained: Explained, model: str, rule: str | None = None, return_maps: bool = False,
                        fpr: float | None = None):
         """``fpr``: decide at that operating point of the calibration (None: the deployment's, AppArgs.fpr)."""
         with self._timed(len(explained.probs) // 2):
-            return self.detectors[model].decide(explained, rule, return_maps, fpr)
+            return self.deciders[model].decide(explained, rule, return_maps, fpr)
 
 
 @dataclass
