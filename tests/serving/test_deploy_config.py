@@ -216,3 +216,28 @@ def test_every_entry_point_takes_the_stream_knobs_from_one_settings_type():
         with pytest.raises(ValidationError, match=next(iter(bad))):
             AppArgs.model_validate(bad)
     assert AppArgs.model_validate({"batch": 256}).stream_settings().given() == {"batch": 256}
+
+
+def test_the_stages_that_never_run_the_model_load_no_network(monkeypatch):
+    """The Denoiser needs each detector's NLM parameters and the Scorer its config and calibration: they load
+    those alone (worker.detect.load_served_deciders), never a network, and agree with what the Explainer loads."""
+    from pathlib import Path
+
+    import pipeline
+    import pipeline.bundle
+    import pipeline.detector
+    from worker.detect import load_served_deciders, load_served_detectors
+
+    refs = [{"model": "mnist", "fpr": 0.01},
+            {"bundle": str(Path(pipeline.__file__).parent / "assets" / "detectors" / "mobilenet_v2"), "digest": None}]
+    full = load_served_detectors(refs[:1])
+
+    def no_network(*_, **__):
+        raise AssertionError("a network was loaded")
+
+    monkeypatch.setattr(pipeline.bundle, "load_model", no_network)
+    monkeypatch.setattr(pipeline.detector, "load_model", no_network)
+    deciders = load_served_deciders(refs)
+    assert set(deciders) == {"mnist", "mobilenet_v2"} and deciders["mnist"].fpr == 0.01
+    assert deciders["mnist"].config == full["mnist"].config
+    assert deciders["mnist"].calibration == full["mnist"].calibration
