@@ -1,5 +1,5 @@
 """CPU time of every process on this machine, grouped by the part of the stack it is (a Serve replica, Ray's own
-processes, redis-server), from /proc: what ``explainer bench`` and ``scripts/profile_streaming.py`` read before
+processes, redis-server), from /proc: what ``explainer bench`` reads before
 and after a streaming burst to say where its CPU went. Linux only; elsewhere it reads nothing."""
 
 from __future__ import annotations

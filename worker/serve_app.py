@@ -138,7 +138,7 @@ class StageStats:
     """Per-replica counters of a stage's own work (calls, images, wall and thread-CPU seconds inside it), so a
     profile can tell a stage that is busy from one that waits: ``stats()`` on any stage's handle. ``cpu_s`` is
     the calling thread's CPU only: torch's and OpenCV's worker threads are not in it (a process's whole CPU is
-    in /proc, which scripts/profile_streaming.py reads too). Calls that overlap (the Explainer's concurrent
+    in /proc, which ``explainer bench`` reads). Calls that overlap (the Explainer's concurrent
     batches) each add their own wall time, so ``busy_s`` can exceed the wall time of a burst."""
 
     def _init_stats(self) -> None:

@@ -1,4 +1,4 @@
-"""Reliability scenarios under faults and bad input, with real processes (issue 6).
+"""Reliability scenarios under faults and bad input, with real processes.
 
 Each scenario starts its own password-protected redis-server (AOF on, loopback), real worker processes
 (``worker.standalone``) or a real Ray Serve application, injects one kind of fault, and returns the

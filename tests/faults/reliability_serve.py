@@ -1,4 +1,4 @@
-"""Reliability scenarios for the Ray Serve deployment (issue 6): SIGKILL a Serve replica mid-stream, SIGTERM
+"""Reliability scenarios for the Ray Serve deployment: SIGKILL a Serve replica mid-stream, SIGTERM
 ``explainer serve`` under load, and the HTTP route's limits. See :mod:`reliability` for the others."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 6, fault 5: a producer far faster than the worker; the trimming policy never drops unread entries."""
+"""A producer far faster than the worker; the trimming policy never drops unread entries."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6, fault 3: 1,000 bad entries interleaved 1:1 with valid images, into one worker process."""
+"""1,000 bad entries interleaved 1:1 with valid images, into one worker process."""
 
 from __future__ import annotations
 

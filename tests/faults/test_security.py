@@ -1,4 +1,4 @@
-"""Issue 6, item 6: AUTH and TLS end to end, weights_only loading, msgpack limits. (The HTTP route's body limit
+"""AUTH and TLS end to end, weights_only loading, msgpack limits. (The HTTP route's body limit
 and 4xx for non-images: tests/test_serve.py::test_http_route_answers, and test_serve_faults.py here.)"""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 6 with Ray Serve: kill -9 a replica mid-stream; SIGTERM ``explainer serve`` under load. Each starts its
+"""Faults with Ray Serve: kill -9 a replica mid-stream; SIGTERM ``explainer serve`` under load. Each starts its
 own Ray (a minute or more on 2 cores), so both are ``slow``: ``python -m pytest tests/faults -m slow``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 6, faults 1, 2 and 4 with worker processes: kill -9 a consumer, restart redis-server, SIGTERM."""
+"""Faults with worker processes: kill -9 a consumer, restart redis-server, SIGTERM."""
 
 from __future__ import annotations
 

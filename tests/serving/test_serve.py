@@ -86,7 +86,7 @@ def test_200_messages_give_200_verdicts_equal_to_in_process(stack, client, digit
 
 
 def test_each_stage_counts_its_own_work(stack, client, digits):
-    """StageStats: what scripts/profile_streaming.py reads to tell a busy stage from a waiting one."""
+    """StageStats: what a profile reads to tell a busy stage from a waiting one."""
     from ray import serve
 
     def stats():
