@@ -460,6 +460,9 @@ def serve(
     fpr: float | None = typer.Option(
         None, help="the operating point every served detector decides at, as a target false-positive rate its "
         "calibration holds, e.g. 0.01 (default: each calibration's own)"),
+    alert_window: str | None = typer.Option(
+        None, help="K/N: one alert when K of the last N images of one source are flagged, e.g. 3/10 (default: an "
+        "alert per flagged image)"),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
     import signal
@@ -479,6 +482,15 @@ def serve(
         if not 0 < fpr < 1:
             fail(f"--fpr: a target false-positive rate lies in (0, 1), got {fpr}")
         overrides["fpr"] = fpr
+    if alert_window is not None:
+        from worker.streams import StreamSettings
+
+        k, _, n = alert_window.partition("/")
+        try:
+            settings = StreamSettings(alert_k=int(k), alert_n=int(n))
+        except ValueError as exc:
+            fail(f"--alert-window {alert_window}: K/N, 1 ≤ K ≤ N ({exc})")
+        overrides.update(alert_k=settings.alert_k, alert_n=settings.alert_n)
     if http_token_file is not None:
         overrides["http_token_file"] = str(http_token_file.resolve())
     if redis_password_file is not None:
@@ -522,6 +534,8 @@ def feed(
     source: str = typer.Option("mnist", help="mnist (held-out test digits) | adversarial (shipped) | a folder"),
     attack: str | None = typer.Option(None, help="make adversarials on the fly with this attack (pgd, bim, ...)"),
     encoding: str = typer.Option("raw", help="raw | png | jpeg"),
+    camera: str | None = typer.Option(None, help="the source id (camera or feed) every image carries: the "
+                                      "request's source field, which alert windows count by"),
     detector: str = typer.Option("mnist", help="the name of the served detector that judges them (each request's "
                                  "model field)"),
 ) -> None:
@@ -552,7 +566,7 @@ def feed(
         images, ids = [read_image_file(p) for p in files], [p.name for p in files]
     client = connect_with_password(resolve_redis_url(redis_url), redis_password_file)
     stream_ids = push_images(client, StreamNames(), images, ids=ids,
-                             encoding=encoding, model=detector)
+                             encoding=encoding, model=detector, source=camera)
     console.print(f"pushed {len(stream_ids)} images for {detector} to explainer:images")
 
 
@@ -586,7 +600,7 @@ def watch(
         pubsub.subscribe(names.alerts)
         console.print(f"watching {names.alerts} (Ctrl-C to stop)")
         for message in pubsub.listen():
-            show(wire.decode_verdict(message["data"]))
+            show(wire.decode_alert(message["data"]))
     except KeyboardInterrupt:
         pass
 

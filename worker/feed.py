@@ -57,9 +57,11 @@ def push_images(
     heatmap: bool = False,
     max_backlog: int | None = None,
     backlog_wait_s: float = 30.0,
+    source: str | None = None,
 ) -> list[str]:
     """XADD one request per image (field ``data``), ``pipeline_size`` per round trip; returns the stream
-    ids in order. ``ids`` default to random UUIDs; ``meta["enqueued_at"]`` is set to the time of pushing.
+    ids in order. ``ids`` default to random UUIDs; ``meta["enqueued_at"]`` is set to the time of pushing;
+    ``source``: the camera or feed id every request carries (alert windows count per source).
 
     ``max_backlog``: before each round trip, wait (up to ``backlog_wait_s``) until the image stream holds fewer
     than this many entries, else raise :class:`BacklogFull`. Nothing already in the stream is ever dropped.
@@ -95,7 +97,7 @@ def push_images(
                 raise ValueError("more images than ids")
             rid = uuid.uuid4().hex
         m = {**(meta or {}), "enqueued_at": time.time()}
-        data = wire.encode_request(rid, image, encoding=encoding, model=model, heatmap=heatmap, meta=m)
+        data = wire.encode_request(rid, image, encoding=encoding, model=model, heatmap=heatmap, meta=m, source=source)
         pipe.xadd(names.images, {"data": data})
         pending += 1
         if pending >= pipeline_size:

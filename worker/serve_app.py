@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, create_model, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -592,12 +592,12 @@ class Ingress:
         return out
 
 
-def _stream_knob(name: str):
-    default, help = StreamSettings.knobs()[name]
-    return Field(default, description=help)
+# the stream's knobs as Serve args, one field per StreamSettings knob (its name, default and help; checked there)
+StreamArgs = create_model("StreamArgs", **{name: (int, Field(default, description=help))
+                                           for name, (default, help) in StreamSettings.knobs().items()})
 
 
-class AppArgs(BaseModel):
+class AppArgs(StreamArgs):
     """The application's ``args``, as ``serve run``, ``serve deploy`` and KubeRay pass them to :func:`build_app`
     from the YAML. An unknown or misspelt key is an error that names it. The Redis password never goes here:
     the replicas read it from the environment variable ``EXPLAINER_REDIS_PASSWORD`` or from
@@ -621,14 +621,6 @@ class AppArgs(BaseModel):
     redis_password_file: str | None = Field(None, description="a file holding the Redis password")
     streams: dict[str, str] | None = Field(None, description="stream and group names (worker.streams.StreamNames)")
     consumers: int = Field(2, ge=1, description="consumer-group members per Ingress replica")
-    # the stream's knobs: their names, defaults and checks are worker.streams.StreamSettings'
-    batch: int = _stream_knob("batch")
-    block_ms: int = _stream_knob("block_ms")
-    claim_idle_ms: int = _stream_knob("claim_idle_ms")
-    max_deliveries: int = _stream_knob("max_deliveries")
-    verdict_maxlen: int = _stream_knob("verdict_maxlen")
-    dead_maxlen: int = _stream_knob("dead_maxlen")
-    done_ttl_s: int = _stream_knob("done_ttl_s")
     max_body_bytes: int = Field(MAX_HTTP_BODY, ge=1, description="largest POST /detect body")
     stage_timeout_s: float = Field(STAGE_TIMEOUT_S, gt=0, description="a stage call abandoned after this long")
     http_token_file: str | None = Field(None, description="a file holding the bearer token POST /detect requires "

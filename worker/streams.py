@@ -57,6 +57,8 @@ class StreamNames:
     alerts: str = "explainer:alerts"  # pub/sub channel for adversarial verdicts
     all_verdicts_channel: str | None = None  # pub/sub channel for every verdict, when set
     done_prefix: str = "explainer:done:"  # idempotency keys: <done_prefix><image stream id>
+    episodes: str = "explainer:episodes"  # alert episodes of the window policy, kept as a stream too
+    window_prefix: str = "explainer:window:"  # the window policy's state: <window_prefix><source>, a hash
 
     @classmethod
     def with_prefix(cls, prefix: str, **kw: Any) -> StreamNames:
@@ -68,6 +70,8 @@ class StreamNames:
             dead=f"{prefix}:dead",
             alerts=f"{prefix}:alerts",
             done_prefix=f"{prefix}:done:",
+            episodes=f"{prefix}:episodes",
+            window_prefix=f"{prefix}:window:",
             **kw,
         )
 
@@ -147,17 +151,51 @@ def _id_tuple(x: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# KEYS: verdicts, images, done_1..done_n. ARGV: group, maxlen, ttl, alerts, all_channel, then per result
-# (stream id, verdict bytes, "1" if adversarial else "0"). Returns 1 per written verdict, 0 per duplicate.
+# KEYS: verdicts, images, episodes, done_1..done_n, window_1..window_n (each result's source's window hash). ARGV:
+# group, maxlen, ttl, alerts, all_channel, alert_k, alert_n, alert_idle_s, now, then per result (stream id,
+# verdict bytes, "1" if adversarial else "0", source or "", request id). Returns 1 per written verdict, 0 per
+# duplicate, then the number of episodes it opened. A source's window changes only with a verdict written under
+# the entry's idempotency key, so a redelivered entry never counts twice.
 _PUBLISH_LUA = """
-local verdicts, images = KEYS[1], KEYS[2]
+local verdicts, images, episodes = KEYS[1], KEYS[2], KEYS[3]
 local group, maxlen, ttl, alerts, allch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local k, n, idle, at = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local count = (#KEYS - 3) / 2
 local out = {}
-for i = 1, #KEYS - 2 do
-  local sid, data, adv = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i]
-  if redis.call('SET', KEYS[2 + i], sid, 'NX', 'EX', ttl) then
+local opened = 0
+for i = 1, count do
+  local a = 9 + 5 * (i - 1)
+  local sid, data, adv, source, rid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  if redis.call('SET', KEYS[3 + i], sid, 'NX', 'EX', ttl) then
     redis.call('XADD', verdicts, 'MAXLEN', '~', maxlen, '*', 'data', data)
-    if adv == '1' and alerts ~= '' then redis.call('PUBLISH', alerts, data) end
+    if k == 0 then
+      if adv == '1' and alerts ~= '' then redis.call('PUBLISH', alerts, data) end
+    elseif source ~= '' then
+      -- the window policy: the last n verdicts of this source, newest first; an episode opens when k of them
+      -- are flagged (one alert, with the flagged entries) and closes when none is
+      local key = KEYS[3 + count + i]
+      local packed = redis.call('HGET', key, 'w')
+      local window = packed and cmsgpack.unpack(packed) or {}
+      table.insert(window, 1, {adv == '1' and 1 or 0, rid, sid})
+      while #window > n do table.remove(window) end
+      local flagged = {}
+      for _, e in ipairs(window) do
+        if e[1] == 1 then table.insert(flagged, {id = e[2], stream_id = e[3]}) end
+      end
+      local open = redis.call('HGET', key, 'open')
+      if #flagged >= k and not open then
+        redis.call('HSET', key, 'open', at)
+        local alert = cmsgpack.pack({v = 1, kind = 'episode', source = source, k = k, n = n,
+                                     at = tonumber(at), entries = flagged})
+        redis.call('XADD', episodes, 'MAXLEN', '~', maxlen, '*', 'data', alert)
+        if alerts ~= '' then redis.call('PUBLISH', alerts, alert) end
+        opened = opened + 1
+      elseif #flagged == 0 and open then
+        redis.call('HDEL', key, 'open')
+      end
+      redis.call('HSET', key, 'w', cmsgpack.pack(window))
+      redis.call('EXPIRE', key, idle)
+    end
     if allch ~= '' then redis.call('PUBLISH', allch, data) end
     out[i] = 1
   else
@@ -165,6 +203,7 @@ for i = 1, #KEYS - 2 do
   end
   redis.call('XACK', images, group, sid)
 end
+out[count + 1] = opened
 return out
 """
 
@@ -202,6 +241,9 @@ class StreamEvents:
         """Writing a batch's verdicts failed (``error``: the exception's type); they are retried."""
 
 
+MAX_WINDOW = 256  # images an alert window may span: a source's state is at most this many short entries
+
+
 def _knob(default: int, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -219,14 +261,26 @@ class StreamSettings:
     verdict_maxlen: int = _knob(100_000, "cap of the verdict stream (MAXLEN ~)")
     dead_maxlen: int = _knob(100_000, "cap of the dead-letter stream (MAXLEN ~)")
     done_ttl_s: int = _knob(24 * 3600, "how long an image's idempotency key lives, in s")
+    alert_k: int = _knob(0, "the window policy: alert when alert_k of the last alert_n images of one source are "
+                            "flagged (0: an alert per flagged image)")
+    alert_n: int = _knob(0, "the window policy's window, in images of one source (at most 256)")
+    alert_idle_s: int = _knob(3600, "a source's window is forgotten after this many seconds without an image")
 
     def __post_init__(self) -> None:
         least = {"batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1, "done_ttl_s": 1,
-                 "block_ms": 0, "claim_idle_ms": 0}
+                 "block_ms": 0, "claim_idle_ms": 0, "alert_k": 0, "alert_n": 0, "alert_idle_s": 1}
         for name, low in least.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"stream setting {name} must be an integer ≥ {low}, got {value!r}")
+        if (self.alert_k == 0) != (self.alert_n == 0) or self.alert_k > self.alert_n or self.alert_n > MAX_WINDOW:
+            raise ValueError(f"stream settings alert_k and alert_n: both 0 (an alert per flagged image), or "
+                             f"1 ≤ alert_k ≤ alert_n ≤ {MAX_WINDOW}; got {self.alert_k} and {self.alert_n}")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether alerts follow the window policy (k of the last n images of one source)."""
+        return self.alert_k > 0
 
     @classmethod
     def knobs(cls) -> dict[str, tuple[int, str]]:
@@ -268,6 +322,7 @@ class StreamConsumer:
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self.stats = {
             "read": 0, "reclaimed": 0, "published": 0, "duplicates": 0, "dead": 0, "trimmed": 0, "connection_errors": 0,
+            "episodes": 0,
         }
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -370,26 +425,26 @@ class StreamConsumer:
         (redelivery: only acked)."""
         if not results:
             return []
-        n = self.names
-        keys = [n.verdicts, n.images]
-        args: list[Any] = [
-            n.group,
-            self.settings.verdict_maxlen,
-            self.settings.done_ttl_s,
-            n.alerts or "",
-            n.all_verdicts_channel or "",
-        ]
+        n, st = self.names, self.settings
+        args: list[Any] = [n.group, st.verdict_maxlen, st.done_ttl_s, n.alerts or "", n.all_verdicts_channel or "",
+                           st.alert_k, st.alert_n, st.alert_idle_s, repr(time.time())]
+        windows = []
         for sid, verdict in results:
-            keys.append(f"{n.done_prefix}{sid}")
-            args += [sid, wire.encode_verdict(verdict), "1" if verdict.get("is_adversarial") else "0"]
+            source = verdict.get("source") or ""
+            windows.append(f"{n.window_prefix}{source}")
+            args += [sid, wire.encode_verdict(verdict), "1" if verdict.get("is_adversarial") else "0", source,
+                     verdict["id"]]
+        keys = [n.verdicts, n.images, n.episodes, *(f"{n.done_prefix}{sid}" for sid, _ in results), *windows]
         try:
-            written = [bool(x) for x in self._publish_script(keys=keys, args=args)]
+            *flags, opened = self._publish_script(keys=keys, args=args)
+            written = [bool(x) for x in flags]
         except Exception as exc:
             self._report(self.events.publish_failed, "OOM" if is_out_of_memory(exc) else type(exc).__name__)
             raise
         self._report(self.events.published, [v for _, v in results], written)
         self.stats["published"] += sum(written)
         self.stats["duplicates"] += len(written) - sum(written)
+        self.stats["episodes"] += int(opened)
         return written
 
     def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, kind: str = "other",
@@ -563,6 +618,8 @@ class StreamWorker:
             v.setdefault("v", wire.VERSION)
             v.setdefault("id", req.id)
             v.setdefault("model", req.model)
+            if req.source is not None:
+                v["source"] = req.source
             v["stream_id"] = sid
             # a producer's clock: trusted only within MAX_QUEUE_AGE_S before now (else the read time stands in)
             known = req.enqueued_at is not None and now - MAX_QUEUE_AGE_S <= req.enqueued_at <= now

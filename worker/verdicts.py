@@ -25,13 +25,19 @@ def printable(value: object) -> str:
 
 
 def watch_line(verdict: dict) -> str:
-    """One line of ``explainer watch`` for a verdict, as Rich markup in which only our own styling is markup."""
+    """One line of ``explainer watch`` for a verdict or an alert episode (``worker.wire.decode_alert``), as Rich
+    markup in which only our own styling is markup."""
+    if verdict.get("kind") == "episode":
+        flagged = ", ".join(printable(e.get("id")) for e in verdict.get("entries", []))
+        return (f"[red]ALERT[/red] source {printable(verdict.get('source'))}: {len(verdict.get('entries', []))} of "
+                f"its last {printable(verdict.get('n'))} images flagged ({flagged})")
+    source = f"  source {printable(verdict['source'])}" if verdict.get("source") else ""
     mark = "[red]ADVERSARIAL[/red]" if verdict.get("is_adversarial") else "[green]clean[/green]"
     if verdict.get("error"):
         mark = f"[yellow]error: {printable(verdict['error'])}[/yellow]"
     return (f"{printable(verdict.get('id'))}  model {printable(verdict.get('model'))}  class "
             f"{printable(verdict.get('predicted_class'))}  score {printable(verdict.get('score'))}  {mark}  "
-            f"{printable(verdict.get('latency_ms'))} ms")
+            f"{printable(verdict.get('latency_ms'))} ms{source}")
 
 
 COLUMNS = ("file", "model", "is_adversarial", "score", "threshold", "fpr", "rule", "predicted_class", "confidence",

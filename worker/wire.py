@@ -26,6 +26,7 @@ VERSION = 1
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024  # one whole request / verdict / dead letter
 MAX_ID_CHARS = 256
 MAX_MODEL_CHARS = 64
+MAX_SOURCE_CHARS = 128  # a camera or feed id: alert windows keep per-source state under it
 MAX_DIM = 4096  # every image side
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # H*W*C of the decoded image (raw bytes, or decompressed PNG/JPEG)
 CHANNELS = (1, 3, 4)
@@ -72,6 +73,7 @@ class Request:
     meta: dict[str, Any] = field(default_factory=dict)
     encoding: str = "raw"
     enqueued_at: float | None = None  # meta["enqueued_at"] (unix seconds) when the producer set it
+    source: str | None = None  # the camera or feed it came from: alert windows count per source
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -150,6 +152,11 @@ def _check_id(rid: str, what: str) -> None:
         raise WireError(f"{what}: field 'id' is empty")
     if len(rid) > MAX_ID_CHARS:
         raise WireError(f"{what}: field 'id' has {len(rid)} characters, limit {MAX_ID_CHARS}")
+
+
+def _check_source(source: str, what: str) -> None:
+    if not source or len(source) > MAX_SOURCE_CHARS or not source.isprintable():
+        raise WireError(f"{what}: field 'source' must have 1 to {MAX_SOURCE_CHARS} printable characters")
 
 
 def _check_shape(shape: object, what: str) -> tuple[int, ...]:
@@ -258,6 +265,7 @@ def encode_request(
     heatmap: bool = False,
     meta: dict | None = None,
     jpeg_quality: int = 95,
+    source: str | None = None,
 ) -> bytes:
     """Pack one image request. ``image``: uint8 H×W or H×W×C (C in 1, 3, 4; RGB order); ``encoding``
     "raw" sends the pixels as-is, "png"/"jpeg" compress them with OpenCV (JPEG is lossy and has no alpha)."""
@@ -303,6 +311,9 @@ def encode_request(
         "heatmap": bool(heatmap),
         "meta": meta,
     }
+    if source is not None:
+        _check_source(source, what)
+        obj["source"] = source
     data = msgpack.packb(obj, use_bin_type=True)
     if len(data) > MAX_PAYLOAD_BYTES:
         raise WireError(f"{what}: payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
@@ -328,6 +339,9 @@ def decode_request(data: bytes) -> Request:
     if not model or len(model) > MAX_MODEL_CHARS:
         raise WireError(f"{what}: field 'model' must have 1 to {MAX_MODEL_CHARS} characters")
     heatmap = _get(obj, "heatmap", bool, what, default=False, tname="a boolean")
+    source = _get(obj, "source", str, what, default=None, tname="a string")
+    if source is not None:
+        _check_source(source, what)
     meta = _get(obj, "meta", dict, what, default={}, tname="a map")
     _check_meta(meta, what)
     if "shape" in obj and obj["shape"] is not None:
@@ -351,9 +365,8 @@ def decode_request(data: bytes) -> Request:
     enqueued_at = float(enq) if isinstance(enq, (int, float)) and not isinstance(enq, bool) else None
     if enqueued_at is not None and not math.isfinite(enqueued_at):
         enqueued_at = None
-    return Request(
-        id=rid, image=arr, model=model, heatmap=heatmap, meta=meta, encoding=encoding, enqueued_at=enqueued_at
-    )
+    return Request(id=rid, image=arr, model=model, heatmap=heatmap, meta=meta, encoding=encoding,
+                   enqueued_at=enqueued_at, source=source)
 
 
 # -- verdicts ---------------------------------------------------------------------------------------------
@@ -408,6 +421,22 @@ def decode_verdict(data: bytes) -> dict:
     obj = _unpack(data, "verdict")
     _check_version(obj, "verdict")
     _get(obj, "id", str, "verdict", tname="a string")
+    return obj
+
+
+def decode_alert(data: bytes) -> dict:
+    """Unpack one message of the alerts channel: an adversarial verdict (the per-image policy), or an episode
+    (the window policy: ``kind`` "episode", with ``source``, ``k``, ``n``, ``at`` and the flagged ``entries``,
+    each ``{"id", "stream_id"}``)."""
+    obj = _unpack(data, "alert")
+    _check_version(obj, "alert")
+    if obj.get("kind") != "episode":
+        _get(obj, "id", str, "alert", tname="a string")
+        return obj
+    _get(obj, "source", str, "alert", tname="a string")
+    entries = _get(obj, "entries", list, "alert", tname="an array")
+    if not all(isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries):
+        raise WireError("alert: every entry of an episode needs its 'id'")
     return obj
 
 

@@ -125,8 +125,9 @@ TOKEN = "t0k/en#with:odd=chars"
 def stack(work, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secrets") / "http-token"
     token_file.write_text(TOKEN + "\n")
+    # and the window alert policy: one alert when 3 of a source's last 5 images are flagged
     overrides = {"detector": ["mnist", str(work / "bundle")], "trust_code": True, "block_ms": 100,
-                 "http_token_file": str(token_file)}
+                 "http_token_file": str(token_file), "alert_k": 3, "alert_n": 5}
     with embedded_stack(data_dir=tmp_path_factory.mktemp("own-stack"), http_port=free_port(),
                         overrides=overrides) as st:
         yield st
@@ -178,6 +179,25 @@ def test_requests_pick_their_detector_and_get_the_verdicts_of_detect_and_load(wo
     unknown = [d for d in dead if d.get("kind") == "unknown_model"]
     assert len(unknown) == 1 and "no-such-model" in unknown[0]["reason"] and NAME in unknown[0]["reason"]
     assert int(client.xpending(NAMES.images, NAMES.group)["pending"]) == 0
+
+
+def test_the_serve_config_alerts_once_per_episode_of_a_source(stack):
+    """The window policy set in the Serve args: a camera sending adversarials opens one episode, a clean one
+    none, and every verdict still lands, carrying its source."""
+    client = connect(stack.redis_url)
+    after, episodes_after = last_id(client, NAMES.verdicts), last_id(client, NAMES.episodes)
+    clean, adv = load_sample_digits().parity("odd").images[:10], load_adversarial_digits().images[:5]
+    push_images(client, NAMES, clean, ids=[f"lobby-{i}" for i in range(10)], source="lobby")
+    push_images(client, NAMES, adv, ids=[f"gate-{i}" for i in range(5)], source="gate")
+    ids = [f"lobby-{i}" for i in range(10)] + [f"gate-{i}" for i in range(5)]
+    got = collect_verdicts(client, NAMES, ids, after, timeout_s=120)
+    assert {got[i]["source"] for i in ids} == {"lobby", "gate"}
+    flagged_gate = [i for i in ids[10:] if got[i]["is_adversarial"]]
+    assert len(flagged_gate) >= 3
+    episodes = [wire.decode_alert(raw) for _sid, raw in iter_stream(client, NAMES.episodes, episodes_after)]
+    assert [e["source"] for e in episodes] == ["gate"]
+    entries = [e["id"] for e in episodes[0]["entries"]]  # consumers in parallel may write a source's out of order
+    assert len(entries) == 3 and set(entries) <= set(flagged_gate)
 
 
 def test_the_standalone_worker_serves_the_bundle_beside_mnist(work, tmp_path):
