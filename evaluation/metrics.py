@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.calibration import rate_ci95  # noqa: F401 - the harness's reports use it from here too
 from pipeline.detector import Detector
 from pipeline.models import TargetModel
 
@@ -46,18 +47,6 @@ def roc_auc(clean: np.ndarray, adversarial: np.ndarray) -> float:
     ranks[order] = np.repeat(avg, counts)
     u = ranks[len(clean):].sum() - len(adversarial) * (len(adversarial) + 1) / 2
     return float(u / (len(clean) * len(adversarial)))
-
-
-def rate_ci95(hits: int, n: int) -> list[float]:
-    """95% Wilson score interval of a rate of ``hits`` in ``n`` (a detection rate, an FPR): how far the true
-    rate may be from the measured one with this many images. Wilson rather than the normal approximation,
-    which is wrong near 0% and 100%, where detection rates and FPRs live."""
-    if n == 0:
-        return [float("nan"), float("nan")]
-    z, p = 1.959964, hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
 def flags_ci95(flags: np.ndarray) -> list[float]:

@@ -6,7 +6,15 @@ names exported here.
 """
 
 from pipeline.bundle import bundle_digest, check_detector_name, load_decider, split_pin
-from pipeline.calibration import DEFAULT_FPRS, Calibration, OperatingPoint, fpr_label
+from pipeline.calibration import (
+    DEFAULT_FPRS,
+    Calibration,
+    OperatingPoint,
+    PointCheck,
+    check_points,
+    fpr_label,
+    rate_ci95,
+)
 from pipeline.config import DetectorConfig
 from pipeline.decision import RULES, Decider, DetectionResult, Explained
 from pipeline.denoise import NLMParams, denoise_batch
@@ -64,10 +72,12 @@ __all__ = [
     "ModelSource",
     "NLMParams",
     "OperatingPoint",
+    "PointCheck",
     "Signal",
     "TargetModel",
     "bundle_digest",
     "check_detector_name",
+    "check_points",
     "cost_problem",
     "decode_cost",
     "decode_image",
@@ -92,6 +102,7 @@ __all__ = [
     "predict_and_explain",
     "preset",
     "pretrained_decider",
+    "rate_ci95",
     "read_image_file",
     "split_pin",
     "to_float_batch",

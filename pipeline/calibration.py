@@ -72,6 +72,45 @@ class OperatingPoint:
     threshold_fpr: float
 
 
+def rate_ci95(hits: int, n: int) -> list[float]:
+    """95% Wilson score interval of a rate of ``hits`` in ``n`` (a detection rate, an FPR): how far the true
+    rate may be from the measured one with this many images. Wilson rather than the normal approximation,
+    which is wrong near 0% and 100%, where detection rates and FPRs live."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    z, p = 1.959964, hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+@dataclass(frozen=True)
+class PointCheck:
+    """How one operating point fares on clean images it never saw: ``flagged`` of ``n`` (``fpr``), its 95%
+    Wilson interval, and whether the target still holds there (the interval reaches down to the target)."""
+
+    target_fpr: float
+    threshold: float
+    n: int
+    flagged: int
+    fpr: float
+    ci95: tuple[float, float]
+    holds: bool
+
+
+def check_points(calibration: Calibration, scores: np.ndarray) -> list[PointCheck]:
+    """Each operating point of ``calibration`` on the combined scores of clean images: whether its threshold
+    still holds where those images come from (a camera, a site), or the detector needs recalibrating there."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = []
+    for point in calibration.points:
+        flagged = int((scores > point.threshold).sum())
+        low, high = rate_ci95(flagged, len(scores))
+        out.append(PointCheck(point.target_fpr, point.threshold, len(scores), flagged,
+                              flagged / max(len(scores), 1), (low, high), low <= point.target_fpr))
+    return out
+
+
 def fpr_label(fpr: float) -> str:
     """A target FPR as people write it: 0.05 -> "5%", 0.001 -> "0.1%"."""
     return f"{100 * fpr:.4g}%"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.bundle import check_detector_name, load_bundle, load_decider, save_bundle
-from pipeline.calibration import Calibration, fit_calibration
+from pipeline.calibration import Calibration, PointCheck, check_points, fit_calibration
 from pipeline.config import DetectorConfig
 from pipeline.decision import Decider, DetectionResult, Explained
 from pipeline.denoise import NLMParams, denoise_batch
@@ -324,6 +324,15 @@ class Detector:
             if progress:
                 progress(min(start + batch_size, len(images)))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def check_operating_points(self, clean_images: object, batch_size: int = 256,
+                               progress=None) -> list[PointCheck]:
+        """Whether each operating point of the calibration still holds on these clean images (a site's own
+        cameras): realised FPR and its 95% interval per point (:func:`pipeline.calibration.check_points`)."""
+        if self.calibration is None:
+            raise ValueError(f"detector {self.model.name} has no calibration to check: calibrate it first")
+        scores = self.calibration.score(self.analyse_many(clean_images, batch_size, progress))
+        return check_points(self.calibration, scores)
 
     def calibrate(
         self, clean_images: np.ndarray, target_fpr: float = 0.05, images: str = "", batch_size: int = 256,

@@ -241,8 +241,8 @@ def calibrate(
     explain_layer: str | None = typer.Option(None, help="Grad-CAM's layer, e.g. layer4 (default: the last Conv2d)"),
     preset_name: str | None = typer.Option(None, "--preset", help="digits | photos (default: by the model)"),
     name: str | None = typer.Option(None, help="the name requests pick the detector by (default: the --out folder's)"),
-    out: Path = typer.Option(..., help="the detector bundle to write (a folder); a .json path writes the "
-                             "calibration alone, for a built-in model"),
+    out: Path | None = typer.Option(None, help="the detector bundle to write (a folder; required unless --check); "
+                                    "a .json path writes the calibration alone, for a built-in model"),
     target_fpr: float = typer.Option(0.05, help="the default operating point (target false-positive rate)"),
     fprs: str | None = typer.Option(
         None, help="more operating points, comma-separated, e.g. 0.01,0.001: detect --fpr and serve --fpr pick one "
@@ -275,13 +275,23 @@ def calibrate(
     split: str = typer.Option("all", help="which of --images-dir's sorted images: all | even | odd"),
     batch: int | None = typer.Option(None, min=1, help="images per detection call (default 128 digits, 8 photos)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
+    check: str | None = typer.Option(
+        None, help="check a detector (built-in or bundle) instead of calibrating one: whether each operating point "
+        "still holds on --images-dir's clean images (realised FPR and 95% interval); exit 1 when one does not"),
+    trust_code: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
-    """Calibrate a detector at a target false-positive rate on clean images only, and save it as a bundle.
+    """Calibrate a detector at a target false-positive rate on clean images only, and save it as a bundle; or,
+    with --check, say whether a detector's thresholds still hold on a folder of clean images.
 
     A built-in model starts from its preset (pipeline.presets: digits for mnist, photos for the ImageNet
     models); your own model from --preset (digits for one channel, photos for three). The options replace parts
     of it. The bundle (docs/bundle.md) is what explainer detect --detector, explainer serve --detector and
-    Detector.load read."""
+    Detector.load read. Recalibrating on your own cameras' clean photos is the same command with --images-dir."""
+    if check is not None:
+        _check_operating_points(check, images_dir, split, n, batch, device, trust_code)
+        return
+    if out is None:
+        fail("--out: the detector bundle (folder) or calibration (.json) to write")
     from dataclasses import replace
 
     from pipeline import (
@@ -400,6 +410,34 @@ def digest(bundle: Path = typer.Argument(..., help="a detector bundle folder")) 
         print(bundle_digest(bundle))
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+
+
+def _check_operating_points(detector: str, images_dir: Path | None, split: str, n: int | None,
+                            batch: int | None, device: str | None, trust_code: bool) -> None:
+    """``calibrate --check``: each operating point's realised FPR on the clean images, with its interval."""
+    from rich.table import Table
+
+    from pipeline import fpr_label as label
+
+    if images_dir is None:
+        fail("--check needs --images-dir: clean images from where the detector runs (its cameras, its site)")
+    det = _open_detector(detector, None, None, device, trust_code)
+    try:
+        images, desc = _calibration_images(None, images_dir, split, n)
+        with progress_bar() as bar:
+            task = bar.add_task("checking", total=len(images))
+            checks = det.check_operating_points(images, batch or 64,
+                                                progress=lambda k: bar.update(task, completed=k))
+    except (FileNotFoundError, ValueError, InputError) as exc:
+        fail(str(exc))
+    table = Table("target FPR", "threshold", "flagged", "realised FPR", "95% interval", "holds",
+                  title=f"{det.model.name} on {desc}")
+    for c in checks:
+        table.add_row(label(c.target_fpr), f"{c.threshold:.4f}", f"{c.flagged} / {c.n}", f"{c.fpr:.2%}",
+                      f"{c.ci95[0]:.2%}–{c.ci95[1]:.2%}", "yes" if c.holds else "[red]no: recalibrate[/red]")
+    console.print(table)
+    if not all(c.holds for c in checks):
+        raise typer.Exit(1)
 
 
 def preset_config(name: str):

@@ -122,3 +122,30 @@ def test_a_calibration_written_before_operating_points_has_its_one_point(tmp_pat
     del data["points"]
     old = Calibration.from_dict(data)
     assert old.fprs == [0.05] and old.point().threshold == c.threshold
+
+
+def test_calibrate_check_says_whether_each_operating_point_holds_on_a_folder(tmp_path, digits):
+    """`explainer calibrate --check DETECTOR --images-dir CLEAN`: realised FPR and interval per point, exit 0
+    when every point holds there; a site whose images look nothing like the calibration's fails (exit 1)."""
+    import cv2
+    from typer.testing import CliRunner
+
+    from pipeline import Detector, check_points
+    from worker.cli import app
+
+    odd = digits.parity("odd")
+    (tmp_path / "clean").mkdir()
+    for i, image in enumerate(odd.images[:300]):
+        cv2.imwrite(str(tmp_path / "clean" / f"{i:04d}.png"), image)
+    done = CliRunner().invoke(app, ["calibrate", "--check", "mnist", "--images-dir", str(tmp_path / "clean")])
+    assert done.exit_code == 0, done.output
+    assert "300" in done.output and "holds" in done.output and "recalibrate" not in done.output
+    rng = np.random.default_rng(0)
+    (tmp_path / "noise").mkdir()
+    for i in range(50):  # a camera whose images are nothing like clean digits: the thresholds do not hold there
+        cv2.imwrite(str(tmp_path / "noise" / f"{i:04d}.png"), rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    done = CliRunner().invoke(app, ["calibrate", "--check", "mnist", "--images-dir", str(tmp_path / "noise")])
+    assert done.exit_code == 1 and "recalibrate" in done.output
+    det = Detector.from_pretrained("mnist")
+    [five, *_] = check_points(det.calibration, np.r_[np.zeros(90), np.full(10, 1e9)])
+    assert (five.flagged, five.n, five.holds) == (10, 100, False) and five.ci95[0] > 0.05
