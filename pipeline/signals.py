@@ -204,6 +204,20 @@ class TransplantParams:
                              f"fraction={self.fraction!r} and hosts={self.hosts!r}")
 
 
+@dataclass(frozen=True)
+class NoiseParams:
+    """``copies`` copies of the original with Gaussian noise of standard deviation ``sigma`` (on [0, 1] pixels)
+    are classified again."""
+
+    sigma: float = 0.03
+    copies: int = 4
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.sigma < 1.0 and isinstance(self.copies, int) and self.copies >= 1):
+            raise ValueError(f"noise_shift: sigma must be in (0, 1) and copies an integer >= 1, got "
+                             f"{self.sigma!r} and {self.copies!r}")
+
+
 # -- maps: from the 2N predictions and maps -------------------------------------------------------------------
 
 
@@ -247,6 +261,20 @@ def _median_shift(batch: ModelPass, params: MedianParams) -> np.ndarray:
     """L1 shift of the softmax when the original is median-filtered: a second denoiser, for the few saturated
     pixels of an L0 attack that NLM keeps."""
     return batch.shift_to(batch.classify(median_filter(batch.both[: batch.n], params.size)))
+
+
+@register("noise_shift", tails="upper", stage="model", params=NoiseParams, passes=lambda params: params.copies)
+def _noise_shift(batch: ModelPass, params: NoiseParams) -> np.ndarray:
+    """Mean L1 shift of the softmax over noisy copies of the original: an adversarial example placed just past
+    the decision boundary (BIM stopped at its first success, PGD at a small budget) falls back under small
+    random noise, which a clean photo, well inside its class, shrugs off (Hu et al. 2019; Roth et al. 2019). The
+    noise is one fixed draw per copy, the same for every image, so a verdict does not depend on its batch."""
+    x = batch.both[: batch.n].float()
+    gen = torch.Generator().manual_seed(0)
+    noise = (params.sigma * torch.randn((params.copies, *x.shape[1:]), generator=gen)).to(x.device)
+    noisy = (x[None] + noise[:, None]).clamp(0.0, 1.0).reshape(-1, *x.shape[1:])
+    probs = batch.classify(noisy).reshape(params.copies, batch.n, -1)
+    return np.abs(batch.original_probs[None] - probs).sum(2).mean(0).astype(np.float64)
 
 
 @register("denoise_residual", tails="upper", stage="model")

@@ -104,3 +104,17 @@ def test_a_registered_signal_is_measured_scored_and_carried_without_touching_the
         assert signal_names(metrics) == ["map_shift", "test_mean_probability"]
     finally:
         del SIGNALS["test_mean_probability"]
+
+
+def test_noise_shift_is_the_same_for_an_image_whatever_its_batch_and_grows_with_the_noise(digits):
+    """One fixed noise draw per copy, added to every image alike: an image's value does not depend on its
+    batch-mates (the stream batches differently from a call in process)."""
+    config = DetectorConfig(signals={"map_shift": {}, "noise_shift": {"sigma": 0.1, "copies": 3}})
+    det = Detector(load_model("mnist"), config)
+    alone = det.analyse(digits.images[:4])["noise_shift"]
+    together = det.analyse(digits.images[:12])["noise_shift"][:4]
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+    louder = Detector(load_model("mnist"), DetectorConfig(signals={"noise_shift": {"sigma": 0.5, "copies": 3}}))
+    assert louder.analyse(digits.images[:12])["noise_shift"].mean() > det.analyse(digits.images[:12])[
+        "noise_shift"].mean()
+    assert SIGNALS["noise_shift"].forward_passes({"copies": 3}) == 3
