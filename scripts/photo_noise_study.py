@@ -59,6 +59,25 @@ def noise_shifts(det: Detector, images: np.ndarray, sigma: float) -> np.ndarray:
     return np.concatenate(out)
 
 
+def noise_variants(det: Detector, images: np.ndarray, sigma: float, copies: int = 8) -> dict[str, np.ndarray]:
+    """Two other readings of the same noisy copies, to compare with the registered L1 shift: how much the
+    original class's probability drops, and the share of copies whose class differs from the original's."""
+    drop, flips = [], []
+    gen = torch.Generator().manual_seed(0)
+    noise = sigma * torch.randn((copies, 3, 224, 224), generator=gen)
+    for i in range(0, len(images), 16):
+        x = to_tensor(images[i : i + 16])
+        probe = Probe(det.model, x, np.zeros(0))
+        base = probe.classify(x)
+        cls = base.argmax(1)
+        noisy = probe.classify((x[None] + noise[:, None]).clamp(0, 1).reshape(-1, *x.shape[1:]))
+        noisy = noisy.reshape(copies, len(x), -1)
+        rows = np.arange(len(x))
+        drop.append(base[rows, cls] - noisy[:, rows, cls].mean(0))
+        flips.append((noisy.argmax(2) != cls[None]).mean(0))
+    return {f"noise_drop σ={sigma:g}": np.concatenate(drop), f"noise_flips σ={sigma:g}": np.concatenate(flips)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=160)
@@ -86,6 +105,8 @@ def main() -> None:
         signals[name]["combined score"] = det.calibration.score(signals[name])
         for sigma in SIGMAS:
             signals[name][f"noise_shift σ={sigma:g}"] = noise_shifts(det, imgs, sigma)
+        for sigma in (0.04, 0.08):
+            signals[name].update(noise_variants(det, imgs, sigma))
     columns = [c for c in signals["clean"] if c not in ("predicted_class", "confidence", "denoised_class")]
     lines = ["# Validation: prediction instability under noise on photos", "",
              f"`python scripts/photo_noise_study.py --n {args.n}` ({(time.time() - started) / 60:.1f} min on 2 CPU "
