@@ -18,11 +18,15 @@ from dataclasses import dataclass
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_ANCILLARY_CHUNKS = 64  # chunks other than IHDR/PLTE/IDAT/IEND: each bad one is a libpng warning in the log
+# chunks of any kind: encoders write image data in chunks of 8 KiB or more (a 16 MiB PNG in about 2,000), and each
+# chunk costs the walk and libpng a few microseconds whatever its size
+MAX_PNG_CHUNKS = 16384
 # every scan of a JPEG is a pass over its coefficients (measured here: 12 ms per scan of a 4096² grey image); a
 # standard progressive script has 6 (grey) or 10 (colour) scans, encoders that optimise scans use up to ~20
 MAX_JPEG_SCANS = 32
 MAX_JPEG_MARKERS = 1024  # segments of any kind (tables, APPn, scans): a photo has a few dozen
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # a marker inside entropy-coded data (not RSTn, not FF 00)
+_NOT_FILL = re.compile(rb"[^\xff]")
 _PROGRESSIVE_SOF = (0xC2, 0xC6, 0xCA, 0xCE)
 # PNG colour type -> samples per pixel (grey, RGB, palette index, grey + alpha, RGBA)
 _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
@@ -66,7 +70,7 @@ def png_chunk_problem(data: bytes | bytearray | memoryview) -> str | None:
     reading it, so a 100-byte file claiming a 2 GiB text chunk would cost 2 GiB), the image must end with IEND
     (bytes after it are allowed), and at most ``MAX_PNG_ANCILLARY_CHUNKS`` ancillary chunks may come."""
     mv = memoryview(data)
-    i, n, ancillary = 8, len(mv), 0
+    i, n, ancillary, chunks = 8, len(mv), 0, 0
     while True:
         if i + 12 > n:
             return "truncated PNG (no IEND chunk)"
@@ -77,6 +81,9 @@ def png_chunk_problem(data: bytes | bytearray | memoryview) -> str | None:
                    "decoder bomb"
         if kind == b"IEND":
             return None
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            return f"PNG has over {MAX_PNG_CHUNKS} chunks"
         if kind not in (b"IHDR", b"PLTE", b"IDAT"):
             ancillary += 1
             if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
@@ -144,25 +151,26 @@ def _png(mv: memoryview) -> ImageCost | None:
 
 def _jpeg(mv: memoryview) -> ImageCost | None:
     data = mv.obj if isinstance(mv.obj, bytes) and len(mv.obj) == len(mv) else bytes(mv)
-    i, n, scans, markers = 2, len(data), 0, 0
+    i, n, scans, markers, partial = 2, len(data), 0, 0, False
     frame: tuple[int, int, int, int, list[tuple[int, int]], bool] | None = None
     problem = None
     while i + 4 <= n:
         if data[i] != 0xFF:
             return None if frame is None else _jpeg_cost(frame, scans, "JPEG data out of sync with its markers")
         marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
+        if marker == 0xFF:  # fill bytes: skipped as a run, not a byte at a time
+            found = _NOT_FILL.search(data, i + 1)
+            i = (found.start() - 1) if found else n
             continue
         if marker == 0xD9:  # EOI
+            break
+        markers += 1  # every marker counts, those without a length too (TEM, RSTn outside a scan)
+        if markers > MAX_JPEG_MARKERS:
+            problem = f"JPEG has over {MAX_JPEG_MARKERS} markers"
             break
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
             continue
-        markers += 1
-        if markers > MAX_JPEG_MARKERS:
-            problem = f"JPEG has over {MAX_JPEG_MARKERS} marker segments"
-            break
         seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
         if seg_len < 2 or i + 2 + seg_len > n:
             problem = "truncated JPEG segment"
@@ -176,6 +184,8 @@ def _jpeg(mv: memoryview) -> ImageCost | None:
             sampling = [(data[i + 11 + 3 * k] >> 4, data[i + 11 + 3 * k] & 15) for k in range(count)
                         if i + 12 + 3 * k <= i + 2 + seg_len]
             frame = (h, w, count, bits, sampling, marker in _PROGRESSIVE_SOF)
+        if marker == 0xDA and frame is not None and data[i + 4] < frame[2]:
+            partial = True  # a scan of fewer components than the frame: libjpeg buffers every coefficient
         i += 2 + seg_len
         if marker == 0xDA:  # SOS: the scan's entropy-coded data runs to the next marker
             scans += 1
@@ -186,13 +196,13 @@ def _jpeg(mv: memoryview) -> ImageCost | None:
             i = found.start() if found else n
     if frame is None:
         return None
-    return _jpeg_cost(frame, scans, problem)
+    return _jpeg_cost(frame, scans, problem, partial)
 
 
-def _jpeg_cost(frame, scans: int, problem: str | None) -> ImageCost:
+def _jpeg_cost(frame, scans: int, problem: str | None, partial: bool = False) -> ImageCost:
     h, w, count, bits, sampling, progressive = frame
     work = 0
-    if (progressive or scans > 1) and sampling:  # libjpeg keeps every component's coefficients, 2 bytes each
+    if (progressive or scans > 1 or partial) and sampling:  # libjpeg keeps every component's coefficients
         hmax, vmax = max(s[0] for s in sampling) or 1, max(s[1] for s in sampling) or 1
         for hs, vs in sampling:
             cw, ch = -(-w * hs // hmax), -(-h * vs // vmax)

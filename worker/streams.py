@@ -153,9 +153,9 @@ def _id_tuple(x: bytes | str) -> tuple[int, int]:
 
 # KEYS: verdicts, images, episodes, done_1..done_n, window_1..window_n (each result's source's window hash). ARGV:
 # group, maxlen, ttl, alerts, all_channel, alert_k, alert_n, alert_idle_s, now, then per result (stream id,
-# verdict bytes, "1" if adversarial else "0", source or "", request id). Returns 1 per written verdict, 0 per
-# duplicate, then the number of episodes it opened. A source's window changes only with a verdict written under
-# the entry's idempotency key, so a redelivered entry never counts twice.
+# verdict bytes, "1" adversarial / "0" clean / "e" no decision, source or "", request id). Returns 1 per written
+# verdict, 0 per duplicate, then the number of episodes it opened. A source's window changes only with a verdict
+# written under the entry's idempotency key, so a redelivered entry never counts twice.
 _PUBLISH_LUA = """
 local verdicts, images, episodes = KEYS[1], KEYS[2], KEYS[3]
 local group, maxlen, ttl, alerts, allch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -170,7 +170,7 @@ for i = 1, count do
     redis.call('XADD', verdicts, 'MAXLEN', '~', maxlen, '*', 'data', data)
     if k == 0 then
       if adv == '1' and alerts ~= '' then redis.call('PUBLISH', alerts, data) end
-    elseif source ~= '' then
+    elseif source ~= '' and adv ~= 'e' then
       -- the window policy: the last n verdicts of this source, newest first; an episode opens when k of them
       -- are flagged (one alert, with the flagged entries) and closes when none is
       local key = KEYS[3 + count + i]
@@ -432,7 +432,9 @@ class StreamConsumer:
         for sid, verdict in results:
             source = verdict.get("source") or ""
             windows.append(f"{n.window_prefix}{source}")
-            args += [sid, wire.encode_verdict(verdict), "1" if verdict.get("is_adversarial") else "0", source,
+            flagged = verdict.get("is_adversarial")
+            # "e": no decision (an error verdict), which leaves a source's alert window as it was
+            args += [sid, wire.encode_verdict(verdict), "e" if flagged is None else "1" if flagged else "0", source,
                      verdict["id"]]
         keys = [n.verdicts, n.images, n.episodes, *(f"{n.done_prefix}{sid}" for sid, _ in results), *windows]
         try:

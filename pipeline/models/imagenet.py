@@ -54,5 +54,18 @@ def load_imagenet_net(name: str, weights: str | Path | None = None, random_init:
                 f"({HUB_FILES[name]}), or random_init=True for timing only."
             )
         path = found[0]
-    load_state_dict(net, path, f"torchvision's {name}")
+    # only a file found in torch's hub cache may be torchvision's own (legacy-format) download; weights given by
+    # path or carried by a bundle are checked whatever they are called
+    load_state_dict(net, path, f"torchvision's {name}", published=weights is None and _is_published(path, name))
     return net.eval()
+
+
+def _is_published(path: Path, name: str) -> bool:
+    """Whether ``path`` is torchvision's own published file (its name and the SHA-256 prefix that name carries,
+    as torch.hub checks it): such a file may be in torch's legacy format, which the archive check refuses."""
+    published = HUB_FILES[name]
+    if path.name != published:
+        return False
+    from pipeline.models.source import sha256
+
+    return sha256(path).startswith(published.rsplit("-", 1)[1].split(".")[0])

@@ -54,6 +54,9 @@ CODE_KINDS = {
 # loading one then costs at most about its own size (STORED entries, each declared size checked by torch)
 STATE_DICT_SIZE_FACTOR = 2
 STATE_DICT_SLACK_BYTES = 1 << 20
+# and its pickle (names and storage references) at most this, plus this much per tensor (twice the network's)
+PICKLE_SLACK_BYTES = 64 * 1024
+PICKLE_BYTES_PER_TENSOR = 512
 
 
 @dataclass(frozen=True)
@@ -180,18 +183,21 @@ def _import_factory(ref: str):
     return factory
 
 
-def check_state_dict_archive(path: str | Path, max_bytes: int) -> None:
+def check_state_dict_archive(path: str | Path, max_bytes: int, max_pickle_bytes: int) -> None:
     """Refuse a state-dict file that could make ``torch.load`` allocate more than its own size, before torch
     reads it: over ``max_bytes``; not a zip archive (the legacy format); an entry compressed (a few KB could
     inflate to gigabytes), named twice (Python's zipfile and torch's reader would see different bytes), or
-    entries whose sizes add up to more than the file. torch itself checks each tensor's declared size against
-    its entry's, and ``weights_only=True`` unpickles tensors and plain containers only."""
+    entries whose sizes add up to more than the file; or a pickle (``data.pkl``) over ``max_pickle_bytes``: a
+    state dict's pickle holds only names and storage references, while one byte of pickle can build a 72-byte
+    Python dict. torch itself checks each tensor's declared size against its entry's, and ``weights_only=True``
+    unpickles tensors and plain containers only."""
     size = Path(path).stat().st_size
     if size > max_bytes:
         raise ValueError(f"{path}: a state dict of {size} bytes, over the {max_bytes} this network's tensors can "
                          "need: refused")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a state dict saved by torch.save (a zip archive): refused")
+        raise ValueError(f"{path}: not a state dict in torch.save's zip format (a legacy file, or not torch's): "
+                         "refused; re-save it with torch.save(torch.load(path, weights_only=True), new_path)")
     with zipfile.ZipFile(path) as archive:
         infos = archive.infolist()
     names = [i.filename for i in infos]
@@ -201,14 +207,23 @@ def check_state_dict_archive(path: str | Path, max_bytes: int) -> None:
         raise ValueError(f"{path}: the archive holds compressed entries (torch.save stores them plain): refused")
     if sum(i.file_size for i in infos) > size:
         raise ValueError(f"{path}: the archive's entries declare more bytes than the file holds: refused")
+    pickles = [i for i in infos if i.filename.endswith(".pkl")]
+    if sum(i.file_size for i in pickles) > max_pickle_bytes:
+        raise ValueError(f"{path}: its pickle is over the {max_pickle_bytes} bytes this network's names and "
+                         "tensors need: refused")
 
 
-def load_state_dict(net: nn.Module, path: str | Path, what: str) -> None:
+def load_state_dict(net: nn.Module, path: str | Path, what: str, published: bool = False) -> None:
     """``path``'s state dict into ``net`` (``weights_only=True``, strict), or ``ValueError`` naming the keys that
     do not fit: the usual mistake is weights of another architecture. The archive is checked first
-    (:func:`check_state_dict_archive`), so loading it costs at most about twice ``net``'s own tensors."""
-    expected = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    check_state_dict_archive(path, STATE_DICT_SIZE_FACTOR * expected + STATE_DICT_SLACK_BYTES)
+    (:func:`check_state_dict_archive`), so loading it costs at most about twice ``net``'s own tensors;
+    ``published``: a file the caller verified as its publisher's (torchvision's hub file, by its digest), which
+    may be in torch's legacy format."""
+    tensors = net.state_dict().values()
+    expected = sum(t.numel() * t.element_size() for t in tensors)
+    if not published:
+        check_state_dict_archive(path, STATE_DICT_SIZE_FACTOR * expected + STATE_DICT_SLACK_BYTES,
+                                 PICKLE_SLACK_BYTES + PICKLE_BYTES_PER_TENSOR * STATE_DICT_SIZE_FACTOR * len(tensors))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a file it cannot read as weights

@@ -158,3 +158,37 @@ def test_a_png_whose_stream_inflates_past_its_image_is_refused(tmp_path, route):
     path.write_bytes(inflate_bomb_png())
     got = decode_in_child(path, route, "png")
     assert got["error"] and "decompression bomb" in got["error"], got
+
+
+def test_a_single_scan_of_one_component_is_charged_its_coefficient_buffer():
+    """A baseline 4:4:4 JPEG whose one scan names fewer components than its frame: libjpeg buffers every
+    coefficient for the scans to come (+47 MiB resident for 4096² measured), one scan or not."""
+    from pipeline import decode_cost
+
+    data = cv2.imencode(".jpg", np.zeros((512, 512, 3), np.uint8), [cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                                   cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])[1].tobytes()
+    assert decode_cost(data).work_bytes == 0  # one interleaved scan: decoded a row of blocks at a time
+    sos = data.index(b"\xff\xda")
+    one = data[:sos] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + data[sos + 2 + int.from_bytes(
+        data[sos + 2 : sos + 4], "big"):]
+    cost = decode_cost(one)
+    assert cost.scans == 1 and cost.work_bytes == 3 * 512 * 512 * 2
+
+
+def test_markers_and_chunks_that_cost_the_walk_per_byte_are_bounded():
+    """Runs of fill bytes are skipped as runs; bare markers (TEM, RSTn outside a scan) count toward the marker
+    bound; a PNG of a million empty IDAT chunks is refused by its chunk count (4.5 s of walking before)."""
+    from pipeline import decode_cost
+    from pipeline.imagecost import MAX_JPEG_MARKERS, MAX_PNG_CHUNKS
+
+    header = cv2.imencode(".jpg", np.zeros((8, 8), np.uint8))[1].tobytes()
+    filled = header[:2] + b"\xff" * (4 * MIB) + header[2:]
+    assert decode_cost(filled).problem is None  # fill bytes are legal; the walk skips them in one search
+    sos = header.index(b"\xff\xda")
+    tems = header[:sos] + b"\xff\x01" * (MAX_JPEG_MARKERS + 1) + header[sos:]
+    assert "markers" in decode_cost(tems).problem
+    png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
+    iend = png.index(b"IEND") - 4
+    empty = png_chunk(b"IDAT", b"")
+    many = png[:iend] + empty * (MAX_PNG_CHUNKS + 1) + png[iend:]
+    assert f"over {MAX_PNG_CHUNKS} chunks" in decode_cost(many).problem

@@ -165,3 +165,16 @@ def test_explainer_serve_refuses_a_window_that_cannot_fill_before_starting_anyth
     for bad in ("5/3", "0/4", "three/10", "3"):
         done = CliRunner().invoke(app, ["serve", "--alert-window", bad, "--redis-url", "redis://127.0.0.1:1/0"])
         assert done.exit_code == 2 and "--alert-window" in done.output, (bad, done.output)
+
+
+def test_a_verdict_without_a_decision_leaves_the_window_as_it_was(client, names):
+    """A failing model (error verdicts, no decision) must not close an open episode nor re-arm the alert."""
+    cons = consumer(client, names)
+    sids = entries(client, names, 10)
+    publish(cons, sids[:3], [True, True, True])
+    assert len(episodes(client, names)) == 1
+    cons.publish([(sid, {**verdict(3 + i, False), "is_adversarial": None, "error": "model failed"})
+                  for i, sid in enumerate(sids[3:8])])
+    assert client.hget(f"{names.window_prefix}cam-1", "open") is not None  # still open
+    publish(cons, sids[8:10], [True, True], start=8)
+    assert len(episodes(client, names)) == 1  # the same episode, not a second alert
