@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.calibration import rate_ci95  # noqa: F401 - the harness's reports use it from here too
+from pipeline.calibration import rate_ci95
 from pipeline.detector import Detector
 from pipeline.models import TargetModel
 

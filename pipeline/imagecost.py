@@ -68,38 +68,31 @@ def png_chunk_problem(data: bytes | bytearray | memoryview) -> str | None:
     """What is wrong with a PNG's chunk table, or None: walked before anything decodes the file. Every chunk's
     declared length must fit in the bytes that follow it (libpng allocates a chunk's declared length before
     reading it, so a 100-byte file claiming a 2 GiB text chunk would cost 2 GiB), the image must end with IEND
-    (bytes after it are allowed), and at most ``MAX_PNG_ANCILLARY_CHUNKS`` ancillary chunks may come."""
-    mv = memoryview(data)
-    i, n, ancillary, chunks = 8, len(mv), 0, 0
+    (bytes after it are allowed), at most ``MAX_PNG_ANCILLARY_CHUNKS`` ancillary chunks and ``MAX_PNG_CHUNKS``
+    chunks in all may come."""
+    return _png_chunks(memoryview(data))[1]
+
+
+def _png_chunks(mv: memoryview) -> tuple[list[tuple[bytes, memoryview]], str | None]:
+    """(kind, body) of each chunk before IEND, and what is wrong with the table (then the list is partial)."""
+    i, n, ancillary, chunks = 8, len(mv), 0, []
     while True:
         if i + 12 > n:
-            return "truncated PNG (no IEND chunk)"
+            return chunks, "truncated PNG (no IEND chunk)"
         length = int.from_bytes(mv[i : i + 4], "big")
         kind = bytes(mv[i + 4 : i + 8])
         if length > n - i - 12:
-            return f"PNG chunk {kind!r} declares {length} bytes but the file holds {n - i - 12} more: corrupt or a " \
-                   "decoder bomb"
+            return chunks, f"PNG chunk {kind!r} declares {length} bytes but the file holds {n - i - 12} more: " \
+                           "corrupt or a decoder bomb"
         if kind == b"IEND":
-            return None
-        chunks += 1
-        if chunks > MAX_PNG_CHUNKS:
-            return f"PNG has over {MAX_PNG_CHUNKS} chunks"
+            return chunks, None
+        if len(chunks) == MAX_PNG_CHUNKS:
+            return chunks, f"PNG has over {MAX_PNG_CHUNKS} chunks"
         if kind not in (b"IHDR", b"PLTE", b"IDAT"):
             ancillary += 1
             if ancillary > MAX_PNG_ANCILLARY_CHUNKS:
-                return f"PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary chunks"
-        i += 12 + length
-
-
-def _png_chunks(mv: memoryview):
-    """(kind, body) of each chunk up to IEND; the table must have passed :func:`png_chunk_problem`."""
-    i = 8
-    while i + 12 <= len(mv):
-        length = int.from_bytes(mv[i : i + 4], "big")
-        kind = bytes(mv[i + 4 : i + 8])
-        yield kind, mv[i + 8 : i + 8 + length]
-        if kind == b"IEND":
-            return
+                return chunks, f"PNG has over {MAX_PNG_ANCILLARY_CHUNKS} ancillary chunks"
+        chunks.append((kind, mv[i + 8 : i + 8 + length]))
         i += 12 + length
 
 
@@ -135,8 +128,7 @@ def _png(mv: memoryview) -> ImageCost | None:
     bits, colour, interlace = mv[24], mv[25], mv[28]
     if colour not in _PNG_CHANNELS:
         return None
-    problem = png_chunk_problem(mv)
-    chunks = [] if problem else list(_png_chunks(mv))
+    chunks, problem = _png_chunks(mv)
     transparent = any(kind == b"tRNS" for kind, _ in chunks)
     alpha = colour in (2, 3) and transparent  # OpenCV ignores a grey image's tRNS (measured)
     if problem is None:

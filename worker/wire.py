@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from pipeline import ImageCost, cost_problem, decode_cost
+from pipeline import cost_problem, decode_cost
 
 VERSION = 1
 
@@ -189,12 +189,6 @@ def _check_meta(meta: dict, what: str) -> None:
 # -- compressed images: what a PNG or JPEG costs to decode, read before OpenCV runs (pipeline.imagecost) ------
 
 
-def read_image_header(data: bytes | bytearray | memoryview) -> ImageCost | None:
-    """The header of a PNG or JPEG and what decoding it costs (:func:`pipeline.decode_cost`); None for any other
-    format, or a header that cannot be read."""
-    return decode_cost(data)
-
-
 def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
     import cv2
 
@@ -202,7 +196,7 @@ def _decode_compressed(buf: bytes, encoding: str, shape: tuple[int, ...] | None,
         raise WireError(f"{what}: 'image' is not a PNG (bad signature) although encoding is 'png'")
     if encoding == "jpeg" and not bytes(buf[:2]) == b"\xff\xd8":
         raise WireError(f"{what}: 'image' is not a JPEG (no SOI marker) although encoding is 'jpeg'")
-    header = read_image_header(buf)
+    header = decode_cost(buf)
     if header is None or header.format != encoding:
         raise WireError(f"{what}: corrupt or truncated {encoding.upper()}: no readable image header")
     h, w = header.height, header.width

@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from pipeline import MAX_DECODE_BYTES
+from pipeline import MAX_DECODE_BYTES, decode_cost
 from pipeline.imagecost import MAX_JPEG_SCANS
 from worker import wire
 
@@ -107,7 +107,7 @@ def test_a_jpeg_with_its_last_scan_repeated_is_refused_before_decoding(tmp_path)
 def test_a_standard_progressive_jpeg_still_decodes_and_its_scans_are_counted():
     """What an encoder writes is not refused: a progressive colour photo has 10 scans."""
     data = progressive_jpeg(512, colour=True)
-    cost = wire.read_image_header(data)
+    cost = decode_cost(data)
     assert cost.problem is None and 6 <= cost.scans <= MAX_JPEG_SCANS
     assert cost.work_bytes == 512 * 512 * 2 * 3 // 2  # each component's coefficients (4:2:0), kept for the scans
     assert wire.decode_request(msgpack.packb({"v": 1, "id": "p", "image": data, "encoding": "jpeg"},
@@ -144,7 +144,7 @@ def test_a_progressive_cmyk_jpeg_over_the_http_bound_is_refused_before_decoding(
     Image.new("CMYK", (4096, 4096), (10, 20, 30, 40)).save(buffer, "JPEG", progressive=True, quality=50)
     path = tmp_path / "cmyk.jpg"
     path.write_bytes(buffer.getvalue())
-    cost = wire.read_image_header(buffer.getvalue())
+    cost = decode_cost(buffer.getvalue())
     assert cost.channels == 4 and cost.work_bytes == 4 * 4096 * 4096 * 2
     got = decode_in_child(path, "http", "jpeg")
     assert got["error"] and got["error"].startswith("ImageTooLargeError") and got["grown_mib"] < 16, got
