@@ -11,7 +11,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from worker.cli import DEVICE_HELP, _check_device, console, fail
+from worker.cli import DEVICE_HELP, check_device, console, fail
 from worker.embedded import DEFAULT_CONFIG
 from worker.plugins import Plugins
 
@@ -64,7 +64,7 @@ def evaluate(
     """Detection rate, FPR and ROC-AUC on real data, beside the paper's Table 1 and the re-run baselines."""
     import sys
 
-    _check_device(device)
+    check_device(device)
     if attacks is None:
         attacks = (MNIST_DEFAULT_ATTACKS if model == "mnist" else "patch,bim,pgd,pgd-2,bim-early")
     names = [a.strip() for a in attacks.split(",") if a.strip()]

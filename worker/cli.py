@@ -53,7 +53,7 @@ MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:
               "your model file: a torch.export program (.pt2) or TorchScript")
 
 
-def _check_device(device: str | None) -> None:
+def check_device(device: str | None) -> None:
     if device is None:
         return
     import torch
@@ -72,7 +72,7 @@ def _open_detector(detector: str | None, weights: Path | None, calibration: Path
     ``--calibration``), or a bundle's (``PATH`` or pinned, ``PATH@sha256:HEX``)."""
     from pipeline import MODEL_NAMES, Detector, split_pin
 
-    _check_device(device)
+    check_device(device)
     detector = detector or "mnist"
     try:
         if detector in MODEL_NAMES:
@@ -308,7 +308,7 @@ def calibrate(
         load_model,
     )
 
-    _check_device(device)
+    check_device(device)
     builtin = model in MODEL_NAMES
     as_file = out.suffix.lower() == ".json"
     if as_file and not builtin:
