@@ -16,6 +16,7 @@ from worker.embedded import DEFAULT_CONFIG
 from worker.plugins import Plugins
 
 MNIST_DEFAULT_ATTACKS = "bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,adaptive"
+PHOTO_DEFAULT_ATTACKS = "patch,bim,pgd,pgd-2,bim-early,cw-l2"
 
 
 def register(plugins: Plugins) -> None:
@@ -51,9 +52,10 @@ def evaluate(
     model: str = typer.Option("mnist", help="mnist | mobilenet_v2 | resnet18"),
     attacks: str | None = typer.Option(
         None, help="comma-separated attack names (default bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,"
-        "adaptive; ImageNet: patch,bim,pgd,pgd-2,bim-early)"),
+        "adaptive; ImageNet: patch,bim,pgd,pgd-2,bim-early,cw-l2)"),
     n: int | None = typer.Option(
-        None, help="odd-indexed images attacked (default 1000 digits, every odd digit scored clean; 250 photos)"),
+        None, help="evaluation images (default: 1000 odd digits attacked, every odd digit scored clean; every "
+        "evaluation photo of the three photo sources, 500)"),
     out: Path | None = typer.Option(None, help="report folder (default reports/mnist or reports/imagenet)"),
     weights: Path | None = typer.Option(None, help="model weights (ImageNet models)"),
     methods: str = typer.Option("ig,deeplift,saliency,gradient_shap,smoothgrad_ig,guided_gradcam",
@@ -66,10 +68,10 @@ def evaluate(
 
     check_device(device)
     if attacks is None:
-        attacks = (MNIST_DEFAULT_ATTACKS if model == "mnist" else "patch,bim,pgd,pgd-2,bim-early")
+        attacks = MNIST_DEFAULT_ATTACKS if model == "mnist" else PHOTO_DEFAULT_ATTACKS
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if model != "mnist":
-        evaluate_photos(model, weights, names, n or 250, out or Path("reports/imagenet"), device)
+        evaluate_photos(model, weights, names, n, out or Path("reports/imagenet"), device)
         return
     from evaluation.attacks import ATTACKS
     from evaluation.mnist import evaluate_mnist
@@ -93,7 +95,7 @@ def evaluate(
     console.print(f"wrote {out}/metrics.json, {out}/report.md and plots")
 
 
-def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int, out: Path,
+def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int | None, out: Path,
                     device: str | None = None) -> None:
     """The ImageNet-size half of ``evaluate``: patch / BIM / PGD on the shared sample photos."""
     import sys

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.attacks import BIM, PGD, AdversarialPatch
-from evaluation.datasets import load_imagenet_sample
+from evaluation.attacks import BIM, CWL2, PGD, AdversarialPatch
+from evaluation.datasets import PHOTO_SOURCES, load_imagenet_sample
 from evaluation.metrics import (
     AttackRun,
     Progress,
     Scored,
     evaluation_metrics,
+    fpr_key,
     machine_description,
     predict,
     roc_auc,
@@ -35,10 +36,10 @@ from evaluation.metrics import (
     score_images,
     to_tensor,
 )
-from pipeline import DEFAULT_FPRS, Detector, DetectorConfig
+from pipeline import DEFAULT_FPRS, Detector, DetectorConfig, default_config, default_folds, default_scoring
+from pipeline.calibration import check_points
 from pipeline.inputs import read_image_file
 from pipeline.models import TargetModel, load_model
-from pipeline.presets import CALIBRATION_FOLDS, preset
 
 # L∞ budgets of the ImageNet literature (8/255 as in Madry et al. / Kurakin et al.'s 16/255 halved); the patch
 # covers 64 × 64 = 8% of a 224 × 224 image (Brown et al. report high success from about 10%).
@@ -48,8 +49,14 @@ IMAGENET_ATTACKS = {
     "bim-early": partial(BIM, eps=8 / 255, alpha=2 / 255, steps=10, early_stop=True),
     "pgd": partial(PGD, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True),
     "pgd-2": partial(PGD, eps=2 / 255, alpha=0.5 / 255, steps=10, random_start=True),
+    # CW-L2 at a photo's scale: 3 binary-search steps of 30 Adam iterations at lr 0.01 in tanh space
+    "cw-l2": partial(CWL2, c=1.0, kappa=0.0, steps=30, binary_search_steps=3, lr=0.01),
     "patch": partial(AdversarialPatch, patch_size=64, target_class=TOASTER, steps=200, lr=0.1, batch_size=8),
 }
+
+
+# attacks too costly to run on every evaluation photo on 2 CPU cores: at most this many, spread over them
+ATTACK_PHOTOS = {"cw-l2": 120}
 
 
 def load_photos(model: TargetModel, rows: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -102,20 +109,54 @@ def spread(rows: list, n: int) -> list:
     return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
 
 
-def evaluate_imagenet(
-    model_name: str, weights: str | Path | None, attacks: list[str], n: int, out: Path, target_fpr: float = 0.05,
-    config: DetectorConfig = preset("photos"), log: Progress = print, seed: int = 0,
-    command: str = "explainer evaluate --model mobilenet_v2", n_calibration: int | None = None,
-    attack_options: dict[str, dict] | None = None, folds: int | None = CALIBRATION_FOLDS["photos"],
-    device: str | None = None,
-) -> dict:
-    """Calibrate on even photos, attack and score odd ones, write metrics.json, report.md and plots to ``out``.
+def load_sources(model: TargetModel, n_calibration: int | None = None, n: int | None = None
+                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
+    """The calibration photos and labels of every source of :data:`evaluation.datasets.PHOTO_SOURCES`, and the
+    evaluation photos, labels and source names; ``n_calibration`` / ``n`` keep that many of each, spread over the
+    sources (quick checks). Also {source: (calibration count, evaluation count)}."""
+    cal_rows, eval_rows, names, counts = [], [], [], {}
+    for source in PHOTO_SOURCES:
+        cal, ev = source.split()
+        cal_rows += cal
+        eval_rows += ev
+        names += [source.name] * len(ev)
+        counts[source.name] = [len(cal), len(ev)]
+    if n_calibration is not None:
+        cal_rows = spread(cal_rows, n_calibration)
+    if n is not None and n < len(eval_rows):
+        keep = np.linspace(0, len(eval_rows) - 1, n).round().astype(int)
+        eval_rows, names = [eval_rows[i] for i in keep], [names[i] for i in keep]
+    for name in counts:
+        counts[name][1] = names.count(name)
+    return load_photos(model, cal_rows), (*load_photos(model, eval_rows), np.array(names)), counts
 
-    ``folds``: the threshold is cross-fitted over that many folds of the calibration photos (None, or fewer than
-    10 photos a fold: two halves).
-    ``n_calibration`` limits the calibration photos and ``attack_options`` overrides attack parameters
-    (e.g. ``{"patch": {"steps": 5}}``): for quick checks only; the report records what was used. ``device``: where
-    the model, its attacks and its explanations run (NLM and inpainting stay on the CPU)."""
+
+def source_fprs(det: Detector, clean: Scored, sources: np.ndarray) -> dict:
+    """Per photo source and operating point: the clean photos flagged, the realised FPR and its 95% Wilson
+    interval, and whether the target lies inside it (:func:`pipeline.calibration.check_points`)."""
+    out = {}
+    for name in dict.fromkeys(sources.tolist()):
+        rows = sources == name
+        out[name] = {fpr_key(c.target_fpr): {"n": c.n, "flagged": c.flagged, "fpr": c.fpr, "ci95": list(c.ci95),
+                                            "holds": c.holds}
+                     for c in check_points(det.calibration, clean.score[rows])}
+    return out
+
+
+def evaluate_imagenet(
+    model_name: str, weights: str | Path | None, attacks: list[str], n: int | None, out: Path,
+    target_fpr: float = 0.05, config: DetectorConfig | None = None, log: Progress = print, seed: int = 0,
+    command: str = "explainer evaluate --model mobilenet_v2", n_calibration: int | None = None,
+    attack_options: dict[str, dict] | None = None, folds: int | None = None, device: str | None = None,
+) -> dict:
+    """Calibrate on the calibration photos of every source, attack and score the evaluation photos, write
+    metrics.json, report.md and plots to ``out``.
+
+    ``config`` (default the model's preset), ``folds`` (default its cross-fitting; fewer than 10 photos a fold:
+    two halves) and the preset's combination of the signals make the detector.
+    ``n`` / ``n_calibration`` limit the evaluation / calibration photos and ``attack_options`` overrides attack
+    parameters (e.g. ``{"patch": {"steps": 5}}``): for quick checks only; the report records what was used.
+    ``device``: where the model, its attacks and its explanations run (NLM and inpainting stay on the CPU)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)  # Captum's GradientShap draws its interpolation points from numpy's global generator
@@ -123,17 +164,18 @@ def evaluate_imagenet(
     model = load_model(model_name, weights)
     if device:
         model.to(device)
-    rows = load_imagenet_sample()
-    cal_rows, eval_rows = spread(rows[0::2], n_calibration or len(rows)), spread(rows[1::2], n)
-    log(f"loading {len(cal_rows)} calibration photos (even positions) and {len(eval_rows)} evaluation photos (odd)…")
-    cal_images, cal_labels = load_photos(model, cal_rows)
-    eval_images, eval_labels = load_photos(model, eval_rows)
+    config = config or default_config(model_name)
+    folds = folds or default_folds(model_name)
+    log("loading the calibration and evaluation photos of " + ", ".join(s.name for s in PHOTO_SOURCES) + "…")
+    (cal_images, _), (eval_images, eval_labels, eval_sources), counts = load_sources(model, n_calibration, n)
 
     det = Detector(model, config)
-    log(f"calibrating on {len(cal_images)} clean even photos…")
+    log(f"calibrating on {len(cal_images)} clean photos…")
     folds = folds if folds and len(cal_images) >= 10 * folds else None  # a quick check's few photos: two halves
-    det.calibrate(cal_images, target_fpr, images=f"ImageNet sample photos at even positions ({len(cal_images)})",
-                  batch_size=16, folds=folds, fprs=DEFAULT_FPRS, drop_unsupported=True)
+    described = ", ".join(f"{name} {c}" for name, (c, _) in counts.items())
+    det.calibrate(cal_images, target_fpr, images=f"{len(cal_images)} photos no ImageNet model trained on "
+                  f"({described})", batch_size=16, folds=folds, fprs=DEFAULT_FPRS, drop_unsupported=True,
+                  **default_scoring(model_name))
     det.calibration.save(out / "calibration.json")
     log("scoring the clean evaluation photos…")
     clean = score_images(det, eval_images, batch=16)
@@ -150,8 +192,12 @@ def evaluate_imagenet(
             t = time.perf_counter()
             attack.fit(model.net, to_tensor(patch_photos).to(model.device))
             log(f"  trained in {time.perf_counter() - t:.0f}s")
-        log(f"attack {name} on {len(eval_images)} photos…")
-        runs[name] = run_attack(model, name, attack, eval_images, eval_labels, batch=16)
+        rows = np.arange(len(eval_images))
+        if name in ATTACK_PHOTOS and ATTACK_PHOTOS[name] < len(rows):
+            rows = np.linspace(0, len(rows) - 1, ATTACK_PHOTOS[name]).round().astype(int)
+        log(f"attack {name} on {len(rows)} photos…")
+        runs[name] = run_attack(model, name, attack, eval_images[rows], eval_labels[rows], batch=16)
+        runs[name].source = rows[runs[name].source]
         log(f"  success {runs[name].success_rate:.1%} of {runs[name].attempted} in {runs[name].seconds:.0f}s; scoring…")
         scored[name] = score_images(det, runs[name].images, batch=16)
 
@@ -161,6 +207,9 @@ def evaluate_imagenet(
             clean, scored["patch"], runs["patch"].attempted, runs["patch"].params["target_class"])
         metrics["attacks"]["patch"]["training_photos"] = len(patch_photos)
     metrics["clean_top1"] = accuracy
+    metrics["combine"] = det.calibration.combine
+    metrics["attack_photos"] = ATTACK_PHOTOS
+    metrics["sources"] = {"photos": counts, "fpr": source_fprs(det, clean, eval_sources)}
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command
     metrics["machine"] = machine_description()

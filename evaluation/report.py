@@ -252,13 +252,18 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         "",
         "## Protocol",
         "",
-        f"- Photos: the ImageNet sample in `../shared/data/imagenet-sample/` (one photo per class, 500 classes), "
-        "resized to 256 and centre-cropped to 224 once. Photos at even positions of labels.csv calibrate the "
-        f"detector ({m['calibration_images']}) and train the universal patch"
+        "- Photos that no ImageNet model trained on, from three sources: the ImageNet sample "
+        "(`../shared/data/imagenet-sample/`, one photo per class of 500), the NIPS 2017 web photos (`nips17/`, "
+        "never in ImageNet) and Imagenette's ImageNet-validation photos (`imagenette/`, source `imagenet-val`), "
+        "resized to 256 and centre-cropped to 224 once. The ImageNet sample's even photos, and four fifths of "
+        "each other set (positions not 4 mod 5), calibrate the detector "
+        f"({m['calibration_images']}) and train the universal patch"
         + (f" ({m['attacks']['patch']['training_photos']} of them: not the hosts, which an operator keeps private)"
            if "training_photos" in m["attacks"].get("patch", {}) else "")
-        + f"; {m['n_clean_eval']} photos at odd "
-        f"positions, spread over the classes, are evaluated (model top-1 on them {pct(m['clean_top1'])}).",
+        + f"; the other {m['n_clean_eval']} photos (the sample's odd ones, the others' positions 4 mod 5: "
+        + ", ".join(f"{name} {c[1]}" for name, c in m.get("sources", {}).get("photos", {}).items())
+        + f") are evaluated (model top-1 on them {pct(m['clean_top1'])}). No choice of signal, weight or "
+        "parameter used them (reports/validation).",
         f"- Detector: {m['method']} maps, `{m['entropy']}` entropy, NLM h={nlm['h']} ({nlm['template']}×"
         f"{nlm['template']} patch, {nlm['search']}×{nlm['search']} search window)"
         + (f", the top {used['occlusion_shift']['fraction']:.0%} of each original's map inpainted and the photo "
@@ -266,18 +271,20 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         + (f", the top {used['transplant_gain']['fraction']:.0%} pasted onto {used['transplant_gain']['hosts']} "
            "clean calibration photos (the transplant's hosts, kept out of the fit) and those classified again"
            if "transplant_gain" in used else "")
-        + f"; the score combines {', '.join(used)}, "
+        + f"; the score {'sums' if m.get('combine') == 'sum' else 'takes the largest of'} the tail scores of "
+        f"{', '.join(used)}, "
         f"calibrated on clean photos only at a target FPR of {m['target_fpr']:.0%}"
         + (f" (CDFs and threshold cross-fitted over {m['calibration_folds']} folds of the calibration photos, "
            "reports/validation/calibration_spread.md)" if m.get("calibration_folds") else "")
         + f"; threshold {m['threshold']:.4f}. "
-        "The signals were chosen on even photos only (`reports/validation/imagenet_validation_search.md`; "
-        "`reports/validation/imagenet_activation_probe.md` for activation_norm, "
-        "`reports/validation/imagenet_transplant_probe.md` for transplant_gain). One earlier choice used the odd "
-        "photos: a candidate with a 2×2 median check in place of the Grad-CAM entropy was evaluated once and "
-        "reverted for its clean FPR (docs/method.md, \"How the configuration was chosen\").",
+        "The signals and how they combine were chosen on validation photos only (Imagenette's ImageNet-training "
+        "photos and the ImageNet sample's even photos, clean and attacked: "
+        "`reports/validation/photo_signal_choice.md`).",
         "- Attacks run at 224 × 224 on correctly classified photos; adversarials are quantised to uint8 and only "
-        "those that still fool the model count. The paper's sign rule is reported beside ours.",
+        "those that still fool the model count"
+        + "".join(f"; {name} runs on {k} of the evaluation photos, spread over them (its cost)"
+                  for name, k in m.get("attack_photos", {}).items() if name in m["attacks"])
+        + ". The paper's sign rule is reported beside ours.",
         f"- Cost: {1000 * m['seconds_per_detection']:.0f} ms per detection on this machine (scoring the clean "
         "photos, batches of 16).",
         "",
@@ -307,11 +314,23 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
     if "operating_points" in m:
         supported = [f"{100 * p['target_fpr']:g}%" for p in m["operating_points"].values()]
         lines += ["", "## Detection at each operating point", "",
-                  f"The calibration holds a threshold for FPR {', '.join(supported)}: a conformal threshold at FPR "
-                  "a needs at least 1/a - 1 held-out clean scores, so 0.1% would need about 1,000 clean photos and "
-                  "is not set from these. Cells: rate (95% Wilson interval), in %; the clean FPR row is measured on "
-                  f"the {m['n_clean_eval']} odd photos, whose intervals are wide.", "",
+                  f"The calibration holds a threshold for FPR {', '.join(supported)} (a conformal threshold at "
+                  "FPR a needs at least 1/a - 1 held-out clean scores, so a point the calibration photos cannot "
+                  "support is left out). Cells: rate (95% Wilson interval), in %; the clean FPR row is measured on "
+                  f"the {m['n_clean_eval']} evaluation photos, whose intervals are wide.", "",
                   *operating_point_lines(m)]
+    if "sources" in m:
+        keys = list(m["operating_points"])
+        lines += ["", "## Clean FPR per photo source", "",
+                  "Each operating point's realised FPR on each source's evaluation photos: flagged / photos, rate "
+                  "and 95% Wilson interval. A point holds on a source when its interval reaches its target.", "",
+                  "| source | photos | " + " | ".join(f"@ {100 * m['operating_points'][k]['target_fpr']:g}%"
+                                                    for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for name, points in m["sources"]["fpr"].items():
+            cells = [f"{p['flagged']} ({pct(p['fpr'])}, {ci(p['ci95'])})" + ("" if p["holds"] else " **above**")
+                     for p in (points[k] for k in keys)]
+            lines.append(f"| {name} | {points[keys[0]]['n']} | " + " | ".join(cells) + " |")
     lines += ["", "## ROC-AUC of each signal alone (clean vs attack)", "",
               "| attack | " + " | ".join(signal_names(m)) + " | combined score |",
               "|---|" + "---|" * (len(signal_names(m)) + 1)]

@@ -34,25 +34,26 @@ from pipeline.models import (
     wrap_network,
 )
 from pipeline.presets import (
-    CALIBRATION_COMBINE,
     CALIBRATION_FOLDS,
+    MODEL_PRESETS,
     PRESETS,
-    default_combine,
     default_config,
     default_folds,
+    default_scoring,
     preset,
+    preset_scoring,
 )
 from pipeline.runtime import keep_allocations_mapped
 from pipeline.samples import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits
 from pipeline.signals import SIGNALS, Signal
 
 __all__ = [
-    "CALIBRATION_COMBINE",
     "CALIBRATION_FOLDS",
     "DEFAULT_FPRS",
     "ENTROPY_VARIANTS",
     "METHODS",
     "MODEL_NAMES",
+    "MODEL_PRESETS",
     "PRESETS",
     "SIGNALS",
     "MAX_DECODE_BYTES",
@@ -81,9 +82,9 @@ __all__ = [
     "cost_problem",
     "decode_cost",
     "decode_image",
-    "default_combine",
     "default_config",
     "default_folds",
+    "default_scoring",
     "denoise_batch",
     "denoise_prepared",
     "explain",
@@ -98,6 +99,7 @@ __all__ = [
     "map_entropy",
     "parse_model_ref",
     "png_chunk_problem",
+    "preset_scoring",
     "passes_per_image",
     "predict_and_explain",
     "preset",

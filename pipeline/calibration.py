@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.config import DetectorConfig
 from pipeline.signals import SIGNALS
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 N_QUANTILES = 1001
 # the operating points a calibration adds beside its default target when asked for none (explainer calibrate)
 DEFAULT_FPRS = (0.01, 0.001)
@@ -146,6 +146,11 @@ class Calibration:
     # how the signals' tail scores become one score: "max" (any one unusual signal) or "sum" (-log10 of the
     # product of the tail probabilities: several moderately unusual signals add up)
     combine: str = "max"
+    # how much each signal's tail score counts in the combination (absent: 1); chosen on validation data, where
+    # attacks may be used, and fixed before the clean images set the threshold
+    signal_weights: dict[str, float] = field(default_factory=dict)
+    # each fitted signal's state, fitted on the clean images (pipeline.signals.Signal.fitted)
+    fitted: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.points = [p if isinstance(p, OperatingPoint) else OperatingPoint(**p) for p in self.points]
@@ -170,9 +175,18 @@ class Calibration:
             f"{fpr_label(fpr)}: pick one of those, or recalibrate with it (explainer calibrate --fprs ...)")
 
     def score(self, signals: dict[str, np.ndarray]) -> np.ndarray:
-        """The combined anomaly score: the max (or, with ``combine="sum"``, the sum) of the signals' tail scores."""
-        tails = [ref.tail_score(np.asarray(signals[name])) for name, ref in self.signals.items()]
+        """The combined anomaly score: the max (or, with ``combine="sum"``, the sum) of the signals' tail scores,
+        each times its weight."""
+        tails = [self.signal_weights.get(name, 1.0) * ref.tail_score(self.values(name, signals[name]))
+                 for name, ref in self.signals.items()]
         return np.sum(tails, axis=0) if self.combine == "sum" else np.max(tails, axis=0)
+
+    def values(self, name: str, measured: np.ndarray) -> np.ndarray:
+        """Signal ``name``'s (N,) values: as measured, or a fitted signal's vectors through its fitted state."""
+        measured = np.asarray(measured)
+        if measured.ndim == 2 and name in self.fitted:
+            return SIGNALS[name].apply(measured, self.fitted[name])
+        return measured
 
     def save(self, path: str | Path) -> None:
         data = {"version": CALIBRATION_VERSION, **asdict(self)}
@@ -212,7 +226,7 @@ def fit_calibration(
     config: dict | None = None, use: tuple[str, ...] = ("prediction_shift", "map_shift"),
     confidence: float | None = None,
     tails: dict[str, str] | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
-    drop_unsupported: bool = False, combine: str = "max",
+    drop_unsupported: bool = False, combine: str = "max", signal_weights: dict[str, float] | None = None,
 ) -> Calibration:
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other: the
     conformal quantile of those m held-out scores, the ⌈(1 - target)(m + 1)⌉-th smallest, so that a new clean
@@ -229,10 +243,19 @@ def fit_calibration(
 
     ``fprs``: more operating points, each thresholded the same way on the same held-out scores; ``target_fpr``
     is the default one. A point needs enough held-out scores (:func:`threshold_at`), or it is refused; with
-    ``drop_unsupported`` such a point of ``fprs`` is left out instead (the default point never is)."""
+    ``drop_unsupported`` such a point of ``fprs`` is left out instead (the default point never is).
+
+    ``combine``: "max" or "sum" of the signals' tail scores, each times its entry in ``signal_weights`` (absent: 1;
+    a weight is finite and non-negative, so that every signal still only adds evidence of "unlike clean")."""
     tails = {**{name: s.tails for name, s in SIGNALS.items()}, **(tails or {})}
     if combine not in COMBINE_RULES:
         raise ValueError(f"unknown combine rule {combine!r}; use one of {', '.join(COMBINE_RULES)}")
+    weights = {name: float(w) for name, w in (signal_weights or {}).items()}
+    if stray := set(weights) - set(use):
+        raise ValueError(f"weights for signals the calibration does not score: {', '.join(sorted(stray))}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or (use and not any(
+            weights.get(name, 1.0) for name in use)):
+        raise ValueError(f"signal weights are finite, non-negative and not all zero, got {weights}")
     if unknown := {t for t in tails.values()} - {"upper", "two-sided"}:
         raise ValueError(f"unknown tails {sorted(unknown)}; use upper or two-sided")
     n = len(next(iter(signals.values())))
@@ -244,11 +267,13 @@ def fit_calibration(
         raise ValueError("confidence needs the split in halves (its binomial bound holds for scores from the very "
                          "CDFs used at detection time, which cross-fitted scores are not): drop folds or confidence")
     rows = np.arange(n)
+    signals, fitted = fit_signals(signals, use, config, folds or 2)
     ref_rows, thr_rows = (rows[::2], rows[1::2]) if folds is None else (rows, rows)
     cal = Calibration(
         model=model, method=method, entropy=entropy, target_fpr=target_fpr, threshold=0.0,
         n_reference=len(ref_rows), n_threshold=len(thr_rows), threshold_fpr=0.0, images=images,
         signals=_references(signals, ref_rows, use, tails), config=config or {}, combine=combine,
+        signal_weights=weights, fitted=fitted,
     )
     if folds is None:
         held_out = cal.score({k: np.asarray(v)[thr_rows] for k, v in signals.items()})
@@ -270,6 +295,31 @@ def fit_calibration(
     default = cal.point(target_fpr)
     cal.threshold, cal.threshold_fpr = default.threshold, default.threshold_fpr
     return cal
+
+
+def fit_signals(signals: dict[str, np.ndarray], use: tuple[str, ...], config: dict | None,
+                folds: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Each fitted signal of ``use``: its state fitted on all the clean images' vectors, and in ``signals`` its
+    values cross-fitted over ``folds`` folds (rows ``i % folds``: each image's value from a state fitted without
+    it), so that the CDFs and the threshold see the values a new clean image gets, not the smaller ones of the
+    images a state was fitted on."""
+    params = DetectorConfig.from_dict(config) if config else None
+    out, fitted = dict(signals), {}
+    for name in use:
+        sig = SIGNALS[name]
+        if not sig.fitted:
+            continue
+        vectors = np.asarray(signals[name])
+        if vectors.ndim != 2:
+            raise ValueError(f"{name} is fitted on per-image vectors, got an array of shape {vectors.shape}")
+        p = params.params(name) if params and params.uses(name) else sig.make_params()
+        rows = np.arange(len(vectors))
+        values = np.empty(len(vectors))
+        for k in range(folds):
+            inside = rows % folds == k
+            values[inside] = sig.apply(vectors[inside], sig.fit(vectors[~inside], p))
+        out[name], fitted[name] = values, sig.fit(vectors, p)
+    return out, fitted
 
 
 def threshold_at(held_out: np.ndarray, target_fpr: float, confidence: float | None = None) -> OperatingPoint:

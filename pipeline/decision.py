@@ -53,7 +53,7 @@ class Explained:
 class DetectionResult:
     """Per-image arrays over the batch, the threshold and rule that produced ``is_adversarial`` (and the
     operating point's target FPR, ``fpr``: None under the sign rule), and every signal measured (name -> (N,)):
-    the base signals always, the configured ``model`` signals when measured."""
+    the base signals always, the configured ``model`` signals when measured (a fitted one once calibrated)."""
 
     predicted_class: np.ndarray
     confidence: np.ndarray
@@ -105,12 +105,15 @@ class Decider:
         probs = explained.probs
         n = len(probs) // 2
         batch = MapsPass(probs=probs, maps=torch.from_numpy(explained.maps), entropy=self.config.entropy)
+        cal = self.calibration
         return {
             "predicted_class": probs[:n].argmax(1),
             "confidence": probs[:n].max(1).astype(np.float64),
             "denoised_class": probs[n:].argmax(1),
             **{name: SIGNALS[name].compute(batch, None) for name in BASE_SIGNALS},
-            **explained.signals,
+            # a fitted signal's vectors become its values once a calibration holds its state; before, they stay
+            # vectors, which calibration fits on
+            **{name: cal.values(name, v) if cal else v for name, v in explained.signals.items()},
         }
 
     def decide(self, explained: Explained, rule: str | None = None, return_maps: bool = False,
@@ -148,6 +151,6 @@ class Decider:
             **{k: s[k] for k in classes}, score=np.asarray(score, dtype=np.float64),
             is_adversarial=np.asarray(flagged, dtype=bool), threshold=float(threshold), rule=rule,
             fpr=None if rule == "sign" else point.target_fpr,
-            signals={k: v for k, v in s.items() if k not in classes},
+            signals={k: v for k, v in s.items() if k not in classes and np.ndim(v) == 1},
             maps=explained.maps[:n].sum(1) if return_maps else None,
         )

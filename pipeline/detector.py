@@ -83,10 +83,10 @@ def _check_model_supports(model: TargetModel, config: DetectorConfig) -> None:
             + ", e.g. explainer calibrate --method saliency"
             + (" --signals " + ",".join(n for n in config.signals if n not in hooked) if hooked else "")
             + "; or load the network from module:callable, whose layers run hooks")
-    needs_layer = config.method in LAYER_METHODS or "activation_norm" in config.signals
-    if needs_layer and model.gradcam_layer is None:
-        raise ValueError(f"method {config.method} and the activation_norm signal read a layer of the network, and "
-                         f"{model.name} has none to read: name one (explain_layer=, --explain-layer)")
+    if (config.method in LAYER_METHODS or hooked) and model.gradcam_layer is None:
+        raise ValueError(f"method {config.method}" + "".join(f" and the {h} signal" for h in hooked)
+                         + f" read a layer of the network, and {model.name} has none to read: name one "
+                         "(explain_layer=, --explain-layer)")
 
 
 class Detector:
@@ -337,14 +337,15 @@ class Detector:
     def calibrate(
         self, clean_images: np.ndarray, target_fpr: float = 0.05, images: str = "", batch_size: int = 256,
         progress=None, confidence: float | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
-        drop_unsupported: bool = False, combine: str = "max",
+        drop_unsupported: bool = False, combine: str = "max", signal_weights: dict[str, float] | None = None,
     ) -> Calibration:
         """Fit the calibrated rule on clean images only; sets and returns the calibration. ``confidence``: set
         the threshold so that the target FPR holds with that confidence, not just in expectation. ``folds``:
         cross-fit the CDFs and the threshold over that many folds (small sets; ``fit_calibration``). ``fprs``:
         more operating points beside ``target_fpr`` (the default one), e.g. (0.01, 0.001); ``drop_unsupported``:
         leave out those too few images support rather than refuse (``fit_calibration``). ``combine``: "max"
-        or "sum" of the signals' tail scores (the presets' choices: :data:`pipeline.presets.CALIBRATION_COMBINE`).
+        or "sum" of the signals' tail scores, each times its entry in ``signal_weights`` (absent: 1; the presets'
+        choices: :func:`pipeline.presets.preset_scoring`).
 
         With the transplant on, its ``hosts`` parameter of the images (spread over the list) become its hosts:
         they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
@@ -363,16 +364,19 @@ class Detector:
                 f", {len(chosen)} of them kept out as the transplant's hosts")
             if progress:  # the hosts count as done, so that a bar over all the caller's images ends full
                 progress = partial(_offset_progress, progress, len(chosen))
+        previous = self.calibration
         try:
+            self.calibration = None  # measured as they come: a fitted signal's vectors, not an old state's values
             s = self.analyse_many(clean_images, batch_size, progress)
             calibration = fit_calibration(
                 s, target_fpr, model=self.model.name, method=self.config.method, entropy=self.config.entropy,
                 images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
                 use=tuple(self.config.signals), confidence=confidence, folds=folds, fprs=fprs,
-                drop_unsupported=drop_unsupported, combine=combine,
+                drop_unsupported=drop_unsupported, combine=combine, signal_weights=signal_weights,
             )
         except Exception as e:
             self.hosts, self._host_tensors = before  # the detector stays as it was
+            self.calibration = previous
             if hosts is not None:
                 e.add_note(f"{len(hosts)} of the clean images were kept out as the transplant's hosts")
             raise

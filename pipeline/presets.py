@@ -24,13 +24,16 @@ PRESETS: dict[str, DetectorConfig] = {
         signals={"prediction_shift": {}, "map_shift": {}, "median_shift": {"size": 2}, "denoise_residual": {},
                  "impulse_residual": {"size": 3, "top": 5}},
     ),
-    # Grad-CAM maps (saliency is blind to a patch); NLM h=10; SentiNet's two tests (inpaint the top 5% of the map,
-    # paste the top 15% onto 8 clean hosts) and the Grad-CAM layer's activation norm
-    # (reports/validation/imagenet_validation_search.md)
+    # Grad-CAM maps (saliency is blind to a patch); NLM h=10; the sum of five tail scores chosen on validation
+    # photos at the 1% point (reports/validation/photo_signal_choice.md): how far the pooled Grad-CAM-layer features
+    # lie from clean photos' and how hard they are driven (L∞ attacks), colour noise in the flattest blocks (the
+    # perturbation's frequency artefact), the prediction's instability under small noise (minimal attacks), and
+    # SentiNet's transplant of the top 15% of the map onto 8 clean hosts (a patch)
     "photos": DetectorConfig(
         method="gradcam",
         nlm=NLMParams(h=10.0, h_color=10.0, template=5, search=11),
-        signals={"occlusion_shift": {"fraction": 0.05}, "prediction_shift": {}, "activation_norm": {},
+        signals={"feature_distance": {"components": 64}, "activation_norm": {},
+                 "chroma_residual": {"block": 16, "quantile": 0.1}, "noise_shift": {"sigma": 0.04, "copies": 4},
                  "transplant_gain": {"fraction": 0.15, "hosts": 8}},
     ),
 }
@@ -40,10 +43,10 @@ PRESETS: dict[str, DetectorConfig] = {
 # (reports/validation/calibration_spread.md)
 CALIBRATION_FOLDS: dict[str, int | None] = {"digits": None, "photos": 5}
 
-# how each preset's signals combine into one score (fit_calibration's ``combine``): the sum of the tail scores for
-# digits (several moderately unusual signals add up: what holds detection at 1% and 0.1% FPR,
-# reports/validation/mnist_operating_points_search.md), the max for photos
-CALIBRATION_COMBINE: dict[str, str] = {"digits": "sum", "photos": "max"}
+# how each preset's signals combine into one score (fit_calibration's ``combine``): the sum of the tail scores
+# (several moderately unusual signals add up: what holds detection at 1% and 0.1% FPR,
+# reports/validation/mnist_operating_points_search.md, reports/validation/photo_signal_choice.md)
+CALIBRATION_COMBINE: dict[str, str] = {"digits": "sum", "photos": "sum"}
 
 # the preset each built-in model starts from
 MODEL_PRESETS = {"mnist": "digits", "resnet18": "photos", "mobilenet_v2": "photos"}
@@ -61,9 +64,15 @@ def default_config(model: str) -> DetectorConfig:
     return preset(MODEL_PRESETS.get(model, "photos"))
 
 
-def default_combine(model: str) -> str:
-    """How ``model``'s signals combine into its score: "sum" (digits) or "max" (photos)."""
-    return CALIBRATION_COMBINE[MODEL_PRESETS.get(model, "photos")]
+def preset_scoring(name: str) -> dict:
+    """How preset ``name`` combines its signals, as keyword arguments of ``Detector.calibrate`` (every signal
+    weighs 1: the validation searches found no weights that held up beyond the images they were searched on)."""
+    return {"combine": CALIBRATION_COMBINE[name]}
+
+
+def default_scoring(model: str) -> dict:
+    """How built-in model ``model``'s signals combine (:func:`preset_scoring` of its preset)."""
+    return preset_scoring(MODEL_PRESETS.get(model, "photos"))
 
 
 def default_folds(model: str) -> int | None:

@@ -106,6 +106,15 @@ class Signal:
     hook: Callable[[Any], AbstractContextManager] | None = None
     doc: str = ""
     passes: Callable[[Any], int] | int = 0
+    fit: Callable[[np.ndarray, Any], dict] | None = None
+    apply: Callable[[np.ndarray, dict], np.ndarray] | None = None
+
+    @property
+    def fitted(self) -> bool:
+        """A fitted signal's ``compute`` returns (N, D) per-image vectors; calibration fits a state on clean
+        images' vectors (``fit(vectors, params)``, kept in the calibration) and ``apply(vectors, state)`` turns
+        vectors into the (N,) values scored."""
+        return self.fit is not None
 
     def forward_passes(self, params: object = None) -> int:
         """Inference-only forward passes per image this signal adds to the explanation's (a filtered copy
@@ -133,14 +142,18 @@ SIGNALS: dict[str, Signal] = {}
 
 def register(name: str, *, tails: str, stage: str, params: type | None = None,
              hook: Callable[[Any], AbstractContextManager] | None = None,
-             passes: Callable[[Any], int] | int = 0) -> Callable:
+             passes: Callable[[Any], int] | int = 0, fit: Callable | None = None,
+             apply: Callable | None = None) -> Callable:
     """Register the decorated ``compute(batch, params)`` as the signal ``name``. ``passes``: the inference-only
-    forward passes per image it adds (a number, or a function of its parameters)."""
+    forward passes per image it adds (a number, or a function of its parameters); ``fit``/``apply``: a fitted
+    signal's (:attr:`Signal.fitted`)."""
+    if (fit is None) != (apply is None):
+        raise ValueError(f"signal {name!r}: a fitted signal needs both fit and apply")
     if tails not in TAILS or stage not in STAGES:
         raise ValueError(f"signal {name!r}: tails must be one of {TAILS} and stage one of {STAGES}")
 
     def wrap(fn: Callable) -> Callable:
-        SIGNALS[name] = Signal(name, tails, stage, fn, params, hook, (fn.__doc__ or "").strip(), passes)
+        SIGNALS[name] = Signal(name, tails, stage, fn, params, hook, (fn.__doc__ or "").strip(), passes, fit, apply)
         return fn
 
     return wrap
@@ -216,6 +229,32 @@ class NoiseParams:
         if not (0.0 < self.sigma < 1.0 and isinstance(self.copies, int) and self.copies >= 1):
             raise ValueError(f"noise_shift: sigma must be in (0, 1) and copies an integer >= 1, got "
                              f"{self.sigma!r} and {self.copies!r}")
+
+
+@dataclass(frozen=True)
+class ChromaParams:
+    """Chroma high-pass energy is averaged over ``block`` × ``block`` blocks; the ``quantile`` of the blocks
+    (the flattest ones) is the value."""
+
+    block: int = 16
+    quantile: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.block, int) and self.block >= 4 and 0.0 <= self.quantile <= 1.0):
+            raise ValueError(f"chroma_residual: block must be an integer >= 4 and quantile in [0, 1], got "
+                             f"{self.block!r} and {self.quantile!r}")
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """The clean photos' pooled features are modelled by a Gaussian in their top ``components`` principal
+    axes."""
+
+    components: int = 64
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.components, int) and self.components >= 1):
+            raise ValueError(f"feature_distance: components must be an integer >= 1, got {self.components!r}")
 
 
 # -- maps: from the 2N predictions and maps -------------------------------------------------------------------
@@ -325,6 +364,14 @@ def first_output(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+def hooked_batch(batch: ModelPass, name: str) -> torch.Tensor:
+    """The originals' part of what signal ``name``'s hook kept of this batch's prediction pass."""
+    seen = batch.captured[name]
+    if not seen or len(seen[0]) != 2 * batch.n:  # another caller's pass, or none: never score a foreign tensor
+        raise RuntimeError("the Grad-CAM layer's hook did not see this batch's prediction pass")
+    return seen[0][: batch.n]
+
+
 def pooled_activation_norm(activations: torch.Tensor) -> np.ndarray:
     """The L2 norm over channels of each channel's spatial maximum of (N, C, h, w) activations."""
     return activations.float().amax(dim=(2, 3)).norm(dim=1).cpu().numpy()
@@ -334,10 +381,58 @@ def pooled_activation_norm(activations: torch.Tensor) -> np.ndarray:
 def _activation_norm(batch: ModelPass, params: None) -> np.ndarray:
     """How hard the original drives the Grad-CAM layer's features at their strongest, read from the prediction
     pass itself (no extra pass): a patch and iterative L∞ attacks drive them beyond clean photos."""
-    seen = batch.captured["activation_norm"]
-    if not seen or len(seen[0]) != 2 * batch.n:  # another caller's pass, or none: never score a foreign tensor
-        raise RuntimeError("the Grad-CAM layer's hook did not see this batch's prediction pass")
-    return pooled_activation_norm(seen[0][: batch.n]).astype(np.float64)
+    return pooled_activation_norm(hooked_batch(batch, "activation_norm")).astype(np.float64)
+
+
+def fit_gaussian(vectors: np.ndarray, params: FeatureParams) -> dict:
+    """The clean vectors' mean, top principal axes and their variances (a Gaussian in that subspace)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if len(vectors) < 2:
+        raise ValueError("feature_distance needs at least 2 clean images to fit")
+    mean = vectors.mean(0)
+    _, sv, vt = np.linalg.svd(vectors - mean, full_matrices=False)
+    k = min(params.components, len(sv))
+    var = np.maximum(sv[:k] ** 2 / (len(vectors) - 1), 1e-12)
+    return {"mean": mean.astype(np.float32).tolist(), "axes": vt[:k].astype(np.float32).tolist(),
+            "variance": var.tolist()}
+
+
+def gaussian_distance(vectors: np.ndarray, state: dict) -> np.ndarray:
+    """Mahalanobis distance of each vector to the fitted Gaussian, in its principal subspace."""
+    z = (np.asarray(vectors, dtype=np.float64) - np.asarray(state["mean"])) @ np.asarray(state["axes"]).T
+    return np.sqrt((z**2 / np.asarray(state["variance"])).sum(1))
+
+
+@register("feature_distance", tails="upper", stage="model", params=FeatureParams,
+          hook=lambda model: first_output(model.gradcam_layer), fit=fit_gaussian, apply=gaussian_distance)
+def _feature_distance(batch: ModelPass, params: FeatureParams) -> np.ndarray:
+    """How far the original's pooled Grad-CAM-layer features lie from clean photos' (a Mahalanobis distance to a
+    Gaussian fitted on the calibration's clean photos, in its top principal axes; Lee et al. 2018 fit one per
+    class, which a few hundred clean photos of a thousand classes cannot): an L∞ attack drives a photo's deep
+    features off the clean ones even at 2/255. Read from the prediction pass (no extra pass)."""
+    return hooked_batch(batch, "feature_distance").float().mean(dim=(2, 3)).cpu().numpy()
+
+
+# OpenCV's RGB -> YCrCb chroma rows (on 0..255 values): the Cr and Cb differences from luma
+_CHROMA = torch.tensor([[0.5, -0.418688, -0.081312], [-0.168736, -0.331264, 0.5]])
+_HIGH_PASS = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+
+
+@register("chroma_residual", tails="upper", stage="model", params=ChromaParams)
+def _chroma_residual(batch: ModelPass, params: ChromaParams) -> np.ndarray:
+    """High-frequency colour energy in the original's flattest blocks: a camera or a JPEG encoder keeps colour
+    smooth (chroma is subsampled), while a gradient attack moves each channel on its own, everywhere, a flat sky
+    among it (the frequency artefact of the perturbation). The Cr and Cb planes are high-passed with
+    Immerkær's 3 × 3 noise mask, averaged over blocks, and the ``quantile`` of the blocks taken. Its clean level
+    depends on how a source encodes colour: calibrate on the cameras it guards. No model pass."""
+    x = batch.both[: batch.n].float() * 255.0
+    if x.shape[1] != 3:
+        raise ValueError("chroma_residual reads colour photos; this model takes one channel")
+    chroma = torch.einsum("kc,nchw->nkhw", _CHROMA.to(x.device), x)
+    kernel = _HIGH_PASS.to(x.device).expand(2, 1, 3, 3)
+    energy = torch.nn.functional.conv2d(chroma, kernel, groups=2).abs().sum(1, keepdim=True)
+    blocks = torch.nn.functional.avg_pool2d(energy, params.block).flatten(1)
+    return torch.quantile(blocks, params.quantile, dim=1).cpu().numpy().astype(np.float64)
 
 
 @register("transplant_gain", tails="upper", stage="model", params=TransplantParams,

@@ -295,17 +295,17 @@ def calibrate(
     from dataclasses import replace
 
     from pipeline import (
-        CALIBRATION_COMBINE,
         CALIBRATION_FOLDS,
         MODEL_NAMES,
+        MODEL_PRESETS,
         Detector,
         ExplainParams,
         InputError,
         check_detector_name,
-        default_combine,
         default_config,
         default_folds,
         load_model,
+        preset_scoring,
     )
 
     check_device(device)
@@ -333,12 +333,12 @@ def calibrate(
                 target.to(device)
             base, base_folds = (preset_config(preset_name) if preset_name else default_config(model),
                                 CALIBRATION_FOLDS[preset_name] if preset_name else default_folds(model))
-            base_combine = CALIBRATION_COMBINE[preset_name] if preset_name else default_combine(model)
+            used = preset_name or MODEL_PRESETS[model]
         else:
             target = _own_model(model, weights, model_kwargs, input_size, channels, mean, std, resize_to,
                                 explain_layer, name, device)
             used = preset_name or ("digits" if channels == 1 else "photos")
-            base, base_folds, base_combine = preset_config(used), CALIBRATION_FOLDS.get(used), CALIBRATION_COMBINE[used]
+            base, base_folds = preset_config(used), CALIBRATION_FOLDS.get(used)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     nlm = base.nlm
@@ -367,6 +367,7 @@ def calibrate(
         fail(str(exc))
     if folds is None:
         folds = None if confidence is not None else base_folds
+    scoring = preset_scoring(used)
     points = _floats(fprs, "fprs")
     if points is not None and not all(0 < f < 1 for f in points):
         fail(f"--fprs: target false-positive rates lie in (0, 1), got {fprs}")
@@ -377,7 +378,7 @@ def calibrate(
             cal = det.calibrate(images, target_fpr, images=desc, batch_size=batch or (128 if digits_like else 8),
                                 progress=lambda k: bar.update(task, completed=k), confidence=confidence,
                                 folds=folds or None, fprs=points or DEFAULT_FPRS, drop_unsupported=points is None,
-                                combine=combine or base_combine)
+                                **{**scoring, **({"combine": combine} if combine else {})})
         except (ValueError, InputError) as exc:
             fail(str(exc))
     if as_file:

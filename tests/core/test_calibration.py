@@ -149,3 +149,31 @@ def test_calibrate_check_says_whether_each_operating_point_holds_on_a_folder(tmp
     det = Detector.from_pretrained("mnist")
     [five, *_] = check_points(det.calibration, np.r_[np.zeros(90), np.full(10, 1e9)])
     assert (five.flagged, five.n, five.holds) == (10, 100, False) and five.ci95[0] > 0.05
+
+
+def test_signal_weights_scale_each_tail_score_and_round_trip(tmp_path):
+    """A weighted sum counts each signal's tail score times its weight: weight 0 leaves a signal out of the
+    score, and the weights travel with the calibration."""
+    rng = np.random.default_rng(3)
+    clean = _draw(rng, 400)
+    kw = dict(model="m", method="saliency", entropy="spatial", images="", use=SIGNALS, combine="sum")
+    weighted = fit_calibration(clean, 0.05, signal_weights={"map_shift": 0.0, "median_shift": 2.0}, **kw)
+    plain = fit_calibration(clean, 0.05, use=("prediction_shift", "median_shift"), combine="sum",
+                            model="m", method="saliency", entropy="spatial", images="")
+    probe = _draw(rng, 50)
+    moved = {**probe, "map_shift": probe["map_shift"] * 100}  # a signal with weight 0 cannot move the score
+    assert np.array_equal(weighted.score(probe), weighted.score(moved))
+    p, m = (plain.signals[k].tail_score(probe[k]) for k in ("prediction_shift", "median_shift"))
+    assert np.allclose(weighted.score(probe), p + 2 * m)
+    weighted.save(tmp_path / "cal.json")
+    back = Calibration.load(tmp_path / "cal.json")
+    assert back.signal_weights == {"map_shift": 0.0, "median_shift": 2.0}
+    assert np.array_equal(back.score(probe), weighted.score(probe))
+
+
+@pytest.mark.parametrize("weights", [{"map_shift": -1.0}, {"map_shift": float("nan")}, {"occlusion_shift": 1.0},
+                                     dict.fromkeys(SIGNALS, 0.0)])
+def test_bad_signal_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="weights"):
+        fit_calibration(_draw(np.random.default_rng(4), 100), 0.05, model="m", method="saliency",
+                        entropy="spatial", images="", use=SIGNALS, combine="sum", signal_weights=weights)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from evaluation.datasets import load_imagenet_sample
+from evaluation.datasets import SHARED_DATA, load_imagenet_sample
 from pipeline.models.imagenet import SHARED_WEIGHTS
 
 needs_photos = pytest.mark.skipif(
@@ -24,7 +24,12 @@ def test_imagenet_evaluation_writes_metrics_and_report(tmp_path):
     m = evaluate_imagenet("mobilenet_v2", None, ["patch", "bim"], n=6, out=tmp_path, n_calibration=48,
                           attack_options={"patch": {"steps": 3, "batch_size": 4}, "bim": {"steps": 3}})
     assert m["n_clean_eval"] == 6 and 0 <= m["clean_fpr"] <= 1
-    assert "(48), 8 of them kept out" in m["calibration_images"]  # the transplant's hosts
+    assert m["calibration_images"].startswith("48 photos no ImageNet model trained on")
+    assert "8 of them kept out" in m["calibration_images"]  # the transplant's hosts
+    fprs = m["sources"]["fpr"]  # every source's evaluation photos, each with its own FPR and interval
+    assert set(fprs) == {"imagenet-sample", "nips17", "imagenette-val"}
+    assert sum(p["0.05"]["n"] for p in fprs.values()) == 6
+    assert all(0 <= p["0.05"]["ci95"][0] <= p["0.05"]["fpr"] <= p["0.05"]["ci95"][1] for p in fprs.values())
     assert list(m["operating_points"]) == ["0.05"]  # 20 held-out scores: too few for 1% (99) and 0.1% (999)
     bim = m["attacks"]["bim"]
     assert bim["attempted"] >= 3 and bim["params"]["steps"] == 3
@@ -36,7 +41,7 @@ def test_imagenet_evaluation_writes_metrics_and_report(tmp_path):
     assert set(on_disk["attacks"]) == {"patch", "bim"}
     for name in ("report.md", "roc.png", "entropy_distributions.png", "explanation_maps.png", "calibration.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "odd positions" in (tmp_path / "report.md").read_text()
+    assert "Clean FPR per photo source" in (tmp_path / "report.md").read_text()
 
 
 def test_targeted_breakdown_counts_only_photos_classified_as_the_target():
@@ -53,3 +58,22 @@ def test_targeted_breakdown_counts_only_photos_classified_as_the_target():
     assert t["n_adv"] == 2 and t["targeted_success_rate"] == 0.4
     assert t["detection_rate"] == 1.0 and t["roc_auc"] == 1.0
     assert t["detection_rate_other_misclassified"] == 0.5
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "nips17" / "labels.csv").exists(), reason="needs ../shared/data photo sets")
+def test_photo_sources_split_calibration_from_evaluation():
+    """Every photo no ImageNet model trained on is in exactly one half; the ImageNet sample's odd photos, which
+    no choice used, are its evaluation half; the calibration holds 1,050 photos, 1,042 without the transplant's
+    hosts: enough for a 0.1% point (999)."""
+    from evaluation.datasets import PHOTO_SOURCES, load_labelled_photos
+
+    calibration, evaluation = [], []
+    for source in PHOTO_SOURCES:
+        cal, ev = source.split()
+        assert len(cal) + len(ev) == len(source.rows()) and not set(cal) & set(ev)
+        calibration += cal
+        evaluation += ev
+    assert len(calibration) == 1050 and len(evaluation) == 450
+    assert [r for r in evaluation if "imagenet-sample" in str(r[0])] == load_imagenet_sample()[1::2]
+    seen = {p for p, _ in load_labelled_photos("imagenette", "imagenet-train")}  # ImageNet training photos
+    assert not seen & {p for p, _ in calibration + evaluation}
