@@ -123,7 +123,14 @@ class Scored:
 
 
 def score_images(det: Detector, images: np.ndarray, batch: int = 256) -> Scored:
-    """Explain once per batch, then apply the calibrated rule and the paper's sign rule to the same maps."""
+    """Explain once per batch, then apply the calibrated rule and the paper's sign rule to the same maps. No
+    images (an attack that fooled the model on none): empty arrays, every signal among them."""
+    if len(images) == 0:
+        from pipeline.decision import BASE_SIGNALS
+
+        empty = np.zeros(0)
+        signals = {k: empty for k in (*BASE_SIGNALS, *det.config.model_signals())}
+        return Scored(empty, empty.astype(bool), empty.astype(bool), signals, 0.0, empty.astype(np.int64))
     parts = []
     start = time.perf_counter()
     for i in range(0, len(images), batch):
