@@ -301,8 +301,8 @@ def fit_signals(signals: dict[str, np.ndarray], use: tuple[str, ...], config: di
                 folds: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """Each fitted signal of ``use``: its state fitted on all the clean images' vectors, and in ``signals`` its
     values cross-fitted over ``folds`` folds (rows ``i % folds``: each image's value from a state fitted without
-    it), so that the CDFs and the threshold see the values a new clean image gets, not the smaller ones of the
-    images a state was fitted on."""
+    it), so that the CDFs and the threshold see the values a new clean image gets, not those of images a state
+    was fitted on (a principal subspace fits its own images' spread: their distances are not a new image's)."""
     params = DetectorConfig.from_dict(config) if config else None
     out, fitted = dict(signals), {}
     for name in use:
