@@ -181,35 +181,57 @@ def evaluate_imagenet(
     clean = score_images(det, eval_images, batch=16)
     accuracy = float((predict(model, eval_images, batch=32) == eval_labels).mean())
     log(f"  clean FPR {clean.flagged.mean():.1%}; model top-1 on these photos {accuracy:.1%}")
-    runs: dict[str, AttackRun] = {}
-    scored: dict[str, Scored] = {}
     # the attacker trains on calibration photos but not on the transplant's hosts, which an operator keeps private
     patch_photos = np.delete(cal_images, det.host_rows(len(cal_images)), axis=0)
+    runs, scored = attack_and_score(det, eval_images, eval_labels, attacks, patch_photos, attack_options, log)
+    metrics = photo_metrics(det, clean, runs, scored, target_fpr, accuracy, len(patch_photos))
+    metrics["sources"] = {"photos": counts, "fpr": source_fprs(det, clean, eval_sources)}
+    return write_photo_report(out, metrics, det, clean, scored, runs, eval_images, start, command)
+
+
+def attack_and_score(det: Detector, images: np.ndarray, labels: np.ndarray, attacks: list[str],
+                     patch_photos: np.ndarray, attack_options: dict[str, dict] | None = None,
+                     log: Progress = print) -> tuple[dict[str, AttackRun], dict[str, Scored]]:
+    """Each attack on the correctly classified ``images`` (at most :data:`ATTACK_PHOTOS` of them where it says
+    so), its successes scored by ``det``; the patch is trained on ``patch_photos`` first."""
+    model = det.model
+    runs: dict[str, AttackRun] = {}
+    scored: dict[str, Scored] = {}
     for name in attacks:
         attack = IMAGENET_ATTACKS[name](**(attack_options or {}).get(name, {}))
         if isinstance(attack, AdversarialPatch):
-            log(f"training the universal patch on {len(patch_photos)} calibration photos (not the hosts)…")
+            log(f"training the universal patch on {len(patch_photos)} photos…")
             t = time.perf_counter()
             attack.fit(model.net, to_tensor(patch_photos).to(model.device))
             log(f"  trained in {time.perf_counter() - t:.0f}s")
-        rows = np.arange(len(eval_images))
+        rows = np.arange(len(images))
         if name in ATTACK_PHOTOS and ATTACK_PHOTOS[name] < len(rows):
             rows = np.linspace(0, len(rows) - 1, ATTACK_PHOTOS[name]).round().astype(int)
         log(f"attack {name} on {len(rows)} photos…")
-        runs[name] = run_attack(model, name, attack, eval_images[rows], eval_labels[rows], batch=16)
+        runs[name] = run_attack(model, name, attack, images[rows], labels[rows], batch=16)
         runs[name].source = rows[runs[name].source]
         log(f"  success {runs[name].success_rate:.1%} of {runs[name].attempted} in {runs[name].seconds:.0f}s; scoring…")
         scored[name] = score_images(det, runs[name].images, batch=16)
+    return runs, scored
 
-    metrics = evaluation_metrics(model_name, det, clean, runs, scored, target_fpr)
+
+def photo_metrics(det: Detector, clean: Scored, runs: dict[str, AttackRun], scored: dict[str, Scored],
+                  target_fpr: float, accuracy: float, patch_photos: int) -> dict:
+    """metrics.json's content for a photo evaluation (:func:`evaluation.metrics.evaluation_metrics` and the
+    patch's targeted count, the model's accuracy, the combination rule and the attacks' photo limits)."""
+    metrics = evaluation_metrics(det.model.name, det, clean, runs, scored, target_fpr)
     if "patch" in scored:
         metrics["attacks"]["patch"]["targeted"] = targeted_breakdown(
             clean, scored["patch"], runs["patch"].attempted, runs["patch"].params["target_class"])
-        metrics["attacks"]["patch"]["training_photos"] = len(patch_photos)
+        metrics["attacks"]["patch"]["training_photos"] = patch_photos
     metrics["clean_top1"] = accuracy
     metrics["combine"] = det.calibration.combine
     metrics["attack_photos"] = ATTACK_PHOTOS
-    metrics["sources"] = {"photos": counts, "fpr": source_fprs(det, clean, eval_sources)}
+    return metrics
+
+
+def write_photo_report(out: Path, metrics: dict, det: Detector, clean: Scored, scored: dict[str, Scored],
+                       runs: dict[str, AttackRun], eval_images: np.ndarray, start: float, command: str) -> dict:
     metrics["seconds"] = time.perf_counter() - start
     metrics["command"] = command
     metrics["machine"] = machine_description()
@@ -218,3 +240,51 @@ def evaluate_imagenet(
 
     write_imagenet_report(out, metrics, det, clean, scored, runs, eval_images)
     return metrics
+
+
+def load_labelled_csv(path: Path) -> list[tuple[Path, int]]:
+    """(photo path, class) rows of a CSV with ``path,label`` columns (header first); a path is relative to the
+    CSV's folder unless absolute, and a label is the model's own output index."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected a CSV with columns path,label and at least one row")
+    return [((path.parent / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]), int(r["label"]))
+            for r in rows]
+
+
+def evaluate_bundle(
+    det: Detector, photos: list[tuple[Path, int]], attacks: list[str], out: Path, log: Progress = print,
+    seed: int = 0, command: str = "explainer evaluate --detector", attack_options: dict[str, dict] | None = None,
+    description: str = "",
+) -> dict:
+    """A user's calibrated detector on their own labelled photos, none of them seen by its calibration: the clean
+    FPR at each operating point on every photo; the attacks on the photos at odd positions (the patch trained on
+    the even ones, less nothing the operator keeps: the hosts are in the bundle, not among these photos)."""
+    if det.calibration is None:
+        raise ValueError(f"detector {det.model.name} has no calibration: calibrate it first (explainer calibrate)")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model = det.model
+    # the patch keeps its share of the photo (64 × 64 of 224 × 224: 8%) at the model's input size
+    options = {**(attack_options or {})}
+    options["patch"] = {"patch_size": max(8, round(64 * model.size / 224)), **options.get("patch", {})}
+    images, labels = load_photos(model, photos)
+    log(f"scoring {len(images)} clean photos…")
+    clean = score_images(det, images, batch=16)
+    accuracy = float((predict(model, images, batch=32) == labels).mean())
+    log(f"  clean FPR {clean.flagged.mean():.1%}; model top-1 on these photos {accuracy:.1%}")
+    runs, scored = attack_and_score(det, images[1::2], labels[1::2], attacks, images[0::2], options, log)
+    for run in runs.values():
+        run.source = 2 * run.source + 1
+    metrics = photo_metrics(det, clean, runs, scored, det.calibration.target_fpr, accuracy, len(images[0::2]))
+    metrics["protocol"] = description or (
+        f"{len(images)} labelled photos the calibration never saw ({det.calibration.images} calibrated it): all "
+        "scored clean; those at odd positions attacked, the patch trained on those at even positions")
+    metrics["sources"] = {"photos": {"given": [0, len(images)]},
+                          "fpr": source_fprs(det, clean, np.array(["given"] * len(images)))}
+    return write_photo_report(out, metrics, det, clean, scored, runs, images[1::2], start, command)

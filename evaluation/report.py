@@ -238,20 +238,11 @@ def _pixels(x: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
 
 
-def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_images: np.ndarray) -> None:
-    """report.md and plots for ``explainer evaluate --model mobilenet_v2|resnet18``."""
-    plot_entropy(out / "entropy_distributions.png", clean, scored)
-    plot_roc(out / "roc.png", clean, scored, {}, det.calibration.fprs)
-    plot_maps(out / "explanation_maps.png", det, eval_images, runs)
-    config = DetectorConfig.from_dict(m["config"]).to_dict()  # metrics of any config version
-    nlm, used = config["nlm"], config["signals"]
-    lines = [
-        f"# ImageNet evaluation ({m['model']}): adversarial patch, BIM and PGD",
-        "",
-        f"Command: `{m['command']}` — {m['seconds'] / 60:.1f} min on {m['machine']}.",
-        "",
-        "## Protocol",
-        "",
+def photos_line(m: dict) -> str:
+    """The protocol's first line: which photos calibrated, trained the patch and were evaluated."""
+    if "protocol" in m:  # a user's bundle on their own photos (evaluation.imagenet.evaluate_bundle)
+        return f"- Photos: {m['protocol']} (model top-1 on them {pct(m['clean_top1'])})."
+    return (
         "- Photos that no ImageNet model trained on, from three sources: the ImageNet sample "
         "(`../shared/data/imagenet-sample/`, one photo per class of 500), the NIPS 2017 web photos (`nips17/`, "
         "never in ImageNet) and Imagenette's ImageNet-validation photos (`imagenette/`, source `imagenet-val`), "
@@ -263,7 +254,25 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         + f"; the other {m['n_clean_eval']} photos (the sample's odd ones, the others' positions 4 mod 5: "
         + ", ".join(f"{name} {c[1]}" for name, c in m.get("sources", {}).get("photos", {}).items())
         + f") are evaluated (model top-1 on them {pct(m['clean_top1'])}). No choice of signal, weight or "
-        "parameter used them (reports/validation).",
+        "parameter used them (reports/validation)."
+    )
+
+
+def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_images: np.ndarray) -> None:
+    """report.md and plots for ``explainer evaluate --model mobilenet_v2|resnet18``."""
+    plot_entropy(out / "entropy_distributions.png", clean, scored)
+    plot_roc(out / "roc.png", clean, scored, {}, det.calibration.fprs)
+    plot_maps(out / "explanation_maps.png", det, eval_images, runs)
+    config = DetectorConfig.from_dict(m["config"]).to_dict()  # metrics of any config version
+    nlm, used = config["nlm"], config["signals"]
+    lines = [
+        f"# Photo evaluation ({m['model']}): " + ", ".join(m["attacks"]),
+        "",
+        f"Command: `{m['command']}` — {m['seconds'] / 60:.1f} min on {m['machine']}.",
+        "",
+        "## Protocol",
+        "",
+        photos_line(m),
         f"- Detector: {m['method']} maps, `{m['entropy']}` entropy, NLM h={nlm['h']} ({nlm['template']}×"
         f"{nlm['template']} patch, {nlm['search']}×{nlm['search']} search window)"
         + (f", the top {used['occlusion_shift']['fraction']:.0%} of each original's map inpainted and the photo "

@@ -66,7 +66,7 @@ def check_device(device: str | None) -> None:
         fail(f"--device {device}: CUDA is not available on this machine")
 
 
-def _open_detector(detector: str | None, weights: Path | None, calibration: Path | None, device: str | None,
+def open_detector(detector: str | None, weights: Path | None, calibration: Path | None, device: str | None,
                    trust_code: bool = False):
     """The detector ``--detector`` names, as every command names one: a built-in model's (its shipped bundle, or
     ``--calibration``), or a bundle's (``PATH`` or pinned, ``PATH@sha256:HEX``)."""
@@ -110,7 +110,7 @@ def detect(
     from worker.detect import detect_requests
     from worker.verdicts import VerdictWriter
 
-    det = _open_detector(detector, weights, calibration, device, trust_code)
+    det = open_detector(detector, weights, calibration, device, trust_code)
     if method:
         from dataclasses import replace
 
@@ -422,7 +422,7 @@ def _check_operating_points(detector: str, images_dir: Path | None, split: str, 
 
     if images_dir is None:
         fail("--check needs --images-dir: clean images from where the detector runs (its cameras, its site)")
-    det = _open_detector(detector, None, None, device, trust_code)
+    det = open_detector(detector, None, None, device, trust_code)
     try:
         images, desc = _calibration_images(None, images_dir, split, n)
         with progress_bar() as bar:

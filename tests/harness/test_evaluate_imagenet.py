@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from evaluation.datasets import SHARED_DATA, load_imagenet_sample
 from pipeline.models.imagenet import SHARED_WEIGHTS
@@ -77,3 +79,34 @@ def test_photo_sources_split_calibration_from_evaluation():
     assert [r for r in evaluation if "imagenet-sample" in str(r[0])] == load_imagenet_sample()[1::2]
     seen = {p for p, _ in load_labelled_photos("imagenette", "imagenet-train")}  # ImageNet training photos
     assert not seen & {p for p, _ in calibration + evaluation}
+
+
+def test_labelled_csv_paths_are_relative_to_it_and_bad_files_are_refused(tmp_path):
+    from evaluation.imagenet import load_labelled_csv
+
+    (tmp_path / "labels.csv").write_text("path,label\nimages/a.jpg,3\n/abs/b.png,0\n")
+    assert load_labelled_csv(tmp_path / "labels.csv") == [(tmp_path / "images/a.jpg", 3), (Path("/abs/b.png"), 0)]
+    (tmp_path / "bad.csv").write_text("file,class\na.jpg,3\n")
+    with pytest.raises(ValueError, match="path,label"):
+        load_labelled_csv(tmp_path / "bad.csv")
+
+
+@pytest.mark.slow
+@needs_photos
+def test_a_calibrated_bundle_is_evaluated_on_its_users_labelled_photos(tmp_path):
+    """``explainer evaluate --detector BUNDLE --photos CSV``: every photo scored clean, FPR per operating point,
+    the odd photos attacked with the patch trained on the even ones."""
+    from pipeline import Detector
+    from worker.cli import app
+
+    rows = load_imagenet_sample()[1::2][:8]  # odd photos: the shipped calibration never saw them
+    (tmp_path / "photos.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    Detector.from_pretrained("mobilenet_v2").save(tmp_path / "bundle")
+    result = CliRunner().invoke(app, ["evaluate", "--detector", str(tmp_path / "bundle"), "--photos",
+                                      str(tmp_path / "photos.csv"), "--attacks", "bim-early",
+                                      "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert m["n_clean_eval"] == 8 and m["sources"]["fpr"]["given"]["0.05"]["n"] == 8
+    assert m["attacks"]["bim-early"]["attempted"] <= 4  # the odd half of the given photos
+    assert "labelled photos the calibration never saw" in (tmp_path / "report" / "report.md").read_text()
