@@ -111,24 +111,29 @@ def spread(rows: list, n: int) -> list:
 
 def load_sources(model: TargetModel, n_calibration: int | None = None, n: int | None = None
                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
-    """The calibration photos and labels of every source of :data:`evaluation.datasets.PHOTO_SOURCES`, and the
-    evaluation photos, labels and source names; ``n_calibration`` / ``n`` keep that many of each, spread over the
-    sources (quick checks). Also {source: (calibration count, evaluation count)}."""
+    """The calibration photos, labels and source names of every source of
+    :data:`evaluation.datasets.PHOTO_SOURCES`, and the evaluation photos, labels and source names; ``n_calibration``
+    / ``n`` keep that many of each, spread over the sources (quick checks). Also {source: (calibration count,
+    evaluation count)}."""
     cal_rows, eval_rows, names, counts = [], [], [], {}
     for source in PHOTO_SOURCES:
         cal, ev = source.split()
-        cal_rows += cal
+        cal_rows += [(*row, source.name) for row in cal]
         eval_rows += ev
         names += [source.name] * len(ev)
         counts[source.name] = [len(cal), len(ev)]
     if n_calibration is not None:
         cal_rows = spread(cal_rows, n_calibration)
+    cal_sources = np.array([r[2] for r in cal_rows])
+    cal_rows = [(path, label) for path, label, _ in cal_rows]
+    for name in counts:
+        counts[name][0] = int((cal_sources == name).sum())
     if n is not None and n < len(eval_rows):
         keep = np.linspace(0, len(eval_rows) - 1, n).round().astype(int)
         eval_rows, names = [eval_rows[i] for i in keep], [names[i] for i in keep]
     for name in counts:
         counts[name][1] = names.count(name)
-    return load_photos(model, cal_rows), (*load_photos(model, eval_rows), np.array(names)), counts
+    return (*load_photos(model, cal_rows), cal_sources), (*load_photos(model, eval_rows), np.array(names)), counts
 
 
 def source_fprs(det: Detector, clean: Scored, sources: np.ndarray) -> dict:
@@ -167,7 +172,8 @@ def evaluate_imagenet(
     config = config or default_config(model_name)
     folds = folds or default_folds(model_name)
     log("loading the calibration and evaluation photos of " + ", ".join(s.name for s in PHOTO_SOURCES) + "…")
-    (cal_images, _), (eval_images, eval_labels, eval_sources), counts = load_sources(model, n_calibration, n)
+    (cal_images, _, cal_sources), (eval_images, eval_labels, eval_sources), counts = load_sources(
+        model, n_calibration, n)
 
     det = Detector(model, config)
     log(f"calibrating on {len(cal_images)} clean photos…")
@@ -175,7 +181,7 @@ def evaluate_imagenet(
     described = ", ".join(f"{name} {c}" for name, (c, _) in counts.items())
     det.calibrate(cal_images, target_fpr, images=f"{len(cal_images)} photos no ImageNet model trained on "
                   f"({described})", batch_size=16, folds=folds, fprs=DEFAULT_FPRS, drop_unsupported=True,
-                  **default_scoring(model_name))
+                  groups=cal_sources, **default_scoring(model_name))
     det.calibration.save(out / "calibration.json")
     log("scoring the clean evaluation photos…")
     clean = score_images(det, eval_images, batch=16)
@@ -226,6 +232,7 @@ def photo_metrics(det: Detector, clean: Scored, runs: dict[str, AttackRun], scor
         metrics["attacks"]["patch"]["training_photos"] = patch_photos
     metrics["clean_top1"] = accuracy
     metrics["combine"] = det.calibration.combine
+    metrics["calibration_groups"] = det.calibration.groups
     metrics["attack_photos"] = ATTACK_PHOTOS
     return metrics
 

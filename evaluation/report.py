@@ -285,6 +285,9 @@ def write_imagenet_report(out: Path, m: dict, det, clean, scored, runs, eval_ima
         f"calibrated on clean photos only at a target FPR of {m['target_fpr']:.0%}"
         + (f" (CDFs and threshold cross-fitted over {m['calibration_folds']} folds of the calibration photos, "
            "reports/validation/calibration_spread.md)" if m.get("calibration_folds") else "")
+        + ("; each operating point set to hold on every source large enough for it ("
+           + ", ".join(f"{g} {c}" for g, c in m["calibration_groups"].items()) + ": the largest of the pooled "
+           "threshold and each source's own)" if m.get("calibration_groups") else "")
         + f"; threshold {m['threshold']:.4f}. "
         "The signals and how they combine were chosen on validation photos only (Imagenette's ImageNet-training "
         "photos and the ImageNet sample's even photos, clean and attacked: "

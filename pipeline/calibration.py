@@ -151,6 +151,8 @@ class Calibration:
     signal_weights: dict[str, float] = field(default_factory=dict)
     # each fitted signal's state, fitted on the clean images (pipeline.signals.Signal.fitted)
     fitted: dict[str, dict] = field(default_factory=dict)
+    # the groups of clean images (cameras, sources) each point was set to hold on, and how many of each
+    groups: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.points = [p if isinstance(p, OperatingPoint) else OperatingPoint(**p) for p in self.points]
@@ -227,6 +229,7 @@ def fit_calibration(
     confidence: float | None = None,
     tails: dict[str, str] | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
     drop_unsupported: bool = False, combine: str = "max", signal_weights: dict[str, float] | None = None,
+    groups: np.ndarray | None = None,
 ) -> Calibration:
     """Fit reference CDFs on one half of the clean images (alternate rows) and the threshold on the other: the
     conformal quantile of those m held-out scores, the ⌈(1 - target)(m + 1)⌉-th smallest, so that a new clean
@@ -246,7 +249,12 @@ def fit_calibration(
     ``drop_unsupported`` such a point of ``fprs`` is left out instead (the default point never is).
 
     ``combine``: "max" or "sum" of the signals' tail scores, each times its entry in ``signal_weights`` (absent: 1;
-    a weight is finite and non-negative, so that every signal still only adds evidence of "unlike clean")."""
+    a weight is finite and non-negative, so that every signal still only adds evidence of "unlike clean").
+
+    ``groups``: one label per image (the camera or source it came from). Each point's threshold is then the
+    largest of the conformal thresholds of all the held-out scores and of each group's own, over the groups with
+    enough held-out scores for that point: the target holds on every such group, not only on the mix (where a
+    source with higher clean scores would exceed it while the others stay below)."""
     tails = {**{name: s.tails for name, s in SIGNALS.items()}, **(tails or {})}
     if combine not in COMBINE_RULES:
         raise ValueError(f"unknown combine rule {combine!r}; use one of {', '.join(COMBINE_RULES)}")
@@ -286,9 +294,16 @@ def fit_calibration(
         cal.folds = folds
     cal.confidence = confidence
     cal.points = []
+    held_groups = None
+    if groups is not None:
+        groups = np.asarray(groups).astype(str)
+        if len(groups) != n:
+            raise ValueError(f"groups: one label per calibration image, got {len(groups)} for {n}")
+        held_groups = groups[thr_rows]
+        cal.groups = {str(g): int(c) for g, c in zip(*np.unique(groups, return_counts=True), strict=True)}
     for fpr in sorted({target_fpr, *fprs}, reverse=True):
         try:
-            cal.points.append(threshold_at(held_out, fpr, confidence))
+            cal.points.append(threshold_at(held_out, fpr, confidence, held_groups))
         except ValueError:
             if not drop_unsupported or math.isclose(fpr, target_fpr):
                 raise
@@ -322,11 +337,26 @@ def fit_signals(signals: dict[str, np.ndarray], use: tuple[str, ...], config: di
     return out, fitted
 
 
-def threshold_at(held_out: np.ndarray, target_fpr: float, confidence: float | None = None) -> OperatingPoint:
+def threshold_at(held_out: np.ndarray, target_fpr: float, confidence: float | None = None,
+                 groups: np.ndarray | None = None) -> OperatingPoint:
     """The operating point at ``target_fpr`` from m out-of-sample clean scores: their conformal quantile, the
     ⌈(1 - target)(m + 1)⌉-th smallest, or with ``confidence`` the threshold that leaves
     :func:`allowed_exceedances` scores above it. Refused when m is too small for the target (the quantile
-    would lie beyond the largest score, and any threshold there is a guess)."""
+    would lie beyond the largest score, and any threshold there is a guess). ``groups`` (a label per score):
+    the largest of that threshold and each group's own, over the groups large enough for the target."""
+    point = _threshold(held_out, target_fpr, confidence)
+    if groups is not None:
+        for g in np.unique(groups):
+            try:
+                own = _threshold(held_out[groups == g], target_fpr, confidence)
+            except ValueError:
+                continue  # too few of this group for the target: the pooled threshold alone covers it
+            if own.threshold > point.threshold:
+                point = OperatingPoint(target_fpr, own.threshold, float(np.mean(held_out > own.threshold)))
+    return point
+
+
+def _threshold(held_out: np.ndarray, target_fpr: float, confidence: float | None) -> OperatingPoint:
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"a target FPR lies in (0, 1), got {target_fpr}")
     m = len(held_out)

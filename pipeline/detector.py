@@ -338,6 +338,7 @@ class Detector:
         self, clean_images: np.ndarray, target_fpr: float = 0.05, images: str = "", batch_size: int = 256,
         progress=None, confidence: float | None = None, folds: int | None = None, fprs: tuple[float, ...] = (),
         drop_unsupported: bool = False, combine: str = "max", signal_weights: dict[str, float] | None = None,
+        groups: object = None,
     ) -> Calibration:
         """Fit the calibrated rule on clean images only; sets and returns the calibration. ``confidence``: set
         the threshold so that the target FPR holds with that confidence, not just in expectation. ``folds``:
@@ -345,13 +346,16 @@ class Detector:
         more operating points beside ``target_fpr`` (the default one), e.g. (0.01, 0.001); ``drop_unsupported``:
         leave out those too few images support rather than refuse (``fit_calibration``). ``combine``: "max"
         or "sum" of the signals' tail scores, each times its entry in ``signal_weights`` (absent: 1; the presets'
-        choices: :func:`pipeline.presets.preset_scoring`).
+        choices: :func:`pipeline.presets.preset_scoring`). ``groups``: a label per image (its camera or source):
+        each point then holds on every group large enough for it (``fit_calibration``).
 
         With the transplant on, its ``hosts`` parameter of the images (spread over the list) become its hosts:
         they are kept out of the fit (a host pasted onto itself would not move) and stored in the calibration."""
         hosts, before = None, (self.hosts, self._host_tensors)
         if self.config.uses("transplant_gain"):
             chosen = self.host_rows(len(clean_images))
+            if groups is not None:
+                groups = np.delete(np.asarray(groups), chosen)
             if isinstance(clean_images, (list, tuple)):  # photos of several sizes
                 self.use_hosts([clean_images[i] for i in chosen])
                 taken = set(chosen.tolist())
@@ -373,6 +377,7 @@ class Detector:
                 images=images or f"{len(clean_images)} clean images", config=self.config.to_dict(),
                 use=tuple(self.config.signals), confidence=confidence, folds=folds, fprs=fprs,
                 drop_unsupported=drop_unsupported, combine=combine, signal_weights=signal_weights,
+                groups=groups,
             )
         except Exception as e:
             self.hosts, self._host_tensors = before  # the detector stays as it was

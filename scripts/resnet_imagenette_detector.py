@@ -73,7 +73,8 @@ def main() -> None:
     bundle = WORK / "bundle"
     model_args = ["--model", "torchvision.models:resnet18", "--model-kwargs", json.dumps({"num_classes": 10}),
                   "--weights", str(args.weights), "--input-size", str(CROP), "--channels", "3",
-                  "--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD)), "--resize-to", str(RESIZE)]
+                  "--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD)), "--resize-to", str(RESIZE),
+                  "--explain-layer", "layer4"]
     calibrate = ["calibrate", *model_args, "--images-dir", str(cal_dir), "--fprs", "0.05,0.01,0.001",
                  "--name", NAME, "--out", str(bundle)]
     cal_out, cal_s = explainer(*calibrate)

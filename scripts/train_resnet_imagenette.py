@@ -48,10 +48,16 @@ def split_rows() -> tuple[list, list, list]:
     return ([r for i, r in enumerate(train) if i % 4 != 3], [r for i, r in enumerate(train) if i % 4 == 3], val)
 
 
+def rgb(image: np.ndarray) -> np.ndarray:
+    """A grey photo (a few of Imagenette's are) as three equal channels."""
+    return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB) if image.ndim == 2 or image.shape[
+        -1] == 1 else image
+
+
 def load(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 3, RESIZE, RESIZE) photos (Imagenette's are 224 × 224: resized as the product resizes), and
     labels."""
-    images = np.stack([cv2.resize(read_image_file(p), (RESIZE, RESIZE), interpolation=cv2.INTER_AREA)
+    images = np.stack([cv2.resize(rgb(read_image_file(p)), (RESIZE, RESIZE), interpolation=cv2.INTER_AREA)
                        for p, _ in rows])
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([y for _, y in rows])
 
