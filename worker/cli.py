@@ -273,6 +273,9 @@ def calibrate(
         None, help="folder of clean PNG/JPEG images, searched recursively (required for your own model; default "
         "for a built-in one: even MNIST test digits / even-position ImageNet sample photos)"),
     split: str = typer.Option("all", help="which of --images-dir's sorted images: all | even | odd"),
+    per_folder: bool = typer.Option(
+        False, "--per-folder", help="each subfolder of --images-dir holds one camera's (or source's) clean images: "
+        "every operating point is then set to hold on each camera with enough images for it, not only on the mix"),
     batch: int | None = typer.Option(None, min=1, help="images per detection call (default 128 digits, 8 photos)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
     check: str | None = typer.Option(
@@ -362,7 +365,7 @@ def calibrate(
     try:
         det = Detector(target, replace(base, method=method or base.method, explain=ExplainParams(steps=steps,
                        samples=samples), entropy=entropy, nlm=nlm, signals=chosen))
-        images, desc = _calibration_images(model if builtin else None, images_dir, split, n)
+        images, desc, groups = _calibration_images(model if builtin else None, images_dir, split, n, per_folder)
     except (FileNotFoundError, ValueError, InputError) as exc:
         fail(str(exc))
     if folds is None:
@@ -378,6 +381,7 @@ def calibrate(
             cal = det.calibrate(images, target_fpr, images=desc, batch_size=batch or (128 if digits_like else 8),
                                 progress=lambda k: bar.update(task, completed=k), confidence=confidence,
                                 folds=folds or None, fprs=points or DEFAULT_FPRS, drop_unsupported=points is None,
+                                groups=groups,
                                 **{**scoring, **({"combine": combine} if combine else {})})
         except (ValueError, InputError) as exc:
             fail(str(exc))
@@ -424,7 +428,7 @@ def _check_operating_points(detector: str, images_dir: Path | None, split: str, 
         fail("--check needs --images-dir: clean images from where the detector runs (its cameras, its site)")
     det = open_detector(detector, None, None, device, trust_code)
     try:
-        images, desc = _calibration_images(None, images_dir, split, n)
+        images, desc, _ = _calibration_images(None, images_dir, split, n)
         with progress_bar() as bar:
             task = bar.add_task("checking", total=len(images))
             checks = det.check_operating_points(images, batch or 64,
@@ -452,14 +456,17 @@ def preset_config(name: str):
         fail(str(exc))
 
 
-def _calibration_images(model: str | None, images_dir: Path | None, split: str, n: int | None):
-    """(images, description): the folder's clean images (stacked when all of one size), or a built-in model's
-    reference calibration half."""
+def _calibration_images(model: str | None, images_dir: Path | None, split: str, n: int | None,
+                        per_folder: bool = False):
+    """(images, description, groups): the folder's clean images (stacked when all of one size), or a built-in
+    model's reference calibration half; with ``per_folder``, each image's first-level subfolder (its camera)."""
     if images_dir is None:
         reference = load_plugins().reference_images
         if model is None or reference is None:
             raise FileNotFoundError("give --images-dir CLEAN: a folder of clean images of what the model will see")
-        return reference(model, n)
+        if per_folder:
+            raise FileNotFoundError("--per-folder reads the subfolders of --images-dir: give --images-dir")
+        return (*reference(model, n), None)
     from pipeline import image_files, read_image_file
 
     if not Path(images_dir).is_dir():
@@ -472,7 +479,12 @@ def _calibration_images(model: str | None, images_dir: Path | None, split: str, 
     images = [read_image_file(p) for p in files]
     stacked = np.stack(images) if len({im.shape for im in images}) == 1 else images
     which = "" if split == "all" else f" at {split} positions"
-    return stacked, f"{len(files)} images from {images_dir}{which}"
+    groups = None
+    if per_folder:
+        groups = np.array([p.relative_to(images_dir).parts[0] if len(p.relative_to(images_dir).parts) > 1 else "."
+                           for p in files])
+        which += f", {len(set(groups.tolist()))} cameras (subfolders)"
+    return stacked, f"{len(files)} images from {images_dir}{which}", groups
 
 
 PASSWORD_FILE_HELP = ("a file holding the Redis password (default: $EXPLAINER_REDIS_PASSWORD); keeps it off the "

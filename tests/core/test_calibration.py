@@ -206,3 +206,27 @@ def test_grouped_calibration_holds_its_target_on_every_group():
             assert np.mean(grouped.score(s) > threshold) < fpr * 1.5, (fpr, name)
     # 0.1% needs 999 held-out scores: no camera has them, the 1,000 together do, so the pooled threshold stands
     assert grouped.point(0.001).threshold == pooled.point(0.001).threshold
+
+
+def test_calibrate_per_folder_records_each_camera_and_holds_on_each(tmp_path, digits):
+    """`explainer calibrate --images-dir CAMERAS --per-folder`: each subfolder is a camera; the calibration records
+    them, and each point's threshold is at least the one that camera alone would need."""
+    import cv2
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    even = digits.parity("even").images
+    for camera, images in (("gate", even[:200]), ("dock", np.clip(even[200:400].astype(int) + 40, 0, 255))):
+        (tmp_path / "cams" / camera).mkdir(parents=True)
+        for i, image in enumerate(images):
+            cv2.imwrite(str(tmp_path / "cams" / camera / f"{i:04d}.png"), image.astype(np.uint8))
+    args = ["calibrate", "--model", "mnist", "--images-dir", str(tmp_path / "cams"), "--fprs", "0.05"]
+    done = CliRunner().invoke(app, [*args, "--per-folder", "--out", str(tmp_path / "grouped.json")])
+    assert done.exit_code == 0, done.output
+    grouped = Calibration.load(tmp_path / "grouped.json")
+    assert grouped.groups == {"dock": 200, "gate": 200} and "2 cameras" in grouped.images
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "pooled.json")])
+    assert done.exit_code == 0, done.output
+    pooled = Calibration.load(tmp_path / "pooled.json")
+    assert not pooled.groups and grouped.threshold >= pooled.threshold
