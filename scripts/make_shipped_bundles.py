@@ -4,7 +4,8 @@ reference runs made:
 - mnist: ``explainer calibrate --model mnist --confidence 0.95 --out mnist_calibration.json`` (the 5,000 even MNIST
   test digits and the 1,262 training digits the model was not trained on; operating points 5%, 1% and 0.1%, each
   holding with 95% confidence; docs/method.md), kept in the bundle as calibration.json;
-- mobilenet_v2: the calibration ``explainer evaluate --model mobilenet_v2`` fitted on the 250 even sample photos
+- mobilenet_v2: the calibration ``explainer evaluate --model mobilenet_v2`` fitted on 1,050 photos of three
+  sources no ImageNet model trained on, each operating point holding on every source large enough for it
   (reports/imagenet/calibration.json).
 
 Each bundle names its built-in model and carries no weights: MobileNetV2's come from the shared file, torch's hub
