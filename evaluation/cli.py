@@ -15,7 +15,7 @@ from worker.cli import DEVICE_HELP, TRUST_HELP, check_device, console, fail, ope
 from worker.embedded import DEFAULT_CONFIG
 from worker.plugins import Plugins
 
-MNIST_DEFAULT_ATTACKS = "bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,adaptive"
+MNIST_DEFAULT_ATTACKS = "bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,adaptive-0.1,adaptive-0.2,adaptive"
 PHOTO_DEFAULT_ATTACKS = "patch,bim,pgd,pgd-2,bim-early,cw-l2"
 
 
@@ -52,7 +52,7 @@ def evaluate(
     model: str = typer.Option("mnist", help="mnist | mobilenet_v2 | resnet18"),
     attacks: str | None = typer.Option(
         None, help="comma-separated attack names (default bim,mim,pgd,pgd-0.1,cw-l0,cw-l2,cw-linf,pgd-l2,square,"
-        "adaptive; ImageNet: patch,bim,pgd,pgd-2,bim-early,cw-l2)"),
+        "adaptive-0.1,adaptive-0.2,adaptive; ImageNet: patch,bim,pgd,pgd-2,bim-early,cw-l2)"),
     n: int | None = typer.Option(
         None, help="evaluation images (default: 1000 odd digits attacked, every odd digit scored clean; every "
         "evaluation photo of the three photo sources, 500)"),
@@ -63,26 +63,29 @@ def evaluate(
     n_methods: int = typer.Option(200, help="images per set in the method comparison"),
     device: str | None = typer.Option(None, help=DEVICE_HELP + "; the MNIST baselines stay on the CPU"),
     detector: str | None = typer.Option(
-        None, help="a calibrated photo detector bundle (PATH or PATH@sha256:HEX) to evaluate on --photos, instead "
-        "of --model"),
+        None, help="a calibrated detector instead of --model: a digits detector (e.g. mnist-robust) on the MNIST "
+        "protocol, or a photo detector bundle (PATH or PATH@sha256:HEX) on --photos"),
     photos: Path | None = typer.Option(
         None, help="with --detector: a CSV of labelled photos the calibration never saw (columns path,label; label "
         "is the model's output index; paths relative to the CSV)"),
     patch_target: int = typer.Option(0, help="with --detector: the class the universal patch aims at"),
     trust_code: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
-    """Detection rate, FPR and ROC-AUC on real data, beside the paper's Table 1 and the re-run baselines; or a
-    calibrated photo detector of your own (--detector) on your own labelled photos (--photos)."""
+    """Detection rate, FPR, ROC-AUC and defended error on real data, beside the paper's Table 1 and the re-run
+    baselines; for another digits detector (--detector mnist-robust), or a calibrated photo detector of your own
+    (--detector) on your own labelled photos (--photos)."""
     import sys
 
     check_device(device)
+    det = open_detector(detector, None, None, device, trust_code) if detector is not None else None
+    digits = det.model.channels == 1 and photos is None if det is not None else model == "mnist"
     if attacks is None:
-        attacks = MNIST_DEFAULT_ATTACKS if model == "mnist" and detector is None else PHOTO_DEFAULT_ATTACKS
+        attacks = MNIST_DEFAULT_ATTACKS if digits else PHOTO_DEFAULT_ATTACKS
     names = [a.strip() for a in attacks.split(",") if a.strip()]
-    if detector is not None:
-        evaluate_own_detector(detector, photos, names, out, device, patch_target, trust_code)
+    if det is not None and not digits:
+        evaluate_own_detector(det, photos, names, out, patch_target, detector)
         return
-    if model != "mnist":
+    if not digits:
         evaluate_photos(model, weights, names, n, out or Path("reports/imagenet"), device)
         return
     from evaluation.attacks import ATTACKS
@@ -91,11 +94,11 @@ def evaluate(
     unknown = [a for a in names if a not in ATTACKS]
     if unknown:
         fail(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
-    n, out = n or 1000, out or Path("reports/mnist")
+    n, out = n or 1000, out or Path("reports") / (det.model.name if det is not None else "mnist")
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     metrics = evaluate_mnist(names, n, out, n_methods=n_methods, methods=method_list,
                              log=lambda msg: console.print(msg), command="explainer " + shlex.join(sys.argv[1:]),
-                             device=device)
+                             device=device, det=det)
     table = Table("attack", "success", "n adv", "detection", "ROC-AUC", "MagNet", "FS",
                   title=f"clean FPR {metrics['clean_fpr']:.1%} (target {metrics['target_fpr']:.0%})")
     for name, a in metrics["attacks"].items():
@@ -125,20 +128,19 @@ def evaluate_photos(model: str, weights: Path | None, names: list[str], n: int |
     print_photo_table(metrics, out)
 
 
-def evaluate_own_detector(detector: str, photos: Path | None, names: list[str], out: Path | None,
-                          device: str | None, patch_target: int, trust_code: bool) -> None:
+def evaluate_own_detector(det, photos: Path | None, names: list[str], out: Path | None, patch_target: int,
+                          given: str) -> None:
     """``evaluate --detector BUNDLE --photos CSV``: a user's calibrated photo detector on their labelled photos."""
     import sys
 
     from evaluation.imagenet import IMAGENET_ATTACKS, evaluate_bundle, load_labelled_csv
 
     if photos is None:
-        fail("--photos: a CSV of labelled photos (path,label) the detector's calibration never saw")
+        fail(f"--photos: a CSV of labelled photos (path,label) that {given}'s calibration never saw")
     if out is None:
         fail("--out: the report folder")
     if unknown := [a for a in names if a not in IMAGENET_ATTACKS]:
         fail(f"unknown attack(s) {unknown} for photo detectors; choose from {', '.join(IMAGENET_ATTACKS)}")
-    det = open_detector(detector, None, None, device, trust_code)
     try:
         rows = load_labelled_csv(photos)
         metrics = evaluate_bundle(det, rows, names, out, log=lambda msg: console.print(msg),

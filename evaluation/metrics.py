@@ -163,21 +163,35 @@ def fpr_key(fpr: float) -> str:
     return f"{fpr:g}"
 
 
-def operating_points(det: Detector, clean: Scored, scored: dict[str, Scored]) -> dict:
+def operating_points(det: Detector, clean: Scored, scored: dict[str, Scored],
+                     runs: dict[str, AttackRun] | None = None) -> dict:
     """Per operating point of ``det``'s calibration: its threshold, the clean FPR it gives (with its 95%
-    interval) and every attack's detection rate at it (with its interval)."""
+    interval), every attack's detection rate at it (with its interval) and, given the ``runs``, its defended
+    error (:func:`defended_error`)."""
     out = {}
     for point in det.calibration.points:
         flagged = clean.score > point.threshold
+        attacks = {}
+        for name, adv in scored.items():
+            hit = adv.score > point.threshold
+            attacks[name] = {"detection_rate": float(hit.mean()) if len(adv.score) else float("nan"),
+                             "detection_rate_ci95": flags_ci95(hit)}
+            if runs is not None and name in runs:
+                attacks[name].update(defended_error(runs[name].attempted, hit))
         out[fpr_key(point.target_fpr)] = {
             "target_fpr": point.target_fpr, "threshold": point.threshold,
-            "clean_fpr": float(flagged.mean()), "clean_fpr_ci95": flags_ci95(flagged),
-            "attacks": {name: {"detection_rate": float((adv.score > point.threshold).mean())
-                               if len(adv.score) else float("nan"),
-                               "detection_rate_ci95": flags_ci95(adv.score > point.threshold)}
-                        for name, adv in scored.items()},
+            "clean_fpr": float(flagged.mean()), "clean_fpr_ci95": flags_ci95(flagged), "attacks": attacks,
         }
     return out
+
+
+def defended_error(attempted: int, detected: np.ndarray) -> dict:
+    """The share of the ``attempted`` correctly classified images that the attack turned into a wrong answer the
+    detector did not flag (``detected``: one flag per successful adversarial), with its 95% Wilson interval: the
+    error an operator who trusts unflagged answers meets under that attack."""
+    evaded = int((~np.asarray(detected, bool)).sum())
+    return {"defended_error": evaded / attempted if attempted else float("nan"),
+            "defended_error_ci95": rate_ci95(evaded, attempted)}
 
 
 def method_detector(det: Detector, method: str, calibration_images: np.ndarray, target_fpr: float) -> Detector:
@@ -204,7 +218,7 @@ def evaluation_metrics(model: str, det: Detector, clean: Scored, runs: dict[str,
         "clean_fpr_ci95": flags_ci95(clean.flagged),
         "sign_rule_fpr": float(clean.sign_flagged.mean()),
         "seconds_per_detection": clean.seconds / len(clean.score),
-        "operating_points": operating_points(det, clean, scored),
+        "operating_points": operating_points(det, clean, scored, runs),
         "attacks": {
             name: {"params": run.params, "attempted": run.attempted, "attack_success_rate": run.success_rate,
                    "attack_seconds": run.seconds, **detection_metrics(clean, scored[name])}

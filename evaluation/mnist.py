@@ -3,14 +3,16 @@ digits, written as metrics.json, a Markdown report beside the paper's Table 1, a
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evaluation.attacks import ATTACKS
+from evaluation.attacks import ADAPTIVE_ATTACKS, ATTACKS
 from evaluation.baselines import FeatureSqueezing, MagNet
 from evaluation.datasets import calibration_digits, load_test_digits
 from evaluation.metrics import (
@@ -28,7 +30,6 @@ from evaluation.metrics import (
     to_tensor,
 )
 from pipeline.detector import Detector
-from pipeline.models import load_model
 
 METHODS_COMPARED = ("ig", "deeplift", "saliency", "gradient_shap", "smoothgrad_ig", "guided_gradcam")
 
@@ -37,13 +38,16 @@ def evaluate_mnist(
     attacks: list[str], n: int, out: Path, target_fpr: float = 0.05, n_calibration: int = 5000,
     n_methods: int = 200, methods: tuple[str, ...] = METHODS_COMPARED, log: Progress = print, seed: int = 0,
     command: str = "explainer evaluate --model mnist", device: str | None = None, n_adaptive: int = 200,
+    det: Detector | None = None,
 ) -> dict:
     """Attack odd test digits, score them and every odd clean digit with the shipped detector and the re-run
     baselines (calibrated on the shipped detector's clean digits: even test digits and held-out training
     digits), at every operating point of the shipped calibration; write metrics.json, report.md and plots to
-    ``out``. The attack ``adaptive`` knows the detector (:mod:`evaluation.adaptive_sweep`); it costs about a thousand
-    times a plain attack, so it runs on ``n_adaptive`` of the attacked digits, spread. ``device``: where the
-    model, its attacks and its explanations run; the baselines run on the CPU."""
+    ``out``. The adaptive attacks (``adaptive``, ``adaptive-0.1``, ``adaptive-0.2``) know the detector and its model
+    (:mod:`evaluation.adaptive_sweep`); each costs about a thousand times a plain attack, so it runs on ``n_adaptive``
+    of the attacked digits, spread. ``det``: a calibrated digits detector to evaluate instead of the shipped one
+    (e.g. ``mnist-robust``); its model is the one every attack aims at. ``device``: where the model, its attacks
+    and its explanations run; the baselines run on the CPU."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     np.random.seed(seed)  # Captum's GradientShap draws its interpolation points from numpy's global generator
@@ -56,18 +60,21 @@ def evaluate_mnist(
     clean_eval = odd.spread(n)
     cal_images, _ = calibration_digits()
     attacked = np.isin(odd.indices, clean_eval.indices)
-    det = Detector.from_pretrained("mnist", device=device)
+    if det is None:
+        det = Detector.from_pretrained("mnist", device=device)
     log(f"clean evaluation digits: all {len(odd.images)} odd-indexed (attacks on {len(clean_eval.images)}); scoring…")
     clean = score_images(det, odd.images)
     runs: dict[str, AttackRun] = {}
     scored: dict[str, Scored] = {}
     for name in attacks:
         log(f"attack {name} on {len(clean_eval.images)} digits…")
-        if name == "adaptive":
-            from evaluation.adaptive_sweep import adaptive_sweep
+        if name in ADAPTIVE_ATTACKS:
+            from evaluation.adaptive_sweep import adaptive_sweep, detector_attack
 
+            budget = ATTACKS[name]()
             few = clean_eval.spread(min(n_adaptive, len(clean_eval.images)))
-            runs[name] = adaptive_sweep(det, few.images, few.labels, log=log)
+            runs[name] = adaptive_sweep(det, few.images, few.labels, log=log, attack=detector_attack(
+                det, eps=budget.eps, alpha=budget.alpha, steps=budget.steps))
             runs[name].source = np.flatnonzero(np.isin(clean_eval.indices, few.indices))[runs[name].source]
         else:
             runs[name] = run_attack(det.model, name, ATTACKS[name](), clean_eval.images, clean_eval.labels)
@@ -82,7 +89,9 @@ def evaluate_mnist(
     log("baselines: Feature Squeezing and MagNet, calibrated on the same clean digits at every operating point…")
     x_cal, x_clean = to_tensor(cal_images), to_tensor(odd.images)
     baseline_scores: dict[str, dict[str, np.ndarray]] = {}
-    cpu_model = det.model if det.model.device.type == "cpu" else load_model("mnist")
+    cpu_model = det.model
+    if cpu_model.device.type != "cpu":
+        cpu_model = replace(cpu_model, net=copy.deepcopy(cpu_model.net).cpu())
     baselines = {"feature_squeezing": FeatureSqueezing(cpu_model), "magnet": MagNet.from_pretrained(cpu_model)}
     for bname, detector in baselines.items():
         detector.calibrate(x_cal, target_fpr)

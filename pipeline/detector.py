@@ -23,7 +23,7 @@ from pipeline.denoise import NLMParams, denoise_batch
 from pipeline.errors import InputError
 from pipeline.explain import GRADIENT_ONLY_METHODS, predict_and_explain
 from pipeline.inputs import image_layout, pixels_to_float, to_float_batch, to_uint8_batch, to_uint8_hwc
-from pipeline.models import TargetModel, load_model, wrap_network
+from pipeline.models import MODEL_NAMES, TargetModel, load_model, wrap_network
 from pipeline.models.source import source_of
 from pipeline.signals import SIGNALS, ModelPass
 from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts
@@ -31,6 +31,10 @@ from pipeline.transplant import decode_hosts, encode_hosts, pick_hosts
 ASSETS = Path(__file__).resolve().parent / "assets"
 # the shipped detectors, one bundle per built-in model that has a calibration (pipeline.bundle)
 SHIPPED_BUNDLES = ASSETS / "detectors"
+# the detectors a name alone picks: every built-in model's, and each shipped bundle (e.g. mnist-robust: the digits
+# CNN adversarially trained), whose folder under SHIPPED_BUNDLES is its name
+BUILTIN_DETECTORS = tuple(dict.fromkeys([*MODEL_NAMES, *sorted(
+    folder.name for folder in SHIPPED_BUNDLES.iterdir() if (folder / "detector.json").is_file())]))
 # explanation methods that read a layer of the model (its Grad-CAM layer)
 LAYER_METHODS = frozenset({"gradcam", "guided_gradcam"})
 

@@ -47,8 +47,8 @@ def fail(message: str) -> None:
 DEVICE_HELP = "torch device of the model, e.g. cuda or cuda:1 (default: cpu; NLM runs on the CPU either way)"
 TRUST_HELP = ("load a bundle whose network is code (a Python callable it names, a torch.export program, a "
               "TorchScript module): only for bundles from a source you trust (docs/bundle.md)")
-DETECTOR_HELP = ("a built-in detector (mnist, resnet18, mobilenet_v2) or a detector bundle (explainer calibrate --out "
-                 "BUNDLE), pinned as BUNDLE@sha256:HEX to load only that one")
+DETECTOR_HELP = ("a built-in detector (mnist, mnist-robust, resnet18, mobilenet_v2) or a detector bundle (explainer "
+                 "calibrate --out BUNDLE), pinned as BUNDLE@sha256:HEX to load only that one")
 MODEL_HELP = ("a built-in model (mnist, resnet18, mobilenet_v2), package.module:callable that builds your network, or "
               "your model file: a torch.export program (.pt2) or TorchScript")
 
@@ -70,12 +70,12 @@ def open_detector(detector: str | None, weights: Path | None, calibration: Path 
                    trust_code: bool = False):
     """The detector ``--detector`` names, as every command names one: a built-in model's (its shipped bundle, or
     ``--calibration``), or a bundle's (``PATH`` or pinned, ``PATH@sha256:HEX``)."""
-    from pipeline import MODEL_NAMES, Detector, split_pin
+    from pipeline import BUILTIN_DETECTORS, Detector, split_pin
 
     check_device(device)
     detector = detector or "mnist"
     try:
-        if detector in MODEL_NAMES:
+        if detector in BUILTIN_DETECTORS:
             return Detector.from_pretrained(detector, weights=weights, calibration=calibration, device=device)
         if calibration is not None:
             fail("--calibration goes with a built-in detector; a bundle carries its own")
@@ -521,7 +521,7 @@ def serve(
     import signal
     import threading
 
-    from pipeline import MODEL_NAMES, split_pin
+    from pipeline import BUILTIN_DETECTORS, split_pin
     from worker.embedded import embedded_stack
     from worker.serve_app import check_http_exposure, http_token
     from worker.streams import redact_url
@@ -557,11 +557,11 @@ def serve(
                 path, pin = split_pin(d)
             except ValueError as exc:
                 fail(f"--detector {d}: {exc}")
-            if d not in MODEL_NAMES and not (Path(path) / "detector.json").is_file():
-                fail(f"--detector {d}: neither a built-in model ({', '.join(MODEL_NAMES)}) nor a detector bundle "
-                     "(a folder with detector.json; explainer calibrate --out makes one)")
+            if d not in BUILTIN_DETECTORS and not (Path(path) / "detector.json").is_file():
+                fail(f"--detector {d}: neither a built-in detector ({', '.join(BUILTIN_DETECTORS)}) nor a detector "
+                     "bundle (a folder with detector.json; explainer calibrate --out makes one)")
             # absolute: the replicas do not share this process's working directory
-            given.append(d if d in MODEL_NAMES else str(Path(path).resolve()) + (f"@{pin}" if pin else ""))
+            given.append(d if d in BUILTIN_DETECTORS else str(Path(path).resolve()) + (f"@{pin}" if pin else ""))
         overrides.update(detector=given, trust_code=trust_code)
     stop = threading.Event()
     with console.status("starting…"), embedded_stack(redis_url, config, data_dir, http_port,

@@ -144,10 +144,10 @@ def detector_ref(given: str, trust_code: bool = False, fpr: float | None = None)
     """One served detector as the CLI, the Serve config and the standalone worker name it: a built-in model name,
     or a bundle path, optionally pinned (``PATH@sha256:HEX``, :func:`pipeline.split_pin`), as the ref
     :func:`load_served_detectors` takes. ``fpr``: its operating point (None: the calibration's default)."""
-    from pipeline import MODEL_NAMES, split_pin
+    from pipeline import BUILTIN_DETECTORS, split_pin
 
     point = {} if fpr is None else {"fpr": fpr}
-    if given in MODEL_NAMES:
+    if given in BUILTIN_DETECTORS:
         return {"model": given, **point}
     path, digest = split_pin(given)
     return {"bundle": path, "digest": digest, "trust_code": trust_code, **point}

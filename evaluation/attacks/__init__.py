@@ -23,6 +23,7 @@ square    SquareAttack(eps=0.3, n_queries=1000, p_init=0.8)  (score-based black 
 adaptive  AdaptivePGD(eps=0.3, alpha=0.02 cosine-decayed, steps=200, kappa=1, orthogonal steps, no random start;
           weights copy 1, pred 1, map 30, residual 1000, impulse 1; Softplus beta 50; BPDA through NLM with a
           torch NLM's gradient)  (knows the digits detector; evaluation.adaptive_sweep sweeps the map weight)
+adaptive-0.1, adaptive-0.2  the same at eps 0.1 and 0.2 (alpha eps/15)
 ========  =========================================================================================
 """
 
@@ -61,8 +62,11 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
                         pred_weight=1.0, map_weight=30.0, residual_weight=1000.0, impulse_weight=1.0,
                         softplus_beta=50.0),
 }
+for _eps in (0.1, 0.2):
+    ATTACKS[f"adaptive-{_eps:g}"] = partial(ATTACKS["adaptive"], eps=_eps, alpha=_eps / 15)
+ADAPTIVE_ATTACKS = tuple(name for name in ATTACKS if name.split("-")[0] == "adaptive")
 
 __all__ = [
-    "ATTACKS", "AdaptivePGD", "BIM", "CWL0", "CWL2", "FGSM", "MIM", "PGD", "PGDL2", "AdversarialPatch", "Attack",
-    "CWLinf", "SquareAttack",
+    "ADAPTIVE_ATTACKS", "ATTACKS", "AdaptivePGD", "BIM", "CWL0", "CWL2", "FGSM", "MIM", "PGD", "PGDL2",
+    "AdversarialPatch", "Attack", "CWLinf", "SquareAttack",
 ]
