@@ -18,7 +18,7 @@ from pipeline.calibration import (
 from pipeline.config import DetectorConfig
 from pipeline.decision import RULES, Decider, DetectionResult, Explained
 from pipeline.denoise import NLMParams, denoise_batch
-from pipeline.detector import Detector, denoise_prepared, pretrained_decider
+from pipeline.detector import BUILTIN_DETECTORS, Detector, denoise_prepared, pretrained_decider
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import ImageTooLargeError, InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
@@ -43,11 +43,13 @@ from pipeline.presets import (
     preset,
     preset_scoring,
 )
+from pipeline.queries import Fingerprint, ProbeParams, is_probe
 from pipeline.runtime import keep_allocations_mapped
 from pipeline.samples import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits
 from pipeline.signals import SIGNALS, Signal
 
 __all__ = [
+    "BUILTIN_DETECTORS",
     "CALIBRATION_FOLDS",
     "DEFAULT_FPRS",
     "ENTROPY_VARIANTS",
@@ -58,6 +60,9 @@ __all__ = [
     "SIGNALS",
     "MAX_DECODE_BYTES",
     "AdversarialDigits",
+    "Fingerprint",
+    "ProbeParams",
+    "is_probe",
     "RULES",
     "Calibration",
     "Decider",

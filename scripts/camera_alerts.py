@@ -20,35 +20,21 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evaluation.cameras import FPS, camera_frames  # noqa: E402
 from evaluation.datasets import load_imagenet_sample  # noqa: E402
 from evaluation.imagenet import IMAGENET_ATTACKS, load_photos  # noqa: E402
 from evaluation.metrics import to_tensor  # noqa: E402
 from pipeline import Detector, read_image_file  # noqa: E402
 
-FPS = 10
 HOUR = 3600 * FPS
 POLICIES = ((1, 1), (2, 5), (3, 10), (5, 20))  # (k, n): k flagged of the last n; (1, 1) is an alert per image
 NIPS17 = ROOT.parent / "shared" / "data" / "nips17"
-
-
-def frames(photo: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` camera frames of one prepared photo (224×224×3 uint8): shifted, noisy, JPEG."""
-    padded = cv2.copyMakeBorder(photo, 4, 4, 4, 4, cv2.BORDER_REFLECT)
-    out = np.empty((n, *photo.shape), np.uint8)
-    for i in range(n):
-        dy, dx = rng.integers(0, 9, size=2)
-        frame = padded[dy : dy + photo.shape[0], dx : dx + photo.shape[1]].astype(np.float32)
-        frame = np.clip(frame + rng.normal(0, 2.0, frame.shape), 0, 255).astype(np.uint8)
-        ok, jpeg = cv2.imencode(".jpg", frame[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(80, 96))])
-        out[i] = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[:, :, ::-1]
-    return out
 
 
 def episodes(flags: np.ndarray, k: int, n: int) -> list[int]:
@@ -93,7 +79,7 @@ def main() -> None:
     def scores(images: np.ndarray) -> np.ndarray:
         return np.concatenate([det.detect(images[i : i + 16]).score for i in range(0, len(images), 16)])
 
-    clean = np.stack([scores(frames(p, args.frames, rng)) for p in photos])  # (cameras, frames)
+    clean = np.stack([scores(camera_frames(p, args.frames, rng)) for p in photos])  # (cameras, frames)
     print(f"clean frames scored: {clean.size} in {time.time() - started:.0f}s", flush=True)
 
     sample = load_imagenet_sample()
@@ -102,7 +88,7 @@ def main() -> None:
     patch.fit(det.model.net, to_tensor(train))
     patched_photos = (patch(det.model.net, to_tensor(photos), torch.from_numpy(labels)) * 255).round().byte()
     patched_photos = patched_photos.permute(0, 2, 3, 1).numpy()
-    patched = np.stack([scores(frames(p, args.frames, rng)) for p in patched_photos])
+    patched = np.stack([scores(camera_frames(p, args.frames, rng)) for p in patched_photos])
     pgd = IMAGENET_ATTACKS["pgd"]()
     x_adv = pgd(det.model.net, to_tensor(photos), torch.from_numpy(labels))
     single = scores((x_adv * 255).round().byte().permute(0, 2, 3, 1).numpy())

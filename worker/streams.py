@@ -22,17 +22,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import msgpack
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from pipeline import Fingerprint, is_probe
 from worker import wire
 
 log = logging.getLogger("explainer.streams")
@@ -59,6 +61,7 @@ class StreamNames:
     done_prefix: str = "explainer:done:"  # idempotency keys: <done_prefix><image stream id>
     episodes: str = "explainer:episodes"  # alert episodes of the window policy, kept as a stream too
     window_prefix: str = "explainer:window:"  # the window policy's state: <window_prefix><source>, a hash
+    probe_prefix: str = "explainer:probe:"  # the query monitor's state: <probe_prefix><source>, a hash
 
     @classmethod
     def with_prefix(cls, prefix: str, **kw: Any) -> StreamNames:
@@ -72,6 +75,7 @@ class StreamNames:
             done_prefix=f"{prefix}:done:",
             episodes=f"{prefix}:episodes",
             window_prefix=f"{prefix}:window:",
+            probe_prefix=f"{prefix}:probe:",
             **kw,
         )
 
@@ -151,50 +155,67 @@ def _id_tuple(x: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# KEYS: verdicts, images, episodes, done_1..done_n, window_1..window_n (each result's source's window hash). ARGV:
-# group, maxlen, ttl, alerts, all_channel, alert_k, alert_n, alert_idle_s, now, then per result (stream id,
-# verdict bytes, "1" adversarial / "0" clean / "e" no decision, source or "", request id). Returns 1 per written
-# verdict, 0 per duplicate, then the number of episodes it opened. A source's window changes only with a verdict
-# written under the entry's idempotency key, so a redelivered entry never counts twice.
+# KEYS: verdicts, images, episodes, done_1..done_n, window_1..window_n (each result's source's window hash),
+# probe_1..probe_n (its query-monitor hash). ARGV: group, maxlen, ttl, alerts, all_channel, alert_k, alert_n,
+# alert_idle_s, now, probe_k, probe_n, probe_history, then per result (stream id, verdict bytes, "1" adversarial /
+# "0" clean / "e" no decision, source or "", request id, "1" probe / "0" not / "" unmonitored, fingerprint bytes).
+# Returns 1 per written verdict, 0 per duplicate, then the number of episodes it opened. A source's windows change
+# only with a verdict written under the entry's idempotency key, so a redelivered entry never counts twice.
 _PUBLISH_LUA = """
 local verdicts, images, episodes = KEYS[1], KEYS[2], KEYS[3]
 local group, maxlen, ttl, alerts, allch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local k, n, idle, at = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
-local count = (#KEYS - 3) / 2
+local pk, pn, ph = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local count = (#KEYS - 3) / 3
 local out = {}
 local opened = 0
+
+-- one k-of-n window of a source (hash ``key``, field ``field``, newest first): push this entry's bit; open an
+-- episode (one alert of ``kind`` with the marked entries) at k marked, close it at none
+local function window(key, field, openfield, kind, wk, wn, bit, source, rid, sid)
+  local packed = redis.call('HGET', key, field)
+  local w = packed and cmsgpack.unpack(packed) or {}
+  table.insert(w, 1, {bit, rid, sid})
+  while #w > wn do table.remove(w) end
+  local marked = {}
+  for _, e in ipairs(w) do
+    if e[1] == 1 then table.insert(marked, {id = e[2], stream_id = e[3]}) end
+  end
+  local open = redis.call('HGET', key, openfield)
+  if #marked >= wk and not open then
+    redis.call('HSET', key, openfield, at)
+    local alert = cmsgpack.pack({v = 1, kind = kind, source = source, k = wk, n = wn, at = tonumber(at),
+                                 entries = marked})
+    redis.call('XADD', episodes, 'MAXLEN', '~', maxlen, '*', 'data', alert)
+    if alerts ~= '' then redis.call('PUBLISH', alerts, alert) end
+    opened = opened + 1
+  elseif #marked == 0 and open then
+    redis.call('HDEL', key, openfield)
+  end
+  redis.call('HSET', key, field, cmsgpack.pack(w))
+  redis.call('EXPIRE', key, idle)
+end
+
 for i = 1, count do
-  local a = 9 + 5 * (i - 1)
+  local a = 12 + 7 * (i - 1)
   local sid, data, adv, source, rid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local probe, print = ARGV[a + 6], ARGV[a + 7]
   if redis.call('SET', KEYS[3 + i], sid, 'NX', 'EX', ttl) then
     redis.call('XADD', verdicts, 'MAXLEN', '~', maxlen, '*', 'data', data)
     if k == 0 then
       if adv == '1' and alerts ~= '' then redis.call('PUBLISH', alerts, data) end
     elseif source ~= '' and adv ~= 'e' then
-      -- the window policy: the last n verdicts of this source, newest first; an episode opens when k of them
-      -- are flagged (one alert, with the flagged entries) and closes when none is
-      local key = KEYS[3 + count + i]
-      local packed = redis.call('HGET', key, 'w')
-      local window = packed and cmsgpack.unpack(packed) or {}
-      table.insert(window, 1, {adv == '1' and 1 or 0, rid, sid})
-      while #window > n do table.remove(window) end
-      local flagged = {}
-      for _, e in ipairs(window) do
-        if e[1] == 1 then table.insert(flagged, {id = e[2], stream_id = e[3]}) end
-      end
-      local open = redis.call('HGET', key, 'open')
-      if #flagged >= k and not open then
-        redis.call('HSET', key, 'open', at)
-        local alert = cmsgpack.pack({v = 1, kind = 'episode', source = source, k = k, n = n,
-                                     at = tonumber(at), entries = flagged})
-        redis.call('XADD', episodes, 'MAXLEN', '~', maxlen, '*', 'data', alert)
-        if alerts ~= '' then redis.call('PUBLISH', alerts, alert) end
-        opened = opened + 1
-      elseif #flagged == 0 and open then
-        redis.call('HDEL', key, 'open')
-      end
-      redis.call('HSET', key, 'w', cmsgpack.pack(window))
-      redis.call('EXPIRE', key, idle)
+      window(KEYS[3 + count + i], 'w', 'open', 'episode', k, n, adv == '1' and 1 or 0, source, rid, sid)
+    end
+    if pk > 0 and source ~= '' and probe ~= '' then
+      -- the query monitor: this source's last ``ph`` fingerprints (newest first), and its window of probes
+      local key = KEYS[3 + 2 * count + i]
+      local packed = redis.call('HGET', key, 'f')
+      local prints = packed and cmsgpack.unpack(packed) or {}
+      table.insert(prints, 1, print)
+      while #prints > ph do table.remove(prints) end
+      redis.call('HSET', key, 'f', cmsgpack.pack(prints))
+      window(key, 'w', 'open', 'probing', pk, pn, probe == '1' and 1 or 0, source, rid, sid)
     end
     if allch ~= '' then redis.call('PUBLISH', allch, data) end
     out[i] = 1
@@ -242,6 +263,7 @@ class StreamEvents:
 
 
 MAX_WINDOW = 256  # images an alert window may span: a source's state is at most this many short entries
+MAX_PROBE_HISTORY = 64  # fingerprints the query monitor keeps per source (about 2 KB each)
 
 
 def _knob(default: int, help: str) -> Any:
@@ -265,10 +287,16 @@ class StreamSettings:
                             "flagged (0: an alert per flagged image)")
     alert_n: int = _knob(0, "the window policy's window, in images of one source (at most 256)")
     alert_idle_s: int = _knob(3600, "a source's window is forgotten after this many seconds without an image")
+    probe_k: int = _knob(3, "the query monitor: a 'probing' alert when probe_k of the last probe_n images of one "
+                            "source are small edits of its recent images (pipeline.queries; 0: no monitor)")
+    probe_n: int = _knob(10, "the query monitor's window, in images of one source (at most 256)")
+    probe_history: int = _knob(16, "the recent images of a source the query monitor compares with (at most 64): "
+                                   "about 2 KB each")
 
     def __post_init__(self) -> None:
         least = {"batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1, "done_ttl_s": 1,
-                 "block_ms": 0, "claim_idle_ms": 0, "alert_k": 0, "alert_n": 0, "alert_idle_s": 1}
+                 "block_ms": 0, "claim_idle_ms": 0, "alert_k": 0, "alert_n": 0, "alert_idle_s": 1, "probe_k": 0,
+                 "probe_n": 0, "probe_history": 1}
         for name, low in least.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -276,11 +304,20 @@ class StreamSettings:
         if (self.alert_k == 0) != (self.alert_n == 0) or self.alert_k > self.alert_n or self.alert_n > MAX_WINDOW:
             raise ValueError(f"stream settings alert_k and alert_n: both 0 (an alert per flagged image), or "
                              f"1 ≤ alert_k ≤ alert_n ≤ {MAX_WINDOW}; got {self.alert_k} and {self.alert_n}")
+        if self.probe_k > self.probe_n or self.probe_n > MAX_WINDOW or self.probe_history > MAX_PROBE_HISTORY:
+            raise ValueError(f"stream settings probe_k, probe_n and probe_history: 0 ≤ probe_k ≤ probe_n ≤ "
+                             f"{MAX_WINDOW} and probe_history ≤ {MAX_PROBE_HISTORY}; got {self.probe_k}, "
+                             f"{self.probe_n} and {self.probe_history}")
 
     @property
     def windowed(self) -> bool:
         """Whether alerts follow the window policy (k of the last n images of one source)."""
         return self.alert_k > 0
+
+    @property
+    def monitored(self) -> bool:
+        """Whether the query monitor runs (pipeline.queries: probing alerts per source)."""
+        return self.probe_k > 0
 
     @classmethod
     def knobs(cls) -> dict[str, tuple[int, str]]:
@@ -419,24 +456,33 @@ class StreamConsumer:
 
     # -- writing --------------------------------------------------------------------------------------------
 
-    def publish(self, results: Sequence[tuple[str, dict]]) -> list[bool]:
+    def publish(self, results: Sequence[tuple[str, dict]],
+                prints: Mapping[str, Fingerprint] | None = None) -> list[bool]:
         """Write one verdict per (image stream id, verdict dict), publish alerts, and ack the images, all in
-        one atomic script. Returns, per result, True if written now, False if that entry already had a verdict
-        (redelivery: only acked)."""
+        one atomic script. ``prints``: the fingerprint of each monitored entry's image, by stream id (the query
+        monitor: :meth:`probes`). Returns, per result, True if written now, False if that entry already had a
+        verdict (redelivery: only acked)."""
         if not results:
             return []
         n, st = self.names, self.settings
+        prints = prints or {}
+        probes = self.probes(results, prints) if st.monitored and prints else {}
         args: list[Any] = [n.group, st.verdict_maxlen, st.done_ttl_s, n.alerts or "", n.all_verdicts_channel or "",
-                           st.alert_k, st.alert_n, st.alert_idle_s, repr(time.time())]
-        windows = []
+                           st.alert_k, st.alert_n, st.alert_idle_s, repr(time.time()), st.probe_k, st.probe_n,
+                           st.probe_history]
+        windows, monitors = [], []
         for sid, verdict in results:
             source = verdict.get("source") or ""
             windows.append(f"{n.window_prefix}{source}")
+            monitors.append(f"{n.probe_prefix}{source}")
             flagged = verdict.get("is_adversarial")
+            probe = probes.get(sid)
             # "e": no decision (an error verdict), which leaves a source's alert window as it was
             args += [sid, wire.encode_verdict(verdict), "e" if flagged is None else "1" if flagged else "0", source,
-                     verdict["id"]]
-        keys = [n.verdicts, n.images, n.episodes, *(f"{n.done_prefix}{sid}" for sid, _ in results), *windows]
+                     verdict["id"], "" if probe is None else "1" if probe else "0",
+                     prints[sid].to_bytes() if probe is not None else ""]
+        keys = [n.verdicts, n.images, n.episodes, *(f"{n.done_prefix}{sid}" for sid, _ in results), *windows,
+                *monitors]
         try:
             *flags, opened = self._publish_script(keys=keys, args=args)
             written = [bool(x) for x in flags]
@@ -448,6 +494,34 @@ class StreamConsumer:
         self.stats["duplicates"] += len(written) - sum(written)
         self.stats["episodes"] += int(opened)
         return written
+
+    def probes(self, results: Sequence[tuple[str, dict]], prints: Mapping[str, Fingerprint]) -> dict[str, bool]:
+        """Whether each monitored entry (a source, and a fingerprint in ``prints``) probes: is a small edit of one
+        of its source's recent images (pipeline.queries), those in Redis and those earlier in this batch. One
+        round trip reads every source's history."""
+        sources = list(dict.fromkeys(v.get("source") for sid, v in results if v.get("source") and sid in prints))
+        if not sources:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for source in sources:
+            pipe.hget(f"{self.names.probe_prefix}{source}", "f")
+        history: dict[str, list[Fingerprint]] = {}
+        for source, packed in zip(sources, pipe.execute(), strict=True):
+            kept = []
+            for raw in msgpack.unpackb(packed, raw=True) if packed else []:
+                try:
+                    kept.append(Fingerprint.from_bytes(raw))
+                except ValueError:  # another version's layout: it compares with nothing
+                    continue
+            history[source] = kept
+        out = {}
+        for sid, verdict in results:
+            source = verdict.get("source")
+            if not source or sid not in prints:
+                continue
+            out[sid] = is_probe(prints[sid], history[source][: self.settings.probe_history])
+            history[source].insert(0, prints[sid])
+        return out
 
     def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, kind: str = "other",
                     **extra: Any) -> str | None:
@@ -566,6 +640,7 @@ class StreamWorker:
         self.trim_interval_s = trim_interval_s  # run() trims acked image entries this often (None: never)
         self._last_trim = 0.0
         self._unpublished: list[tuple[str, dict]] = []  # a batch whose publish failed; retried first
+        self._unpublished_prints: dict[str, Fingerprint] = {}  # its images' fingerprints (the query monitor)
         # why the last publish failed while its verdicts wait (None: publishing works): /healthz says "degraded"
         self.degraded: str | None = None
         self._busy_since: float | None = None  # monotonic start of the detection in progress, if any
@@ -580,8 +655,8 @@ class StreamWorker:
         from ``detect_fn`` propagate and leave the batch pending, to be reclaimed and retried later."""
         handled = 0
         if self._unpublished:
-            self._publish(self._unpublished)
-            handled, self._unpublished = len(self._unpublished), []
+            self._publish(self._unpublished, self._unpublished_prints)
+            handled, self._unpublished, self._unpublished_prints = len(self._unpublished), [], {}
         entries = self.consumer.read(block_ms)
         if not entries:
             return handled
@@ -615,6 +690,8 @@ class StreamWorker:
             self._busy_since = None
         now = time.time()
         results = []
+        prints = {sid: Fingerprint.of(req.image) for sid, req in zip(sids, reqs, strict=True)
+                  if req.source is not None} if self.consumer.settings.monitored else {}
         for sid, req, v in zip(sids, reqs, verdicts, strict=True):
             v = dict(v)
             v.setdefault("v", wire.VERSION)
@@ -633,20 +710,20 @@ class StreamWorker:
             v["done_at"] = now
             results.append((sid, v))
         try:
-            self._publish(results)
+            self._publish(results, prints)
         except CONNECTION_ERRORS:
-            self._unpublished = results  # verdicts are computed: publish them once Redis is back
+            self._unpublished, self._unpublished_prints = results, prints  # publish them once Redis is back
             raise
         except redis.ResponseError as e:
             if is_out_of_memory(e):  # Redis is full: keep the verdicts, read nothing more until they land
-                self._unpublished = results
+                self._unpublished, self._unpublished_prints = results, prints
             raise
         return handled + len(results)
 
-    def _publish(self, results: list[tuple[str, dict]]) -> None:
+    def _publish(self, results: list[tuple[str, dict]], prints: Mapping[str, Fingerprint]) -> None:
         """Publish, and keep :attr:`degraded` saying whether publishing works."""
         try:
-            self.consumer.publish(results)
+            self.consumer.publish(results, prints)
         except CONNECTION_ERRORS as e:
             self.degraded = f"redis unreachable ({type(e).__name__}): {len(results)} verdicts wait to be published"
             raise

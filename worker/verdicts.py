@@ -16,6 +16,8 @@ from typing import IO, Any
 from rich.markup import escape
 from rich.table import Table
 
+from worker import wire
+
 
 def printable(value: object) -> str:
     """``value`` as text safe for a terminal: control characters (terminal escapes among them) shown as
@@ -27,10 +29,11 @@ def printable(value: object) -> str:
 def watch_line(verdict: dict) -> str:
     """One line of ``explainer watch`` for a verdict or an alert episode (``worker.wire.decode_alert``), as Rich
     markup in which only our own styling is markup."""
-    if verdict.get("kind") == "episode":
-        flagged = ", ".join(printable(e.get("id")) for e in verdict.get("entries", []))
+    if verdict.get("kind") in wire.EPISODE_KINDS:
+        marked = ", ".join(printable(e.get("id")) for e in verdict.get("entries", []))
+        what = "flagged" if verdict["kind"] == "episode" else "small edits of its recent images (a query attack?)"
         return (f"[red]ALERT[/red] source {printable(verdict.get('source'))}: {len(verdict.get('entries', []))} of "
-                f"its last {printable(verdict.get('n'))} images flagged ({flagged})")
+                f"its last {printable(verdict.get('n'))} images {what} ({marked})")
     source = f"  source {printable(verdict['source'])}" if verdict.get("source") else ""
     mark = "[red]ADVERSARIAL[/red]" if verdict.get("is_adversarial") else "[green]clean[/green]"
     if verdict.get("error"):

@@ -37,6 +37,7 @@ MAX_META_KEYS = 32
 MAX_CONTAINERS = MAX_META_BYTES + 16
 MAX_STR_CHARS = 64 * 1024  # any string in a request/verdict (meta strings are bounded by MAX_META_BYTES)
 MAX_ERROR_CHARS = 2000  # verdict "error" messages are truncated to this
+EPISODE_KINDS = ("episode", "probing")  # alerts about a source's window: flagged images, or a query attack
 MAX_DEAD_PAYLOAD_BYTES = 64 * 1024  # dead letters keep at most this much of the offending entry
 
 ENCODINGS = ("raw", "png", "jpeg")
@@ -419,18 +420,19 @@ def decode_verdict(data: bytes) -> dict:
 
 
 def decode_alert(data: bytes) -> dict:
-    """Unpack one message of the alerts channel: an adversarial verdict (the per-image policy), or an episode
-    (the window policy: ``kind`` "episode", with ``source``, ``k``, ``n``, ``at`` and the flagged ``entries``,
-    each ``{"id", "stream_id"}``)."""
+    """Unpack one message of the alerts channel: an adversarial verdict (the per-image policy), or an episode of
+    a source's window: ``kind`` "episode" (the window policy: k of its last n images flagged) or "probing" (the
+    query monitor: k of its last n images small edits of its recent ones), with ``source``, ``k``, ``n``, ``at``
+    and the ``entries`` that opened it, each ``{"id", "stream_id"}``."""
     obj = _unpack(data, "alert")
     _check_version(obj, "alert")
-    if obj.get("kind") != "episode":
+    if obj.get("kind") not in EPISODE_KINDS:
         _get(obj, "id", str, "alert", tname="a string")
         return obj
     _get(obj, "source", str, "alert", tname="a string")
     entries = _get(obj, "entries", list, "alert", tname="an array")
     if not all(isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries):
-        raise WireError("alert: every entry of an episode needs its 'id'")
+        raise WireError(f"alert: every entry of an {obj['kind']} episode needs its 'id'")
     return obj
 
 
