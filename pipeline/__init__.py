@@ -43,7 +43,7 @@ from pipeline.presets import (
     preset,
     preset_scoring,
 )
-from pipeline.queries import Fingerprint, ProbeParams, is_probe
+from pipeline.queries import Fingerprint, ProbeHistory, ProbeParams, is_probe
 from pipeline.runtime import keep_allocations_mapped
 from pipeline.samples import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits
 from pipeline.signals import SIGNALS, Signal
@@ -61,6 +61,7 @@ __all__ = [
     "MAX_DECODE_BYTES",
     "AdversarialDigits",
     "Fingerprint",
+    "ProbeHistory",
     "ProbeParams",
     "is_probe",
     "RULES",

@@ -149,15 +149,54 @@ def compare(new: Fingerprint, old: Fingerprint) -> Comparison | None:
     return Comparison(unchanged, rms)
 
 
+class ProbeHistory:
+    """A source's recent fingerprints, newest first, at most ``size``: :meth:`probes` compares a new image with
+    all of them at once (one array operation, not one per image)."""
+
+    def __init__(self, size: int, params: ProbeParams = ProbeParams(), prints: list[Fingerprint] = ()) -> None:
+        self.size, self.params = size, params
+        self.prints: list[Fingerprint] = []
+        self._blocks: dict[tuple, np.ndarray] = {}  # by layout: (k, B) block hashes, newest first
+        self._sketches: dict[tuple, np.ndarray] = {}
+        for fp in reversed(list(prints)[:size]):
+            self.push(fp)
+
+    @staticmethod
+    def _layout(fp: Fingerprint) -> tuple:
+        return fp.shape, fp.blocks.shape, fp.sketch.shape
+
+    def probes(self, new: Fingerprint) -> bool:
+        """Whether ``new`` is a small edit of one of these images: most of its non-flat blocks unchanged but not
+        all, or an RMS difference above zero and under the noise floor (module docstring). An exact resend, or an
+        image of another shape, is not."""
+        layout = self._layout(new)
+        if layout not in self._blocks:
+            return False
+        blocks, sketches = self._blocks[layout], self._sketches[layout]
+        live = new.blocks >= 0
+        if live.any():
+            unchanged = (blocks[:, live] == new.blocks[live]).mean(1)
+        else:
+            unchanged = np.full(len(blocks), np.nan)
+        rms = np.sqrt(((sketches - new.sketch.astype(np.float64)) ** 2).sum(1) / int(np.prod(new.shape)))
+        changed = rms > 0
+        sparse = (unchanged >= self.params.sparse) & (unchanged < 1.0)
+        return bool((changed & (sparse | (rms < self.params.noise_floor))).any())
+
+    def push(self, fp: Fingerprint) -> None:
+        """``fp`` becomes the newest; the oldest beyond ``size`` is forgotten."""
+        self.prints.insert(0, fp)
+        if len(self.prints) > self.size:
+            self.prints.pop()
+        layout = self._layout(fp)
+        kept = [p for p in self.prints if self._layout(p) == layout]
+        self._blocks[layout] = np.stack([p.blocks for p in kept])
+        self._sketches[layout] = np.stack([p.sketch.astype(np.float64) for p in kept])
+        for other in [k for k in self._blocks if k != layout and not any(self._layout(p) == k for p in self.prints)]:
+            del self._blocks[other], self._sketches[other]
+
+
 def is_probe(new: Fingerprint, history: list[Fingerprint], params: ProbeParams = ProbeParams()) -> bool:
-    """Whether ``new`` is a small edit of some image in ``history`` (its source's recent images): most of its
-    non-flat blocks unchanged but not all, or changed by less than the noise floor (module docstring)."""
-    for old in history:
-        c = compare(new, old)
-        if c is None or (c.unchanged == 1.0 and c.rms == 0.0) or c.rms == 0.0:
-            continue  # another shape, or an exact resend
-        if c.unchanged >= params.sparse and c.unchanged < 1.0:
-            return True
-        if c.rms < params.noise_floor:
-            return True
-    return False
+    """Whether ``new`` is a small edit of some image in ``history`` (its source's recent images, newest first):
+    :meth:`ProbeHistory.probes`."""
+    return ProbeHistory(len(history), params, history).probes(new)

@@ -34,7 +34,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from pipeline import Fingerprint, is_probe
+from pipeline import Fingerprint, ProbeHistory
 from worker import wire
 
 log = logging.getLogger("explainer.streams")
@@ -289,9 +289,9 @@ class StreamSettings:
     alert_idle_s: int = _knob(3600, "a source's window is forgotten after this many seconds without an image")
     probe_k: int = _knob(3, "the query monitor: a 'probing' alert when probe_k of the last probe_n images of one "
                             "source are small edits of its recent images (pipeline.queries; 0: no monitor)")
-    probe_n: int = _knob(10, "the query monitor's window, in images of one source (at most 256)")
-    probe_history: int = _knob(16, "the recent images of a source the query monitor compares with (at most 64): "
-                                   "about 2 KB each")
+    probe_n: int = _knob(100, "the query monitor's window, in images of one source (at most 256)")
+    probe_history: int = _knob(32, "the recent images of a source the query monitor compares with (at most 64): "
+                                   "about 2.5 KB each for a photo, 0.4 KB for a digit")
 
     def __post_init__(self) -> None:
         least = {"batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1, "done_ttl_s": 1,
@@ -505,7 +505,7 @@ class StreamConsumer:
         pipe = self.client.pipeline(transaction=False)
         for source in sources:
             pipe.hget(f"{self.names.probe_prefix}{source}", "f")
-        history: dict[str, list[Fingerprint]] = {}
+        history: dict[str, ProbeHistory] = {}
         for source, packed in zip(sources, pipe.execute(), strict=True):
             kept = []
             for raw in msgpack.unpackb(packed, raw=True) if packed else []:
@@ -513,14 +513,14 @@ class StreamConsumer:
                     kept.append(Fingerprint.from_bytes(raw))
                 except ValueError:  # another version's layout: it compares with nothing
                     continue
-            history[source] = kept
+            history[source] = ProbeHistory(self.settings.probe_history, prints=kept)
         out = {}
         for sid, verdict in results:
             source = verdict.get("source")
             if not source or sid not in prints:
                 continue
-            out[sid] = is_probe(prints[sid], history[source][: self.settings.probe_history])
-            history[source].insert(0, prints[sid])
+            out[sid] = history[source].probes(prints[sid])
+            history[source].push(prints[sid])
         return out
 
     def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, kind: str = "other",

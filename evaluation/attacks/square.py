@@ -57,7 +57,8 @@ class SquareAttack(Attack):
     (the schedule of ``p`` rescales to it).
 
     After a call, ``last_queries`` holds the queries spent on each image (int64, (N,)). The model runs under
-    ``torch.no_grad``: no gradient is ever computed.
+    ``torch.no_grad``: no gradient is ever computed. :meth:`loss` is what each query reads; a subclass may read
+    more of the answer (a detector's score beside the model's: evaluation.query_attacks).
     """
 
     eps: float = 0.3
@@ -74,6 +75,11 @@ class SquareAttack(Attack):
         with torch.no_grad():
             return self._search(model, x, y)
 
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The loss of one query per image (``index``: which of the attacked images each row is); below 0 is a
+        success, which freezes the image: the margin ``z_y - max_{j != y} z_j`` of the logits."""
+        return margin(model(x), y)
+
     def _search(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         n, c, h, w = x.shape
@@ -85,7 +91,7 @@ class SquareAttack(Attack):
             return signs.to(device=x.device, dtype=x.dtype) * step
 
         x_best = (x + random_signs(n, c, 1, w)).clamp(0.0, 1.0)
-        loss_best = margin(model(x_best), y)
+        loss_best = self.loss(model, x_best, y, torch.arange(n, device=x.device))
         queries = torch.ones(n, dtype=torch.long, device=x.device)
         rows = torch.arange(h, device=x.device)
         cols = torch.arange(w, device=x.device)
@@ -110,7 +116,7 @@ class SquareAttack(Attack):
             signs = torch.where(same.flatten(1).all(1)[:, None, None, None], -signs, signs)
             x_new = torch.where(window, (x_cur + signs).clamp(0.0, 1.0), x_old)
 
-            loss = margin(model(x_new), y[active])
+            loss = self.loss(model, x_new, y[active], active)
             better = loss < loss_best[active]
             x_best[active] = torch.where(better[:, None, None, None], x_new, x_old)
             loss_best[active] = torch.where(better, loss, loss_best[active])

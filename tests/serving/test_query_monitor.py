@@ -75,11 +75,11 @@ def test_a_square_attacks_queries_open_one_probing_alert_with_its_entries(client
     pubsub.subscribe(names.alerts)
     cons = consumer(client, names)
     queries = square_queries(digits.images[0], 12)
-    publish(cons, queries[:3])  # the first is new, then two edits: 2 of the last 10
+    publish(cons, queries[:3])  # the first is new, then two edits: 2 of the last 100
     assert alerts(client, names) == []
     publish(cons, queries[3:4], start=3)
     [alert] = alerts(client, names)
-    assert alert["source"] == "cam-1" and (alert["k"], alert["n"]) == (3, 10)
+    assert alert["source"] == "cam-1" and (alert["k"], alert["n"]) == (3, 100)
     assert [e["id"] for e in alert["entries"]] == ["img-3", "img-2", "img-1"]
     publish(cons, queries[4:], start=4)
     assert len(alerts(client, names)) == 1  # one alert per episode
@@ -136,11 +136,13 @@ def test_the_monitor_survives_a_worker_restart_and_a_redelivered_entry_never_cou
 def test_a_sources_state_is_bounded(client, names):
     cons = consumer(client, names, probe_history=8)
     rng = np.random.default_rng(3)
-    publish(cons, [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(40)])
+    for _ in range(3):
+        publish(cons, [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(40)])
     key = f"{names.probe_prefix}cam-1"
     assert len(msgpack.unpackb(client.hget(key, "f"), raw=True)) == 8
-    assert len(msgpack.unpackb(client.hget(key, "w"))) == 10
-    assert client.memory_usage(key) < 8 * 2600 + 2048  # about 2.5 KB per photo's fingerprint
+    assert len(msgpack.unpackb(client.hget(key, "w"))) == StreamSettings().probe_n
+    # about 2.5 KB per photo's fingerprint, and a short entry per image of the window
+    assert client.memory_usage(key) < 8 * 2600 + 64 * StreamSettings().probe_n
     assert 0 < client.ttl(key) <= StreamSettings().alert_idle_s
 
 
