@@ -181,3 +181,20 @@ def test_square_schedule() -> None:
     assert fractions == sorted(fractions, reverse=True)
     assert square_side(0.8, 28, 28) == 25  # round(sqrt(0.8 * 784))
     assert square_side(1.0, 28, 28) == 27 and square_side(1e-6, 28, 28) == 1
+
+
+def test_hop_skip_jump_walks_the_boundary_towards_the_original(net: nn.Module, digits) -> None:
+    """Decision-based: from uniform noise the model misreads, every result is misclassified, on the uint8 grid,
+    within the query budget, and more queries bring it closer to the original."""
+    from evaluation.attacks.hop_skip_jump import HopSkipJump
+
+    x, y, correct = digits
+    x, y = x[correct][:4], y[correct][:4]
+    short, long = HopSkipJump(max_queries=400), HopSkipJump(max_queries=2500)
+    near, far = long(net, x, y), short(net, x, y)
+    with torch.no_grad():
+        assert (net(near).argmax(1) != y).all() and (net(far).argmax(1) != y).all()
+    assert torch.equal(near, near.mul(255).round().div(255))
+    assert (long.last_queries <= 2500).all() and (short.last_queries <= 400).all()
+    assert (long.last_distance < short.last_distance).all()
+    assert long.last_distance.median() < 3.5  # L2 on [0, 1] digits

@@ -161,3 +161,17 @@ def test_through_the_worker_a_square_attack_on_digits_is_flagged_and_other_sourc
     [alert] = alerts(client, names)
     assert alert["source"] == "attacker"
     assert len(list(iter_stream(client, names.verdicts))) == 12
+
+
+def test_the_harness_replay_alerts_where_the_stream_does(client, names, digits):
+    """evaluation.query_attacks.replay_monitor (what scripts/query_monitor.py measures with) against the
+    worker's script, on the same queries under the stream's default policy."""
+    from evaluation.query_attacks import MonitorPolicy, replay_monitor
+
+    st = StreamSettings()
+    queries = square_queries(digits.images[5], 30, seed=5)
+    publish(consumer(client, names), queries)
+    [alert] = alerts(client, names)
+    replayed, probes = replay_monitor(queries, MonitorPolicy(st.probe_k, st.probe_n, st.probe_history))
+    assert f"img-{replayed}" == alert["entries"][0]["id"]
+    assert sum(probes) >= st.probe_k
