@@ -81,7 +81,7 @@ def evaluate_mnist(
         log(f"  success {runs[name].success_rate:.1%} in {runs[name].seconds:.0f}s; scoring…")
         scored[name] = score_images(det, runs[name].images)
 
-    metrics = {**evaluation_metrics("mnist", det, clean, runs, scored, target_fpr), "baselines": {}}
+    metrics = {**evaluation_metrics(det.model.name, det, clean, runs, scored, target_fpr), "baselines": {}}
     flagged = clean.flagged[attacked]
     metrics["clean_fpr_attacked_digits"] = {"n": int(attacked.sum()), "fpr": float(flagged.mean()),
                                             "ci95": flags_ci95(flagged)}

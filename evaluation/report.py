@@ -89,7 +89,8 @@ def write_mnist_report(out: Path, m: dict, det, clean, scored, runs, baseline_sc
     plot_maps(out / "explanation_maps.png", det, clean_eval.images, runs)
     fs, mg = m["baselines"]["feature_squeezing"], m["baselines"]["magnet"]
     lines = [
-        "# MNIST evaluation: EXPLAINER (ours) beside the paper's Table 1, with the baselines re-run",
+        f"# MNIST evaluation of the `{m['model']}` detector: EXPLAINER (ours) beside the paper's Table 1, with the "
+        "baselines re-run",
         "",
         f"Command: `{m.get('command', 'explainer evaluate --model mnist')}` — {m['seconds'] / 60:.1f} min on "
         f"{m['machine']}.",

@@ -9,7 +9,8 @@ reference runs made:
   (reports/imagenet/calibration.json).
 
 Each bundle names its built-in model and carries no weights: MobileNetV2's come from the shared file, torch's hub
-cache or ``weights=``.
+cache or ``weights=``. The third shipped bundle, mnist-robust (the digits CNN adversarially trained, its weights
+inside), is written by ``explainer calibrate`` itself: scripts/train_mnist_robust.py gives the command.
 
 Run: python scripts/make_shipped_bundles.py [--mnist CALIBRATION] [--mobilenet-v2 CALIBRATION]
 """

@@ -1,8 +1,11 @@
 """Adversarially train the digits CNN (PGD-AT, Madry et al. 2018) for the robust digits detector, on 2 CPU cores.
 
 Run: python scripts/train_mnist_robust.py   (reads ../shared/data/mnist, writes .explainer/models/mnist_robust.pt
-and reports/training/mnist_robust.json; scripts/make_robust_bundle.py calibrates it into the shipped
-``mnist-robust`` bundle).
+and reports/training/mnist_robust.json), then calibrate it into the shipped ``mnist-robust`` bundle as the shipped
+digits detector is calibrated (the even test digits and the held-out training digits, 95% confidence):
+
+    explainer calibrate --model mnist --weights .explainer/models/mnist_robust.pt --confidence 0.95 \
+        --name mnist-robust --out pipeline/assets/detectors/mnist-robust
 
 The same architecture as the shipped model (:class:`pipeline.models.mnist.MnistNet`), so the bundle is a built-in
 model with a state dict (data, no code) and the detector's cost per digit is unchanged. Trained on the same 13,000
@@ -13,7 +16,8 @@ the L∞ ball) and the network is trained on the adversarials alone. The ball's 
 the first ``RAMP`` epochs: a small network trained at ε 0.3 from the first step often stalls at chance (Madry et
 al. report the same for small capacities). ``EPS`` is a little above the 0.3 the detector is evaluated at, a
 margin for the evaluation's stronger attacks (more steps, restarts). The checkpoint kept is the one with the best
-robust accuracy (PGD-20 at 0.3) on the held-out digits.
+robust accuracy (PGD-20 at 0.3) on the held-out digits (which the calibration then uses too: the choice of an
+epoch reads their robust accuracy, never a detector score).
 """
 
 from __future__ import annotations

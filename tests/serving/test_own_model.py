@@ -126,7 +126,7 @@ def stack(work, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secrets") / "http-token"
     token_file.write_text(TOKEN + "\n")
     # and the window alert policy: one alert when 3 of a source's last 5 images are flagged
-    overrides = {"detector": ["mnist", str(work / "bundle")], "trust_code": True, "block_ms": 100,
+    overrides = {"detector": ["mnist", "mnist-robust", str(work / "bundle")], "trust_code": True, "block_ms": 100,
                  "http_token_file": str(token_file), "alert_k": 3, "alert_n": 5}
     with embedded_stack(data_dir=tmp_path_factory.mktemp("own-stack"), http_port=free_port(),
                         overrides=overrides) as st:
@@ -141,13 +141,16 @@ def test_requests_pick_their_detector_and_get_the_verdicts_of_detect_and_load(wo
     own_ids = [f"own-{i}" for i in range(len(own))]
     shipped = odd.images[:200]
     shipped_ids = [f"shipped-{i}" for i in range(len(shipped))]
+    robust = np.concatenate([odd.images[:50], adv.images[:50]])  # the shipped robust detector, by its name
+    robust_ids = [f"robust-{i}" for i in range(len(robust))]
     after = last_id(client, NAMES.verdicts)
     dead_after = last_id(client, NAMES.dead)
     push_images(client, NAMES, own, ids=own_ids, model=NAME)
     push_images(client, NAMES, shipped, ids=shipped_ids, model="mnist")
+    push_images(client, NAMES, robust, ids=robust_ids, model="mnist-robust")
     push_images(client, NAMES, odd.images[:1], ids=["nobody"], model="no-such-model")
-    got = collect_verdicts(client, NAMES, own_ids + shipped_ids, after, timeout_s=300)
-    assert len(got) == len(own_ids) + len(shipped_ids)
+    got = collect_verdicts(client, NAMES, own_ids + shipped_ids + robust_ids, after, timeout_s=300)
+    assert len(got) == len(own_ids) + len(shipped_ids) + len(robust_ids)
     assert all("error" not in v for v in got.values())
 
     # each request was judged by the detector it named
@@ -161,6 +164,10 @@ def test_requests_pick_their_detector_and_get_the_verdicts_of_detect_and_load(wo
     reference = Detector.from_pretrained("mnist").detect(shipped)
     assert [got[i]["is_adversarial"] for i in shipped_ids] == reference.is_adversarial.tolist()
     assert np.allclose([got[i]["score"] for i in shipped_ids], reference.score, rtol=1e-4, atol=1e-4)
+    robust_reference = Detector.from_pretrained("mnist-robust").detect(robust)
+    assert {got[i]["model"] for i in robust_ids} == {"mnist-robust"}
+    assert [got[i]["is_adversarial"] for i in robust_ids] == robust_reference.is_adversarial.tolist()
+    assert np.allclose([got[i]["score"] for i in robust_ids], robust_reference.score, rtol=1e-4, atol=1e-4)
 
     # the held-out clean digits' streamed verdicts keep the FPR bound
     flagged = sum(got[f"own-{i}"]["is_adversarial"] for i in range(len(odd.images)))
@@ -246,7 +253,7 @@ def test_the_http_route_needs_the_token_and_picks_the_detector_by_model(work, st
             call("/detect", token)
         assert err.value.code == 401 and err.value.headers["WWW-Authenticate"] == "Bearer"
     assert call("/healthz", None, None) == {"status": "ok"}  # liveness only, no internals
-    assert call("/healthz", TOKEN, None)["models"] == ["mnist", NAME]
+    assert call("/healthz", TOKEN, None)["models"] == ["mnist", "mnist-robust", NAME]
 
     own = call(f"/detect?model={NAME}")
     assert own["model"] == NAME
