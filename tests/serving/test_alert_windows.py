@@ -14,23 +14,9 @@ from pipeline import load_adversarial_digits, load_sample_digits
 from worker import wire
 from worker.detect import detect_requests, load_served_detectors
 from worker.feed import push_images
-from worker.local_redis import LocalRedis
 from worker.streams import StreamConsumer, StreamNames, StreamSettings, StreamWorker, connect, iter_stream
 
 WINDOW = {"alert_k": 3, "alert_n": 5}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalRedis(tmp_path_factory.mktemp("redis")) as running:
-        yield running
-
-
-@pytest.fixture
-def client(server) -> redis.Redis:
-    c = connect(server.url)
-    yield c
-    c.close()
 
 
 @pytest.fixture

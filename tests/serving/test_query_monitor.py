@@ -9,30 +9,15 @@ import uuid
 import msgpack
 import numpy as np
 import pytest
-import redis
 
 from evaluation.cameras import camera_frames
 from evaluation.datasets import SHARED_DATA
 from pipeline import Fingerprint, read_image_file
 from worker import wire
 from worker.detect import detect_requests
-from worker.local_redis import LocalRedis
 from worker.streams import StreamConsumer, StreamNames, StreamSettings, StreamWorker, connect, iter_stream
 
 PHOTOS = SHARED_DATA / "nips17" / "images"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalRedis(tmp_path_factory.mktemp("redis")) as running:
-        yield running
-
-
-@pytest.fixture
-def client(server) -> redis.Redis:
-    c = connect(server.url)
-    yield c
-    c.close()
 
 
 @pytest.fixture
