@@ -43,7 +43,7 @@ from pipeline.presets import (
     preset,
     preset_scoring,
 )
-from pipeline.queries import Fingerprint, ProbeHistory, ProbeParams, is_probe
+from pipeline.queries import Fingerprint, ProbeHistory, ProbeParams
 from pipeline.runtime import keep_allocations_mapped
 from pipeline.samples import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits
 from pipeline.signals import SIGNALS, Signal
@@ -63,7 +63,6 @@ __all__ = [
     "Fingerprint",
     "ProbeHistory",
     "ProbeParams",
-    "is_probe",
     "RULES",
     "Calibration",
     "Decider",

@@ -140,13 +140,8 @@ class Comparison:
 
 def compare(new: Fingerprint, old: Fingerprint) -> Comparison | None:
     """``new`` against ``old``; None when their shapes or layouts differ (different images, never an edit)."""
-    if new.shape != old.shape or new.blocks.shape != old.blocks.shape or new.sketch.shape != old.sketch.shape:
-        return None
-    live = new.blocks >= 0
-    unchanged = float((new.blocks[live] == old.blocks[live]).mean()) if live.any() else float("nan")
-    pixels = int(np.prod(new.shape))
-    rms = float(np.sqrt(np.sum((new.sketch.astype(np.float64) - old.sketch) ** 2) / pixels))
-    return Comparison(unchanged, rms)
+    found = ProbeHistory(1, prints=[old]).comparisons(new)
+    return None if found is None else Comparison(float(found[0][0]), float(found[1][0]))
 
 
 class ProbeHistory:
@@ -165,13 +160,13 @@ class ProbeHistory:
     def _layout(fp: Fingerprint) -> tuple:
         return fp.shape, fp.blocks.shape, fp.sketch.shape
 
-    def probes(self, new: Fingerprint) -> bool:
-        """Whether ``new`` is a small edit of one of these images: most of its non-flat blocks unchanged but not
-        all, or an RMS difference above zero and under the noise floor (module docstring). An exact resend, or an
-        image of another shape, is not."""
+    def comparisons(self, new: Fingerprint) -> tuple[np.ndarray, np.ndarray] | None:
+        """Against every kept image of ``new``'s layout (shape, blocks, sketch): the share of ``new``'s non-flat
+        blocks unchanged (nan when it has none) and the estimated RMS difference in grey levels; None when none
+        has its layout."""
         layout = self._layout(new)
         if layout not in self._blocks:
-            return False
+            return None
         blocks, sketches = self._blocks[layout], self._sketches[layout]
         live = new.blocks >= 0
         if live.any():
@@ -179,9 +174,18 @@ class ProbeHistory:
         else:
             unchanged = np.full(len(blocks), np.nan)
         rms = np.sqrt(((sketches - new.sketch.astype(np.float64)) ** 2).sum(1) / int(np.prod(new.shape)))
-        changed = rms > 0
+        return unchanged, rms
+
+    def probes(self, new: Fingerprint) -> bool:
+        """Whether ``new`` is a small edit of one of these images: most of its non-flat blocks unchanged but not
+        all, or an RMS difference above zero and under the noise floor (module docstring). An exact resend, or an
+        image of another shape, is not."""
+        found = self.comparisons(new)
+        if found is None:
+            return False
+        unchanged, rms = found
         sparse = (unchanged >= self.params.sparse) & (unchanged < 1.0)
-        return bool((changed & (sparse | (rms < self.params.noise_floor))).any())
+        return bool(((rms > 0) & (sparse | (rms < self.params.noise_floor))).any())
 
     def push(self, fp: Fingerprint) -> None:
         """``fp`` becomes the newest; the oldest beyond ``size`` is forgotten."""
@@ -194,9 +198,3 @@ class ProbeHistory:
         self._sketches[layout] = np.stack([p.sketch.astype(np.float64) for p in kept])
         for other in [k for k in self._blocks if k != layout and not any(self._layout(p) == k for p in self.prints)]:
             del self._blocks[other], self._sketches[other]
-
-
-def is_probe(new: Fingerprint, history: list[Fingerprint], params: ProbeParams = ProbeParams()) -> bool:
-    """Whether ``new`` is a small edit of some image in ``history`` (its source's recent images, newest first):
-    :meth:`ProbeHistory.probes`."""
-    return ProbeHistory(len(history), params, history).probes(new)
