@@ -1,7 +1,7 @@
 """The query monitor against query attacks on the service, on camera streams, and attacked itself.
 
-Run: python scripts/query_monitor.py [--square 100] [--hsj 100] [--cameras 24] [--frames 1000]
-(writes reports/query_monitor/report.md and metrics.json).
+Run: python scripts/query_monitor.py [--square 100] [--hsj 100] [--service-runs 20] [--blind 20] [--cameras 24]
+[--frames 1000]   (writes reports/query_monitor/report.md and metrics.json).
 
 - Attacks: Square (score-based, L∞ 0.3, 1,000 queries) and HopSkipJump (decision-based, L2, 5,000 queries) on
   the shipped digits detector through the service (evaluation.query_attacks): a success is a wrong answer the
@@ -210,7 +210,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--square", type=int, default=100, help="Square runs (one digit each)")
     ap.add_argument("--hsj", type=int, default=100, help="HopSkipJump runs")
-    ap.add_argument("--service-runs", type=int, default=30, help="runs of each attack on the whole service (slower)")
+    ap.add_argument("--service-runs", type=int, default=20, help="runs of each attack on the whole service (slower)")
     ap.add_argument("--blind", type=int, default=30, help="runs of each attack with blinding noise")
     ap.add_argument("--cameras", type=int, default=24)
     ap.add_argument("--frames", type=int, default=1000, help="frames per camera at σ 2 (a fifth at the others)")
