@@ -199,7 +199,7 @@ end
 for i = 1, count do
   local a = 12 + 7 * (i - 1)
   local sid, data, adv, source, rid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local probe, print = ARGV[a + 6], ARGV[a + 7]
+  local probe, fingerprint = ARGV[a + 6], ARGV[a + 7]
   if redis.call('SET', KEYS[3 + i], sid, 'NX', 'EX', ttl) then
     redis.call('XADD', verdicts, 'MAXLEN', '~', maxlen, '*', 'data', data)
     if k == 0 then
@@ -212,7 +212,7 @@ for i = 1, count do
       local key = KEYS[3 + 2 * count + i]
       local packed = redis.call('HGET', key, 'f')
       local prints = packed and cmsgpack.unpack(packed) or {}
-      table.insert(prints, 1, print)
+      table.insert(prints, 1, fingerprint)
       while #prints > ph do table.remove(prints) end
       redis.call('HSET', key, 'f', cmsgpack.pack(prints))
       window(key, 'w', 'open', 'probing', pk, pn, probe == '1' and 1 or 0, source, rid, sid)
