@@ -46,10 +46,15 @@ def check_output(x_adv: torch.Tensor, x: torch.Tensor) -> None:
 
 def test_registry_has_every_attack() -> None:
     assert set(ATTACKS) == {"fgsm", "pgd", "bim", "bim-early", "mim", "cw-l2", "cw-linf", "cw-l0", "patch", "pgd-l2",
-                            "square", "pgd-0.1", "adaptive"}
+                            "square", "pgd-0.1", "adaptive", "adaptive-0.1", "adaptive-0.2"}
     for factory in ATTACKS.values():
         assert isinstance(factory(), Attack)
     assert ATTACKS["pgd"]().params() == {"eps": 0.3, "alpha": 0.01, "steps": 40, "random_start": True}
+    for eps in (0.1, 0.2):  # the adaptive attack at smaller budgets: only eps and its step change
+        smaller = ATTACKS[f"adaptive-{eps:g}"]().params()
+        assert (smaller["eps"], smaller["alpha"]) == (eps, eps / 15)
+        assert {k: v for k, v in smaller.items() if k not in ("eps", "alpha")} == {
+            k: v for k, v in ATTACKS["adaptive"]().params().items() if k not in ("eps", "alpha")}
 
 
 def test_model_left_untouched(net: nn.Module, digits) -> None:
