@@ -51,13 +51,11 @@ RESTARTS = 2  # runs in all: the default, then from random starts
 
 
 def scores_of(det: Detector, run) -> np.ndarray:
-    """The detector's score of each kept adversarial (all misclassified), by source digit; inf where none."""
+    """The detector's score of each kept adversarial (all misclassified), by attacked digit (every digit given is
+    correctly classified, so ``run.source`` indexes them); inf where none."""
     out = np.full(run.attempted, np.inf)
     if len(run.images):
-        correct_pos = {int(s): k for k, s in enumerate(run.source)}
-        got = det.calibration.score(det.analyse_many(run.images))
-        for s, value in zip(run.source, got, strict=True):
-            out[correct_pos[int(s)]] = value
+        out[run.source] = det.calibration.score(det.analyse_many(run.images))
     return out
 
 
