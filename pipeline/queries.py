@@ -150,11 +150,7 @@ class ProbeHistory:
 
     def __init__(self, size: int, params: ProbeParams = ProbeParams(), prints: list[Fingerprint] = ()) -> None:
         self.size, self.params = size, params
-        self.prints: list[Fingerprint] = []
-        self._blocks: dict[tuple, np.ndarray] = {}  # by layout: (k, B) block hashes, newest first
-        self._sketches: dict[tuple, np.ndarray] = {}
-        for fp in reversed(list(prints)[:size]):
-            self.push(fp)
+        self.prints: list[Fingerprint] = list(prints)[:size]
 
     @staticmethod
     def _layout(fp: Fingerprint) -> tuple:
@@ -165,9 +161,11 @@ class ProbeHistory:
         blocks unchanged (nan when it has none) and the estimated RMS difference in grey levels; None when none
         has its layout."""
         layout = self._layout(new)
-        if layout not in self._blocks:
+        same = [p for p in self.prints if self._layout(p) == layout]
+        if not same:
             return None
-        blocks, sketches = self._blocks[layout], self._sketches[layout]
+        blocks = np.stack([p.blocks for p in same])
+        sketches = np.stack([p.sketch for p in same]).astype(np.float64)
         live = new.blocks >= 0
         if live.any():
             unchanged = (blocks[:, live] == new.blocks[live]).mean(1)
@@ -190,11 +188,4 @@ class ProbeHistory:
     def push(self, fp: Fingerprint) -> None:
         """``fp`` becomes the newest; the oldest beyond ``size`` is forgotten."""
         self.prints.insert(0, fp)
-        if len(self.prints) > self.size:
-            self.prints.pop()
-        layout = self._layout(fp)
-        kept = [p for p in self.prints if self._layout(p) == layout]
-        self._blocks[layout] = np.stack([p.blocks for p in kept])
-        self._sketches[layout] = np.stack([p.sketch.astype(np.float64) for p in kept])
-        for other in [k for k in self._blocks if k != layout and not any(self._layout(p) == k for p in self.prints)]:
-            del self._blocks[other], self._sketches[other]
+        del self.prints[self.size :]
