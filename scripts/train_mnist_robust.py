@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from train_mnist import shift  # the shipped model's augmentation (scripts/ is this script's path)
 
 from evaluation.datasets import HELD_OUT_TRAIN_START, PROJECT_ROOT, load_mnist
 from pipeline.models.mnist import MnistNet
@@ -41,13 +42,6 @@ RAMP = 6
 EPOCHS = 40
 WEIGHTS = PROJECT_ROOT / ".explainer" / "models" / "mnist_robust.pt"
 RECORD = PROJECT_ROOT / "reports" / "training" / "mnist_robust.json"
-
-
-def shift(batch: torch.Tensor) -> torch.Tensor:
-    """Random translations of up to 2 pixels, as the shipped model's training does."""
-    padded = F.pad(batch, (2, 2, 2, 2))
-    dx, dy = np.random.randint(0, 5, size=2)
-    return padded[:, :, dy : dy + 28, dx : dx + 28]
 
 
 def pgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, alpha: float) -> torch.Tensor:
