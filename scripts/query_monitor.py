@@ -175,6 +175,15 @@ def camera_study(cameras: int, frames: int, pol: MonitorPolicy, log) -> dict:
     return out
 
 
+def delivered(cons: StreamConsumer, n: int) -> list[str]:
+    """``n`` new image entries read into the consumer's group (verdicts are written for pending entries only)."""
+    for _ in range(n):
+        cons.client.xadd(cons.names.images, {"data": b"x"})
+    sids = [sid for sid, _ in cons.read(block_ms=0)]
+    assert len(sids) == n, f"read {len(sids)} of {n} entries"
+    return sids
+
+
 def redis_check(sent_runs: list[list[np.ndarray]], pol: MonitorPolicy, photos: list[np.ndarray]) -> dict:
     """The replay against the stream worker's script, and memory per source, in a real redis-server."""
     out: dict = {"agree": [], "memory_bytes": {}}
@@ -187,7 +196,7 @@ def redis_check(sent_runs: list[list[np.ndarray]], pol: MonitorPolicy, photos: l
             source = f"attacker-{r}"
             for start in range(0, len(sent), 64):
                 chunk = sent[start : start + 64]
-                sids = [client.xadd(names.images, {"data": b"x"}).decode() for _ in chunk]
+                sids = delivered(cons, len(chunk))
                 results = [(sid, {"v": 1, "id": f"q{start + i}", "model": "mnist", "is_adversarial": False,
                                   "source": source}) for i, sid in enumerate(sids)]
                 cons.publish(results, {sid: Fingerprint.of(img) for sid, img in zip(sids, chunk, strict=True)})
@@ -197,7 +206,7 @@ def redis_check(sent_runs: list[list[np.ndarray]], pol: MonitorPolicy, photos: l
             replayed, _ = replay_monitor(sent, pol)
             out["agree"].append({"stream": served, "replay": replayed})
         out["memory_bytes"]["digits"] = int(client.memory_usage(f"{names.probe_prefix}attacker-0"))
-        sids = [client.xadd(names.images, {"data": b"x"}).decode() for _ in photos]
+        sids = delivered(cons, len(photos))
         cons.publish([(sid, {"v": 1, "id": f"p{i}", "model": "m", "is_adversarial": False, "source": "camera"})
                       for i, sid in enumerate(sids)],
                      {sid: Fingerprint.of(img) for sid, img in zip(sids, photos, strict=True)})

@@ -209,7 +209,7 @@ def _details(figs: dict) -> list[str]:
                 f"(entries orphaned in its PEL at the kill: {f.extra['orphaned_at_kill']}); a replacement started "
                 f"each time and the orphans were reclaimed by `XAUTOCLAIM` after `claim_idle_ms` = 2 s (left with "
                 f"the killed consumers at the end: {f.extra['left_with_killed_consumers']}). The verdict `XADD`, "
-                "the `PUBLISH` and the `XACK` run in one Lua script guarded by `SET explainer:done:<stream id> NX`, "
+                "the `PUBLISH` and the `XACK` run in one Lua script that first checks the entry is still pending, "
                 "so a kill can never split a verdict from its ack, and a redelivered entry is acked, not "
                 "republished.", ""]
     if "serve-kill" in figs:

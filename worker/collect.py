@@ -25,7 +25,7 @@ def collect_verdicts(
     """Verdicts by message id for ``ids``, read from the verdict stream after entry ``after``.
 
     Each verdict gains ``written_at``, when Redis wrote it (its entry id's milliseconds). Duplicates (same id
-    twice, which the worker's idempotency keys prevent) keep the first verdict. Stops
+    twice, which the worker's publishing script prevents) keep the first verdict. Stops
     when every id has a verdict or ``timeout_s`` passes; the caller compares the counts.
     """
     wanted = set(ids)

@@ -6,14 +6,16 @@ Delivery is at-least-once end to end:
 * images are read with ``XREADGROUP`` into the group's pending list (PEL) and stay there until acked;
 * entries left pending by a consumer that died are reclaimed with ``XAUTOCLAIM`` once idle for
   ``claim_idle_ms``; an entry delivered more than ``max_deliveries`` times is moved to the dead-letter stream;
-* verdicts are written, alerts published and the image acked in ONE atomic Lua script per batch, guarded by a
-  ``SET <done_prefix><stream id> NX EX done_ttl_s`` key per entry, so a redelivered entry that already has a
-  verdict is only acked, never published twice (and a verdict is never lost between write and ack).
+* verdicts are written, alerts published and the image acked in ONE atomic Lua script per batch, which first
+  checks that the entry is still pending in the group (``XPENDING``): an entry gets its outcome and leaves the
+  pending list in the same script, so one that is no longer pending already has its outcome, and a redelivered
+  copy is only acked, never published twice (and a verdict is never lost between write and ack). The pending
+  list is the idempotency record: it costs no memory per answered image, however long the stream runs.
 * the image stream is never capped with MAXLEN (that drops unread entries); :meth:`StreamConsumer.trim_acked`
   removes only entries every group has acked (``XTRIM MINID``), so the stream's length is its backlog.
 
 The Lua script touches several keys, so on Redis Cluster give all the names one hash tag (e.g.
-``{explainer}:images``, ``{explainer}:verdicts``, ``{explainer}:done:``).
+``{explainer}:images``, ``{explainer}:verdicts``, ``{explainer}:window:``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,6 @@ class StreamNames:
     dead: str = "explainer:dead"
     alerts: str = "explainer:alerts"  # pub/sub channel for adversarial verdicts
     all_verdicts_channel: str | None = None  # pub/sub channel for every verdict, when set
-    done_prefix: str = "explainer:done:"  # idempotency keys: <done_prefix><image stream id>
     episodes: str = "explainer:episodes"  # alert episodes of the window policy, kept as a stream too
     window_prefix: str = "explainer:window:"  # the window policy's state: <window_prefix><source>, a hash
     probe_prefix: str = "explainer:probe:"  # the query monitor's state: <probe_prefix><source>, a hash
@@ -72,7 +73,6 @@ class StreamNames:
             verdicts=f"{prefix}:verdicts",
             dead=f"{prefix}:dead",
             alerts=f"{prefix}:alerts",
-            done_prefix=f"{prefix}:done:",
             episodes=f"{prefix}:episodes",
             window_prefix=f"{prefix}:window:",
             probe_prefix=f"{prefix}:probe:",
@@ -155,18 +155,19 @@ def _id_tuple(x: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# KEYS: verdicts, images, episodes, done_1..done_n, window_1..window_n (each result's source's window hash),
-# probe_1..probe_n (its query-monitor hash). ARGV: group, maxlen, ttl, alerts, all_channel, alert_k, alert_n,
+# KEYS: verdicts, images, episodes, window_1..window_n (each result's source's window hash), probe_1..probe_n
+# (its query-monitor hash). ARGV: group, maxlen, alerts, all_channel, alert_k, alert_n,
 # alert_idle_s, now, probe_k, probe_n, probe_history, then per result (stream id, verdict bytes, "1" adversarial /
 # "0" clean / "e" no decision, source or "", request id, "1" probe / "0" not / "" unmonitored, fingerprint bytes).
-# Returns 1 per written verdict, 0 per duplicate, then the number of episodes it opened. A source's windows change
-# only with a verdict written under the entry's idempotency key, so a redelivered entry never counts twice.
+# Returns 1 per written verdict, 0 per duplicate (an entry no longer pending in the group: it has its outcome),
+# then the number of episodes it opened. A source's windows change only with a verdict written, so a redelivered
+# entry never counts twice.
 _PUBLISH_LUA = """
 local verdicts, images, episodes = KEYS[1], KEYS[2], KEYS[3]
-local group, maxlen, ttl, alerts, allch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local k, n, idle, at = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
-local pk, pn, ph = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local count = (#KEYS - 3) / 3
+local group, maxlen, alerts, allch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local k, n, idle, at = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local pk, pn, ph = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local count = (#KEYS - 3) / 2
 local out = {}
 local opened = 0
 
@@ -197,19 +198,19 @@ local function window(key, field, openfield, kind, wk, wn, bit, source, rid, sid
 end
 
 for i = 1, count do
-  local a = 12 + 7 * (i - 1)
+  local a = 11 + 7 * (i - 1)
   local sid, data, adv, source, rid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local probe, fingerprint = ARGV[a + 6], ARGV[a + 7]
-  if redis.call('SET', KEYS[3 + i], sid, 'NX', 'EX', ttl) then
+  if #redis.call('XPENDING', images, group, sid, sid, 1) > 0 then
     redis.call('XADD', verdicts, 'MAXLEN', '~', maxlen, '*', 'data', data)
     if k == 0 then
       if adv == '1' and alerts ~= '' then redis.call('PUBLISH', alerts, data) end
     elseif source ~= '' and adv ~= 'e' then
-      window(KEYS[3 + count + i], 'w', 'open', 'episode', k, n, adv == '1' and 1 or 0, source, rid, sid)
+      window(KEYS[3 + i], 'w', 'open', 'episode', k, n, adv == '1' and 1 or 0, source, rid, sid)
     end
     if pk > 0 and source ~= '' and probe ~= '' then
       -- the query monitor: this source's last ``ph`` fingerprints (newest first), and its window of probes
-      local key = KEYS[3 + 2 * count + i]
+      local key = KEYS[3 + count + i]
       local packed = redis.call('HGET', key, 'f')
       local prints = packed and cmsgpack.unpack(packed) or {}
       table.insert(prints, 1, fingerprint)
@@ -229,14 +230,14 @@ return out
 """
 
 
-# KEYS: dead, images, done. ARGV: group, maxlen, ttl, stream id, dead-letter bytes. The dead letter takes the
-# entry's idempotency key, as a verdict does, so one entry never gets both: returns the dead letter's id, or
-# false when the entry already had its verdict (or dead letter) and was only acked.
+# KEYS: dead, images. ARGV: group, maxlen, stream id, dead-letter bytes. Written only while the entry is pending,
+# as a verdict is, so one entry never gets both: returns the dead letter's id, or false when the entry already had
+# its verdict (or dead letter) and was only acked.
 _DEAD_LETTER_LUA = """
-local dead, images, done = KEYS[1], KEYS[2], KEYS[3]
-local group, maxlen, ttl, sid, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local dead, images = KEYS[1], KEYS[2]
+local group, maxlen, sid, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local id = false
-if redis.call('SET', done, sid, 'NX', 'EX', ttl) then
+if #redis.call('XPENDING', images, group, sid, sid, 1) > 0 then
   id = redis.call('XADD', dead, 'MAXLEN', '~', maxlen, '*', 'data', data)
 end
 redis.call('XACK', images, group, sid)
@@ -282,7 +283,6 @@ class StreamSettings:
     max_deliveries: int = _knob(5, "then an entry goes to the dead-letter stream")
     verdict_maxlen: int = _knob(100_000, "cap of the verdict stream (MAXLEN ~)")
     dead_maxlen: int = _knob(100_000, "cap of the dead-letter stream (MAXLEN ~)")
-    done_ttl_s: int = _knob(24 * 3600, "how long an image's idempotency key lives, in s")
     alert_k: int = _knob(0, "the window policy: alert when alert_k of the last alert_n images of one source are "
                             "flagged (0: an alert per flagged image)")
     alert_n: int = _knob(0, "the window policy's window, in images of one source (at most 256)")
@@ -294,7 +294,7 @@ class StreamSettings:
                                    "about 2.5 KB each for a photo, 0.4 KB for a digit")
 
     def __post_init__(self) -> None:
-        least = {"batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1, "done_ttl_s": 1,
+        least = {"batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1,
                  "block_ms": 0, "claim_idle_ms": 0, "alert_k": 0, "alert_n": 0, "alert_idle_s": 1, "probe_k": 0,
                  "probe_n": 0, "probe_history": 1}
         for name, low in least.items():
@@ -460,14 +460,15 @@ class StreamConsumer:
                 prints: Mapping[str, Fingerprint] | None = None) -> list[bool]:
         """Write one verdict per (image stream id, verdict dict), publish alerts, and ack the images, all in
         one atomic script. ``prints``: the fingerprint of each monitored entry's image, by stream id (the query
-        monitor: :meth:`probes`). Returns, per result, True if written now, False if that entry already had a
-        verdict (redelivery: only acked)."""
+        monitor: :meth:`probes`). Only entries pending in the group (read and not yet acked) get a verdict.
+        Returns, per result, True if written now, False if that entry was no longer pending: it already had its
+        outcome (a redelivered copy, only acked)."""
         if not results:
             return []
         n, st = self.names, self.settings
         prints = prints or {}
         probes = self.probes(results, prints) if st.monitored and prints else {}
-        args: list[Any] = [n.group, st.verdict_maxlen, st.done_ttl_s, n.alerts or "", n.all_verdicts_channel or "",
+        args: list[Any] = [n.group, st.verdict_maxlen, n.alerts or "", n.all_verdicts_channel or "",
                            st.alert_k, st.alert_n, st.alert_idle_s, repr(time.time()), st.probe_k, st.probe_n,
                            st.probe_history]
         windows, monitors = [], []
@@ -481,8 +482,7 @@ class StreamConsumer:
             args += [sid, wire.encode_verdict(verdict), "e" if flagged is None else "1" if flagged else "0", source,
                      verdict["id"], "" if probe is None else "1" if probe else "0",
                      prints[sid].to_bytes() if probe is not None else ""]
-        keys = [n.verdicts, n.images, n.episodes, *(f"{n.done_prefix}{sid}" for sid, _ in results), *windows,
-                *monitors]
+        keys = [n.verdicts, n.images, n.episodes, *windows, *monitors]
         try:
             *flags, opened = self._publish_script(keys=keys, args=args)
             written = [bool(x) for x in flags]
@@ -526,17 +526,16 @@ class StreamConsumer:
     def dead_letter(self, stream_id: str, raw: bytes | None, reason: str, kind: str = "other",
                     **extra: Any) -> str | None:
         """Move one entry to the dead-letter stream (reason + payload truncated to a limit) and ack it, in one
-        atomic script that takes the entry's idempotency key: an entry whose verdict is already written (a slow
-        consumer published it) is only acked, and a verdict published later for a dead-lettered entry is a
+        atomic script that writes it only while the entry is pending: an entry whose verdict is already written (a
+        slow consumer published it) is only acked, and a verdict published later for a dead-lettered entry is a
         duplicate. Returns the dead letter's id, or None when the entry already had its outcome. ``kind`` names
         the reason's class (no_data, undecodable, unknown_model, max_deliveries) for metrics and the record."""
         n = self.names
         data = wire.encode_dead_letter(
             stream_id, raw, reason, consumer=self.consumer, images=n.images, at=time.time(), kind=kind, **extra
         )
-        dead_id = self._dead_letter_script(keys=[n.dead, n.images, f"{n.done_prefix}{stream_id}"],
-                                           args=[n.group, self.settings.dead_maxlen, self.settings.done_ttl_s,
-                                                 stream_id, data])
+        dead_id = self._dead_letter_script(keys=[n.dead, n.images],
+                                           args=[n.group, self.settings.dead_maxlen, stream_id, data])
         if not dead_id:
             self.stats["duplicates"] += 1
             log.info("%s already has its verdict: acked, not dead-lettered", stream_id)

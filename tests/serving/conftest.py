@@ -20,3 +20,4 @@ def client(server) -> redis.Redis:
     c = connect(server.url)
     yield c
     c.close()
+

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 import redis
+from streamkit import delivered
 
 from pipeline import load_adversarial_digits, load_sample_digits
 from worker import wire
@@ -30,7 +31,7 @@ def verdict(i: int, flagged: bool, source: str | None = "cam-1") -> dict:
 
 
 def entries(client: redis.Redis, names: StreamNames, n: int) -> list[str]:
-    return [client.xadd(names.images, {"data": b"x"}).decode() for _ in range(n)]
+    return delivered(client, names, n)
 
 
 def publish(consumer: StreamConsumer, sids: list[str], flags: list[bool], start: int = 0, source="cam-1") -> None:

@@ -9,6 +9,7 @@ import uuid
 import msgpack
 import numpy as np
 import pytest
+from streamkit import delivered
 
 from evaluation.cameras import camera_frames
 from evaluation.datasets import SHARED_DATA
@@ -32,7 +33,7 @@ def consumer(client, names, **knobs) -> StreamConsumer:
 
 
 def publish(cons: StreamConsumer, images: list[np.ndarray], start: int = 0, source: str = "cam-1") -> list[bool]:
-    sids = [cons.client.xadd(cons.names.images, {"data": b"x"}).decode() for _ in images]
+    sids = delivered(cons.client, cons.names, len(images), cons.consumer)
     results = [(sid, {"v": wire.VERSION, "id": f"img-{start + i}", "model": "mnist", "is_adversarial": False,
                       "source": source}) for i, sid in enumerate(sids)]
     return cons.publish(results, {sid: Fingerprint.of(img) for sid, img in zip(sids, images, strict=True)})
@@ -106,7 +107,7 @@ def test_the_monitor_survives_a_worker_restart_and_a_redelivered_entry_never_cou
     queries = square_queries(digits.images[2], 4)
     publish(consumer(client, names), queries[:2])  # one edit so far
     restarted = consumer(connect(server.url), names)  # a new client, a new consumer: the history is in Redis
-    sid = client.xadd(names.images, {"data": b"x"}).decode()
+    [sid] = delivered(client, names, 1, restarted.consumer)
     result = [(sid, {"v": 1, "id": "img-2", "model": "mnist", "is_adversarial": False, "source": "cam-1"})]
     prints = {sid: Fingerprint.of(queries[2])}
     assert restarted.publish(result, prints) == [True]

@@ -196,6 +196,25 @@ def test_redelivered_done_entry_is_acked_not_published_twice(client, names, dete
     ps.close()
 
 
+def test_answered_images_leave_no_key_and_no_memory_behind_however_many(client, names, detector, digits):
+    """The idempotency record is the group's pending list: answering images adds no key per image, so Redis holds
+    the same keys after 200 images as after 1,000 (the image stream trimmed to its backlog, the verdicts capped)."""
+    worker = make_worker(client, names, detector, batch=64, verdict_maxlen=100)
+    worker.trim_interval_s = 0.0
+
+    def answer(n: int) -> set[bytes]:
+        push_images(client, names, np.resize(digits, (n, *digits.shape[1:])))
+        assert drain(worker, n, timeout_s=60) == n
+        worker._maybe_trim()
+        return set(client.scan_iter(match=f"{names.images.split(':')[0]}*"))
+
+    first = answer(200)
+    assert first == {names.images.encode(), names.verdicts.encode()}
+    assert answer(1000) == first
+    assert client.xlen(names.verdicts) < 300 and client.xlen(names.images) < 300
+    assert worker.consumer.pending_count() == 0
+
+
 def test_entry_that_keeps_failing_goes_to_dead_letters_after_max_deliveries(client, names, digits):
     sid = push_images(client, names, digits[:1], ["crashy"])[0]
     cons = StreamConsumer(client, names, consumer="w", block_ms=10, claim_idle_ms=0, max_deliveries=3)
