@@ -49,6 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "reliability" / "report.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other scenarios' figures of the existing metrics.json and re-render with them")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="re-render the report from a previous run's .json instead of running the scenarios")
     args = ap.parse_args()
@@ -68,6 +70,11 @@ def main() -> None:
               f"{fig.dup_pubsub}, dead {fig.dead_lettered}/{fig.bad}, restarts {fig.restarts}, pending "
               f"{fig.pending_after}, exit {fig.exit_codes}, {fig.seconds:.0f}s", flush=True)
     command = data_command(args, figures)
+    kept = args.out.with_name("metrics.json")
+    if args.merge and kept.exists():
+        old = {k: rel.Figures(**v) for k, v in json.loads(kept.read_text()).items()}
+        command = f"{data_command(args, old)}` then `python scripts/reliability.py --only {','.join(figures)} --merge"
+        figures = {**old, **figures}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_name("metrics.json").write_text(json.dumps(
         {k: dataclasses.asdict(f) for k, f in figures.items()}, indent=1, default=str))
@@ -191,9 +198,12 @@ def _delivery_details(figs: dict) -> list[str]:
         f = figs["hung"]
         out += ["## 11. A model call that never returns (Ray Serve)", "",
                 "The served model hangs for ever on an all-grey digit, one among "
-                f"{f.sent}. Stage calls time out after `stage_timeout_s` = 5 s, so the consumer moves on and "
-                "the batch is retried entry by entry; an Explainer call stuck for twice that fails the replica's "
-                f"health check (replaced: {f.extra.get('explainer_replaced')}). Dead letters: {f.dead_lettered} "
+                f"{f.sent}. The Explainer abandons a merged call after `stage_timeout_s` = 3 s (its thread is left "
+                "to hang, a new one takes its place), the requests in it fail, and their consumers retry them "
+                "image by image; the grey image fails alone each time and reaches the dead letters after "
+                "`max_deliveries` = 3. The Explainer replica was replaced: "
+                f"{f.extra.get('explainer_replaced')} (it is replaced only once 8 abandoned calls are stuck). "
+                f"Dead letters: {f.dead_lettered} "
                 f"(kinds {f.extra.get('dead_kinds')}); every other image got its verdict "
                 f"({f.verdicts} / {f.valid}); valid images dead-lettered with it: "
                 f"{len(f.extra.get('valid_dead_lettered', []))}.", ""]
@@ -341,12 +351,6 @@ def _details(figs: dict) -> list[str]:
             "deduplicate on, and that the cap trims by length.", "",
             "## Not covered here", "",
             "- redis-server's own TLS (see §6).",
-            "- **Open: a model call that never returns takes its neighbours with it.** Measured once (the `hung` "
-            "scenario, 600 images, one that hangs the model, `stage_timeout_s` 5 s, `max_deliveries` 3, commit "
-            "bcc8ecf): the hung image was dead-lettered, and so were 9 valid images next to it in the stream, "
-            "because while the Explainer's two threads are blocked every call times out and each timeout counts a "
-            "delivery; the other 590 got their verdicts. Waiting for the replica's replacement before retrying, "
-            "or not counting a timeout against an entry that was never explained, would fix it.",
             "- A producer that retries its own `XADD` after a lost reply creates a second entry and gets a second "
             "verdict with the same `id`: idempotency keys are per stream entry, not per message id, because the "
             "demo, the bench and cameras may reuse ids for new images; docs/wire.md says to deduplicate on `id` "

@@ -24,7 +24,6 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from pipeline import (
     denoise_prepared,
 )
 from worker import wire
+from worker.calls import AbandonableThreads
 from worker.detect import detect_requests, load_served_deciders, load_served_detectors
 from worker.streams import (
     PASSWORD_ENV,
@@ -70,6 +70,9 @@ EXPLAIN_CONCURRENT_BATCHES = 2
 # a consumer whose detection has run for STALL_FACTOR times that fails the replica's health check
 STAGE_TIMEOUT_S = 300.0
 STALL_FACTOR = 2
+# an Explainer replica with this many abandoned calls still stuck fails its health check and is replaced: a model
+# that hangs once costs one thread, one that hangs again and again costs a replica
+MAX_ABANDONED_CALLS = 4 * EXPLAIN_CONCURRENT_BATCHES
 WARM_UP_PIXELS = 2**18  # height × width of input per explain thread in a replica's warm-up: 256 digits, 5 photos
 
 
@@ -196,10 +199,9 @@ class Explainer(StageStats):
         import torch
 
         self.scorer = scorer
-        # merged calls in progress: when each started (monotonic), so that a call that never returns fails the
-        # replica's health check and Serve replaces the replica (its thread cannot be interrupted)
-        self._calls: dict[int, float] = {}
-        self.stall_s = STALL_FACTOR * stage_timeout_s
+        # a merged call that has not returned after this long is abandoned: its requests fail (their consumers
+        # retry them one by one), and a new thread takes its place (worker.calls)
+        self.stage_timeout_s = stage_timeout_s
         # the stream this stage's replicas serve: its backlog drives their autoscaling (worker.autoscale)
         self._backlog = None
         self._probing = False
@@ -213,9 +215,9 @@ class Explainer(StageStats):
         device = "cuda" if torch.cuda.is_available() else None
         self.detectors = load_served_detectors(detectors, device)
         self.max_batch_size = EXPLAIN_MAX_BATCH
-        # the merged calls' own threads, the same ones for the replica's life (asyncio.to_thread would rotate
-        # through the loop's default pool, each new thread setting up its own OpenMP team)
-        self._pool = ThreadPoolExecutor(EXPLAIN_CONCURRENT_BATCHES, thread_name_prefix="explain")
+        # the merged calls' own threads, the same ones for the replica's life unless a call hangs (asyncio.to_thread
+        # would rotate through the loop's default pool, each new thread setting up its own OpenMP team)
+        self._pool = AbandonableThreads(EXPLAIN_CONCURRENT_BATCHES, name="explain")
         self._init_stats()
         self._warm_up()
 
@@ -260,15 +262,6 @@ class Explainer(StageStats):
                         ) -> list[Explained]:
         """One Captum call per model over the merged requests, on a worker thread (``explain_pair`` is
         thread-safe); one :class:`Explained` per request, in order."""
-        call = threading.get_ident()
-        self._calls[call] = time.monotonic()
-        try:
-            return self._explain_groups(originals, denoised, models)
-        finally:
-            self._calls.pop(call, None)
-
-    def _explain_groups(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
-                        ) -> list[Explained]:
         with self._timed(sum(len(x) for x in originals)):
             out: list[Explained | None] = [None] * len(originals)
             for model in dict.fromkeys(models):
@@ -281,13 +274,12 @@ class Explainer(StageStats):
             return out
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a merged call running far longer than a stage call may take (a model
-        that hangs on some input) fails it, so Serve replaces this replica; its callers have timed out already and
-        their batches are retried."""
-        now = time.monotonic()
-        stuck = [now - started for started in list(self._calls.values()) if now - started > self.stall_s]
-        if stuck:
-            raise RuntimeError(f"{len(stuck)} explanation call(s) running for {max(stuck):.0f} s")
+        """Serve's periodic health check: ``MAX_ABANDONED_CALLS`` merged calls abandoned and still stuck (a model
+        that keeps hanging) fail it, so Serve replaces this replica and its stuck threads with it. Fewer cost only
+        their threads: the replica serves on with fresh ones."""
+        stuck = self._pool.abandoned
+        if stuck >= MAX_ABANDONED_CALLS:
+            raise RuntimeError(f"{stuck} explanation calls abandoned and still running: the model hangs")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics Serve collects from each replica (worker.autoscale.backlog_policy reads
@@ -317,8 +309,22 @@ class Explainer(StageStats):
     async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
                       ) -> list[Explained]:
         """Requests merged by Serve, whichever detector each names: one Captum call per model among them."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._explain_merged, originals,
-                                                                denoised, models)
+        return await self._run_merged(originals, denoised, models)
+
+    async def _run_merged(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
+                          ) -> list[Explained]:
+        """:meth:`_explain_merged` on one of the replica's threads. A call that has not returned after
+        ``stage_timeout_s`` is abandoned (:class:`worker.calls.AbandonableThreads`) and every request in it fails
+        with ``TimeoutError``: the consumers retry their images one at a time, so an image that hangs the model is
+        isolated and its batch-mates get their verdicts."""
+        call = self._pool.submit(self._explain_merged, originals, denoised, models)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(call), self.stage_timeout_s)
+        except TimeoutError:
+            self._pool.abandon(call)
+            log.error("an explanation call of %d images did not return in %.0f s: abandoned (%d stuck)",
+                      _images_in(originals), self.stage_timeout_s, self._pool.abandoned)
+            raise TimeoutError(f"the model did not return within {self.stage_timeout_s:.0f} s") from None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)

@@ -642,7 +642,7 @@ class StreamWorker:
         self._unpublished_prints: dict[str, Fingerprint] = {}  # its images' fingerprints (the query monitor)
         # why the last publish failed while its verdicts wait (None: publishing works): /healthz says "degraded"
         self.degraded: str | None = None
-        self._busy_since: float | None = None  # monotonic start of the detection in progress, if any
+        self._busy_since: float | None = None  # monotonic start of the detect_fn call in progress, if any
 
     @property
     def unpublished(self) -> int:
@@ -682,11 +682,7 @@ class StreamWorker:
             sids.append(sid)
         if not reqs:
             return handled
-        self._busy_since = time.monotonic()
-        try:
-            sids, reqs, verdicts = self._detect(sids, reqs)
-        finally:
-            self._busy_since = None
+        sids, reqs, verdicts = self._detect(sids, reqs)
         now = time.time()
         results = []
         prints = {sid: Fingerprint.of(req.image) for sid, req in zip(sids, reqs, strict=True)
@@ -734,12 +730,17 @@ class StreamWorker:
         self.degraded = None
 
     def busy_for(self) -> float:
-        """Seconds the detection in progress has been running (0 when none is): a stuck stage shows here."""
+        """Seconds the ``detect_fn`` call in progress has been running (0 when none is): a stuck stage shows here.
+        Each call counts on its own, so a batch retried image by image is not one long call."""
         started = self._busy_since
         return 0.0 if started is None else time.monotonic() - started
 
     def _call(self, reqs: list[wire.Request]) -> list[dict]:
-        verdicts = self.detect_fn(reqs)
+        self._busy_since = time.monotonic()
+        try:
+            verdicts = self.detect_fn(reqs)
+        finally:
+            self._busy_since = None
         if len(verdicts) != len(reqs):
             raise RuntimeError(f"detect_fn returned {len(verdicts)} verdicts for {len(reqs)} requests")
         return verdicts

@@ -1,10 +1,20 @@
-"""Faults with Ray Serve: kill -9 a replica mid-stream; SIGTERM ``explainer serve`` under load. Each starts its
-own Ray (a minute or more on 2 cores), so both are ``slow``: ``python -m pytest tests/faults -m slow``."""
+"""Faults with Ray Serve: a model that hangs on one image; kill -9 a replica mid-stream; SIGTERM ``explainer serve``
+under load. Each starts its own Ray (a minute or more on 2 cores): the hung model is in the default suite, the other
+two are ``slow``: ``python -m pytest tests/faults -m slow``."""
 
 from __future__ import annotations
 
 import pytest
 import reliability_serve
+
+
+@pytest.mark.timeout(600)
+def test_a_model_that_hangs_on_one_image_costs_only_that_image(tmp_path, nothing_lost):
+    fig = reliability_serve.hung_stage(tmp_path, n=300)
+    nothing_lost(fig, stopped_processes=False)
+    assert fig.extra["valid_dead_lettered"] == [], fig.extra
+    assert fig.dead_lettered == 1 and fig.extra["dead_kinds"] == ["max_deliveries"]
+    assert not fig.extra["explainer_replaced"]  # the stage recovered by itself: a fresh thread, same replica
 
 
 @pytest.mark.slow

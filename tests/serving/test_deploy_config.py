@@ -145,7 +145,7 @@ def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_ro
                  "other": Detector.from_model(net, input_size=28, channels=1, name="other")}
     explainer = Explainer.func_or_class.__new__(Explainer.func_or_class)  # the class itself, no replica
     explainer._init_stats()
-    explainer.detectors, explainer._calls, explainer.stall_s = detectors, {}, 0.2
+    explainer.detectors = detectors
     images = load_sample_digits().images
     det = detectors["mnist"]
     requests = [det.prepare(images[a:b], as_pixels=True) for a, b in ((0, 3), (3, 8), (8, 9), (9, 13))]
@@ -156,11 +156,15 @@ def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_ro
         alone = detectors[model].explain_pair(x, d)
         assert np.allclose(got.probs, alone.probs, atol=1e-6) and np.allclose(got.maps, alone.maps, atol=1e-6)
 
-    # a call that never returns (a model hanging on some input) fails the replica's health check
+    # a call that never returns (a model hanging on some input) is abandoned: its requests fail with a timeout,
+    # the replica keeps serving on a fresh thread, and enough stuck calls fail its health check
+    import asyncio
     import threading
     import time
 
-    explainer.check_health()
+    from worker.calls import AbandonableThreads
+    from worker.serve_app import MAX_ABANDONED_CALLS
+
     release = threading.Event()
 
     class Hung:
@@ -168,14 +172,36 @@ def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_ro
             release.wait()
             return detectors["other"].explain_pair(x, d)
 
-    explainer.detectors = {**detectors, "other": Hung()}
-    thread = threading.Thread(target=explainer._explain_merged, args=(requests[:1], denoised[:1], ["other"]))
-    thread.start()
-    time.sleep(0.4)
-    with pytest.raises(RuntimeError, match="running for"):
+    explainer.detectors = {**detectors, "hung": Hung()}
+    explainer._pool, explainer.stage_timeout_s = AbandonableThreads(2, name="test"), 0.5
+    explainer.check_health()
+
+    async def one(x, d, model):
+        return (await explainer._run_merged([x], [d], [model]))[0]
+
+    async def calls():
+        hung = asyncio.ensure_future(one(requests[0], denoised[0], "hung"))
+        await asyncio.sleep(0.05)  # the hung call first, alone in its batch
+        fine = await asyncio.gather(one(requests[1], denoised[1], "mnist"), one(requests[2], denoised[2], "mnist"))
+        with pytest.raises(TimeoutError, match="did not return"):
+            await hung
+        return fine, await one(requests[3], denoised[3], "other")  # after the abandonment: a fresh thread
+
+    fine, after = asyncio.run(calls())
+    assert np.allclose(fine[0].probs, detectors["mnist"].explain_pair(requests[1], denoised[1]).probs, atol=1e-6)
+    assert np.allclose(after.probs, detectors["other"].explain_pair(requests[3], denoised[3]).probs, atol=1e-6)
+    assert explainer._pool.abandoned == 1
+    explainer.check_health()  # one stuck call costs a thread, not the replica
+    for _ in range(MAX_ABANDONED_CALLS - 1):
+        with pytest.raises(TimeoutError):
+            asyncio.run(one(requests[0], denoised[0], "hung"))
+    with pytest.raises(RuntimeError, match="abandoned and still running"):
         explainer.check_health()
-    release.set()
-    thread.join(10)
+    release.set()  # the stuck calls return: their threads end, the replica is healthy again
+    for _ in range(100):
+        if explainer._pool.abandoned == 0:
+            break
+        time.sleep(0.05)
     explainer.check_health()
 
 
