@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from evaluation.proc_cpu import cpu_by_label, cpu_seconds
-from evaluation.throughput import best_of, detector_throughput, floor_throughput, stage_times
+from evaluation.throughput import best_of, detector_throughput, floor_throughput, signal_times, stage_times
 from pipeline import Detector, keep_allocations_mapped, load_adversarial_digits, load_sample_digits
 from worker import wire
 from worker.collect import collect_verdicts, last_id
@@ -320,6 +320,7 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
         results["in_process"][key] = float(np.median(per_round))
         results["in_process"][key + "_rounds"] = per_round
     results["stages_ms_per_image"] = stage_times(det, images[:BATCH])
+    results["signals_ms_per_image"] = signal_times(det, images[:BATCH])
     results["stages_ms_per_image"].update(wire_and_redis(images[:512], data_dir))
     results["batch_sweep"] = {b: detector_throughput(det, images[:512], b, repeat=2) for b in (1, 8, 32, 64, 128, 256)}
     results["nlm_window_sweep"] = nlm_window_sweep(det, images)
@@ -419,6 +420,10 @@ def write_report(out: Path, r: dict) -> None:
              f"**{r['in_process']['ratio_to_floor_channels_last']:.0%}** of it", "",
              "| stage | ms per image |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["stages_ms_per_image"].items()]
+    if "signals_ms_per_image" in r:
+        lines += ["", "What each signal costs, on what the detector hands it (batch of 256; the `model` signals are in "
+                  "the explain stage above, the others in the decision):", "", "| signal | ms per image |",
+                  "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in r["signals_ms_per_image"].items()]
     lines += ["", "| batch size | detections/s |", "|---|---|"] + [f"| {b} | {v:.0f} |" for b, v in sweep.items()]
     if "nlm_window_sweep" in r:
         lines += ["", "NLM window (patch / search) against speed; the accuracy side is the validation search on even "
