@@ -304,7 +304,7 @@ class Explainer(StageStats):
         if "batch_wait_timeout_s" in config:
             self.explain.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
-    @serve.batch(max_batch_size=EXPLAIN_MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_images_in,
+    @serve.batch(max_batch_size=EXPLAIN_MAX_BATCH, batch_wait_timeout_s=0.0, batch_size_fn=_images_in,
                  max_concurrent_batches=EXPLAIN_CONCURRENT_BATCHES)
     async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
                       ) -> list[Explained]:
@@ -479,9 +479,11 @@ class Ingress:
         if redis_url:
             names, settings = StreamNames(**(streams or {})), StreamSettings(**(stream_settings or {}))
             tag = f"{socket.gethostname()}-{os.getpid()}"
+            turns = threading.Lock()  # one consumer at a time waits on the stream (StreamConsumer.read)
             for i in range(consumers):
                 consumer = StreamConsumer(stream_client(redis_url, redis_password_file), names,
-                                          consumer=f"{tag}-{i}", settings=settings, events=self.metrics)
+                                          consumer=f"{tag}-{i}", settings=settings, events=self.metrics,
+                                          read_lock=turns)
                 consumer.ensure_group()
                 worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remotes, reqs),
                                       models=set(self.remotes))

@@ -340,9 +340,12 @@ class StreamConsumer:
         consumer: str = "worker-1",
         settings: StreamSettings | None = None,
         events: StreamEvents | None = None,
+        read_lock: threading.Lock | None = None,
         **knobs: int,
     ) -> None:
-        """``settings`` (default :class:`StreamSettings`), with any of its knobs given by name replacing it."""
+        """``settings`` (default :class:`StreamSettings`), with any of its knobs given by name replacing it.
+        ``read_lock``: one lock shared by the consumers of one process, so that one of them at a time waits on
+        the stream (:meth:`read`)."""
         self.settings = replace(settings or StreamSettings(), **knobs)
         block_ms = self.settings.block_ms
         sock_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
@@ -354,6 +357,7 @@ class StreamConsumer:
         self.names = names or StreamNames()
         self.consumer = consumer
         self.events = events or StreamEvents()
+        self.read_lock = read_lock
         self._claim_cursor = "0-0"
         self._publish_script = client.register_script(_PUBLISH_LUA)
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
@@ -442,16 +446,41 @@ class StreamConsumer:
         out = self.reclaim()
         if not out:
             block = self.settings.block_ms if block_ms is None else block_ms
-            resp = self.client.xreadgroup(self.names.group, self.consumer, {self.names.images: ">"},
-                                          count=self.settings.batch, block=block or None)
-            items = resp.items() if isinstance(resp, dict) else (resp or [])
-            for _stream, entries in items:
-                for sid, fields in entries:
-                    if sid is None:
-                        continue
-                    fields = fields or {}
-                    out.append((_s(sid), fields.get(b"data", fields.get("data"))))
+            out = self._read_new_leading(block)
         self.stats["read"] += len(out)
+        return out
+
+    def _read_new_leading(self, block: int) -> list[tuple[str, bytes | None]]:
+        """New entries, read by one consumer of the process at a time (``read_lock``): the others wait for their
+        turn instead of on the stream, so a few images that land together go to one consumer as one batch, and
+        several batches run at once only when images keep coming while a batch is in flight. A blocked read
+        returns as soon as the first entry lands, often the first of a producer's round trip: the rest of it is
+        taken at once, without blocking, rather than left to the next consumer. Returns nothing when the turn
+        does not come within the read's own wait (so that the caller's loop can see a stop request)."""
+        lock = self.read_lock
+        if lock is not None and not lock.acquire(timeout=max(block, 50) / 1000):
+            return []
+        try:
+            out = self._read_new(self.settings.batch, block)
+            if 0 < len(out) < self.settings.batch:
+                out += self._read_new(self.settings.batch - len(out), None)
+            return out
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _read_new(self, count: int, block: int | None) -> list[tuple[str, bytes | None]]:
+        """Up to ``count`` new entries (XREADGROUP ">"), blocking up to ``block`` ms (None or 0: not at all)."""
+        resp = self.client.xreadgroup(self.names.group, self.consumer, {self.names.images: ">"}, count=count,
+                                      block=block or None)
+        items = resp.items() if isinstance(resp, dict) else (resp or [])
+        out = []
+        for _stream, entries in items:
+            for sid, fields in entries:
+                if sid is None:
+                    continue
+                fields = fields or {}
+                out.append((_s(sid), fields.get(b"data", fields.get("data"))))
         return out
 
     # -- writing --------------------------------------------------------------------------------------------

@@ -215,6 +215,24 @@ def test_answered_images_leave_no_key_and_no_memory_behind_however_many(client, 
     assert worker.consumer.pending_count() == 0
 
 
+def test_consumers_of_one_process_take_turns_so_a_round_trip_of_images_is_one_batch(client, names, digits):
+    """A blocked XREADGROUP returns with the first entry of a producer's pipelined round trip; the reader takes the
+    rest at once, and the process's other consumers wait for their turn instead of splitting the round trip."""
+    turns = threading.Lock()
+    first, second = (StreamConsumer(client, names, consumer=f"c{i}", block_ms=2000, read_lock=turns)
+                     for i in range(2))
+    first.ensure_group()
+    got: dict[str, list] = {}
+    readers = [threading.Thread(target=lambda c=c: got.setdefault(c.consumer, c.read())) for c in (first, second)]
+    for reader in readers:
+        reader.start()
+        time.sleep(0.2)  # the first one holds the turn and waits on the stream; the second waits for the turn
+    push_images(client, names, digits[:12], ids=[f"r{i}" for i in range(12)])
+    for reader in readers:
+        reader.join(10)
+    assert len(got["c0"]) == 12 and got["c1"] == []
+
+
 def test_entry_that_keeps_failing_goes_to_dead_letters_after_max_deliveries(client, names, digits):
     sid = push_images(client, names, digits[:1], ["crashy"])[0]
     cons = StreamConsumer(client, names, consumer="w", block_ms=10, claim_idle_ms=0, max_deliveries=3)
