@@ -44,7 +44,7 @@ from pipeline.presets import (
     preset_scoring,
 )
 from pipeline.queries import Fingerprint, ProbeHistory, ProbeParams
-from pipeline.runtime import keep_allocations_mapped
+from pipeline.runtime import MemoryCeiling, keep_allocations_mapped
 from pipeline.samples import AdversarialDigits, Digits, load_adversarial_digits, load_sample_digits
 from pipeline.signals import SIGNALS, Signal
 
@@ -96,6 +96,7 @@ __all__ = [
     "fpr_label",
     "image_files",
     "keep_allocations_mapped",
+    "MemoryCeiling",
     "load_adversarial_digits",
     "load_decider",
     "load_model",

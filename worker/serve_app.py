@@ -42,6 +42,7 @@ from pipeline import (
     Explained,
     ImageTooLargeError,
     InputError,
+    MemoryCeiling,
     decode_image,
     denoise_prepared,
 )
@@ -220,6 +221,9 @@ class Explainer(StageStats):
         self._pool = AbandonableThreads(EXPLAIN_CONCURRENT_BATCHES, name="explain")
         self._init_stats()
         self._warm_up()
+        # the heap a long stream fragments is trimmed back near its warm-up size (pipeline.runtime)
+        self._memory = MemoryCeiling()
+        self._memory.start()
 
     def _warm_up(self) -> None:
         """A batch of zeros on each explain thread before the replica takes requests, so that the first real
@@ -263,6 +267,7 @@ class Explainer(StageStats):
         """One Captum call per model over the merged requests, on a worker thread (``explain_pair`` is
         thread-safe); one :class:`Explained` per request, in order."""
         with self._timed(sum(len(x) for x in originals)):
+            self._memory.check()
             out: list[Explained | None] = [None] * len(originals)
             for model in dict.fromkeys(models):
                 rows = [i for i, m in enumerate(models) if m == model]

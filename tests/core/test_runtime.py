@@ -132,3 +132,30 @@ def test_explainer_threads_fault_little_with_the_shipped_arena_setting():
     assert env["MALLOC_ARENA_MAX"] == "1"
     faults = _run(THREADED_DETECTIONS, **env)["faults"]
     assert faults < 40_000, {"shipped": faults, "without": _run(THREADED_DETECTIONS)["faults"]}
+
+
+CEILING = """
+import json
+import numpy as np
+from pipeline.runtime import MemoryCeiling, keep_allocations_mapped, resident_bytes
+keep_allocations_mapped()
+ceiling = MemoryCeiling(headroom=64 * 2**20, interval_s=0.0)
+ceiling.start()
+hourly = MemoryCeiling(headroom=64 * 2**20, interval_s=3600.0)
+hourly.start()
+kept = [np.ones(2**18) for _ in range(1200)]  # 2 MiB blocks, below the mmap threshold: heap memory
+del kept[::2]  # every other one freed: holes the heap keeps mapped (its top stays in use)
+freed_rss = resident_bytes()
+print(json.dumps({"grown": freed_rss - ceiling.baseline, "trimmed": ceiling.check(),
+                  "after": resident_bytes() - ceiling.baseline, "hourly": hourly.check()}))
+"""
+
+
+def test_the_memory_ceiling_hands_a_fragmented_heap_back():
+    """Freed blocks between live ones stay resident under keep_allocations_mapped; MemoryCeiling.check trims them
+    once the process is above its headroom, and at most once per interval."""
+    out = json.loads(subprocess.run([sys.executable, "-c", CEILING], capture_output=True, text=True, check=True,
+                                    cwd=Path(__file__).resolve().parents[2]).stdout)
+    assert out["grown"] > 2 * 2**30  # the live half and the freed half, all resident
+    assert out["trimmed"] and out["after"] < out["grown"] - 1 * 2**30
+    assert not out["hourly"]  # above its headroom too, but its interval has not passed

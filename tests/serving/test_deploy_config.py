@@ -146,6 +146,9 @@ def test_the_explainer_splits_a_merged_batch_by_model_and_keeps_each_requests_ro
     explainer = Explainer.func_or_class.__new__(Explainer.func_or_class)  # the class itself, no replica
     explainer._init_stats()
     explainer.detectors = detectors
+    from pipeline import MemoryCeiling
+
+    explainer._memory = MemoryCeiling()  # not started: never trims
     images = load_sample_digits().images
     det = detectors["mnist"]
     requests = [det.prepare(images[a:b], as_pixels=True) for a, b in ((0, 3), (3, 8), (8, 9), (9, 13))]
