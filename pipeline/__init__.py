@@ -18,7 +18,7 @@ from pipeline.calibration import (
 from pipeline.config import DetectorConfig
 from pipeline.decision import RULES, Decider, DetectionResult, Explained
 from pipeline.denoise import NLMParams, denoise_batch
-from pipeline.detector import BUILTIN_DETECTORS, Detector, denoise_prepared, pretrained_decider
+from pipeline.detector import BUILTIN_DETECTORS, Detector, denoise_prepared, images_per_call, pretrained_decider
 from pipeline.entropy import ENTROPY_VARIANTS, map_entropy
 from pipeline.errors import ImageTooLargeError, InputError
 from pipeline.explain import METHODS, ExplainParams, explain, passes_per_image, predict_and_explain
@@ -96,6 +96,7 @@ __all__ = [
     "fpr_label",
     "image_files",
     "keep_allocations_mapped",
+    "images_per_call",
     "MemoryCeiling",
     "load_adversarial_digits",
     "load_decider",

@@ -45,6 +45,7 @@ from pipeline import (
     MemoryCeiling,
     decode_image,
     denoise_prepared,
+    images_per_call,
 )
 from worker import wire
 from worker.calls import AbandonableThreads
@@ -182,8 +183,20 @@ class Denoiser(StageStats):
 
 
 def _images_in(originals: list[np.ndarray]) -> int:
-    """``@serve.batch`` size of a merged call: images, not requests (Serve passes each request's first arg)."""
     return sum(len(x) for x in originals)
+
+
+def _weight(x: np.ndarray, max_batch_size: int) -> int:
+    """What one image of the batch ``x`` (N, C, H, W) counts for in a merged call of ``max_batch_size``: 1 for a
+    digit, and for a photo ``max_batch_size // pipeline.images_per_call``, so that a call holds
+    ``max_batch_size`` digits or at most ``images_per_call`` photos (16 ImageNet photos)."""
+    return max(1, max_batch_size // images_per_call(*x.shape[1:]))
+
+
+def _call_cost(weighed: list[tuple[np.ndarray, int]]) -> int:
+    """``@serve.batch`` size of a merged call (Serve passes each request's first arg, (images, weight)): its
+    images by weight."""
+    return sum(len(x) * weight for x, weight in weighed)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1, "num_gpus": 0}, max_ongoing_requests=16)
@@ -255,11 +268,14 @@ class Explainer(StageStats):
     async def explain_any(self, x: np.ndarray, denoised: np.ndarray, model: str) -> Explained:
         """One request of any size. Serve's batcher refuses a single request above ``max_batch_size`` (a
         RuntimeError on every call, so a stream read larger than it would be retried until dead-lettered), so a
-        larger one is split into pieces that :meth:`explain` merges with other requests like any other."""
-        step = self.max_batch_size
+        larger one is split into pieces (of that many digits, or the photos that weigh as much: :func:`_weight`)
+        that :meth:`explain` merges with other requests like any other."""
+        weight = _weight(x, self.max_batch_size)
+        step = max(1, self.max_batch_size // weight)
         if len(x) <= step:
-            return await self.explain(x, denoised, model)
-        pieces = [self.explain(x[i : i + step], denoised[i : i + step], model) for i in range(0, len(x), step)]
+            return await self.explain((x, weight), denoised, model)
+        pieces = [self.explain((x[i : i + step], weight), denoised[i : i + step], model)
+                  for i in range(0, len(x), step)]
         return Explained.concat(list(await asyncio.gather(*pieces)))
 
     def _explain_merged(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
@@ -309,12 +325,12 @@ class Explainer(StageStats):
         if "batch_wait_timeout_s" in config:
             self.explain.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
-    @serve.batch(max_batch_size=EXPLAIN_MAX_BATCH, batch_wait_timeout_s=0.0, batch_size_fn=_images_in,
+    @serve.batch(max_batch_size=EXPLAIN_MAX_BATCH, batch_wait_timeout_s=0.0, batch_size_fn=_call_cost,
                  max_concurrent_batches=EXPLAIN_CONCURRENT_BATCHES)
-    async def explain(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
+    async def explain(self, weighed: list[tuple[np.ndarray, int]], denoised: list[np.ndarray], models: list[str]
                       ) -> list[Explained]:
         """Requests merged by Serve, whichever detector each names: one Captum call per model among them."""
-        return await self._run_merged(originals, denoised, models)
+        return await self._run_merged([x for x, _ in weighed], denoised, models)
 
     async def _run_merged(self, originals: list[np.ndarray], denoised: list[np.ndarray], models: list[str]
                           ) -> list[Explained]:
@@ -491,7 +507,8 @@ class Ingress:
                                           read_lock=turns)
                 consumer.ensure_group()
                 worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remotes, reqs),
-                                      models=set(self.remotes))
+                                      models=set(self.remotes),
+                                      call_batch=lambda model: self.remotes[model].local.call_batch)
                 thread = threading.Thread(target=worker.run, args=(self.stop,), name=f"consumer-{i}", daemon=True)
                 self.workers.append(worker)
                 self.threads.append(thread)

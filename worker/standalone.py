@@ -73,7 +73,7 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
     consumer = StreamConsumer(connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file),
                               names, consumer=args.consumer, settings=settings)
     return StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs), trim_interval_s=args.trim_interval_s,
-                        models=detectors)
+                        models=detectors, call_batch=lambda model: detectors[model].call_batch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -439,18 +439,18 @@ class StreamConsumer:
             self.client.xack(n.images, n.group, *gone)
             log.warning("acked %d pending entries that were deleted from %s", len(gone), n.images)
 
-    def read(self, block_ms: int | None = None) -> list[tuple[str, bytes | None]]:
+    def read(self, block_ms: int | None = None, count: int | None = None) -> list[tuple[str, bytes | None]]:
         """Up to ``count`` entries as (stream id, data bytes or None when the entry has no ``data`` field): a
         stale pending entry alone when there is one (see :meth:`reclaim`: it is processed as a batch of its own),
         else new ones (blocking up to ``block_ms``)."""
         out = self.reclaim()
         if not out:
             block = self.settings.block_ms if block_ms is None else block_ms
-            out = self._read_new_leading(block)
+            out = self._read_new_leading(block, min(count or self.settings.batch, self.settings.batch))
         self.stats["read"] += len(out)
         return out
 
-    def _read_new_leading(self, block: int) -> list[tuple[str, bytes | None]]:
+    def _read_new_leading(self, block: int, count: int) -> list[tuple[str, bytes | None]]:
         """New entries, read by one consumer of the process at a time (``read_lock``): the others wait for their
         turn instead of on the stream, so a few images that land together go to one consumer as one batch, and
         several batches run at once only when images keep coming while a batch is in flight. A blocked read
@@ -461,9 +461,9 @@ class StreamConsumer:
         if lock is not None and not lock.acquire(timeout=max(block, 50) / 1000):
             return []
         try:
-            out = self._read_new(self.settings.batch, block)
-            if 0 < len(out) < self.settings.batch:
-                out += self._read_new(self.settings.batch - len(out), None)
+            out = self._read_new(count, block)
+            if 0 < len(out) < count:
+                out += self._read_new(count - len(out), None)
             return out
         finally:
             if lock is not None:
@@ -658,12 +658,19 @@ class StreamWorker:
     def __init__(
         self, consumer: StreamConsumer, detect_fn: DetectFn, *, max_backoff_s: float = 10.0,
         trim_interval_s: float | None = 5.0, models: Iterable[str] | None = None,
+        call_batch: Callable[[str], int] | None = None,
     ) -> None:
         self.consumer = consumer
         self.detect_fn = detect_fn
         # the detectors ``detect_fn`` serves, by name: a request naming another goes to the dead letters with the
         # reason (None: every request is handed to ``detect_fn``)
         self.models = None if models is None else frozenset(models)
+        # images one call of a model should take (pipeline.images_per_call): a read takes at most that many of
+        # the model the last read held, so that a photo's latency is that of a call of 16 photos, not of 256
+        self.call_batch = call_batch
+        self._count = consumer.settings.batch
+        if call_batch is not None and self.models:
+            self._count = min(self._count, *(call_batch(m) for m in self.models))
         self.max_backoff_s = max_backoff_s
         self.trim_interval_s = trim_interval_s  # run() trims acked image entries this often (None: never)
         self._last_trim = 0.0
@@ -685,7 +692,7 @@ class StreamWorker:
         if self._unpublished:
             self._publish(self._unpublished, self._unpublished_prints)
             handled, self._unpublished, self._unpublished_prints = len(self._unpublished), [], {}
-        entries = self.consumer.read(block_ms)
+        entries = self.consumer.read(block_ms, self._count)
         if not entries:
             return handled
         t_read = time.time()
@@ -711,6 +718,8 @@ class StreamWorker:
             sids.append(sid)
         if not reqs:
             return handled
+        if self.call_batch is not None:
+            self._count = min(self.consumer.settings.batch, *(self.call_batch(r.model) for r in reqs))
         sids, reqs, verdicts = self._detect(sids, reqs)
         now = time.time()
         results = []
