@@ -153,6 +153,77 @@ def streaming(images: np.ndarray, data_dir: Path, replicas: int, steady_fraction
     return out
 
 
+PHOTO_BURST = 40  # photos per burst through the stream: web photos of many sizes, sent as JPEG
+PHOTO_RATE = 1.0  # photos per second of the light-load run
+PHOTO_SECONDS = 60.0
+
+
+def photo_streaming(data_dir: Path, model: str = "mobilenet_v2", rounds: int = 3, log=print) -> dict:
+    """Photos through the stream beside the same detector in-process, in one run: bursts of ``PHOTO_BURST`` JPEG
+    web photos (the NIPS 2017 set) against the in-process rate at its best call size (timed between the bursts at
+    ``pipeline.images_per_call`` photos per call, and at 1), then ``PHOTO_RATE`` photos a second for
+    ``PHOTO_SECONDS``: enqueue → verdict against one photo's in-process time."""
+    import cv2
+
+    from evaluation.datasets import SHARED_DATA
+    from pipeline import read_image_file
+
+    paths = sorted((SHARED_DATA / "nips17" / "images").iterdir())[: 2 * PHOTO_BURST]
+    # as a camera sends them: JPEG files, decoded by the worker; in-process gets the same decoded pixels
+    photos = [cv2.imdecode(cv2.imencode(".jpg", read_image_file(p)[:, :, ::-1])[1], cv2.IMREAD_COLOR)[:, :, ::-1]
+              for p in paths]
+    det = Detector.from_pretrained(model)
+    per_call = det.call_batch
+
+    def in_process(batch: int, n: int) -> float:  # seconds per photo
+        t = time.perf_counter()
+        for i in range(0, n, batch):
+            det.detect(photos[i : i + batch])
+        return (time.perf_counter() - t) / n
+
+    in_process(per_call, per_call)  # warm
+    out: dict = {"model": model, "burst": PHOTO_BURST, "images_per_call": per_call, "bursts_s_per_photo": [],
+                 "in_process_s_per_photo": [], "in_process_single_s": []}
+    with embedded_stack(data_dir=data_dir / "photo-stream", http_port=free_port(),
+                        overrides={"detector": [model]}) as st:
+        client, names = connect(st.redis_url), StreamNames()
+        warm = [f"pw{i}" for i in range(per_call)]
+        after = last_id(client, names.verdicts)
+        push_images(client, names, photos[:per_call], ids=warm, model=model, encoding="jpeg")
+        collect_verdicts(client, names, warm, after, timeout_s=300)
+        for r in range(rounds):
+            out["in_process_s_per_photo"].append(in_process(per_call, PHOTO_BURST))
+            out["in_process_single_s"].append(in_process(1, 4))
+            ids = [f"pb{r}-{i}" for i in range(PHOTO_BURST)]
+            after = last_id(client, names.verdicts)
+            t = time.perf_counter()
+            push_images(client, names, photos[r % 2 * PHOTO_BURST :][:PHOTO_BURST], ids=ids, model=model,
+                        encoding="jpeg")
+            got = collect_verdicts(client, names, ids, after, timeout_s=600)
+            out["bursts_s_per_photo"].append((time.perf_counter() - t) / max(len(got), 1))
+            log(f"  photo burst {r}: {out['bursts_s_per_photo'][-1]:.3f} s/photo through the stream, "
+                f"{out['in_process_s_per_photo'][-1]:.3f} in-process")
+        n = int(PHOTO_RATE * PHOTO_SECONDS)
+        ids = [f"pl-{i}" for i in range(n)]
+        after = last_id(client, names.verdicts)
+        start = time.perf_counter()
+        for k in range(n):
+            time.sleep(max(0.0, start + k / PHOTO_RATE - time.perf_counter()))
+            push_images(client, names, [photos[k % len(photos)]], ids=[ids[k]], model=model, encoding="jpeg")
+        got = collect_verdicts(client, names, ids, after, timeout_s=300)
+        lat = [v["latency_ms"] for v in got.values()]
+    out["in_process_single_s"].append(in_process(1, 4))
+    # the in-process peer at its best call size (the medians at images_per_call photos and at one)
+    best = min(float(np.median(out["in_process_s_per_photo"])), float(np.median(out["in_process_single_s"])))
+    out.update({"stream_s_per_photo": float(np.median(out["bursts_s_per_photo"])), "in_process_best_s": best,
+                "ratio_to_in_process": best / float(np.median(out["bursts_s_per_photo"])),
+                "light_rate": PHOTO_RATE, "light_sent": n, "light_received": len(got),
+                "light_p50_ms": float(np.percentile(lat, 50)), "light_p99_ms": float(np.percentile(lat, 99)),
+                "single_ms": 1000 * float(np.median(out["in_process_single_s"])),
+                "in_process_call_s_per_photo": float(np.median(out["in_process_s_per_photo"]))})
+    return out
+
+
 def imagenet_timing(name: str, weights: str | None, random_init: bool, n: int = 4, device: str | None = None,
                     batch: int | None = None, photos_dir: str | Path | None = None) -> dict:
     """Seconds per detection of an ImageNet-size model on ``n`` real 224×224 photos in batches of ``batch``
@@ -347,6 +418,12 @@ def run_bench(out: Path, n: int = 1000, streaming_runs: bool = True, imagenet: b
             s["ratio_to_standalone_in_process"] = s["throughput"] / results["in_process"]["throughput"]
         # in-process again after the streaming runs, so a drift of the machine shows
         results["in_process"]["throughput_after"] = detector_throughput(det, images, BATCH)
+    if streaming_runs and imagenet:
+        log("photos through the stream…")
+        try:
+            results["photo_streaming"] = photo_streaming(data_dir, log=log)
+        except FileNotFoundError as exc:
+            results["photo_streaming"] = {"error": str(exc)}
     if imagenet:
         log("ImageNet-size models…")
         results["imagenet"] = [imagenet_timing("resnet18", None, True)]
@@ -424,6 +501,18 @@ def write_report(out: Path, r: dict) -> None:
         lines += ["", "What each signal costs, on what the detector hands it (batch of 256; the `model` signals are in "
                   "the explain stage above, the others in the decision):", "", "| signal | ms per image |",
                   "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in r["signals_ms_per_image"].items()]
+    if "photo_streaming" in r and "error" not in r["photo_streaming"]:
+        p = r["photo_streaming"]
+        lines += ["", f"Photos through the stream ({p['model']}, the NIPS 2017 web photos as JPEG, decoded by the "
+                  f"worker; calls of {p['images_per_call']} photos, `pipeline.images_per_call`): bursts of "
+                  f"{p['burst']} at **{p['stream_s_per_photo']:.3f} s per photo**, against "
+                  f"{p['in_process_best_s']:.3f} s in-process at its best call size (medians between the bursts: "
+                  f"{p['in_process_call_s_per_photo']:.3f} s in calls of {p['images_per_call']}, "
+                  f"{p['single_ms'] / 1000:.3f} s one at a time) = **{p['ratio_to_in_process']:.0%}** of the "
+                  f"in-process rate (goal ≥ 90%); at {p['light_rate']:g} photo/s for "
+                  f"{p['light_sent']:.0f} s ({p['light_received']}/{p['light_sent']} verdicts) enqueue → verdict "
+                  f"p50 **{p['light_p50_ms']:.0f} ms**, p99 **{p['light_p99_ms']:.0f} ms** = "
+                  f"{p['light_p99_ms'] / p['single_ms']:.1f}× one photo in-process (goal ≤ 2×)."]
     lines += ["", "| batch size | detections/s |", "|---|---|"] + [f"| {b} | {v:.0f} |" for b, v in sweep.items()]
     if "nlm_window_sweep" in r:
         lines += ["", "NLM window (patch / search) against speed; the accuracy side is the validation search on even "
