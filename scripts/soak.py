@@ -1,7 +1,7 @@
 """Soak the embedded stack: real digits at a fixed share of its saturation rate for a long while, with a small
 share of bad inputs mixed in; writes ``reports/soak/report.md`` and ``metrics.json``.
 
-    python scripts/soak.py                       # 30 minutes at 60% of saturation, 1% bad inputs
+    python scripts/soak.py --minutes 60 --window-minutes 10   # an hour at 60% of saturation, 1% bad inputs
     python scripts/soak.py --minutes 5 --out /tmp/soak
 
 The stack is ``explainer serve``'s (a local redis-server, Ray, the Serve app of deploy/serve.yaml). Saturation is
@@ -145,6 +145,7 @@ def main() -> None:
         collector = Collector(client, names, n_max, lambda k: int((sent_at[k] - start) // window_s))
         collector.thread.start()
         rss_start = rss_by_process()
+        rss_at, sent_by_window = {0: rss_start}, {0: 0}  # each window's start: RSS, and images sent before it
         rng = np.random.default_rng(0)
         chunk = max(1, int(rate * 0.05))
         sent, bad_sent = 0, defaultdict(lambda: defaultdict(int))
@@ -152,6 +153,8 @@ def main() -> None:
         while (elapsed := time.perf_counter() - t0) < seconds and sent + chunk < n_max:
             time.sleep(max(0.0, t0 + sent / rate - time.perf_counter()))
             window = int(elapsed // window_s)
+            if window not in rss_at:
+                rss_at[window], sent_by_window[window] = rss_by_process(), sent
             good, bad = [], []
             for k in range(sent, sent + chunk):
                 sent_at[k] = time.time()
@@ -187,12 +190,18 @@ def main() -> None:
             "p50_ms": float(np.percentile(lat, 50)) if lat else None,
             "p99_ms": float(np.percentile(lat, 99)) if lat else None,
         })
-    both = sorted(set(rss_start) & set(rss_end))
-    rss = {k: {"start_mib": rss_start[k], "end_mib": rss_end[k],
-               "growth_mib_per_million": (rss_end[k] - rss_start[k]) / max(sent, 1) * 1e6} for k in both}
+    # after warm-up: from the start of the second window (the first one's end) to the end
+    warm = rss_at.get(1, rss_start)
+    warm_sent = sent_by_window.get(1, 0)
+    both = sorted(set(rss_start) & set(rss_end) & set(warm))
+    rss = {k: {"start_mib": rss_start[k], "warm_mib": warm[k], "end_mib": rss_end[k],
+               "growth_mib_per_million": (rss_end[k] - rss_start[k]) / max(sent, 1) * 1e6,
+               "growth_after_warm_up_mib_per_million": (rss_end[k] - warm[k]) / max(sent - warm_sent, 1) * 1e6}
+           for k in both}
     result = {"saturation_per_s": saturation, "rate_per_s": rate, "minutes": args.minutes, "bad_share": args.bad,
               "sent": sent, "error_verdicts": collector.errors, "pending_after": pending, "windows": windows,
-              "rss": rss, "processes_gone": sorted(set(rss_start) - set(rss_end)),
+              "rss": rss, "rss_by_window": {str(w): v for w, v in rss_at.items()},
+              "window_minutes": args.window_minutes, "processes_gone": sorted(set(rss_start) - set(rss_end)),
               "processes_new": sorted(set(rss_end) - set(rss_start))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -206,7 +215,8 @@ def render(r: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Soak: the embedded stack under steady load", "",
         f"Produced by `python scripts/soak.py --minutes {args.minutes:g} --fraction {args.fraction:g} --bad "
-        f"{args.bad:g}` (commit {commit}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, 2 CPU cores; the "
+        f"{args.bad:g} --window-minutes {args.window_minutes:g}` (commit {commit}, {time.strftime('%Y-%m-%d')}, "
+        f"{platform.machine()}, 2 CPU cores; the "
         "driver, Redis, Ray and the four Serve stages share them). Raw figures: `metrics.json`.", "",
         f"Saturation (a burst of {3 * 2000} digits): {r['saturation_per_s']:.0f} images/s; the soak offered "
         f"{r['rate_per_s']:.0f}/s ({args.fraction:.0%}) for {r['minutes']:g} min: {r['sent']} images, "
@@ -222,11 +232,20 @@ def render(r: dict, args: argparse.Namespace) -> str:
         lines.append(f"| {w['window'] * args.window_minutes:g}–{(w['window'] + 1) * args.window_minutes:g} min | "
                      f"{w['sent']} | {w['bad_sent']} | {w['answered']} | **{w['lost']}** | {w['answered_twice']} | "
                      f"{p50} | {p99} |")
-    lines += ["", "Latency: enqueue → verdict of the valid images (`latency_ms`), by the window they were sent in.",
-              "", "## Memory", "", "| process | RSS at start, MiB | at end | growth per million images, MiB |",
-              "| --- | ---: | ---: | ---: |"]
+    timed = [w for w in r["windows"] if w["p99_ms"] is not None]
+    ratio = timed[-1]["p99_ms"] / timed[0]["p99_ms"] if len(timed) > 1 else float("nan")
+    lines += ["", "Latency: enqueue → verdict of the valid images (`latency_ms`), by the window they were sent in. "
+              f"The last window's p99 is **{ratio:.2f}×** the first's (goal ≤ 1.5×). Lost: "
+              f"**{sum(w['lost'] for w in r['windows'])}**; answered twice: "
+              f"**{sum(w['answered_twice'] for w in r['windows'])}**.",
+              "", "## Memory", "", "RSS at the start of the load, after the first window (warm-up) and at the end; "
+              "growth per million images over the whole soak and after warm-up.", "",
+              "| process | RSS at start, MiB | after warm-up | at end | growth per million images, MiB "
+              "| after warm-up |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in sorted(r["rss"].items(), key=lambda kv: -kv[1]["end_mib"]):
-        lines.append(f"| {name} | {m['start_mib']:.0f} | {m['end_mib']:.0f} | {m['growth_mib_per_million']:+.1f} |")
+        lines.append(f"| {name} | {m['start_mib']:.0f} | {m['warm_mib']:.0f} | {m['end_mib']:.0f} | "
+                     f"{m['growth_mib_per_million']:+.1f} | {m['growth_after_warm_up_mib_per_million']:+.1f} |")
     if r["processes_gone"] or r["processes_new"]:
         lines += ["", f"Processes that ended during the soak: {r['processes_gone'] or 'none'}; that started: "
                   f"{r['processes_new'] or 'none'} (a replaced replica shows as both)."]
