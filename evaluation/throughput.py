@@ -101,25 +101,13 @@ def signal_times(det: Detector, images: np.ndarray, repeat: int = 3) -> dict[str
     """Milliseconds per image of each configured signal on one batch, measured on what the detector hands it
     (the prediction pass and maps of ``images`` and their denoised copies): what each signal adds to the
     explanation stage (``model`` signals) or to the decision (``maps`` signals)."""
-    from contextlib import ExitStack
-
-    from pipeline.explain import predict_and_explain
-    from pipeline.signals import MapsPass, ModelPass
+    from pipeline.signals import MapsPass
 
     n = len(images)
     x = det.prepare(images)
-    xd = det.denoise(x)
-    both = torch.from_numpy(np.concatenate([x, xd])).to(det.model.device).contiguous(
-        memory_format=torch.channels_last)
+    model_pass = det.model_pass(x, det.denoise(x))
     wanted = det.config.model_signals()
-    with ExitStack() as stack:
-        captured = {name: stack.enter_context(SIGNALS[name].hook(det.model))
-                    for name in wanted if SIGNALS[name].hook is not None}
-        probs, attr = predict_and_explain(det.model.net, both, n, det.config.method, det.config.explain,
-                                          det.model.gradcam_layer)
-    maps = np.ascontiguousarray(attr.float().cpu().numpy())
-    model_pass = ModelPass(model=det.model, x=x, both=both, probs=probs, maps=maps, captured=captured,
-                           hosts=lambda: None)
+    probs, maps = model_pass.probs, model_pass.maps
     out = {}
     for name in det.config.signals:
         signal, params = SIGNALS[name], det.config.params(name)

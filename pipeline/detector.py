@@ -272,21 +272,26 @@ class Detector:
         with self.model.hooks_lock if hooked else nullcontext():
             return self._explain_pair(x, xd)
 
-    def _explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
-        n = len(x)
+    def model_pass(self, x: np.ndarray, xd: np.ndarray) -> ModelPass:
+        """The prediction and explanation pass over originals ``x`` and denoised copies ``xd`` (floats), with what
+        the configured ``model`` signals' hooks kept of it: what those signals are computed on. Takes no lock:
+        :meth:`explain_pair` is the thread-safe way in."""
         both = torch.from_numpy(np.concatenate([x, xd])).to(self.model.device).contiguous(
             memory_format=torch.channels_last)
-        wanted = self.config.model_signals()
         with ExitStack() as stack:
             captured = {name: stack.enter_context(SIGNALS[name].hook(self.model))
-                        for name in wanted if SIGNALS[name].hook is not None}
-            probs, attr = predict_and_explain(self.model.net, both, n, self.config.method, self.config.explain,
+                        for name in self.config.model_signals() if SIGNALS[name].hook is not None}
+            probs, attr = predict_and_explain(self.model.net, both, len(x), self.config.method, self.config.explain,
                                               self.model.gradcam_layer)
         maps = np.ascontiguousarray(attr.float().cpu().numpy())
-        batch = ModelPass(model=self.model, x=x, both=both, probs=probs, maps=maps, captured=captured,
-                          hosts=lambda: None if self.hosts is None else self._hosts_on_device())
+        return ModelPass(model=self.model, x=x, both=both, probs=probs, maps=maps, captured=captured,
+                         hosts=lambda: None if self.hosts is None else self._hosts_on_device())
+
+    def _explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
+        batch = self.model_pass(x, xd)
+        probs, maps = batch.probs, batch.maps
         signals = {}
-        for name in wanted:
+        for name in self.config.model_signals():
             values = SIGNALS[name].compute(batch, self.config.params(name))
             if values is not None:
                 signals[name] = values
