@@ -153,13 +153,24 @@ def hung_stage(workdir: Path, n: int = 600, log: Log = print) -> Figures:
     one such image among ``n``. The Explainer abandons a merged call after ``stage_timeout_s`` (3 s) and serves on
     with a fresh thread; the consumers retry a failed batch image by image; the grey image reaches the dead
     letters after max_deliveries (3), every other gets its verdict, and the Explainer replica is not replaced."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(fixtures), fk.child_env()["PYTHONPATH"]])
+    try:
+        return _hung_stage(workdir, n, log, fixtures)
+    finally:  # the Ray workers have it; later tests' subprocesses must not (they test an installed copy)
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def _hung_stage(workdir: Path, n: int, log: Log, fixtures: Path) -> Figures:
     from pipeline import Detector, load_sample_digits
     from worker import wire
     from worker.embedded import embedded_stack
 
     fig, t0 = Figures(f"a model call that never returns (1 image among {n}), Ray Serve"), time.monotonic()
-    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(fixtures), fk.child_env()["PYTHONPATH"]])
     sys.path.insert(0, str(fixtures))
     import poison_model
 
