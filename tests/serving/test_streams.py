@@ -227,6 +227,8 @@ def test_consumers_of_one_process_take_turns_so_a_round_trip_of_images_is_one_ba
     for reader in readers:
         reader.start()
         time.sleep(0.2)  # the first one holds the turn and waits on the stream; the second waits for the turn
+    blocked = [c for c in client.client_list() if "b" in c.get("flags", "") and c.get("cmd") == "xreadgroup"]
+    assert len(blocked) == 1  # only the consumer whose turn it is waits on the stream
     push_images(client, names, digits[:12], ids=[f"r{i}" for i in range(12)])
     for reader in readers:
         reader.join(10)
