@@ -289,13 +289,12 @@ class Detector:
 
     def _explain_pair(self, x: np.ndarray, xd: np.ndarray) -> Explained:
         batch = self.model_pass(x, xd)
-        probs, maps = batch.probs, batch.maps
         signals = {}
         for name in self.config.model_signals():
             values = SIGNALS[name].compute(batch, self.config.params(name))
             if values is not None:
                 signals[name] = values
-        return Explained(probs=probs.cpu().numpy(), maps=maps, signals=signals)
+        return Explained(probs=batch.probs.cpu().numpy(), maps=batch.maps, signals=signals)
 
     def host_rows(self, n: int) -> np.ndarray:
         """Which of ``n`` clean calibration images :meth:`calibrate` makes the transplant's hosts (none when the

@@ -182,10 +182,6 @@ class Denoiser(StageStats):
             return denoise_prepared(x, self.nlm[model], workers=self.nlm_threads)
 
 
-def _images_in(originals: list[np.ndarray]) -> int:
-    return sum(len(x) for x in originals)
-
-
 def _weight(x: np.ndarray, max_batch_size: int) -> int:
     """What one image of the batch ``x`` (N, C, H, W) counts for in a merged call of ``max_batch_size``: 1 for a
     digit, and for a photo ``max_batch_size // pipeline.images_per_call``, so that a call holds
@@ -344,7 +340,7 @@ class Explainer(StageStats):
         except TimeoutError:
             self._pool.abandon(call)
             log.error("an explanation call of %d images did not return in %.0f s: abandoned (%d stuck)",
-                      _images_in(originals), self.stage_timeout_s, self._pool.abandoned)
+                      sum(len(x) for x in originals), self.stage_timeout_s, self._pool.abandoned)
             raise TimeoutError(f"the model did not return within {self.stage_timeout_s:.0f} s") from None
 
 
