@@ -18,6 +18,7 @@ from worker import wire
 from worker.embedded import DEFAULT_CONFIG
 from worker.local_redis import resolve_redis_url
 from worker.plugins import load_plugins
+from worker.streams import StreamSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -489,8 +490,10 @@ def _calibration_images(model: str | None, images_dir: Path | None, split: str, 
 
 PASSWORD_FILE_HELP = ("a file holding the Redis password (default: $EXPLAINER_REDIS_PASSWORD); keeps it off the "
                       "command line and out of the URL")
-REDIS_URL_HELP = ("Redis URL (default: $EXPLAINER_REDIS_URL, else the server `explainer serve` started from this "
-                  "folder, else redis://127.0.0.1:6379/0)")
+REDIS_URL_HELP = ("Redis URL, or redis+cluster://HOST:PORT for any node of a Redis Cluster (default: "
+                  "$EXPLAINER_REDIS_URL, else the server `explainer serve` started from this folder, else "
+                  "redis://127.0.0.1:6379/0)")
+SHARDS_DEFAULT, SHARDS_HELP = StreamSettings.knobs()["shards"]
 
 
 @app.command()
@@ -516,6 +519,10 @@ def serve(
     alert_window: str | None = typer.Option(
         None, help="K/N: one alert when K of the last N images of one source are flagged, e.g. 3/10 (default: an "
         "alert per flagged image)"),
+    shards: int | None = typer.Option(None, help=SHARDS_HELP + " (default: the config's)"),
+    ref_allow: list[str] | None = typer.Option(
+        None, help="a URL prefix images sent by reference may be fetched from, e.g. https://photos.example.com/cams/ "
+        "(repeatable; default: the config's, none)"),
 ) -> None:
     """Run the streaming worker until Ctrl-C / SIGTERM (local Redis and Ray when none is given)."""
     import signal
@@ -535,9 +542,14 @@ def serve(
         if not 0 < fpr < 1:
             fail(f"--fpr: a target false-positive rate lies in (0, 1), got {fpr}")
         overrides["fpr"] = fpr
+    if shards is not None:
+        try:
+            overrides["shards"] = StreamSettings(shards=shards).shards
+        except ValueError as exc:
+            fail(f"--shards: {exc}")
+    if ref_allow:
+        overrides["ref_allow"] = list(ref_allow)
     if alert_window is not None:
-        from worker.streams import StreamSettings
-
         k, _, n = alert_window.partition("/")
         try:
             settings = StreamSettings(alert_k=int(k), alert_n=int(n))
@@ -591,11 +603,13 @@ def feed(
                                       "request's source field, which alert windows count by"),
     detector: str = typer.Option("mnist", help="the name of the served detector that judges them (each request's "
                                  "model field)"),
+    shards: int = typer.Option(SHARDS_DEFAULT, help="the image streams the worker reads (its shards setting): each "
+                               "image goes to the one its camera, else its id, picks (worker.wire.shard_of)"),
 ) -> None:
-    """Push images into the image stream."""
+    """Push images into the image streams."""
     from pipeline import load_adversarial_digits, load_sample_digits
     from worker.feed import push_images
-    from worker.streams import StreamNames, connect_with_password
+    from worker.streams import StreamNames, connect_with_password, is_cluster
 
     if source == "mnist":
         digits = load_sample_digits().parity("odd").head(n)
@@ -618,9 +632,11 @@ def feed(
             fail(f"--source: {exc}")
         images, ids = [read_image_file(p) for p in files], [p.name for p in files]
     client = connect_with_password(resolve_redis_url(redis_url), redis_password_file)
-    stream_ids = push_images(client, StreamNames(), images, ids=ids,
-                             encoding=encoding, model=detector, source=camera)
-    console.print(f"pushed {len(stream_ids)} images for {detector} to explainer:images")
+    names = StreamNames()
+    stream_ids = push_images(client, names, images, ids=ids, encoding=encoding, model=detector, source=camera,
+                             shards=shards)
+    streams = [n.images for n in names.shards(shards, is_cluster(client))]
+    console.print(f"pushed {len(stream_ids)} images for {detector} to {', '.join(streams)}")
 
 
 @app.command()
@@ -628,11 +644,13 @@ def watch(
     redis_url: str | None = typer.Option(None, help=REDIS_URL_HELP),
     redis_password_file: Path | None = typer.Option(None, help=PASSWORD_FILE_HELP),
     all_verdicts: bool = typer.Option(
-        False, "--all", help="follow every verdict (the verdict stream), not only alerts"
+        False, "--all", help="follow every verdict (the verdict streams), not only alerts"
     ),
+    shards: int = typer.Option(SHARDS_DEFAULT, help="the worker's shards setting: --all follows every shard's "
+                               "verdict stream"),
 ) -> None:
     """Print verdicts live: adversarial alerts from the pub/sub channel, or every verdict from the stream."""
-    from worker import wire
+    from worker.collect import VerdictReader
     from worker.streams import StreamNames, connect_with_password
     from worker.verdicts import watch_line
 
@@ -643,12 +661,10 @@ def watch(
 
     try:
         if all_verdicts:
-            cursor = "$"
+            reader = VerdictReader(client, names, shards)
             while True:
-                for _s, entries in client.xread({names.verdicts: cursor}, block=1000, count=100) or []:
-                    for sid, fields in entries:
-                        cursor = sid
-                        show(wire.decode_verdict(fields[b"data"]))
+                for _sid, data in reader.read(block_ms=1000, count=100):
+                    show(wire.decode_verdict(data))
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(names.alerts)
         console.print(f"watching {names.alerts} (Ctrl-C to stop)")

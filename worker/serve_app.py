@@ -50,6 +50,7 @@ from pipeline import (
 from worker import wire
 from worker.calls import AbandonableThreads
 from worker.detect import detect_requests, load_served_deciders, load_served_detectors
+from worker.refs import REF_TIMEOUT_S, RefFetcher
 from worker.streams import (
     PASSWORD_ENV,
     StreamConsumer,
@@ -58,6 +59,9 @@ from worker.streams import (
     StreamSettings,
     StreamWorker,
     connect_with_password,
+    is_cluster,
+    is_cluster_url,
+    total_backlog,
 )
 
 log = logging.getLogger("explainer.serve")
@@ -204,7 +208,7 @@ class Explainer(StageStats):
     def __init__(
         self, scorer: DeploymentHandle | None, detectors: list[dict], torch_threads: int | None = None,
         redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
-        stage_timeout_s: float = STAGE_TIMEOUT_S,
+        stage_timeout_s: float = STAGE_TIMEOUT_S, shards: int = 1,
     ) -> None:
         import torch
 
@@ -217,8 +221,9 @@ class Explainer(StageStats):
         self._probing = False
         if redis_url:
             # a client that fails fast: Serve gives up on the call after a few seconds anyway
-            self._backlog = StreamConsumer(stream_client(redis_url, redis_password_file, retries=0, socket_timeout=2.0),
-                                           StreamNames(**(streams or {})), consumer="autoscaling", block_ms=0)
+            client = stream_client(redis_url, redis_password_file, retries=0, socket_timeout=2.0)
+            self._backlog = [StreamConsumer(client, names, consumer="autoscaling", block_ms=0)
+                             for names in StreamNames(**(streams or {})).shards(shards, is_cluster(client))]
             self._last_backlog = 0.0
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
@@ -307,7 +312,7 @@ class Explainer(StageStats):
         if not self._probing:  # one probe at a time: a slow Redis must not pile up threads
             self._probing = True
             try:
-                pending, waiting = await asyncio.to_thread(self._backlog.backlog)
+                pending, waiting = await asyncio.to_thread(total_backlog, self._backlog)
                 self._last_backlog = float(pending + waiting)
             finally:
                 self._probing = False
@@ -472,15 +477,15 @@ http = FastAPI(title="explainer", description="Adversarial-image detection (EXPL
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, graceful_shutdown_timeout_s=60)
 @serve.ingress(http)
 class Ingress:
-    """Consumes the Redis image stream with ``consumers`` threads (one consumer-group member each, so batches
-    overlap across stages) and answers HTTP: ``POST /detect`` (a PNG/JPEG body) and ``GET /healthz``."""
+    """Consumes each shard of the Redis image stream with ``consumers`` threads (one consumer-group member each,
+    so batches overlap across stages) and answers HTTP: ``POST /detect`` (a PNG/JPEG body) and ``GET /healthz``."""
 
     def __init__(
         self, denoiser: DeploymentHandle, explainer: DeploymentHandle, detectors: list[dict],
         redis_url: str | None = None, redis_password_file: str | None = None, streams: dict | None = None,
         consumers: int = 2, stream_settings: dict | None = None,
         max_body_bytes: int = MAX_HTTP_BODY, stage_timeout_s: float = STAGE_TIMEOUT_S,
-        http_token_file: str | None = None,
+        http_token_file: str | None = None, ref_allow: list[str] | None = None, ref_timeout_s: float = REF_TIMEOUT_S,
     ) -> None:
         self.http_token = http_token(http_token_file)
         check_http_exposure(serve_proxy_host(), self.http_token)
@@ -494,29 +499,34 @@ class Ingress:
         self.threads: list[threading.Thread] = []
         self.metrics = ServeMetrics(self.default_model)
         if redis_url:
-            names, settings = StreamNames(**(streams or {})), StreamSettings(**(stream_settings or {}))
+            settings = StreamSettings(**(stream_settings or {}))
+            shards = StreamNames(**(streams or {})).shards(settings.shards, is_cluster_url(redis_url))
             tag = f"{socket.gethostname()}-{os.getpid()}"
-            turns = threading.Lock()  # one consumer at a time waits on the stream (StreamConsumer.read)
-            for i in range(consumers):
-                consumer = StreamConsumer(stream_client(redis_url, redis_password_file), names,
-                                          consumer=f"{tag}-{i}", settings=settings, events=self.metrics,
-                                          read_lock=turns)
-                consumer.ensure_group()
-                worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remotes, reqs),
-                                      models=set(self.remotes),
-                                      call_batch=lambda model: self.remotes[model].local.call_batch)
-                thread = threading.Thread(target=worker.run, args=(self.stop,), name=f"consumer-{i}", daemon=True)
-                self.workers.append(worker)
-                self.threads.append(thread)
-                thread.start()
-            watch = StreamConsumer(stream_client(redis_url, redis_password_file), names, consumer=f"{tag}-watch")
-            threading.Thread(target=self._watch_backlog, args=(watch,), name="backlog", daemon=True).start()
+            fetcher = RefFetcher(ref_allow or (), timeout_s=ref_timeout_s)
+            for s, names in enumerate(shards):  # every replica reads every shard, so a shard is never orphaned
+                turns = threading.Lock()  # one consumer of a shard at a time waits on it (StreamConsumer.read)
+                for i in range(consumers):
+                    consumer = StreamConsumer(stream_client(redis_url, redis_password_file), names,
+                                              consumer=f"{tag}-{i}", settings=settings, events=self.metrics,
+                                              read_lock=turns)
+                    consumer.ensure_group()
+                    worker = StreamWorker(consumer, lambda reqs: detect_requests(self.remotes, reqs),
+                                          models=set(self.remotes), fetcher=fetcher,
+                                          call_batch=lambda model: self.remotes[model].local.call_batch)
+                    name = f"consumer-{i}" if len(shards) == 1 else f"consumer-{s}-{i}"
+                    thread = threading.Thread(target=worker.run, args=(self.stop,), name=name, daemon=True)
+                    self.workers.append(worker)
+                    self.threads.append(thread)
+                    thread.start()
+            client = stream_client(redis_url, redis_password_file)
+            watches = [StreamConsumer(client, names, consumer=f"{tag}-watch") for names in shards]
+            threading.Thread(target=self._watch_backlog, args=(watches,), name="backlog", daemon=True).start()
 
-    def _watch_backlog(self, consumer: StreamConsumer) -> None:
-        """Every ``BACKLOG_POLL_S``: the stream's pending and waiting entries into the metrics."""
+    def _watch_backlog(self, consumers: list[StreamConsumer]) -> None:
+        """Every ``BACKLOG_POLL_S``: the pending and waiting entries of every shard into the metrics."""
         while not self.stop.wait(BACKLOG_POLL_S):
             try:
-                self.metrics.backlog(*consumer.backlog())
+                self.metrics.backlog(*total_backlog(consumers))
             except Exception as exc:  # noqa: BLE001 - a metric must never take the replica down
                 log.warning("could not read the stream's backlog: %s", exc)
 
@@ -646,7 +656,11 @@ class AppArgs(StreamArgs):
     redis_url: str | None = Field("redis://127.0.0.1:6379/0", description="the stream's Redis; None: HTTP only")
     redis_password_file: str | None = Field(None, description="a file holding the Redis password")
     streams: dict[str, str] | None = Field(None, description="stream and group names (worker.streams.StreamNames)")
-    consumers: int = Field(2, ge=1, description="consumer-group members per Ingress replica")
+    consumers: int = Field(2, ge=1, description="consumer-group members per Ingress replica and shard")
+    ref_allow: list[str] = Field([], description="where images sent by reference (`ref`) may be fetched from: URL "
+                                 "prefixes naming scheme and host, e.g. https://photos.example.com/cams/ or "
+                                 "file:///srv/photos/ (worker.refs); empty: none")
+    ref_timeout_s: float = Field(REF_TIMEOUT_S, gt=0, description="fetching one referenced image gives up after this")
     max_body_bytes: int = Field(MAX_HTTP_BODY, ge=1, description="largest POST /detect body")
     stage_timeout_s: float = Field(STAGE_TIMEOUT_S, gt=0, description="a stage call abandoned after this long")
     http_token_file: str | None = Field(None, description="a file holding the bearer token POST /detect requires "
@@ -699,11 +713,12 @@ def build_app(args: AppArgs) -> serve.Application:
         args = AppArgs.model_validate(args)
     common = {"detectors": args.detector_refs()}
     stream = {k: getattr(args, k) for k in ("redis_url", "redis_password_file", "streams")}
-    ingress = {k: getattr(args, k) for k in ("consumers", "max_body_bytes", "stage_timeout_s", "http_token_file")}
+    ingress = {k: getattr(args, k) for k in ("consumers", "max_body_bytes", "stage_timeout_s", "http_token_file",
+                                             "ref_allow", "ref_timeout_s")}
     ingress["stream_settings"] = dataclasses.asdict(args.stream_settings())
     return Ingress.bind(
         Denoiser.bind(**common, nlm_threads=args.nlm_threads),
         Explainer.bind(Scorer.bind(**common), **common, **stream, torch_threads=args.torch_threads,
-                       stage_timeout_s=args.stage_timeout_s),
+                       stage_timeout_s=args.stage_timeout_s, shards=args.shards),
         **common, **stream, **ingress,
     )

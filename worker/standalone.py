@@ -22,7 +22,15 @@ import threading
 import redis
 
 from worker.local_redis import resolve_redis_url
-from worker.streams import StreamConsumer, StreamNames, StreamSettings, StreamWorker, connect_with_password
+from worker.refs import REF_TIMEOUT_S, RefFetcher
+from worker.streams import (
+    StreamConsumer,
+    StreamNames,
+    StreamSettings,
+    StreamWorker,
+    connect_with_password,
+    is_cluster_url,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,14 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "false-positive rate the calibrations hold, e.g. 0.01 (default: each calibration's own)")
     for name, (default, help) in StreamSettings.knobs().items():  # --batch, --block-ms, ... (one place: there)
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=help)
+    ap.add_argument("--ref-allow", action="append", default=[], metavar="URL_PREFIX",
+                    help="where images sent by reference may be fetched from, e.g. https://photos.example.com/cams/ "
+                    "(repeatable; default: nowhere)")
+    ap.add_argument("--ref-timeout-s", type=float, default=REF_TIMEOUT_S, help="fetching one referenced image gives "
+                    "up after this long")
     ap.add_argument("--trim-interval-s", type=float, default=5.0, help="trim acked image entries this often")
     ap.add_argument("--torch-threads", type=int, default=None)
     return ap.parse_args(argv)
 
 
-def build_worker(args: argparse.Namespace) -> StreamWorker:
-    """The detectors asked for (default: the shipped mnist one) behind one consumer-group member, trimming acked
-    image entries as it goes."""
+def build_workers(args: argparse.Namespace) -> list[StreamWorker]:
+    """The detectors asked for (default: the shipped mnist one) behind one consumer-group member per shard,
+    trimming acked image entries as they go."""
     from pipeline import keep_allocations_mapped
     from worker.detect import detect_requests, detector_ref, load_served_detectors
 
@@ -70,10 +83,38 @@ def build_worker(args: argparse.Namespace) -> StreamWorker:
         settings = StreamSettings(**{name: getattr(args, name) for name in StreamSettings.knobs()})
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    consumer = StreamConsumer(connect_with_password(resolve_redis_url(args.redis_url), args.redis_password_file),
-                              names, consumer=args.consumer, settings=settings)
-    return StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs), trim_interval_s=args.trim_interval_s,
-                        models=detectors, call_batch=lambda model: detectors[model].call_batch)
+    url = resolve_redis_url(args.redis_url)
+    fetcher = RefFetcher(args.ref_allow, timeout_s=args.ref_timeout_s)
+    workers = []
+    for shard in names.shards(settings.shards, is_cluster_url(url)):
+        consumer = StreamConsumer(connect_with_password(url, args.redis_password_file), shard, consumer=args.consumer,
+                                  settings=settings)
+        workers.append(StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs),
+                                    trim_interval_s=args.trim_interval_s, models=detectors, fetcher=fetcher,
+                                    call_batch=lambda model: detectors[model].call_batch))
+    return workers
+
+
+def run_all(workers: list[StreamWorker], stop: threading.Event) -> None:
+    """Each shard's worker on a thread of its own until ``stop``; a worker that raises (refused credentials) stops
+    them all, and its error is raised here."""
+    errors: list[BaseException] = []
+
+    def run(worker: StreamWorker) -> None:
+        try:
+            worker.run(stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(w,), name=f"shard-{i}") for i, w in enumerate(workers)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        for thread in threads:
+            thread.join(timeout=0.2)
+    if errors:
+        raise errors[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,20 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        worker = build_worker(args)
+        workers = build_workers(args)
     except (FileNotFoundError, ValueError, PermissionError) as e:
         print(json.dumps({"event": "error", "error": str(e)}), flush=True)
         return 2
-    print(json.dumps({"event": "ready", "pid": os.getpid(), "consumer": args.consumer}), flush=True)
+    print(json.dumps({"event": "ready", "pid": os.getpid(), "consumer": args.consumer, "shards": len(workers)}),
+          flush=True)
     try:
-        worker.run(stop)
+        run_all(workers, stop)
     except redis.AuthenticationError as e:
         print(json.dumps({"event": "error", "error": f"redis authentication failed: {e}"}), flush=True)
         return 2
-    stats = dict(worker.consumer.stats, unpublished=worker.unpublished)
-    print(json.dumps({"event": "stopped", "pid": os.getpid(), "consumer": args.consumer, "stats": stats}),
-          flush=True)
-    return 0 if not worker.unpublished else 1
+    stats = {k: sum(w.consumer.stats[k] for w in workers) for k in workers[0].consumer.stats}
+    unpublished = sum(w.unpublished for w in workers)
+    print(json.dumps({"event": "stopped", "pid": os.getpid(), "consumer": args.consumer,
+                      "stats": dict(stats, unpublished=unpublished)}), flush=True)
+    return 0 if not unpublished else 1
 
 
 if __name__ == "__main__":

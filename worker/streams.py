@@ -14,8 +14,11 @@ Delivery is at-least-once end to end:
 * the image stream is never capped with MAXLEN (that drops unread entries); :meth:`StreamConsumer.trim_acked`
   removes only entries every group has acked (``XTRIM MINID``), so the stream's length is its backlog.
 
-The Lua script touches several keys, so on Redis Cluster give all the names one hash tag (e.g.
-``{explainer}:images``, ``{explainer}:verdicts``, ``{explainer}:window:``).
+Sharding: ``shards`` image streams, each with its consumer group, its verdict and dead-letter streams and its
+sources' alert state, all under one hash tag (``explainer:images:{2}``, ``explainer:verdicts:{2}``, ...), so each
+shard's scripts touch one Redis Cluster slot; a producer picks a shard by ``source`` (:func:`worker.wire.shard_of`),
+so a source's images, windows and verdicts stay on one shard, in order. On Redis Cluster
+(``redis+cluster://`` URLs) even one shard is tagged.
 """
 
 from __future__ import annotations
@@ -34,14 +37,19 @@ from urllib.parse import urlsplit, urlunsplit
 import msgpack
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, SlotNotCoveredError
 from redis.retry import Retry
 
 from pipeline import Fingerprint, ProbeHistory
 from worker import wire
+from worker.refs import RefFetcher, RefRejected, RefUnavailable
 
 log = logging.getLogger("explainer.streams")
 
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError)
+# what a command fails with while Redis (or a cluster's master for the slot) is out of reach: retried, never lost
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OSError,
+                     ClusterDownError, SlotNotCoveredError)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -64,9 +72,25 @@ class StreamNames:
     window_prefix: str = "explainer:window:"  # the window policy's state: <window_prefix><source>, a hash
     probe_prefix: str = "explainer:probe:"  # the query monitor's state: <probe_prefix><source>, a hash
 
+    def shard(self, index: int) -> StreamNames:
+        """The names of shard ``index``: every key carries the hash tag ``{index}``, so that one shard's keys
+        share a Redis Cluster slot (its Lua scripts touch several); the group and the channels stay as they are."""
+        tag = f"{{{index}}}"
+        return replace(self, images=f"{self.images}:{tag}", verdicts=f"{self.verdicts}:{tag}",
+                       dead=f"{self.dead}:{tag}", episodes=f"{self.episodes}:{tag}",
+                       window_prefix=f"{self.window_prefix.rstrip(':')}:{tag}:",
+                       probe_prefix=f"{self.probe_prefix.rstrip(':')}:{tag}:")
+
+    def shards(self, count: int, cluster: bool = False) -> list[StreamNames]:
+        """The names of each of ``count`` shards: these names unchanged for one shard on one Redis, else
+        :meth:`shard` of each index (on a cluster even one shard is tagged: its scripts need one slot)."""
+        if count < 1:
+            raise ValueError(f"shards must be at least 1, got {count}")
+        return [self] if count == 1 and not cluster else [self.shard(i) for i in range(count)]
+
     @classmethod
     def with_prefix(cls, prefix: str, **kw: Any) -> StreamNames:
-        """All names under one prefix, e.g. ``with_prefix("{explainer}")`` for Redis Cluster."""
+        """All names under one prefix, e.g. ``with_prefix("cams")``: ``cams:images``, ``cams:verdicts``, ..."""
         return cls(
             images=f"{prefix}:images",
             group=kw.pop("group", "explainer"),
@@ -78,6 +102,19 @@ class StreamNames:
             probe_prefix=f"{prefix}:probe:",
             **kw,
         )
+
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # URL scheme -> the node's scheme
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://host:port``, ``rediss+cluster://`` for TLS)."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (redis-py's ``RedisCluster``)."""
+    return isinstance(client, RedisCluster)
 
 
 def connect(
@@ -92,9 +129,17 @@ def connect(
     **kwargs: Any,
 ) -> redis.Redis:
     """A client for ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS; pass ``ssl_ca_certs=...``,
-    ``ssl_certfile``/``ssl_keyfile`` for mutual TLS). Commands are retried on connection errors and timeouts
-    with exponential backoff (``retries`` times, ``backoff_base`` doubling up to ``backoff_cap`` seconds);
-    idle connections are health-checked every ``health_check_interval`` seconds. Responses stay bytes."""
+    ``ssl_certfile``/``ssl_keyfile`` for mutual TLS), or redis-py's cluster client for
+    ``redis+cluster://[:password@]host:port`` (any node of a Redis Cluster; ``rediss+cluster://`` for TLS).
+    Commands are retried on connection errors and timeouts with exponential backoff (``retries`` times,
+    ``backoff_base`` doubling up to ``backoff_cap`` seconds); idle connections are health-checked every
+    ``health_check_interval`` seconds. Responses stay bytes."""
+    parts = urlsplit(url)
+    if parts.scheme in CLUSTER_SCHEMES:
+        return _connect_cluster(urlunsplit(parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme])), retries=retries,
+                                backoff_base=backoff_base, backoff_cap=backoff_cap,
+                                health_check_interval=health_check_interval, socket_timeout=socket_timeout,
+                                socket_connect_timeout=socket_connect_timeout, **kwargs)
     retry = Retry(
         ExponentialBackoff(cap=backoff_cap, base=backoff_base),
         retries,
@@ -111,6 +156,23 @@ def connect(
         decode_responses=False,
         **kwargs,
     )
+
+
+def _connect_cluster(url: str, *, retries: int, backoff_base: float, backoff_cap: float, **kwargs: Any
+                     ) -> RedisCluster:
+    """redis-py's cluster client from any node's URL: it maps slots to masters, follows MOVED/ASK, and retries a
+    command (re-reading the slot map) on connection errors, timeouts and a cluster that is down while a failed
+    master is restarted or replaced, ``retries`` times with the same backoff as :func:`connect`."""
+    retry = Retry(ExponentialBackoff(cap=backoff_cap, base=backoff_base), retries)
+    kwargs.setdefault("client_name", "explainer")
+    return RedisCluster.from_url(url, retry=retry, socket_keepalive=True, decode_responses=False, **kwargs)
+
+
+def socket_timeout_of(client: Any) -> float | None:
+    """The read timeout of ``client``'s connections (a plain or a cluster client), None when unset."""
+    kwargs = client.nodes_manager.connection_kwargs if is_cluster(client) else \
+        client.connection_pool.connection_kwargs
+    return kwargs.get("socket_timeout")
 
 
 PASSWORD_ENV = "EXPLAINER_REDIS_PASSWORD"
@@ -256,13 +318,14 @@ class StreamEvents:
         """A batch's verdicts landed; ``written[i]`` is False for a redelivered entry that already had one."""
 
     def dead_lettered(self, kind: str) -> None:
-        """An entry went to the dead-letter stream; ``kind``: no_data, undecodable, unknown_model or
+        """An entry went to the dead-letter stream; ``kind``: no_data, undecodable, unknown_model, ref or
         max_deliveries."""
 
     def publish_failed(self, error: str) -> None:
         """Writing a batch's verdicts failed (``error``: the exception's type); they are retried."""
 
 
+MAX_SHARDS = 256  # image streams: each costs every Ingress replica `consumers` threads and connections
 MAX_WINDOW = 256  # images an alert window may span: a source's state is at most this many short entries
 MAX_PROBE_HISTORY = 64  # fingerprints the query monitor keeps per source (about 2 KB each)
 
@@ -277,6 +340,8 @@ class StreamSettings:
     validated here once. :class:`StreamConsumer`, the Serve Ingress (``AppArgs``, serve.yaml), the standalone
     worker and the bench all build theirs from it."""
 
+    shards: int = _knob(1, "image streams, each with its consumer group and its verdict and dead-letter streams; "
+                           "producers pick one by source (worker.wire.shard_of), consumers read every one")
     batch: int = _knob(64, "entries read per XREADGROUP (its COUNT): the images of one stage request")
     block_ms: int = _knob(200, "how long one read waits for new entries, in ms")
     claim_idle_ms: int = _knob(30_000, "reclaim (XAUTOCLAIM) entries idle this long, in ms: their consumer died")
@@ -294,13 +359,15 @@ class StreamSettings:
                                    "about 2.5 KB each for a photo, 0.4 KB for a digit")
 
     def __post_init__(self) -> None:
-        least = {"batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1,
+        least = {"shards": 1, "batch": 1, "max_deliveries": 1, "verdict_maxlen": 1, "dead_maxlen": 1,
                  "block_ms": 0, "claim_idle_ms": 0, "alert_k": 0, "alert_n": 0, "alert_idle_s": 1, "probe_k": 0,
                  "probe_n": 0, "probe_history": 1}
         for name, low in least.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"stream setting {name} must be an integer ≥ {low}, got {value!r}")
+        if self.shards > MAX_SHARDS:
+            raise ValueError(f"stream setting shards must be at most {MAX_SHARDS}, got {self.shards}")
         if (self.alert_k == 0) != (self.alert_n == 0) or self.alert_k > self.alert_n or self.alert_n > MAX_WINDOW:
             raise ValueError(f"stream settings alert_k and alert_n: both 0 (an alert per flagged image), or "
                              f"1 ≤ alert_k ≤ alert_n ≤ {MAX_WINDOW}; got {self.alert_k} and {self.alert_n}")
@@ -348,7 +415,7 @@ class StreamConsumer:
         the stream (:meth:`read`)."""
         self.settings = replace(settings or StreamSettings(), **knobs)
         block_ms = self.settings.block_ms
-        sock_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        sock_timeout = socket_timeout_of(client)
         if sock_timeout is not None and block_ms / 1000 >= sock_timeout:
             raise ValueError(
                 f"block_ms={block_ms} must be shorter than the client's socket_timeout={sock_timeout}s"
@@ -558,7 +625,7 @@ class StreamConsumer:
         atomic script that writes it only while the entry is pending: an entry whose verdict is already written (a
         slow consumer published it) is only acked, and a verdict published later for a dead-lettered entry is a
         duplicate. Returns the dead letter's id, or None when the entry already had its outcome. ``kind`` names
-        the reason's class (no_data, undecodable, unknown_model, max_deliveries) for metrics and the record."""
+        the reason's class (no_data, undecodable, unknown_model, ref, max_deliveries) for metrics and the record."""
         n = self.names
         data = wire.encode_dead_letter(
             stream_id, raw, reason, consumer=self.consumer, images=n.images, at=time.time(), kind=kind, **extra
@@ -649,6 +716,15 @@ class StreamConsumer:
         return removed
 
 
+def total_backlog(consumers: Iterable[StreamConsumer]) -> tuple[int, int]:
+    """(pending, waiting) summed over the shards ``consumers`` read (one consumer per shard)."""
+    pending = waiting = 0
+    for consumer in consumers:
+        p, w = consumer.backlog()
+        pending, waiting = pending + p, waiting + w
+    return pending, waiting
+
+
 DetectFn = Callable[[list[wire.Request]], list[dict]]
 
 
@@ -658,9 +734,11 @@ class StreamWorker:
     def __init__(
         self, consumer: StreamConsumer, detect_fn: DetectFn, *, max_backoff_s: float = 10.0,
         trim_interval_s: float | None = 5.0, models: Iterable[str] | None = None,
-        call_batch: Callable[[str], int] | None = None,
+        call_batch: Callable[[str], int] | None = None, fetcher: RefFetcher | None = None,
     ) -> None:
         self.consumer = consumer
+        # fetches the images sent by reference (``ref``), from the URLs its allow list names (none by default)
+        self.fetcher = fetcher or RefFetcher()
         self.detect_fn = detect_fn
         # the detectors ``detect_fn`` serves, by name: a request naming another goes to the dead letters with the
         # reason (None: every request is handed to ``detect_fn``)
@@ -716,6 +794,9 @@ class StreamWorker:
                 continue
             reqs.append(req)
             sids.append(sid)
+        if any(req.ref is not None for req in reqs):
+            sids, reqs, dead = self._fetch(sids, reqs, dict(entries))
+            handled += dead
         if not reqs:
             return handled
         if self.call_batch is not None:
@@ -752,6 +833,37 @@ class StreamWorker:
                 self._unpublished, self._unpublished_prints = results, prints
             raise
         return handled + len(results)
+
+    def _fetch(self, sids: list[str], reqs: list[wire.Request], raw: Mapping[str, bytes | None]
+               ) -> tuple[list[str], list[wire.Request], int]:
+        """The batch with the images sent by reference fetched (all at once) and decoded: one the fetcher refuses
+        (not allowed, missing, too big, not what its digest says) or that does not decode goes to the dead letters
+        with the reason; one that cannot be fetched now (a timeout, an unreachable server) stays pending, to be
+        retried when reclaimed (and dead-lettered after ``max_deliveries``). Returns the rest and the number of
+        entries dead-lettered."""
+        refs = [(i, req) for i, req in enumerate(reqs) if req.ref is not None]
+        got = self.fetcher.fetch_many([(r.ref.url, r.ref.size, r.ref.sha256) for _, r in refs])
+        fetched: dict[int, wire.Request | None] = {}
+        dead = 0
+        for (i, req), payload in zip(refs, got, strict=True):
+            fetched[i] = None
+            if isinstance(payload, RefUnavailable):
+                log.warning("could not fetch %s for %s now (%s): left pending", req.ref.url, sids[i], payload)
+                continue
+            try:
+                if isinstance(payload, BaseException):
+                    raise payload
+                fetched[i] = wire.with_fetched(req, payload)
+            except RefRejected as e:
+                self.consumer.dead_letter(sids[i], raw[sids[i]], f"reference refused: {e.reason}", kind="ref")
+                dead += 1
+            except wire.WireError as e:
+                self.consumer.dead_letter(sids[i], raw[sids[i]], f"undecodable request: {e.reason}",
+                                          kind="undecodable")
+                dead += 1
+        keep = [(sid, fetched.get(i, req)) for i, (sid, req) in enumerate(zip(sids, reqs, strict=True))]
+        keep = [(sid, req) for sid, req in keep if req is not None]
+        return [sid for sid, _ in keep], [req for _, req in keep], dead
 
     def _publish(self, results: list[tuple[str, dict]], prints: Mapping[str, Fingerprint]) -> None:
         """Publish, and keep :attr:`degraded` saying whether publishing works."""

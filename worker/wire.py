@@ -12,7 +12,9 @@ read-only).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import string
+import zlib
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -38,6 +40,8 @@ MAX_CONTAINERS = MAX_META_BYTES + 16
 MAX_STR_CHARS = 64 * 1024  # any string in a request/verdict (meta strings are bounded by MAX_META_BYTES)
 MAX_ERROR_CHARS = 2000  # verdict "error" messages are truncated to this
 EPISODE_KINDS = ("episode", "probing")  # alerts about a source's window: flagged images, or a query attack
+MAX_REF_CHARS = 2048  # a reference's URL
+MAX_REF_BYTES = MAX_PAYLOAD_BYTES  # the object a reference names: no bigger than an inline request may be
 MAX_DEAD_PAYLOAD_BYTES = 64 * 1024  # dead letters keep at most this much of the offending entry
 
 ENCODINGS = ("raw", "png", "jpeg")
@@ -63,18 +67,39 @@ class ImageTooLarge(WireError):
     """An image over a size limit (the HTTP route answers 413 for it, 415 for other undecodable bodies)."""
 
 
+def shard_of(key: str, shards: int) -> int:
+    """The image stream (shard) a request goes to: ``crc32(key) mod shards``, ``key`` being the request's
+    ``source`` (so one camera's images stay in order on one shard), else its ``id``; CRC-32 as zlib, Java's
+    ``java.util.zip.CRC32`` and Go's ``hash/crc32.ChecksumIEEE`` compute it, over the key's UTF-8 bytes."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    return zlib.crc32(key.encode("utf-8")) % shards
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An image by reference: the URL to fetch its file from, its size in bytes and its SHA-256 (hex)."""
+
+    url: str
+    size: int
+    sha256: str
+
+
 @dataclass
 class Request:
-    """One decoded image request. ``image`` is uint8 H×W or H×W×C (read-only for raw payloads)."""
+    """One decoded image request. ``image`` is uint8 H×W or H×W×C (read-only for raw payloads); None while a
+    request by reference (``ref``) is not fetched yet (:func:`with_fetched`)."""
 
     id: str
-    image: np.ndarray
+    image: np.ndarray | None
     model: str = "mnist"
     heatmap: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     encoding: str = "raw"
     enqueued_at: float | None = None  # meta["enqueued_at"] (unix seconds) when the producer set it
     source: str | None = None  # the camera or feed it came from: alert windows count per source
+    ref: Ref | None = None  # where the image's file is, when it came by reference
+    declared_shape: tuple[int, ...] | None = None  # the request's ``shape``, checked against a fetched file
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -315,15 +340,93 @@ def encode_request(
     return data
 
 
+def encode_ref_request(
+    id: str,
+    ref: Ref,
+    encoding: str = "jpeg",
+    model: str = "mnist",
+    heatmap: bool = False,
+    meta: dict | None = None,
+    source: str | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> bytes:
+    """Pack one request for an image by reference: the worker fetches ``ref.url`` (if its deployment allows that
+    URL), checks ``ref.size`` and ``ref.sha256``, then decodes the file as ``encoding`` (png, jpeg, or raw with
+    ``shape``)."""
+    what = "request"
+    _check_id(id, what)
+    _check_ref(ref, what)
+    if encoding not in ENCODINGS:
+        raise WireError(f"{what}: unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    if encoding == "raw" and shape is None:
+        raise WireError(f"{what}: a raw image by reference needs its 'shape'")
+    meta = dict(meta or {})
+    _check_meta(meta, what)
+    obj: dict[str, Any] = {"v": VERSION, "id": id, "ref": ref.url, "sha256": ref.sha256, "size": ref.size,
+                           "encoding": encoding, "dtype": "uint8", "model": model, "heatmap": bool(heatmap),
+                           "meta": meta}
+    if shape is not None:
+        obj["shape"] = list(_check_shape(list(shape), what))
+    if source is not None:
+        _check_source(source, what)
+        obj["source"] = source
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _check_ref(ref: Ref, what: str) -> None:
+    url, size, digest = ref.url, ref.size, ref.sha256
+    if not url or len(url) > MAX_REF_CHARS or not url.isprintable() or any(c.isspace() for c in url):
+        raise WireError(f"{what}: field 'ref' must be a URL of 1 to {MAX_REF_CHARS} printable characters "
+                        "without spaces")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_REF_BYTES:
+        raise WireError(f"{what}: field 'size' must be the referenced file's size in bytes, 1 to {MAX_REF_BYTES}, "
+                        f"got {size!r:.40}")
+    if len(digest) != 64 or not set(digest) <= set(string.hexdigits.lower()):
+        raise WireError(f"{what}: field 'sha256' must be the referenced file's SHA-256 as 64 lowercase hex digits")
+
+
+def _decode_pixels(image: bytes, encoding: str, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
+    """The image in ``image`` (raw pixels of ``shape``, or a PNG/JPEG file), bounded before any allocation."""
+    if len(image) == 0:
+        raise WireError(f"{what}: zero-size 'image' (no bytes)")
+    if encoding == "raw":
+        if shape is None:
+            raise WireError(f"{what}: missing field 'shape' (required for raw images)")
+        expected = math.prod(shape)
+        if len(image) != expected:
+            raise WireError(
+                f"{what}: shape {list(shape)} needs {expected} bytes of uint8 but 'image' has {len(image)}"
+            )
+        return np.frombuffer(image, dtype=np.uint8).reshape(shape)
+    return _decode_compressed(image, encoding, shape, what)
+
+
+def with_fetched(req: Request, payload: bytes) -> Request:
+    """``req`` (by reference) with its image decoded from ``payload``, the referenced file's bytes as fetched
+    and checked (size, digest: :mod:`worker.refs`); raises :class:`WireError` as an inline image would."""
+    return replace(req, image=_decode_pixels(payload, req.encoding, req.declared_shape, f"request {req.id!r}"))
+
+
 def decode_request(data: bytes) -> Request:
-    """Validate and unpack one request; raises :class:`WireError` naming the problem."""
+    """Validate and unpack one request; raises :class:`WireError` naming the problem. A request by reference
+    comes back with ``image`` None and its ``ref``: fetch it, then :func:`with_fetched`."""
     what = "request"
     obj = _unpack(data, what)
     _check_version(obj, what)
     rid = _get(obj, "id", str, what, tname="a string")
     _check_id(rid, what)
     what = f"request {rid!r}"
-    image = _get(obj, "image", (bytes, bytearray), what, tname="binary (msgpack bin)")
+    ref = None
+    if "ref" in obj and "image" not in obj:
+        ref = Ref(_get(obj, "ref", str, what, tname="a string (a URL)"),
+                  _get(obj, "size", int, what, tname="an integer"),
+                  _get(obj, "sha256", str, what, tname="a string"))
+        _check_ref(ref, what)
+        image = None
+    elif "ref" in obj:
+        raise WireError(f"{what}: give either 'image' (inline) or 'ref' (by reference), not both")
+    else:
+        image = _get(obj, "image", (bytes, bytearray), what, tname="binary (msgpack bin)")
     encoding = _get(obj, "encoding", str, what, default="raw", tname="a string")
     if encoding not in ENCODINGS:
         raise WireError(f"{what}: unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
@@ -345,23 +448,13 @@ def decode_request(data: bytes) -> Request:
         raise WireError(f"{what}: missing field 'shape' (required for raw images)")
     else:
         shape = None
-    if len(image) == 0:
-        raise WireError(f"{what}: zero-size 'image' (no bytes)")
-    if encoding == "raw":
-        expected = math.prod(shape)
-        if len(image) != expected:
-            raise WireError(
-                f"{what}: shape {list(shape)} needs {expected} bytes of uint8 but 'image' has {len(image)}"
-            )
-        arr = np.frombuffer(image, dtype=np.uint8).reshape(shape)
-    else:
-        arr = _decode_compressed(image, encoding, shape, what)
+    arr = None if image is None else _decode_pixels(image, encoding, shape, what)
     enq = meta.get("enqueued_at")
     enqueued_at = float(enq) if isinstance(enq, (int, float)) and not isinstance(enq, bool) else None
     if enqueued_at is not None and not math.isfinite(enqueued_at):
         enqueued_at = None
     return Request(id=rid, image=arr, model=model, heatmap=heatmap, meta=meta, encoding=encoding,
-                   enqueued_at=enqueued_at, source=source)
+                   enqueued_at=enqueued_at, source=source, ref=ref, declared_shape=shape)
 
 
 # -- verdicts ---------------------------------------------------------------------------------------------

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
 import redis
+
+SERVE = "from ray.serve.scripts import cli; cli()"  # the `serve` console script's entry point
 
 
 def delivered(client: redis.Redis, names, n: int, consumer: str = "w") -> list[str]:
@@ -17,3 +24,17 @@ def delivered(client: redis.Redis, names, n: int, consumer: str = "w") -> list[s
     [(_, read)] = client.xreadgroup(names.group, consumer, {names.images: ">"}, count=n)
     assert [sid.decode() for sid, _ in read] == sids, "entries of the stream were left unread"
     return sids
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Until ``GET /healthz`` answers on ``port``; fails with the log's tail when ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve run exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no /healthz after {timeout_s} s:\n{log.read_text()[-4000:]}")

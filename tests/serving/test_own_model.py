@@ -210,14 +210,15 @@ def test_the_serve_config_alerts_once_per_episode_of_a_source(stack):
 def test_the_standalone_worker_serves_the_bundle_beside_mnist(work, tmp_path):
     """``python -m worker.standalone --detector BUNDLE --model mnist``: the same routing without Ray."""
     from worker.local_redis import LocalRedis
-    from worker.standalone import build_worker, parse_args
+    from worker.standalone import build_workers, parse_args
     from worker.streams import drain
 
     odd = load_sample_digits().parity("odd")
     with LocalRedis(tmp_path / "redis") as server:
         names = StreamNames.with_prefix("standalone")
-        worker = build_worker(parse_args(["--redis-url", server.url, "--prefix", "standalone",
-                                          "--detector", str(work / "bundle"), "--trust-code", "--model", "mnist"]))
+        [worker] = build_workers(parse_args(["--redis-url", server.url, "--prefix", "standalone",
+                                             "--detector", str(work / "bundle"), "--trust-code", "--model",
+                                             "mnist"]))
         worker.consumer.ensure_group()
         client = connect(server.url)
         push_images(client, names, odd.images[:40], ids=[f"a-{i}" for i in range(40)], model=NAME)

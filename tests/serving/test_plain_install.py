@@ -13,13 +13,13 @@ import signal
 import site
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import cv2
 import pytest
 import yaml
+from streamkit import SERVE, wait_healthy
 
 from pipeline import load_sample_digits
 from worker.collect import round_trip
@@ -27,7 +27,6 @@ from worker.local_redis import LocalRedis, free_port
 from worker.streams import StreamNames, connect
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVE = "from ray.serve.scripts import cli; cli()"  # the `serve` console script's entry point
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def test_serve_run_of_the_installed_config_gives_every_verdict(installed, tmp_pa
     proc = subprocess.Popen([installed, "-c", SERVE, "run", "serve.yaml"], cwd=tmp_path, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(port, proc, tmp_path / "serve.log")
+        wait_healthy(port, proc, tmp_path / "serve.log")
         client, names = connect(redis.url), StreamNames()
         digits = load_sample_digits().images[:200]
         ids, got = round_trip(client, names, digits, "plain", timeout_s=180)
@@ -83,16 +82,3 @@ def test_serve_run_of_the_installed_config_gives_every_verdict(installed, tmp_pa
             proc.kill()
         log.close()
         redis.stop()
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve run exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read()
-            return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"no /healthz after {timeout_s} s:\n{log.read_text()[-4000:]}")
