@@ -175,11 +175,21 @@ def bench(
     device: str | None = typer.Option(None, help="photo models: the torch device, e.g. cuda (default: cpu)"),
     batch: int | None = typer.Option(None, min=1, help="photo models: photos per detect call (default 32)"),
     photos: Path | None = typer.Option(None, help="photo models: a folder laid out as the shared imagenet-sample/"),
+    ingest: bool = typer.Option(False, "--ingest", help="the queue alone instead: photos pushed and read to a "
+                                "verdict with 1, 2 and 4 shards, on one Redis and a 3-master Redis Cluster, inline "
+                                "and by reference (--n photos per row, default 2000; e.g. --out reports/scaling)"),
 ) -> None:
     """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes metrics.json + report.
     With ``--model resnet18`` or ``mobilenet_v2``: that photo model's detections/s on ``--device``, beside its
-    floor (``--n`` real photos)."""
+    floor (``--n`` real photos). With ``--ingest``: the stream's own throughput (detection stubbed out)."""
     from evaluation.stream_bench import run_bench, run_photo_bench
+
+    if ingest:
+        from evaluation.ingest_bench import run_ingest_bench
+
+        run_ingest_bench(out, photos=n or 2000, log=lambda m: console.print(m))
+        console.print(f"wrote {out}/ingest.json and {out}/report.md")
+        return
 
     if model == "mnist":
         given = [f"--{k}" for k, v in (("weights", weights), ("device", device), ("batch", batch),

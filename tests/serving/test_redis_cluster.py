@@ -155,3 +155,27 @@ def test_serve_run_of_a_two_shard_config_against_the_cluster_gives_every_verdict
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_the_standalone_worker_reads_every_shard_of_the_cluster(cluster, client, names):
+    """``python -m worker.standalone --redis-url redis+cluster://... --shards 2``: one worker per shard, on the
+    shard's tagged streams, all answered."""
+    from worker.standalone import build_workers, parse_args, run_all
+
+    prefix = names.images.rsplit(":", 1)[0]
+    workers = build_workers(parse_args(["--redis-url", cluster.url, "--prefix", prefix, "--shards", "2",
+                                        "--block-ms", "50"]))
+    assert [w.consumer.names.images for w in workers] == [s.images for s in names.shards(SHARDS, cluster=True)]
+    assert all(is_cluster(w.consumer.client) for w in workers)
+    for w in workers:
+        w.consumer.ensure_group()
+    ids = push(client, names, load_sample_digits(), 0, 40)
+    stop = threading.Event()
+    runner = threading.Thread(target=run_all, args=(workers, stop), daemon=True)
+    runner.start()
+    try:
+        got = collect_verdicts(client, names, ids, shards=SHARDS, timeout_s=60)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert set(got) == set(ids)

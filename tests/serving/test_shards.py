@@ -122,3 +122,19 @@ def test_a_verdict_reader_follows_every_shard_from_where_it_was(client, names, d
         seen += [wire.decode_verdict(data)["id"] for _sid, data in reader.read(block_ms=50)]
     assert sorted(seen) == sorted(f"r-{i}" for i in range(30))
     assert reader.read(block_ms=50) == []
+
+
+def test_explainer_feed_spreads_images_over_the_shards_it_is_told(server, client):
+    """``explainer feed --shards 3``: each image in the stream of its id's shard (no camera given)."""
+    from typer.testing import CliRunner
+
+    from worker.cli import full_app
+
+    result = CliRunner().invoke(full_app(), ["feed", "--redis-url", server.url, "--n", "30", "--shards", "3"])
+    assert result.exit_code == 0, result.output
+    shards = StreamNames().shards(3)
+    for shard in shards:
+        ids = [wire.decode_request(raw).id for _sid, raw in iter_stream(client, shard.images)]
+        assert ids and all(shards[wire.shard_of(rid, 3)] == shard for rid in ids)
+    assert sum(int(client.xlen(s.images)) for s in shards) == 30
+    assert "explainer:images:{0}" in result.output
