@@ -2,14 +2,14 @@
 one redis-server and on a 3-master Redis Cluster, photos inline against by reference, as ratios within one run.
 
 Detection is stubbed out by a trivial model (every photo gets the same clean verdict, nothing decoded), so what
-is measured is Redis and the worker's stream code: producers ``push_requests`` pre-encoded requests from
-``PRODUCERS`` processes; then one consumer process per shard reads batches (``XREADGROUP``), and publishes a
-verdict per entry with the worker's publishing script (verdict ``XADD``, idempotency check and ``XACK`` in one
-script). Bytes through Redis per photo are its ``total_net_input_bytes`` + ``total_net_output_bytes`` over the
-run. A last row times what a reference costs the worker instead: fetching the photos over loopback HTTP
-(``worker.refs.RefFetcher``) and decoding them (both phases decode nothing).
+is measured is Redis and the worker's stream code: ``PRODUCERS`` processes ``push_requests`` pre-encoded
+requests; then ``CONSUMERS`` consumer processes, split evenly over the shards (so that the shard count is what
+changes), read batches (``XREADGROUP``) and publish a verdict per entry with the worker's publishing script
+(verdict ``XADD``, idempotency check and ``XACK`` in one script). Bytes through Redis per photo are its
+``total_net_input_bytes`` + ``total_net_output_bytes`` over the run. A last row times what a reference costs the
+worker instead: fetching the photos (``worker.refs.RefFetcher``) and decoding them (the rows decode nothing).
 
-``explainer bench --ingest --out reports/scaling`` (about 10 minutes on 2 cores).
+``explainer bench --ingest --n 10000 --out reports/scaling`` (about 10 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from worker.streams import StreamConsumer, StreamNames, connect, is_cluster
 
 SHARDS = (1, 2, 4)
 PRODUCERS = 2
+CONSUMERS = 4  # consumer processes in all, split evenly over the shards: the shard count is what changes
 BATCH = 64
 NAMES = StreamNames.with_prefix("ingest")
 
@@ -78,18 +79,18 @@ def produce(url, shards, n, by_ref, base_url, part, parts, ready, go, done):
     done.put(len(reqs))
 
 
-def consume(url, shards, index, expected, ready, go, done):
+def consume(url, shards, index, consumer, ready, go, done):
+    """One consumer of shard ``index``: read batches and publish a fixed verdict for each entry until the shard
+    has nothing left to deliver (everything was pushed before the consumers started)."""
     client = connect(url)
     names = NAMES.shards(shards, is_cluster(client))[index]
-    consumer = StreamConsumer(client, names, consumer=f"c{index}", batch=BATCH, block_ms=100, probe_k=0)
+    reader = StreamConsumer(client, names, consumer=f"c{consumer}", batch=BATCH, probe_k=0)
     ready.wait()
     go.wait()
     handled = 0
-    while handled < expected:
-        entries = consumer.read()
-        if entries:
-            consumer.publish([(sid, {"id": sid, "is_adversarial": False, "score": 0.0}) for sid, _raw in entries])
-            handled += len(entries)
+    while entries := reader.read(block_ms=0):
+        reader.publish([(sid, {"id": sid, "is_adversarial": False, "score": 0.0}) for sid, _raw in entries])
+        handled += len(entries)
     done.put(handled)
 
 
@@ -130,7 +131,9 @@ def measure(ctx, url: str, shards: int, n: int, by_ref: bool, base_url: str) -> 
     pushed = net_bytes(client)
     lengths = [int(client.xlen(names.images)) for names in NAMES.shards(shards, is_cluster(client))]
     assert sum(lengths) == n, lengths
-    read_s = run_processes(ctx, consume, [(url, shards, i, lengths[i]) for i in range(shards)])
+    per_shard = max(1, CONSUMERS // shards)
+    read_s = run_processes(ctx, consume, [(url, shards, i, i * per_shard + c) for i in range(shards)
+                                          for c in range(per_shard)])
     after = net_bytes(client)
     verdicts = sum(int(client.xlen(names.verdicts)) for names in NAMES.shards(shards, is_cluster(client)))
     assert verdicts == n, verdicts
@@ -143,9 +146,20 @@ def measure(ctx, url: str, shards: int, n: int, by_ref: bool, base_url: str) -> 
             "per_shard": lengths}
 
 
+# a static file server with keep-alive and a deep accept queue (``python -m http.server`` closes every connection
+# and queues 5, so that 8 fetches at once meet SYN retries of a second)
+FILE_SERVER = """
+import sys
+from aiohttp import web
+app = web.Application()
+app.router.add_static("/", sys.argv[2])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), backlog=1024, print=None, access_log=None)
+"""
+
+
 class PhotoServer:
-    """The photos over loopback HTTP as ``/<i>.jpg``, from a process of its own (``python -m http.server``), so
-    that serving them does not share the fetcher's interpreter: what a reference names."""
+    """The photos over loopback HTTP as ``/<i>.jpg``, from a process of its own (aiohttp's static files), so that
+    serving them does not share the fetcher's interpreter: what a reference names."""
 
     def __init__(self, photos: list[bytes], folder: Path) -> None:
         self.folder = folder
@@ -154,9 +168,8 @@ class PhotoServer:
             (folder / f"{i}.jpg").write_bytes(data)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                                         "--directory", str(folder)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen([sys.executable, "-c", FILE_SERVER, str(port), str(folder)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -212,6 +225,12 @@ def run_ingest_bench(out: Path, photos: int = 2000, shards: tuple[int, ...] = SH
                         rows.append({"redis": "one redis-server", **measure(ctx, one.url, n, photos, by_ref,
                                                                              server.url)})
                         log(json.dumps(rows[-1]))
+            # the same server without its append-only file: how much of the inline rate is the disk's
+            with LocalRedis(Path(tmp) / "bare", extra_config={"appendonly": "no"}) as bare:
+                for by_ref in (False, True):
+                    rows.append({"redis": "one redis-server, AOF off", **measure(ctx, bare.url, 1, photos, by_ref,
+                                                                                  server.url)})
+                    log(json.dumps(rows[-1]))
             with LocalCluster(masters=3, data_dir=Path(tmp) / "cluster", appendfsync="everysec") as cluster:
                 for n in shards:
                     for by_ref in (False, True):
@@ -233,11 +252,13 @@ def write_report(out: Path, rows: list[dict], cost: dict, n: int) -> None:
     lines = [
         "# Ingest: shards, Redis Cluster, photos inline or by reference",
         "",
-        f"`explainer bench --ingest --out {out}`: {n} ImageNet-sample JPEG photos (mean "
+        f"`explainer bench --ingest --n {n} --out {out}`: {n} ImageNet-sample JPEG photos (mean "
         f"{base['inline']['bytes_in_push_per_photo'] / 1024:.0f} KiB through Redis per push) per row, {PRODUCERS} "
-        f"producer processes, one consumer process per shard (batches of {BATCH}); detection stubbed out (a fixed "
-        "verdict per photo, nothing decoded), so the figures are the queue's. Ratios are against one shard on one "
-        "redis-server with the same payload, measured in the same run. All processes share this host's 2 cores.",
+        f"producer processes, then {CONSUMERS} consumer processes split over the shards (batches of {BATCH}); "
+        "detection stubbed out (a fixed verdict per photo, nothing decoded), so the figures are the queue's. "
+        "Ratios are against one shard on one redis-server with the same payload, measured in the same run. All "
+        "processes share this host's 2 cores. Every server but the one marked keeps an append-only file "
+        "(`appendfsync everysec`, as shipped): each byte pushed is also written to this host's disk.",
         "",
         "| Redis | shards | payload | push photos/s | × | read → verdict photos/s | × | bytes through Redis / photo |",
         "|---|---|---|---|---|---|---|---|",
@@ -249,7 +270,8 @@ def write_report(out: Path, rows: list[dict], cost: dict, n: int) -> None:
                      f"{r['read_to_verdict_per_s'] / b['read_to_verdict_per_s']:.2f} | "
                      f"{r['bytes_per_photo']:,.0f} |")
     lines += ["", f"What a reference costs the worker instead (one process, {cost['photos']} photos, "
-              f"`RefFetcher.fetch_many` in batches of {BATCH}): over loopback HTTP from `python -m http.server` "
+              f"`RefFetcher.fetch_many` in batches of {BATCH}): over loopback HTTP (aiohttp's static files, another "
+              "process) "
               f"**{cost['fetch_http_per_s']:,.0f} photos/s**, from a local folder (`file://`) "
               f"**{cost['fetch_file_per_s']:,.0f} photos/s**; decoding the JPEGs, which inline and fetched photos "
               f"alike pay: {cost['decode_per_s']:,.0f} photos/s on one thread.", ""]
