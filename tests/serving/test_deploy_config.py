@@ -99,7 +99,8 @@ def test_the_ingress_can_feed_every_explainer_the_backlog_policy_may_start(confi
     ingress_replicas = deployments["Ingress"].num_replicas or 1
     explainer = deployments["Explainer"].autoscaling_config
     assert explainer["policy"]["policy_function"] == "worker.autoscale:backlog_policy"
-    assert AppArgs.model_validate(app.args).consumers * ingress_replicas >= explainer["max_replicas"]
+    args = AppArgs.model_validate(app.args)
+    assert args.consumers * args.shards * ingress_replicas >= explainer["max_replicas"]
 
 
 def test_detectors_are_named_one_way_and_a_served_one_must_be_calibrated(tmp_path):

@@ -179,3 +179,36 @@ def test_the_standalone_worker_reads_every_shard_of_the_cluster(cluster, client,
         stop.set()
         runner.join(timeout=30)
     assert set(got) == set(ids)
+
+
+def test_a_master_lost_to_its_replica_mid_stream_loses_no_image(tmp_path, detector):
+    """3 masters with a replica each: the master of shard 0 is killed and its replica promoted mid-stream. Every
+    image still gets its verdict; replication is asynchronous, so a write the replica had not received may be
+    redone and its verdict written again (at least once: docs/wire.md), never lost."""
+    digits = load_sample_digits()
+    names = StreamNames.with_prefix("failover")
+    with LocalCluster(masters=3, replicas=1, data_dir=tmp_path / "cluster") as replicated:
+        client = connect(replicated.url, retries=12, backoff_cap=1.0)
+        shards = names.shards(SHARDS, cluster=True)
+        victim = replicated.master_of_slot(key_slot(shards[0].images.encode()))[1]
+        stop = threading.Event()
+        threads = run_workers(client, names, detector, stop)
+        try:
+            ids = push(client, names, digits, 0, 160)
+            reader = VerdictReader(client, names, SHARDS, after="0-0")
+            seen: list[str] = []
+            while len(seen) < 40:
+                seen += [wire.decode_verdict(d)["id"] for _sid, d in reader.read(block_ms=50)]
+            replicated.kill(victim)
+            replicated.wait_ok(timeout_s=60)  # the replica took over shard 0's slot
+            assert replicated.master_of_slot(key_slot(shards[0].images.encode()))[1] != victim
+            ids += push(client, names, digits, 160, 80)
+            got = collect_verdicts(client, names, ids, shards=SHARDS, after="0-0", timeout_s=180)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        assert set(got) == set(ids)
+        for s in shards:
+            assert int(client.xpending(s.images, s.group)["pending"]) == 0
+        client.close()
