@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,3 +40,26 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout_s: float 
         except OSError:
             time.sleep(1)
     raise AssertionError(f"no /healthz after {timeout_s} s:\n{log.read_text()[-4000:]}")
+
+
+class Files(http.server.ThreadingHTTPServer):
+    """``GET /<name>`` answers ``files[name]`` or 404."""
+
+    def __init__(self, files: dict[str, bytes], port: int = 0) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                body = files.get(self.path.lstrip("/"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()

@@ -4,6 +4,7 @@ promises, and ``serve run`` of a 2-shard config against the cluster giving every
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import subprocess
 import sys
@@ -12,17 +13,18 @@ import time
 import uuid
 from pathlib import Path
 
+import cv2
 import pytest
 import yaml
 from redis.crc import key_slot
-from streamkit import SERVE, wait_healthy
+from streamkit import SERVE, Files, wait_healthy
 
 from pipeline import load_sample_digits
 from worker import wire
 from worker.collect import VerdictReader, collect_verdicts
 from worker.detect import detect_requests
 from worker.embedded import DEFAULT_CONFIG
-from worker.feed import push_images
+from worker.feed import push_images, push_requests
 from worker.local_redis import LocalCluster, free_port
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect, is_cluster, iter_stream
 
@@ -129,11 +131,15 @@ def test_a_master_killed_mid_stream_loses_nothing_and_answers_nothing_twice(clus
 
 
 def test_serve_run_of_a_two_shard_config_against_the_cluster_gives_every_verdict(cluster, client, tmp_path):
+    """Inline digits, and digits by reference from a loopback HTTP server the config allows, through the Ingress."""
+    digits = load_sample_digits()
+    files = {f"{i}.png": cv2.imencode(".png", digits.images[i])[1].tobytes() for i in range(20)}
+    photos = Files(files)
     port = free_port()
     config = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     args = config["applications"][0]["args"]
-    args.update(redis_url=cluster.url, shards=SHARDS, consumers=1, batch=64)
+    args.update(redis_url=cluster.url, shards=SHARDS, consumers=1, batch=64, ref_allow=[photos.url])
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the process writes to it until it is stopped
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "run", "serve.yaml"], cwd=tmp_path, stdout=log,
@@ -141,10 +147,15 @@ def test_serve_run_of_a_two_shard_config_against_the_cluster_gives_every_verdict
     names = StreamNames()
     try:
         wait_healthy(port, proc, tmp_path / "serve.log")
-        digits = load_sample_digits()
         ids = push(client, names, digits, 0, 200)
-        got = collect_verdicts(client, names, ids, shards=SHARDS, after="0-0", timeout_s=240)
-        assert set(got) == set(ids) and all("error" not in v for v in got.values())
+        refs = [f"ref-{i}" for i in range(20)]
+        push_requests(client, names, [(rid, wire.encode_ref_request(rid, wire.Ref(
+            f"{photos.url}/{i}.png", len(files[f"{i}.png"]), hashlib.sha256(files[f"{i}.png"]).hexdigest()),
+            encoding="png")) for i, rid in enumerate(refs)], shards=SHARDS)
+        got = collect_verdicts(client, names, ids + refs, shards=SHARDS, after="0-0", timeout_s=240)
+        assert set(got) == set(ids + refs) and all("error" not in v for v in got.values())
+        assert [got[r]["score"] for r in refs] == pytest.approx([got[f"cam-{i % 8}-{i}"]["score"] for i in range(20)],
+                                                                abs=1e-5)
         for s in names.shards(SHARDS, cluster=True):
             assert int(client.xlen(s.verdicts)) > 0
             assert int(client.xpending(s.images, s.group)["pending"]) == 0
@@ -155,6 +166,7 @@ def test_serve_run_of_a_two_shard_config_against_the_cluster_gives_every_verdict
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        photos.shutdown()
 
 
 def test_the_standalone_worker_reads_every_shard_of_the_cluster(cluster, client, names):

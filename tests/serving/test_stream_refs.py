@@ -6,12 +6,11 @@ pending until it answers."""
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
 import uuid
 
 import cv2
 import pytest
+from streamkit import Files
 
 from worker import wire
 from worker.collect import collect_verdicts
@@ -20,29 +19,6 @@ from worker.feed import push_images, push_requests
 from worker.local_redis import free_port
 from worker.refs import RefFetcher
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, drain, iter_stream
-
-
-class Files(http.server.ThreadingHTTPServer):
-    """``GET /<name>`` answers ``files[name]`` or 404."""
-
-    def __init__(self, files: dict[str, bytes], port: int = 0) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                body = files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
 def png(image) -> bytes:
