@@ -29,7 +29,8 @@ from redis.cluster import RedisCluster
 from evaluation.datasets import load_imagenet_sample
 from worker import wire
 from worker.feed import push_requests
-from worker.local_redis import LocalCluster, LocalRedis, free_port
+from worker.local_cluster import LocalCluster
+from worker.local_redis import LocalRedis, free_port
 from worker.refs import RefFetcher
 from worker.streams import StreamConsumer, StreamNames, connect, is_cluster
 

@@ -25,7 +25,8 @@ from worker.collect import VerdictReader, collect_verdicts
 from worker.detect import detect_requests
 from worker.embedded import DEFAULT_CONFIG
 from worker.feed import push_images, push_requests
-from worker.local_redis import LocalCluster, free_port
+from worker.local_cluster import LocalCluster
+from worker.local_redis import free_port
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, connect, is_cluster, iter_stream
 
 SHARDS = 2
