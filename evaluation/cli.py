@@ -166,7 +166,7 @@ def print_photo_table(metrics: dict, out: Path) -> None:
 
 
 def bench(
-    out: Path = typer.Option(Path("reports/bench")),
+    out: Path | None = typer.Option(None, help="default: reports/bench, with --ingest reports/scaling"),
     n: int | None = typer.Option(None, min=1, help="images per throughput run (MNIST: 1000; photo models: 64)"),
     streaming: bool = typer.Option(True, help="also measure the Redis + Ray Serve path"),
     imagenet: bool = typer.Option(True, help="also time ResNet-18 (random weights) and MobileNetV2"),
@@ -177,7 +177,7 @@ def bench(
     photos: Path | None = typer.Option(None, help="photo models: a folder laid out as the shared imagenet-sample/"),
     ingest: bool = typer.Option(False, "--ingest", help="the queue alone instead: photos pushed and read to a "
                                 "verdict with 1, 2 and 4 shards, on one Redis and a 3-master Redis Cluster, inline "
-                                "and by reference (--n photos per row, default 2000; e.g. --out reports/scaling)"),
+                                "and by reference (--n photos per row)"),
 ) -> None:
     """Floor, in-process and streaming throughput, stages, batch sizes, latency; writes metrics.json + report.
     With ``--model resnet18`` or ``mobilenet_v2``: that photo model's detections/s on ``--device``, beside its
@@ -185,11 +185,13 @@ def bench(
     from evaluation.stream_bench import run_bench, run_photo_bench
 
     if ingest:
-        from evaluation.ingest_bench import run_ingest_bench
+        from evaluation.ingest_bench import PHOTOS_PER_ROW, run_ingest_bench
 
-        run_ingest_bench(out, photos=n or 2000, log=lambda m: console.print(m))
+        out = out or Path("reports/scaling")
+        run_ingest_bench(out, photos=n or PHOTOS_PER_ROW, log=lambda m: console.print(m))
         console.print(f"wrote {out}/ingest.json and {out}/report.md")
         return
+    out = out or Path("reports/bench")
 
     if model == "mnist":
         given = [f"--{k}" for k, v in (("weights", weights), ("device", device), ("batch", batch),

@@ -18,10 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline import Detector, load_adversarial_digits, load_sample_digits
-from worker.collect import collect_verdicts, last_id
+from worker.collect import VerdictReader, collect_verdicts
 from worker.embedded import DEFAULT_CONFIG, embedded_stack
 from worker.feed import push_images
-from worker.streams import StreamNames, connect
+from worker.streams import StreamNames, connect, is_cluster, served_shards
 
 
 @dataclass
@@ -67,22 +67,24 @@ def run_demo(
     try:
         client = connect(handle.redis_url)
         names = StreamNames()
+        shards = served_shards(client, names)  # what the config serves, as the worker noted it
         alerts = _AlertCounter(client, names.alerts)
-        after = last_id(client, names.verdicts)
+        after = VerdictReader(client, names, shards).positions()
         # warm-up: one message through every stage so start-up costs are not counted as throughput
-        push_images(client, names, images[:1], ids=["warmup"])
-        collect_verdicts(client, names, ["warmup"], after, timeout_s=120)
-        after = last_id(client, names.verdicts)
+        push_images(client, names, images[:1], ids=["warmup"], shards=shards)
+        collect_verdicts(client, names, ["warmup"], after, timeout_s=120, shards=shards)
+        after = VerdictReader(client, names, shards).positions()
         t0 = time.perf_counter()
-        push_images(client, names, images, ids=ids)
+        push_images(client, names, images, ids=ids, shards=shards)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as bar:
             task = bar.add_task("verdicts", total=len(ids))
-            got = collect_verdicts(client, names, ids, after, timeout_s=600,
+            got = collect_verdicts(client, names, ids, after, timeout_s=600, shards=shards,
                                    progress=lambda k: bar.update(task, completed=k))
         elapsed = time.perf_counter() - t0
         time.sleep(0.5)
-        pending = int(client.xpending(names.images, names.group)["pending"])
+        pending = sum(int(client.xpending(s.images, s.group)["pending"])
+                      for s in names.shards(shards, is_cluster(client)))
         alerts.stop()
     finally:
         stack.__exit__(None, None, None)

@@ -9,7 +9,7 @@ changes), read batches (``XREADGROUP``) and publish a verdict per entry with the
 ``total_net_input_bytes`` + ``total_net_output_bytes`` over the run. A last row times what a reference costs the
 worker instead: fetching the photos (``worker.refs.RefFetcher``) and decoding them (the rows decode nothing).
 
-``explainer bench --ingest --n 10000 --out reports/scaling`` (about 10 minutes on 2 cores).
+``explainer bench --ingest`` (reports/scaling; about 7 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from worker.refs import RefFetcher
 from worker.streams import StreamConsumer, StreamNames, connect, is_cluster
 
 SHARDS = (1, 2, 4)
+PHOTOS_PER_ROW = 10_000
 PRODUCERS = 2
 CONSUMERS = 4  # consumer processes in all, split evenly over the shards: the shard count is what changes
 BATCH = 64
@@ -211,7 +212,7 @@ def fetch_cost(photos: list[bytes], server: PhotoServer) -> dict:
     return out
 
 
-def run_ingest_bench(out: Path, photos: int = 2000, shards: tuple[int, ...] = SHARDS, log=print) -> dict:
+def run_ingest_bench(out: Path, photos: int = PHOTOS_PER_ROW, shards: tuple[int, ...] = SHARDS, log=print) -> dict:
     """Every row (one redis-server, then a 3-master cluster; each shard count; inline, then by reference), the
     fetch-and-decode cost, written to ``out``/ingest.json and report.md."""
     ctx = mp.get_context("spawn")
@@ -253,7 +254,7 @@ def write_report(out: Path, rows: list[dict], cost: dict, n: int) -> None:
     lines = [
         "# Ingest: shards, Redis Cluster, photos inline or by reference",
         "",
-        f"`explainer bench --ingest --n {n} --out {out}`: {n} ImageNet-sample JPEG photos (mean "
+        f"`explainer bench --ingest --n {n} --out {out}`: {n:,} ImageNet-sample JPEG photos (mean "
         f"{base['inline']['bytes_in_push_per_photo'] / 1024:.0f} KiB through Redis per push) per row, {PRODUCERS} "
         f"producer processes, then {CONSUMERS} consumer processes split over the shards (batches of {BATCH}); "
         "detection stubbed out (a fixed verdict per photo, nothing decoded), so the figures are the queue's. "

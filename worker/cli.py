@@ -18,7 +18,7 @@ from worker import wire
 from worker.embedded import DEFAULT_CONFIG
 from worker.local_redis import resolve_redis_url
 from worker.plugins import load_plugins
-from worker.streams import StreamSettings
+from worker.streams import MAX_SHARDS, StreamSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -493,7 +493,7 @@ PASSWORD_FILE_HELP = ("a file holding the Redis password (default: $EXPLAINER_RE
 REDIS_URL_HELP = ("Redis URL, or redis+cluster://HOST:PORT for any node of a Redis Cluster (default: "
                   "$EXPLAINER_REDIS_URL, else the server `explainer serve` started from this folder, else "
                   "redis://127.0.0.1:6379/0)")
-SHARDS_DEFAULT, SHARDS_HELP = StreamSettings.knobs()["shards"]
+SHARDS_HELP = StreamSettings.knobs()["shards"][1]
 
 
 @app.command()
@@ -519,7 +519,7 @@ def serve(
     alert_window: str | None = typer.Option(
         None, help="K/N: one alert when K of the last N images of one source are flagged, e.g. 3/10 (default: an "
         "alert per flagged image)"),
-    shards: int | None = typer.Option(None, help=SHARDS_HELP + " (default: the config's)"),
+    shards: int | None = typer.Option(None, min=1, max=MAX_SHARDS, help=SHARDS_HELP + " (default: the config's)"),
     ref_allow: list[str] | None = typer.Option(
         None, help="a URL prefix images sent by reference may be fetched from, e.g. https://photos.example.com/cams/ "
         "(repeatable; default: the config's, none)"),
@@ -543,10 +543,7 @@ def serve(
             fail(f"--fpr: a target false-positive rate lies in (0, 1), got {fpr}")
         overrides["fpr"] = fpr
     if shards is not None:
-        try:
-            overrides["shards"] = StreamSettings(shards=shards).shards
-        except ValueError as exc:
-            fail(f"--shards: {exc}")
+        overrides["shards"] = shards
     if ref_allow:
         overrides["ref_allow"] = list(ref_allow)
     if alert_window is not None:
@@ -603,13 +600,14 @@ def feed(
                                       "request's source field, which alert windows count by"),
     detector: str = typer.Option("mnist", help="the name of the served detector that judges them (each request's "
                                  "model field)"),
-    shards: int = typer.Option(SHARDS_DEFAULT, help="the image streams the worker reads (its shards setting): each "
-                               "image goes to the one its camera, else its id, picks (worker.wire.shard_of)"),
+    shards: int | None = typer.Option(None, min=1, max=MAX_SHARDS, help="the image streams the worker reads (its "
+                                      "shards setting; default: the count the worker noted in Redis, else 1): each "
+                                      "image goes to the one its camera, else its id, picks (worker.wire.shard_of)"),
 ) -> None:
     """Push images into the image streams."""
     from pipeline import load_adversarial_digits, load_sample_digits
     from worker.feed import push_images
-    from worker.streams import StreamNames, connect_with_password, is_cluster
+    from worker.streams import StreamNames, connect_with_password, is_cluster, served_shards
 
     if source == "mnist":
         digits = load_sample_digits().parity("odd").head(n)
@@ -633,6 +631,7 @@ def feed(
         images, ids = [read_image_file(p) for p in files], [p.name for p in files]
     client = connect_with_password(resolve_redis_url(redis_url), redis_password_file)
     names = StreamNames()
+    shards = served_shards(client, names, shards)
     stream_ids = push_images(client, names, images, ids=ids, encoding=encoding, model=detector, source=camera,
                              shards=shards)
     streams = [n.images for n in names.shards(shards, is_cluster(client))]
@@ -646,12 +645,13 @@ def watch(
     all_verdicts: bool = typer.Option(
         False, "--all", help="follow every verdict (the verdict streams), not only alerts"
     ),
-    shards: int = typer.Option(SHARDS_DEFAULT, help="the worker's shards setting: --all follows every shard's "
-                               "verdict stream"),
+    shards: int | None = typer.Option(None, min=1, max=MAX_SHARDS, help="the worker's shards setting (default: the "
+                                      "count the worker noted in Redis, else 1): --all follows every shard's verdict "
+                                      "stream"),
 ) -> None:
     """Print verdicts live: adversarial alerts from the pub/sub channel, or every verdict from the stream."""
     from worker.collect import VerdictReader
-    from worker.streams import StreamNames, connect_with_password
+    from worker.streams import StreamNames, connect_with_password, served_shards
     from worker.verdicts import watch_line
 
     client, names = connect_with_password(resolve_redis_url(redis_url), redis_password_file), StreamNames()
@@ -661,7 +661,7 @@ def watch(
 
     try:
         if all_verdicts:
-            reader = VerdictReader(client, names, shards)
+            reader = VerdictReader(client, names, served_shards(client, names, shards))
             while True:
                 for _sid, data in reader.read(block_ms=1000, count=100):
                     show(wire.decode_verdict(data))

@@ -27,6 +27,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from worker.wire import WireError
 
 SCHEMES = ("file", "http", "https", "s3")
 DEFAULT_PORTS = {"http": 80, "https": 443}
+COOLDOWN_S = 5.0  # an origin that failed transiently is not tried again for this long (at most the timeout)
 REF_TIMEOUT_S = 10.0  # fetching one referenced image gives up after this long (ref_timeout_s)
 _PACKAGES = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs"}  # what fsspec needs for each scheme
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -165,9 +167,12 @@ def _parse(url: object) -> _Url:
 
 
 def _show(url: object) -> str:
+    """``url`` for logs and dead letters: without its query (a signed URL's token lives there) or fragment."""
     if not isinstance(url, str):
         return f"<{type(url).__name__}>"
-    return repr(url if len(url) <= 200 else url[:200] + "...")
+    bare = re.split(r"[?#]", url, maxsplit=1)[0]
+    bare = bare if len(bare) <= 200 else bare[:200] + "..."
+    return repr(bare + ("?..." if len(bare) < len(url) else ""))
 
 
 def _under(path: str, root: str) -> bool:
@@ -220,6 +225,8 @@ class RefFetcher:
         self._filesystems: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self.cooldown_s = min(self.timeout_s, COOLDOWN_S)
+        self._down: dict[str, float] = {}  # origin -> monotonic time before which its refs fail at once
 
     # -- checks ---------------------------------------------------------------------------------------------
 
@@ -270,12 +277,39 @@ class RefFetcher:
 
     def fetch_many(self, refs: Sequence[tuple[str, int, str]]) -> list[bytes | Exception]:
         """Fetch ``(url, size, sha256)`` refs concurrently: per ref, in order, its bytes or the
-        :class:`RefRejected` / :class:`RefUnavailable` it failed with (never raised)."""
+        :class:`RefRejected` / :class:`RefUnavailable` it failed with (never raised). An origin (scheme, host and
+        port) that failed transiently is not tried again for ``cooldown_s``: its refs fail at once, so that a photo
+        store that is down costs the stream one timeout, not one per image."""
         if not refs:
             return []
         from fsspec.asyn import get_loop, sync
 
-        return sync(get_loop(), self._gather, list(refs))
+        out: list[bytes | Exception | None] = [None] * len(refs)
+        origins = [self._origin(ref) for ref in refs]
+        now = time.monotonic()
+        todo = []
+        for i, origin in enumerate(origins):
+            until = self._down.get(origin, 0.0) if origin else 0.0
+            if until > now:
+                out[i] = RefUnavailable(f"ref {_show(refs[i][0])}: {origin} failed within the last "
+                                        f"{self.cooldown_s:g} s; tried again after {until - now:.1f} s")
+            else:
+                todo.append(i)
+        got = sync(get_loop(), self._gather, [refs[i] for i in todo]) if todo else []
+        for i, result in zip(todo, got, strict=True):
+            out[i] = result
+            if isinstance(result, RefUnavailable) and origins[i]:
+                self._down[origins[i]] = time.monotonic() + self.cooldown_s
+            elif not isinstance(result, Exception) and origins[i]:
+                self._down.pop(origins[i], None)
+        return out  # type: ignore[return-value]
+
+    def _origin(self, ref: Any) -> str | None:
+        """The scheme, host and port a ref would be fetched from; None when it is not even a URL."""
+        try:
+            return _parse(ref[0]).origin
+        except (ValueError, TypeError, IndexError):
+            return None
 
     async def _gather(self, refs: list) -> list[bytes | Exception]:
         gate = asyncio.Semaphore(self.workers)

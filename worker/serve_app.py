@@ -61,6 +61,7 @@ from worker.streams import (
     connect_with_password,
     is_cluster,
     is_cluster_url,
+    note_shards,
     total_backlog,
 )
 
@@ -519,6 +520,7 @@ class Ingress:
                     self.threads.append(thread)
                     thread.start()
             client = stream_client(redis_url, redis_password_file)
+            note_shards(client, StreamNames(**(streams or {})), settings.shards)
             watches = [StreamConsumer(client, names, consumer=f"{tag}-watch") for names in shards]
             threading.Thread(target=self._watch_backlog, args=(watches,), name="backlog", daemon=True).start()
 
@@ -679,6 +681,11 @@ class AppArgs(StreamArgs):
     @model_validator(mode="after")
     def _stream_settings_hold(self) -> "AppArgs":
         self.stream_settings()
+        return self
+
+    @model_validator(mode="after")
+    def _ref_allow_holds(self) -> "AppArgs":
+        RefFetcher(self.ref_allow, timeout_s=self.ref_timeout_s)  # a bad prefix fails here, not in every replica
         return self
 
     def stream_settings(self) -> StreamSettings:

@@ -30,6 +30,7 @@ from worker.streams import (
     StreamWorker,
     connect_with_password,
     is_cluster_url,
+    note_shards,
 )
 
 
@@ -85,6 +86,7 @@ def build_workers(args: argparse.Namespace) -> list[StreamWorker]:
         raise SystemExit(f"error: {exc}") from None
     url = resolve_redis_url(args.redis_url)
     fetcher = RefFetcher(args.ref_allow, timeout_s=args.ref_timeout_s)
+    note_shards(connect_with_password(url, args.redis_password_file), names, settings.shards)
     workers = []
     for shard in names.shards(settings.shards, is_cluster_url(url)):
         consumer = StreamConsumer(connect_with_password(url, args.redis_password_file), shard, consumer=args.consumer,

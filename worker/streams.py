@@ -15,10 +15,12 @@ Delivery is at-least-once end to end:
   removes only entries every group has acked (``XTRIM MINID``), so the stream's length is its backlog.
 
 Sharding: ``shards`` image streams, each with its consumer group, its verdict and dead-letter streams and its
-sources' alert state, all under one hash tag (``explainer:images:{2}``, ``explainer:verdicts:{2}``, ...), so each
-shard's scripts touch one Redis Cluster slot; a producer picks a shard by ``source`` (:func:`worker.wire.shard_of`),
-so a source's images, windows and verdicts stay on one shard, in order. On Redis Cluster
-(``redis+cluster://`` URLs) even one shard is tagged.
+sources' alert state, all under one hash tag (``explainer:images:{2-12}``, ``explainer:verdicts:{2-12}``, ...:
+:func:`worker.wire.shard_tag`), so each shard's scripts touch one Redis Cluster slot; a producer picks a shard by
+``source`` (:func:`worker.wire.shard_of`), so a source's images stay in order on one shard and its alert state
+lives there. On Redis Cluster (``redis+cluster://`` URLs) even one shard is tagged. The worker notes the shard
+count it serves at ``<images>:shards`` (:func:`note_shards`), where producers and readers find it
+(:func:`served_shards`).
 """
 
 from __future__ import annotations
@@ -72,10 +74,15 @@ class StreamNames:
     window_prefix: str = "explainer:window:"  # the window policy's state: <window_prefix><source>, a hash
     probe_prefix: str = "explainer:probe:"  # the query monitor's state: <probe_prefix><source>, a hash
 
-    def shard(self, index: int) -> StreamNames:
-        """The names of shard ``index``: every key carries the hash tag ``{index}``, so that one shard's keys
-        share a Redis Cluster slot (its Lua scripts touch several); the group and the channels stay as they are."""
-        tag = f"{{{index}}}"
+    def shard(self, index: int, count: int) -> StreamNames:
+        """The names of shard ``index`` of ``count``: every key carries the shard's hash tag
+        (:func:`worker.wire.shard_tag`), so that one shard's keys share a Redis Cluster slot (its Lua scripts touch
+        several) and the shards spread over the masters; the group and the channels stay as they are."""
+        keys = (self.images, self.verdicts, self.dead, self.episodes, self.window_prefix, self.probe_prefix)
+        if any("{" in key or "}" in key for key in keys):
+            raise ValueError("sharded stream names must not hold '{' or '}': the shard's hash tag is added to them "
+                             f"(a tag of their own would put every shard in one slot): {keys}")
+        tag = f"{{{wire.shard_tag(index, count)}}}"
         return replace(self, images=f"{self.images}:{tag}", verdicts=f"{self.verdicts}:{tag}",
                        dead=f"{self.dead}:{tag}", episodes=f"{self.episodes}:{tag}",
                        window_prefix=f"{self.window_prefix.rstrip(':')}:{tag}:",
@@ -86,7 +93,13 @@ class StreamNames:
         :meth:`shard` of each index (on a cluster even one shard is tagged: its scripts need one slot)."""
         if count < 1:
             raise ValueError(f"shards must be at least 1, got {count}")
-        return [self] if count == 1 and not cluster else [self.shard(i) for i in range(count)]
+        return [self] if count == 1 and not cluster else [self.shard(i, count) for i in range(count)]
+
+    @property
+    def shard_count_key(self) -> str:
+        """Where the worker notes the shard count it serves (a string key), so that producers and readers that
+        were not told it read it: ``<images>:shards``."""
+        return f"{self.images}:shards"
 
     @classmethod
     def with_prefix(cls, prefix: str, **kw: Any) -> StreamNames:
@@ -716,6 +729,28 @@ class StreamConsumer:
         return removed
 
 
+def note_shards(client: redis.Redis, names: StreamNames, shards: int) -> None:
+    """Note the shard count this worker serves where producers and readers look (``names.shard_count_key``); a
+    different count already noted there is logged loudly: two deployments disagree, and images pushed by the other
+    count go to streams one of them never reads. Best effort: a Redis that is down or refuses it (ACL) is logged."""
+    try:
+        old = client.set(names.shard_count_key, str(shards), get=True)
+    except (*CONNECTION_ERRORS, redis.ResponseError) as exc:  # a note: the stream is read without it
+        log.warning("could not note the shard count at %s: %s", names.shard_count_key, exc)
+        return
+    if old is not None and _s(old) != str(shards):
+        log.error("%s said %s shards, this worker serves %d: producers that read the old count push to streams "
+                  "this worker does not read", names.shard_count_key, _s(old), shards)
+
+
+def served_shards(client: redis.Redis, names: StreamNames, given: int | None = None) -> int:
+    """``given`` when set, else the shard count a worker noted (:func:`note_shards`), else 1."""
+    if given is not None:
+        return StreamSettings(shards=given).shards
+    noted = client.get(names.shard_count_key)
+    return StreamSettings(shards=int(noted)).shards if noted is not None else 1
+
+
 def total_backlog(consumers: Iterable[StreamConsumer]) -> tuple[int, int]:
     """(pending, waiting) summed over the shards ``consumers`` read (one consumer per shard)."""
     pending = waiting = 0
@@ -840,15 +875,18 @@ class StreamWorker:
         (not allowed, missing, too big, not what its digest says) or that does not decode goes to the dead letters
         with the reason; one that cannot be fetched now (a timeout, an unreachable server) stays pending, to be
         retried when reclaimed (and dead-lettered after ``max_deliveries``). Returns the rest and the number of
-        entries dead-lettered."""
+        entries dead-lettered; raises :class:`RefUnavailable` when nothing of the batch is left but images that
+        cannot be fetched now, so that :meth:`run` backs off rather than read again at once."""
         refs = [(i, req) for i, req in enumerate(reqs) if req.ref is not None]
         got = self.fetcher.fetch_many([(r.ref.url, r.ref.size, r.ref.sha256) for _, r in refs])
         fetched: dict[int, wire.Request | None] = {}
         dead = 0
+        unavailable: RefUnavailable | None = None
         for (i, req), payload in zip(refs, got, strict=True):
             fetched[i] = None
             if isinstance(payload, RefUnavailable):
-                log.warning("could not fetch %s for %s now (%s): left pending", req.ref.url, sids[i], payload)
+                log.warning("could not fetch the image of %s now (%s): left pending", sids[i], payload)
+                unavailable = payload
                 continue
             try:
                 if isinstance(payload, BaseException):
@@ -863,6 +901,8 @@ class StreamWorker:
                 dead += 1
         keep = [(sid, fetched.get(i, req)) for i, (sid, req) in enumerate(zip(sids, reqs, strict=True))]
         keep = [(sid, req) for sid, req in keep if req is not None]
+        if not keep and unavailable is not None and not dead:
+            raise unavailable  # nothing to do but wait for the store: run() backs off instead of spinning
         return [sid for sid, _ in keep], [req for _, req in keep], dead
 
     def _publish(self, results: list[tuple[str, dict]], prints: Mapping[str, Fingerprint]) -> None:
@@ -954,6 +994,12 @@ class StreamWorker:
                                 backoff)
                 else:
                     log.exception("redis error; retrying in %.1fs", backoff)
+                if not self._back_off(stop_event, backoff):
+                    return
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except RefUnavailable as e:
+                log.warning("no image of the batch could be fetched (%s): they stay pending; retrying in %.1fs", e,
+                            backoff)
                 if not self._back_off(stop_event, backoff):
                     return
                 backoff = min(backoff * 2, self.max_backoff_s)

@@ -11,6 +11,8 @@ read-only).
 
 from __future__ import annotations
 
+import binascii
+import functools
 import math
 import string
 import zlib
@@ -65,6 +67,32 @@ class WireError(ValueError):
 
 class ImageTooLarge(WireError):
     """An image over a size limit (the HTTP route answers 413 for it, 415 for other undecodable bodies)."""
+
+
+CLUSTER_SLOTS = 16384  # Redis Cluster's hash slots
+
+
+def key_slot(tag: str) -> int:
+    """The Redis Cluster slot of a key whose hash tag is ``tag``: CRC16 (XMODEM) of its UTF-8 bytes mod 16384."""
+    return binascii.crc_hqx(tag.encode("utf-8"), 0) % CLUSTER_SLOTS
+
+
+@functools.lru_cache(maxsize=4096)
+def shard_tag(index: int, shards: int) -> str:
+    """The hash tag of shard ``index`` of ``shards`` (the text between ``{`` and ``}`` in its key names):
+    ``"<index>"``, else ``"<index>-<j>"`` for the smallest j ≥ 1, the first whose slot (:func:`key_slot`) lies in
+    the middle half of the shard's own 1/``shards`` of the slots. So the shards' keys spread over the slot space
+    in order: on a cluster whose masters own equal slot ranges (as ``redis-cli --cluster create`` makes them), a
+    shard count that is a multiple of the masters puts the same number of shards on each."""
+    if not 0 <= index < shards:
+        raise ValueError(f"shard index {index} out of range for {shards} shards")
+    width = CLUSTER_SLOTS / shards
+    lo, hi = index * width + width / 4, (index + 1) * width - width / 4
+    tag, j = str(index), 0
+    while not lo <= key_slot(tag) < hi:
+        j += 1
+        tag = f"{index}-{j}"
+    return tag
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -448,6 +476,9 @@ def decode_request(data: bytes) -> Request:
         raise WireError(f"{what}: missing field 'shape' (required for raw images)")
     else:
         shape = None
+    if ref is not None and encoding == "raw" and ref.size != math.prod(shape):  # refused before any fetch
+        raise WireError(f"{what}: shape {list(shape)} needs {math.prod(shape)} bytes of uint8 but 'size' says "
+                        f"{ref.size}")
     arr = None if image is None else _decode_pixels(image, encoding, shape, what)
     enq = meta.get("enqueued_at")
     enqueued_at = float(enq) if isinstance(enq, (int, float)) and not isinstance(enq, bool) else None

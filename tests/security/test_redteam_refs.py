@@ -117,7 +117,7 @@ def server():
         s.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fetcher(server):
     with RefFetcher([server.base + "/"], timeout_s=1.0) as f:
         yield f
@@ -216,6 +216,7 @@ def test_a_refused_connection_and_busy_servers_are_unavailable(server, fetcher):
         closed.fetch(f"http://127.0.0.1:{port}/photo.jpg", N, SHA)
     with pytest.raises(RefUnavailable, match="HTTP 503"):
         fetcher.fetch(server.base + "/503", N, SHA)
+    fetcher._down.clear()  # past the origin's cooldown
     with pytest.raises(RefUnavailable, match="HTTP 429"):
         fetcher.fetch(server.base + "/429", N, SHA)
     assert not issubclass(RefUnavailable, WireError)  # a retry, never a dead letter
@@ -384,3 +385,23 @@ def test_fetch_many_is_concurrent_and_keeps_per_ref_errors_in_order(server, fetc
             assert got == PHOTO, (i, got)
     assert "not found" in out[3].reason and "sha256 mismatch" in out[10].reason
     assert fetcher.fetch_many([]) == []
+
+
+def test_an_origin_that_failed_is_not_waited_on_again_until_its_cooldown(server, fetcher):
+    """A store that is down costs one timeout, not one per image: its other refs fail at once for ``cooldown_s``,
+    and after the cooldown the origin is tried again."""
+    t = time.monotonic()
+    first, again = fetcher.fetch_many([(server.base + "/sleep", N, SHA)]), None
+    assert isinstance(first[0], RefUnavailable) and time.monotonic() - t >= 0.9
+    t = time.monotonic()
+    again = fetcher.fetch_many([(server.base + "/ok/photo.jpg", N, SHA)] * 3)
+    assert all(isinstance(r, RefUnavailable) and "tried again after" in str(r) for r in again)
+    assert time.monotonic() - t < 0.5
+    fetcher._down.clear()  # the cooldown over (``cooldown_s`` is the timeout here: 1 s)
+    assert fetcher.fetch_many([(server.base + "/ok/photo.jpg", N, SHA)]) == [PHOTO]
+
+
+def test_logs_and_dead_letters_never_show_a_signed_urls_query(server, fetcher):
+    with pytest.raises(RefRejected) as err:
+        fetcher.fetch(server.base + "/missing.jpg?X-Amz-Signature=s3cr3t&token=abc", N, SHA)
+    assert "s3cr3t" not in str(err.value) and "abc" not in str(err.value) and "/missing.jpg?..." in str(err.value)

@@ -14,7 +14,16 @@ from worker import wire
 from worker.collect import VerdictReader, collect_verdicts
 from worker.detect import detect_requests
 from worker.feed import push_images
-from worker.streams import StreamConsumer, StreamNames, StreamSettings, StreamWorker, drain, iter_stream
+from worker.streams import (
+    StreamConsumer,
+    StreamNames,
+    StreamSettings,
+    StreamWorker,
+    drain,
+    iter_stream,
+    note_shards,
+    served_shards,
+)
 
 SHARDS = 3
 
@@ -51,11 +60,28 @@ def test_each_shards_keys_share_one_cluster_slot_and_one_shard_keeps_the_names()
     for i, shard in enumerate(names.shards(4)):
         keys = [shard.images, shard.verdicts, shard.dead, shard.episodes, f"{shard.window_prefix}cam7",
                 f"{shard.probe_prefix}cam7"]
-        assert {key_slot(k.encode()) for k in keys} == {key_slot(str(i).encode())}, keys
+        assert {key_slot(k.encode()) for k in keys} == {wire.key_slot(wire.shard_tag(i, 4))}, keys
         assert (shard.group, shard.alerts) == (names.group, names.alerts)  # one group name, one alert channel
-    assert names.shards(1, cluster=True)[0].images == "explainer:images:{0}"
+    assert names.shards(1, cluster=True)[0].images == f"explainer:images:{{{wire.shard_tag(0, 1)}}}"
     with pytest.raises(ValueError, match="shards"):
         StreamSettings(shards=0)
+    with pytest.raises(ValueError, match="must not hold"):  # a tag of its own would put every shard in one slot
+        StreamNames.with_prefix("{explainer}").shards(2)
+
+
+@pytest.mark.parametrize("masters", [3, 4, 6, 8])
+def test_a_shard_count_that_is_a_multiple_of_the_masters_puts_as_many_shards_on_each(masters):
+    """Masters own equal slot ranges as ``redis-cli --cluster create`` makes them (the first ones one slot more)."""
+    size, extra = divmod(wire.CLUSTER_SLOTS, masters)
+    bounds, start = [], 0
+    for m in range(masters):
+        start += size + (1 if m < extra else 0)
+        bounds.append(start)
+    for shards in (masters, 2 * masters, 4 * masters):
+        owners = [next(m for m, end in enumerate(bounds) if wire.key_slot(wire.shard_tag(i, shards)) < end)
+                  for i in range(shards)]
+        assert sorted(owners.count(m) for m in range(masters)) == [shards // masters] * masters, (shards, owners)
+    assert wire.key_slot("123456789") == 0x31C3 % wire.CLUSTER_SLOTS  # CRC16/XMODEM's check value
 
 
 def test_every_shard_is_read_and_a_cameras_images_stay_in_order_on_one(client, names, detector, digits):
@@ -124,17 +150,23 @@ def test_a_verdict_reader_follows_every_shard_from_where_it_was(client, names, d
     assert reader.read(block_ms=50) == []
 
 
-def test_explainer_feed_spreads_images_over_the_shards_it_is_told(server, client):
-    """``explainer feed --shards 3``: each image in the stream of its id's shard (no camera given)."""
+def test_explainer_feed_spreads_images_over_the_shards_the_worker_noted(server, client, caplog):
+    """A worker serving 3 shards notes it; ``explainer feed`` (no --shards) reads it and sends each image to the
+    stream of its id's shard (no camera given). A worker that notes another count says so loudly."""
     from typer.testing import CliRunner
 
     from worker.cli import full_app
 
-    result = CliRunner().invoke(full_app(), ["feed", "--redis-url", server.url, "--n", "30", "--shards", "3"])
+    note_shards(client, StreamNames(), 3)
+    assert served_shards(client, StreamNames()) == 3 and served_shards(client, StreamNames(), 2) == 2
+    result = CliRunner().invoke(full_app(), ["feed", "--redis-url", server.url, "--n", "30"])
     assert result.exit_code == 0, result.output
     shards = StreamNames().shards(3)
     for shard in shards:
         ids = [wire.decode_request(raw).id for _sid, raw in iter_stream(client, shard.images)]
         assert ids and all(shards[wire.shard_of(rid, 3)] == shard for rid in ids)
     assert sum(int(client.xlen(s.images)) for s in shards) == 30
-    assert "explainer:images:{0}" in result.output
+    assert f"explainer:images:{{{wire.shard_tag(0, 3)}}}" in result.output
+    note_shards(client, StreamNames(), 2)
+    assert "said 3 shards, this worker serves 2" in caplog.text
+    note_shards(client, StreamNames(), 3)

@@ -6,9 +6,11 @@ pending until it answers."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 
 import cv2
+import msgpack
 import pytest
 from streamkit import Files
 
@@ -17,7 +19,7 @@ from worker.collect import collect_verdicts
 from worker.detect import detect_requests
 from worker.feed import push_images, push_requests
 from worker.local_redis import free_port
-from worker.refs import RefFetcher
+from worker.refs import RefFetcher, RefUnavailable
 from worker.streams import StreamConsumer, StreamNames, StreamWorker, drain, iter_stream
 
 
@@ -87,18 +89,52 @@ def test_a_deployment_that_allows_nothing_dead_letters_every_reference_saying_ho
 
 
 def test_an_unreachable_server_leaves_the_entry_pending_until_it_answers(client, names, detector, digits):
+    """A refused connection is no reason to dead-letter an image: it stays pending, the worker backs off instead of
+    spinning on it, and answers it once the server is up (after the origin's cooldown and the claim idle time)."""
     port = free_port()
     data = png(digits.images[0])
     push_requests(client, names, [("late", wire.encode_ref_request(
         "late", ref_of(f"http://127.0.0.1:{port}/late.png", data), encoding="png"))])
     worker = worker_for(client, names, detector, [f"http://127.0.0.1:{port}"], claim_idle_ms=500)
-    assert drain(worker, 1, timeout_s=1.2) == 0  # connection refused: not a dead letter, still pending
+    with pytest.raises(RefUnavailable):  # nothing else in the batch: run() backs off on it
+        worker.run_once(block_ms=50)
     assert client.xpending(names.images, names.group)["pending"] == 1
     assert client.xlen(names.dead) == 0
     server = Files({"late.png": data}, port=port)
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    runner.start()
     try:
-        assert drain(worker, 1, timeout_s=30) == 1  # reclaimed, fetched, answered
+        got = collect_verdicts(client, names, ["late"], timeout_s=30)  # reclaimed, fetched, answered
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+        server.shutdown()
+    assert got["late"]["score"] == pytest.approx(float(detector.detect(digits.images[:1]).score[0]), abs=1e-5)
+    assert client.xlen(names.dead) == 0
+
+
+def test_a_fetched_file_decodes_under_the_inline_rules_raw_pixels_included(client, names, detector, digits):
+    """Raw pixels by reference (with their shape) get the inline verdict; a fetched file that is not what its
+    encoding says goes to the dead letters as undecodable, like an inline one, and raw pixels whose declared size
+    does not fit their shape are refused before any fetch."""
+    raw = digits.images[0].tobytes()
+    pngs = png(digits.images[1])
+    server = Files({"raw.bin": raw, "digit.png": pngs})
+    push_requests(client, names, [
+        ("raw", wire.encode_ref_request("raw", ref_of(f"{server.url}/raw.bin", raw), encoding="raw", shape=(28, 28))),
+        ("wrong", wire.encode_ref_request("wrong", ref_of(f"{server.url}/digit.png", pngs), encoding="jpeg")),
+        ("short", wire.encode_ref_request("short", ref_of(f"{server.url}/raw.bin", raw), encoding="raw",
+                                          shape=(28, 29))),
+    ])
+    worker = worker_for(client, names, detector, [server.url])
+    try:
+        assert drain(worker, 3, timeout_s=30) == 3
     finally:
         server.shutdown()
-    got = collect_verdicts(client, names, ["late"], timeout_s=5)
-    assert got["late"]["score"] == pytest.approx(float(detector.detect(digits.images[:1]).score[0]), abs=1e-5)
+    got = collect_verdicts(client, names, ["raw"], timeout_s=5)
+    assert got["raw"]["score"] == pytest.approx(float(detector.detect(digits.images[:1]).score[0]), abs=1e-5)
+    dead = {msgpack.unpackb(d["payload"])["id"]: d for d in
+            (wire.decode_dead_letter(raw) for _sid, raw in iter_stream(client, names.dead))}
+    assert {k: d["kind"] for k, d in dead.items()} == {"wrong": "undecodable", "short": "undecodable"}
+    assert "not a JPEG" in dead["wrong"]["reason"] and "needs 812 bytes" in dead["short"]["reason"]
