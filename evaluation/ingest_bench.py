@@ -212,6 +212,25 @@ def fetch_cost(photos: list[bytes], server: PhotoServer) -> dict:
     return out
 
 
+def photo_stage_costs(n: int = 16) -> dict:
+    """Milliseconds per photo of each stage of the shipped photo detector (MobileNetV2 with its calibration) on
+    ``n`` ImageNet-sample photos, on this host's CPU: what the stages behind the queue cost per photo, for sizing
+    (docs/scaling.md). Empty when the shared weights are missing."""
+    import torch
+
+    from evaluation.throughput import stage_times
+    from pipeline import Detector, read_image_file
+    from pipeline.models.imagenet import SHARED_WEIGHTS
+
+    weights = SHARED_WEIGHTS["mobilenet_v2"]
+    calibration = Path(__file__).resolve().parents[1] / "reports" / "imagenet" / "calibration.json"
+    if not weights.exists() or not calibration.exists():
+        return {}
+    det = Detector.from_pretrained("mobilenet_v2", weights=weights, calibration=calibration)
+    photos = [read_image_file(path) for path, _label in load_imagenet_sample()[:n]]
+    return {"photos": n, "torch_threads": torch.get_num_threads(), **stage_times(det, photos, repeat=2)}
+
+
 def run_ingest_bench(out: Path, photos: int = PHOTOS_PER_ROW, shards: tuple[int, ...] = SHARDS, log=print) -> dict:
     """Every row (one redis-server, then a 3-master cluster; each shard count; inline, then by reference), the
     fetch-and-decode cost, written to ``out``/ingest.json and report.md."""
@@ -241,15 +260,18 @@ def run_ingest_bench(out: Path, photos: int = PHOTOS_PER_ROW, shards: tuple[int,
                         log(json.dumps(rows[-1]))
             cost = fetch_cost(files[:512], server)
             log(json.dumps(cost))
+            stages = photo_stage_costs()
+            log(json.dumps(stages))
         finally:
             server.close()
-    write_report(out, rows, cost, photos)
-    return {"rows": rows, "fetch_and_decode": cost}
+    write_report(out, rows, cost, stages, photos)
+    return {"rows": rows, "fetch_and_decode": cost, "photo_stages_ms": stages}
 
 
-def write_report(out: Path, rows: list[dict], cost: dict, n: int) -> None:
+def write_report(out: Path, rows: list[dict], cost: dict, stages: dict, n: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ingest.json").write_text(json.dumps({"rows": rows, "fetch_and_decode": cost}, indent=1) + "\n")
+    (out / "ingest.json").write_text(json.dumps({"rows": rows, "fetch_and_decode": cost, "photo_stages_ms": stages},
+                                                indent=1) + "\n")
     base = {r["payload"]: r for r in rows if r["redis"] == "one redis-server" and r["shards"] == 1}
     lines = [
         "# Ingest: shards, Redis Cluster, photos inline or by reference",
@@ -277,4 +299,9 @@ def write_report(out: Path, rows: list[dict], cost: dict, n: int) -> None:
               f"**{cost['fetch_http_per_s']:,.0f} photos/s**, from a local folder (`file://`) "
               f"**{cost['fetch_file_per_s']:,.0f} photos/s**; decoding the JPEGs, which inline and fetched photos "
               f"alike pay: {cost['decode_per_s']:,.0f} photos/s on one thread.", ""]
+    if stages:
+        lines += [f"Behind the queue, per photo, the shipped photo detector (MobileNetV2, {stages['photos']} "
+                  f"ImageNet-sample photos, {stages['torch_threads']} threads, `evaluation.throughput.stage_times`): "
+                  + ", ".join(f"{k} **{v:.1f} ms**" for k, v in stages.items()
+                              if k not in ("photos", "torch_threads")) + ".", ""]
     (out / "report.md").write_text("\n".join(lines))
