@@ -16,7 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.local_redis import find_redis_server, free_port
+from worker.local_redis import find_redis_server, free_port, wait_loaded
 
 CLUSTER_SLOTS = 16384
 _BUS_PORT_OFFSET = 10000  # a cluster node also listens on port + 10000 (the cluster bus)
@@ -145,21 +145,7 @@ class _ClusterNodeProc:
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Until the node answers PING with its AOF loaded; False when it exits or the time is up."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.running:
-                return False
-            try:
-                with self.client() as c:
-                    if c.ping() and not int(c.info("persistence").get("loading", 0)):
-                        return True
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                pass
-            except redis.ResponseError as e:
-                if "LOADING" not in str(e):
-                    raise
-            time.sleep(0.02)
-        return False
+        return wait_loaded(self.client, lambda: self.running, timeout_s)
 
     def kill(self) -> None:
         if self.running:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -81,6 +82,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_loaded(connect: Callable[[], redis.Redis], alive: Callable[[], bool], timeout_s: float,
+                poll_s: float = 0.02) -> bool:
+    """Until a server answers PING with its AOF loaded (while loading it answers LOADING errors); False when
+    ``alive()`` says its process exited or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        try:
+            with connect() as c:
+                if c.ping() and not int(c.info("persistence").get("loading", 0)):
+                    return True
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            pass
+        except redis.ResponseError as e:
+            if "LOADING" not in str(e):
+                raise
+        time.sleep(poll_s)
+    return False
 
 
 class LocalRedis:
@@ -162,24 +184,8 @@ class LocalRedis:
         raise RuntimeError(f"redis-server did not start on port {self.port}; log tail:\n{self._log_tail()}")
 
     def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with self.client(socket_timeout=1, socket_connect_timeout=1) as c:
-                    if c.ping():
-                        # wait for the AOF to be loaded (PING works while loading only with LOADING errors)
-                        info = c.info("persistence")
-                        if not info.get("loading"):
-                            return True
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                pass
-            except redis.ResponseError as e:
-                if "LOADING" not in str(e):
-                    raise
-            time.sleep(0.05)
-        return False
+        return wait_loaded(lambda: self.client(socket_timeout=1, socket_connect_timeout=1),
+                           lambda: self.proc.poll() is None, self.startup_timeout_s, poll_s=0.05)
 
     def _log_tail(self, n: int = 20) -> str:
         try:
