@@ -140,15 +140,24 @@ def test_a_png_whose_chunk_claims_gigabytes_is_refused_before_any_allocation():
 
 def test_the_acl_roles_of_deploy_redis_conf_load_and_allow_each_role_only_its_part(tmp_path):
     """deploy/redis.conf's three ACL users, loaded into the shipped redis-server: the producer can only append
-    images, the worker runs the whole stream (verdicts, alerts, dead letters, trimming, backlog), the subscriber
-    reads verdicts and alerts; each is refused the others' writes. Passwords with URL-breaking characters."""
+    images (to the shards the worker noted), the worker runs the whole stream (two shards: verdicts, alerts, dead
+    letters, the query monitor's and alert windows' per-source state, trimming, backlog), the subscriber reads
+    verdicts and alerts; each is refused the others' writes. Passwords with URL-breaking characters."""
     import msgpack
 
     from pipeline import Detector, load_sample_digits
     from worker.detect import detect_requests
     from worker.feed import push_images
     from worker.local_redis import LocalRedis
-    from worker.streams import StreamConsumer, StreamNames, StreamWorker, drain, iter_stream
+    from worker.streams import (
+        StreamConsumer,
+        StreamNames,
+        StreamWorker,
+        drain,
+        iter_stream,
+        note_shards,
+        served_shards,
+    )
 
     passwords = {"producer": "p/r#o@d:u%ce", "worker": "w0rk/er#@!", "subscriber": "s?u b&=scr"}
     rules = [line.removeprefix("# ").split() for line in (ROOT / "deploy" / "redis.conf").read_text().splitlines()
@@ -171,22 +180,29 @@ def test_the_acl_roles_of_deploy_redis_conf_load_and_allow_each_role_only_its_pa
         pubsub.subscribe(names.alerts)
         digits = load_sample_digits()
         assert producer.ping()
-        push_images(producer, names, digits.images[:20], ids=[f"d{i}" for i in range(20)])
-        producer.xadd(names.images, {"data": msgpack.packb({"v": 1})})  # undecodable: a dead letter
+        note_shards(worker_client, names, 2)
+        assert served_shards(producer, names) == served_shards(subscriber, names) == 2
+        shards = names.shards(2)
+        push_images(producer, names, digits.images[:20], ids=[f"d{i}" for i in range(20)], source="gate-1",
+                    shards=2)
+        producer.xadd(shards[1].images, {"data": msgpack.packb({"v": 1})})  # undecodable: a dead letter
         with pytest.raises(redis.exceptions.NoPermissionError):
             producer.xadd(names.verdicts, {"data": b"forged"})
         with pytest.raises(redis.exceptions.NoPermissionError):
             producer.xreadgroup("g", "c", {names.images: ">"})
 
         detector = Detector.from_pretrained("mnist")
-        consumer = StreamConsumer(worker_client, names, consumer="w", block_ms=100)
-        consumer.ensure_group()
-        worker = StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs))
-        assert drain(worker, 21, timeout_s=60) == 21
-        assert consumer.backlog() == (0, 0) and consumer.trim_acked() >= 0
+        handled = 0
+        for shard in shards:  # the query monitor is on (by default) and every image has a source
+            consumer = StreamConsumer(worker_client, shard, consumer="w", block_ms=100, alert_k=2, alert_n=5)
+            consumer.ensure_group()
+            worker = StreamWorker(consumer, lambda reqs: detect_requests(detector, reqs))
+            handled += drain(worker, int(worker_client.xlen(shard.images)), timeout_s=60)
+            assert consumer.backlog() == (0, 0) and consumer.trim_acked() >= 0
+        assert handled == 21
 
-        verdicts = [wire.decode_verdict(raw) for _sid, raw in iter_stream(subscriber, names.verdicts)]
-        assert len(verdicts) == 20 and len(list(iter_stream(subscriber, names.dead))) == 1
+        verdicts = [wire.decode_verdict(raw) for s in shards for _sid, raw in iter_stream(subscriber, s.verdicts)]
+        assert len(verdicts) == 20 and sum(len(list(iter_stream(subscriber, s.dead))) for s in shards) == 1
         with pytest.raises(redis.exceptions.NoPermissionError):
             subscriber.xadd(names.images, {"data": b"x"})
         with pytest.raises(redis.exceptions.NoPermissionError):
