@@ -419,7 +419,8 @@ BACKLOG_POLL_S = 5.0
 class ServeMetrics(StreamEvents):
     """The stream's Prometheus metrics, through ``ray.serve.metrics`` (Ray exports them, prefixed ``ray_``, on
     each node's metrics endpoint): verdicts by model and outcome, alerts, dead letters by kind, publish failures,
-    enqueue → verdict latency, and the stream's pending and waiting entries (deploy/grafana-dashboard.json)."""
+    references that could not be fetched, enqueue → verdict latency, and the stream's pending and waiting entries
+    (deploy/grafana-dashboard.json)."""
 
     def __init__(self, model: str) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
@@ -433,6 +434,8 @@ class ServeMetrics(StreamEvents):
                             tag_keys=("kind",))
         self.failures = Counter("explainer_publish_failures", description="verdict batches that failed to land",
                                 tag_keys=("error",))
+        self.unfetched = Counter("explainer_ref_fetch_failures", description="images sent by reference that "
+                                 "could not be fetched now (left pending, retried)")
         self.latency = Histogram("explainer_latency_ms", description="enqueue to verdict, milliseconds",
                                  boundaries=LATENCY_BUCKETS_MS, tag_keys=("model",))
         self.pending = Gauge("explainer_stream_pending", description="entries delivered but not yet acked")
@@ -456,6 +459,9 @@ class ServeMetrics(StreamEvents):
 
     def publish_failed(self, error: str) -> None:
         self.failures.inc(tags={"error": error})
+
+    def fetch_failed(self, count: int) -> None:
+        self.unfetched.inc(count)
 
     def backlog(self, pending: int, waiting: int) -> None:
         self.pending.set(pending)

@@ -337,6 +337,18 @@ class StreamEvents:
     def publish_failed(self, error: str) -> None:
         """Writing a batch's verdicts failed (``error``: the exception's type); they are retried."""
 
+    def fetch_failed(self, count: int) -> None:
+        """``count`` images sent by reference could not be fetched now (their store timed out, refused or was
+        cooling down); they stay pending and are retried."""
+
+
+def report(event: Callable[..., None], *args: Any) -> None:
+    """Tell a :class:`StreamEvents` hook; a failing metric is logged and never fails the work it reports."""
+    try:
+        event(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("a stream events hook failed")
+
 
 MAX_SHARDS = 256  # image streams: each costs every Ingress replica `consumers` threads and connections
 MAX_WINDOW = 256  # images an alert window may span: a source's state is at most this many short entries
@@ -596,9 +608,9 @@ class StreamConsumer:
             *flags, opened = self._publish_script(keys=keys, args=args)
             written = [bool(x) for x in flags]
         except Exception as exc:
-            self._report(self.events.publish_failed, "OOM" if is_out_of_memory(exc) else type(exc).__name__)
+            report(self.events.publish_failed, "OOM" if is_out_of_memory(exc) else type(exc).__name__)
             raise
-        self._report(self.events.published, [v for _, v in results], written)
+        report(self.events.published, [v for _, v in results], written)
         self.stats["published"] += sum(written)
         self.stats["duplicates"] += len(written) - sum(written)
         self.stats["episodes"] += int(opened)
@@ -650,17 +662,9 @@ class StreamConsumer:
             log.info("%s already has its verdict: acked, not dead-lettered", stream_id)
             return None
         self.stats["dead"] += 1
-        self._report(self.events.dead_lettered, kind)
+        report(self.events.dead_lettered, kind)
         log.warning("dead-lettered %s: %s", stream_id, reason)
         return _s(dead_id)
-
-    @staticmethod
-    def _report(event: Callable[..., None], *args: Any) -> None:
-        """Tell the events hook; a failing metric is logged and never fails the write it reports."""
-        try:
-            event(*args)
-        except Exception:  # noqa: BLE001
-            log.exception("a stream events hook failed")
 
     # -- inspection -----------------------------------------------------------------------------------------
 
@@ -901,6 +905,8 @@ class StreamWorker:
                 dead += 1
         keep = [(sid, fetched.get(i, req)) for i, (sid, req) in enumerate(zip(sids, reqs, strict=True))]
         keep = [(sid, req) for sid, req in keep if req is not None]
+        if unavailable is not None:
+            report(self.consumer.events.fetch_failed, sum(isinstance(g, RefUnavailable) for g in got))
         if not keep and unavailable is not None and not dead:
             raise unavailable  # nothing to do but wait for the store: run() backs off instead of spinning
         return [sid for sid, _ in keep], [req for _, req in keep], dead

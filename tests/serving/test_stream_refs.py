@@ -20,7 +20,7 @@ from worker.detect import detect_requests
 from worker.feed import push_images, push_requests
 from worker.local_redis import free_port
 from worker.refs import RefFetcher, RefUnavailable
-from worker.streams import StreamConsumer, StreamNames, StreamWorker, drain, iter_stream
+from worker.streams import StreamConsumer, StreamEvents, StreamNames, StreamWorker, drain, iter_stream
 
 
 def png(image) -> bytes:
@@ -95,9 +95,16 @@ def test_an_unreachable_server_leaves_the_entry_pending_until_it_answers(client,
     data = png(digits.images[0])
     push_requests(client, names, [("late", wire.encode_ref_request(
         "late", ref_of(f"http://127.0.0.1:{port}/late.png", data), encoding="png"))])
-    worker = worker_for(client, names, detector, [f"http://127.0.0.1:{port}"], claim_idle_ms=500)
+    class Unfetched(StreamEvents):
+        count = 0
+
+        def fetch_failed(self, count: int) -> None:
+            Unfetched.count += count
+
+    worker = worker_for(client, names, detector, [f"http://127.0.0.1:{port}"], claim_idle_ms=500, events=Unfetched())
     with pytest.raises(RefUnavailable):  # nothing else in the batch: run() backs off on it
         worker.run_once(block_ms=50)
+    assert Unfetched.count == 1  # the metric the Ingress exports (explainer_ref_fetch_failures)
     assert client.xpending(names.images, names.group)["pending"] == 1
     assert client.xlen(names.dead) == 0
     server = Files({"late.png": data}, port=port)
