@@ -16,7 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.local_redis import find_redis_server, free_port, wait_loaded
+from worker.local_redis import find_redis_server, free_port, shut_down, wait_loaded
 
 CLUSTER_SLOTS = 16384
 _BUS_PORT_OFFSET = 10000  # a cluster node also listens on port + 10000 (the cluster bus)
@@ -157,15 +157,7 @@ class _ClusterNodeProc:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Graceful SHUTDOWN (AOF flushed), kill when it hangs."""
         if self.running:
-            try:
-                with self.client(timeout_s) as c:
-                    c.shutdown()
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-                pass
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
+            shut_down(lambda: self.client(timeout_s), self.proc, timeout_s)
         self.kill()
 
 

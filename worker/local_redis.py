@@ -105,6 +105,20 @@ def wait_loaded(connect: Callable[[], redis.Redis], alive: Callable[[], bool], t
     return False
 
 
+def shut_down(connect: Callable[[], redis.Redis], proc: subprocess.Popen, timeout_s: float) -> None:
+    """A server's graceful SHUTDOWN (its AOF flushed), waited for up to ``timeout_s``; SIGKILL when it hangs."""
+    try:
+        with connect() as c:
+            c.shutdown()
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+        pass
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout_s)
+
+
 class LocalRedis:
     """``with LocalRedis(tmpdir) as r: client = redis.Redis.from_url(r.url)``. Data (AOF) lives in
     ``data_dir``, so :meth:`restart` (or a new instance on the same dir) comes back with the same streams."""
@@ -206,16 +220,7 @@ class LocalRedis:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
-                with self.client(socket_timeout=timeout_s) as c:
-                    c.shutdown()
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-                pass
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout_s)
+            shut_down(lambda: self.client(socket_timeout=timeout_s), self.proc, timeout_s)
         if self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import signal
 import subprocess
 import threading
 import time
@@ -63,3 +64,12 @@ class Files(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def stop_serve_run(proc: subprocess.Popen) -> None:
+    """``serve run``'s Ctrl-C (it shuts Serve down and its Ray with it), killed when it takes over 90 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()

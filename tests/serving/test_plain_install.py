@@ -9,7 +9,6 @@ imports resolve to the installed copy, not the checkout."""
 from __future__ import annotations
 
 import json
-import signal
 import site
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import cv2
 import pytest
 import yaml
-from streamkit import SERVE, wait_healthy
+from streamkit import SERVE, stop_serve_run, wait_healthy
 
 from pipeline import load_sample_digits
 from worker.collect import round_trip
@@ -75,10 +74,6 @@ def test_serve_run_of_the_installed_config_gives_every_verdict(installed, tmp_pa
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         assert answer["predicted_class"] == got["plain-0"]["predicted_class"]
     finally:
-        proc.send_signal(signal.SIGINT)  # serve run's Ctrl-C: it shuts Serve down and its Ray with it
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve_run(proc)
         log.close()
         redis.stop()

@@ -5,7 +5,6 @@ promises, and ``serve run`` of a 2-shard config against the cluster giving every
 from __future__ import annotations
 
 import hashlib
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import cv2
 import pytest
 import yaml
 from redis.crc import key_slot
-from streamkit import SERVE, Files, wait_healthy
+from streamkit import SERVE, Files, stop_serve_run, wait_healthy
 
 from pipeline import load_sample_digits
 from worker import wire
@@ -175,11 +174,7 @@ def test_serve_run_of_a_two_shard_config_against_the_cluster_gives_every_verdict
             assert int(client.xlen(s.verdicts)) > 0
             assert int(client.xpending(s.images, s.group)["pending"]) == 0
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve_run(proc)
         log.close()
         photos.shutdown()
 
