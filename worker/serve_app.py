@@ -60,7 +60,6 @@ from worker.streams import (
     StreamWorker,
     connect_with_password,
     is_cluster,
-    is_cluster_url,
     note_shards,
     total_backlog,
 )
@@ -506,8 +505,10 @@ class Ingress:
         self.threads: list[threading.Thread] = []
         self.metrics = ServeMetrics(self.default_model)
         if redis_url:
-            settings = StreamSettings(**(stream_settings or {}))
-            shards = StreamNames(**(streams or {})).shards(settings.shards, is_cluster_url(redis_url))
+            settings, base = StreamSettings(**(stream_settings or {})), StreamNames(**(streams or {}))
+            client = stream_client(redis_url, redis_password_file)  # the shard count's note and the backlog probe
+            note_shards(client, base, settings.shards)
+            shards = base.shards(settings.shards, is_cluster(client))
             tag = f"{socket.gethostname()}-{os.getpid()}"
             fetcher = RefFetcher(ref_allow or (), timeout_s=ref_timeout_s)
             for s, names in enumerate(shards):  # every replica reads every shard, so a shard is never orphaned
@@ -525,8 +526,6 @@ class Ingress:
                     self.workers.append(worker)
                     self.threads.append(thread)
                     thread.start()
-            client = stream_client(redis_url, redis_password_file)
-            note_shards(client, StreamNames(**(streams or {})), settings.shards)
             watches = [StreamConsumer(client, names, consumer=f"{tag}-watch") for names in shards]
             threading.Thread(target=self._watch_backlog, args=(watches,), name="backlog", daemon=True).start()
 

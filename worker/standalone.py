@@ -29,7 +29,7 @@ from worker.streams import (
     StreamSettings,
     StreamWorker,
     connect_with_password,
-    is_cluster_url,
+    is_cluster,
     note_shards,
 )
 
@@ -86,9 +86,10 @@ def build_workers(args: argparse.Namespace) -> list[StreamWorker]:
         raise SystemExit(f"error: {exc}") from None
     url = resolve_redis_url(args.redis_url)
     fetcher = RefFetcher(args.ref_allow, timeout_s=args.ref_timeout_s)
-    note_shards(connect_with_password(url, args.redis_password_file), names, settings.shards)
+    client = connect_with_password(url, args.redis_password_file)
+    note_shards(client, names, settings.shards)
     workers = []
-    for shard in names.shards(settings.shards, is_cluster_url(url)):
+    for shard in names.shards(settings.shards, is_cluster(client)):
         consumer = StreamConsumer(connect_with_password(url, args.redis_password_file), shard, consumer=args.consumer,
                                   settings=settings)
         workers.append(StreamWorker(consumer, lambda reqs: detect_requests(detectors, reqs),

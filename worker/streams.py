@@ -120,11 +120,6 @@ class StreamNames:
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # URL scheme -> the node's scheme
 
 
-def is_cluster_url(url: str) -> bool:
-    """Whether ``url`` names a Redis Cluster (``redis+cluster://host:port``, ``rediss+cluster://`` for TLS)."""
-    return urlsplit(url).scheme in CLUSTER_SCHEMES
-
-
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` talks to a Redis Cluster (redis-py's ``RedisCluster``)."""
     return isinstance(client, RedisCluster)
@@ -881,35 +876,32 @@ class StreamWorker:
         retried when reclaimed (and dead-lettered after ``max_deliveries``). Returns the rest and the number of
         entries dead-lettered; raises :class:`RefUnavailable` when nothing of the batch is left but images that
         cannot be fetched now, so that :meth:`run` backs off rather than read again at once."""
-        refs = [(i, req) for i, req in enumerate(reqs) if req.ref is not None]
-        got = self.fetcher.fetch_many([(r.ref.url, r.ref.size, r.ref.sha256) for _, r in refs])
-        fetched: dict[int, wire.Request | None] = {}
-        dead = 0
-        unavailable: RefUnavailable | None = None
-        for (i, req), payload in zip(refs, got, strict=True):
-            fetched[i] = None
-            if isinstance(payload, RefUnavailable):
-                log.warning("could not fetch the image of %s now (%s): left pending", sids[i], payload)
-                unavailable = payload
-                continue
-            try:
-                if isinstance(payload, BaseException):
-                    raise payload
-                fetched[i] = wire.with_fetched(req, payload)
-            except RefRejected as e:
-                self.consumer.dead_letter(sids[i], raw[sids[i]], f"reference refused: {e.reason}", kind="ref")
-                dead += 1
-            except wire.WireError as e:
-                self.consumer.dead_letter(sids[i], raw[sids[i]], f"undecodable request: {e.reason}",
-                                          kind="undecodable")
-                dead += 1
-        keep = [(sid, fetched.get(i, req)) for i, (sid, req) in enumerate(zip(sids, reqs, strict=True))]
-        keep = [(sid, req) for sid, req in keep if req is not None]
-        if unavailable is not None:
-            report(self.consumer.events.fetch_failed, sum(isinstance(g, RefUnavailable) for g in got))
-        if not keep and unavailable is not None and not dead:
-            raise unavailable  # nothing to do but wait for the store: run() backs off instead of spinning
-        return [sid for sid, _ in keep], [req for _, req in keep], dead
+        got = iter(self.fetcher.fetch_many([(r.ref.url, r.ref.size, r.ref.sha256) for r in reqs if r.ref]))
+        keep_sids, keep, dead, waiting = [], [], 0, []
+        for sid, req in zip(sids, reqs, strict=True):
+            if req.ref is not None:
+                payload = next(got)  # bytes, RefRejected or RefUnavailable (fetch_many raises nothing)
+                if isinstance(payload, RefUnavailable):
+                    log.warning("could not fetch the image of %s now (%s): left pending", sid, payload)
+                    waiting.append(payload)
+                    continue
+                if isinstance(payload, RefRejected):
+                    self.consumer.dead_letter(sid, raw[sid], f"reference refused: {payload.reason}", kind="ref")
+                    dead += 1
+                    continue
+                try:
+                    req = wire.with_fetched(req, payload)
+                except wire.WireError as e:
+                    self.consumer.dead_letter(sid, raw[sid], f"undecodable request: {e.reason}", kind="undecodable")
+                    dead += 1
+                    continue
+            keep_sids.append(sid)
+            keep.append(req)
+        if waiting:
+            report(self.consumer.events.fetch_failed, len(waiting))
+            if not keep and not dead:
+                raise waiting[0]  # nothing to do but wait for the store: run() backs off instead of spinning
+        return keep_sids, keep, dead
 
     def _publish(self, results: list[tuple[str, dict]], prints: Mapping[str, Fingerprint]) -> None:
         """Publish, and keep :attr:`degraded` saying whether publishing works."""
