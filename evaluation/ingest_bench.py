@@ -125,21 +125,22 @@ def run_processes(ctx, target, args_list) -> float:
 
 def measure(ctx, url: str, shards: int, n: int, by_ref: bool, base_url: str) -> dict:
     client = connect(url)
-    for names in NAMES.shards(shards, is_cluster(client)):
+    streams = NAMES.shards(shards, is_cluster(client))
+    for names in streams:
         client.delete(names.images, names.verdicts)
         StreamConsumer(client, names).ensure_group()
     before = net_bytes(client)
     push_s = run_processes(ctx, produce, [(url, shards, n, by_ref, base_url, p, PRODUCERS) for p in range(PRODUCERS)])
     pushed = net_bytes(client)
-    lengths = [int(client.xlen(names.images)) for names in NAMES.shards(shards, is_cluster(client))]
+    lengths = [int(client.xlen(names.images)) for names in streams]
     assert sum(lengths) == n, lengths
     per_shard = max(1, CONSUMERS // shards)
     read_s = run_processes(ctx, consume, [(url, shards, i, i * per_shard + c) for i in range(shards)
                                           for c in range(per_shard)])
     after = net_bytes(client)
-    verdicts = sum(int(client.xlen(names.verdicts)) for names in NAMES.shards(shards, is_cluster(client)))
+    verdicts = sum(int(client.xlen(names.verdicts)) for names in streams)
     assert verdicts == n, verdicts
-    for names in NAMES.shards(shards, is_cluster(client)):
+    for names in streams:
         client.delete(names.images, names.verdicts)
     client.close()
     return {"shards": shards, "payload": "ref" if by_ref else "inline", "photos": n,

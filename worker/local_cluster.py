@@ -17,8 +17,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.local_redis import find_redis_server, free_port, shut_down, wait_loaded
+from worker.wire import CLUSTER_SLOTS
 
-CLUSTER_SLOTS = 16384
 _BUS_PORT_OFFSET = 10000  # a cluster node also listens on port + 10000 (the cluster bus)
 _FSYNC_POLICIES = ("always", "everysec", "no")
 

@@ -14,7 +14,8 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from worker.local_cluster import CLUSTER_SLOTS, LocalCluster, free_cluster_port
+from worker.local_cluster import LocalCluster, free_cluster_port
+from worker.wire import CLUSTER_SLOTS
 
 pytestmark = pytest.mark.timeout(120)
 
